@@ -1,0 +1,141 @@
+"""ConCutMix's semantically consistent label (ARCHITECTURE §1, steps 1–5).
+
+The CutMix area label y = λ·onehot(a) + (1−λ)·onehot(b) is rectified with the similarity
+between the mixed sample's (unnormalised, detached) contrastive embedding z and the
+(unnormalised, detached) class centers c:
+
+1. s_j = 1 / ‖z − c_j‖₂, computed from ‖z‖² + ‖c_j‖² − 2 z·c_j (no B×C×D tensor);
+2. keep the K largest s_j, zero the rest (ties: the lower class index wins);
+3. ŝ = s / Σ_topK s (``l1``) or softmax of the top-K s/T (``softmax``);
+4. γ = ω · log(Σ_j N_j y_j) / Σ_i log N_i;
+5. ŷ = γ·ŝ + (1 − γ)·y.
+
+:func:`reference_rectify_labels` is the pure-PyTorch specification;
+:func:`rectify_labels` is the public entry point and the single dispatch point where the
+Triton kernel of ``fastlt.kernels`` plugs in.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NORMALIZATIONS",
+    "area_label",
+    "confidence",
+    "rectify_labels",
+    "reference_rectify_labels",
+    "validate_rectify_args",
+]
+
+NORMALIZATIONS = ("l1", "softmax")
+
+# Squared distances are clamped here before the reciprocal square root, so that a sample
+# sitting exactly on a center gets a large finite similarity instead of inf (which would
+# turn the L1 normalisation into nan).
+_MIN_SQ_DIST = 1e-12
+
+
+def area_label(label_a: Tensor, label_b: Tensor, lam: Tensor, num_classes: int) -> Tensor:
+    """CutMix area label y = λ·onehot(a) + (1−λ)·onehot(b) as a float32 (B, C) tensor.
+
+    ``lam`` is the weight of ``label_a`` (the background class). When a == b the row is
+    onehot(a), as it should be (the two terms are added, not overwritten).
+    """
+    lam = lam.to(torch.float32)
+    y = torch.zeros(label_a.shape[0], num_classes, dtype=torch.float32, device=label_a.device)
+    y.scatter_add_(1, label_a.view(-1, 1).long(), lam.view(-1, 1))
+    y.scatter_add_(1, label_b.view(-1, 1).long(), (1.0 - lam).view(-1, 1))
+    return y
+
+
+def confidence(y: Tensor, class_counts: Tensor, omega: float) -> Tensor:
+    """γ = ω · log(Σ_j N_j y_j) / Σ_{i=1..C} log N_i for each row of the label y (B, C)."""
+    counts = class_counts.to(device=y.device, dtype=torch.float64)
+    mixed_count = y.to(torch.float64) @ counts
+    gamma = omega * torch.log(mixed_count) / torch.log(counts).sum()
+    return gamma.to(torch.float32)
+
+
+def validate_rectify_args(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
+                          class_counts: Tensor, topk: int, normalize: str, temperature: float) -> None:
+    """Raise ValueError, saying how to fix it, for arguments that do not fit together."""
+    if z.dim() != 2 or centers.dim() != 2:
+        raise ValueError(f"rectify_labels: z must be (B, D) and centers (C, D); got z {tuple(z.shape)} "
+                         f"and centers {tuple(centers.shape)}")
+    if z.shape[1] != centers.shape[1]:
+        raise ValueError(f"rectify_labels: z has D={z.shape[1]} but centers have D={centers.shape[1]}; "
+                         "both must come from the same projection head")
+    b, c = z.shape[0], centers.shape[0]
+    for name, t in (("label_a", label_a), ("label_b", label_b), ("lam", lam)):
+        if t.shape != (b,):
+            raise ValueError(f"rectify_labels: {name} must have shape ({b},) to match z; got {tuple(t.shape)}")
+    if class_counts.shape != (c,):
+        raise ValueError(f"rectify_labels: class_counts must have one entry per center ({c}); "
+                         f"got shape {tuple(class_counts.shape)}")
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"rectify_labels: topk must be a positive int; got {topk!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"rectify_labels: normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
+    if normalize == "softmax" and not temperature > 0:
+        raise ValueError(f"rectify_labels: temperature must be > 0 for softmax normalisation; got {temperature!r}")
+
+
+def _topk_lower_index_first(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k per row with ties broken towards the lower class index.
+
+    ``torch.topk`` leaves the order of equal values unspecified; a stable descending sort
+    keeps equal values in index order, which makes the choice deterministic and lets the
+    Triton kernel reproduce it exactly.
+    """
+    vals, idx = torch.sort(s, dim=1, descending=True, stable=True)
+    return vals[:, :k], idx[:, :k]
+
+
+@torch.no_grad()
+def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
+                             class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
+                             temperature: float = 1.0) -> Tensor:
+    """Pure-PyTorch specification of the ConCutMix label (ARCHITECTURE §1, steps 1–5).
+
+    Args:
+        z: (B, D) unnormalised contrastive embeddings of the mixed samples (any float dtype).
+        centers: (C, D) unnormalised class centers.
+        label_a, label_b: (B,) int background / foreground classes.
+        lam: (B,) weight of ``label_a`` in the area label.
+        class_counts: (C,) training images per class (all > 0).
+        topk: K, the number of similarities kept (K ≥ C keeps all of them).
+        omega: ω = scaling_factor[0] / scaling_factor[1].
+        normalize: ``"l1"`` (reference behaviour) or ``"softmax"`` (with ``temperature``).
+
+    Returns:
+        (B, C) float32 rectified label ŷ; each row sums to 1. No gradient flows to z or centers.
+    """
+    class_counts = torch.as_tensor(class_counts, device=z.device)
+    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
+    z = z.detach().float()
+    c = centers.detach().float()
+    sq_dist = (z * z).sum(1, keepdim=True) + (c * c).sum(1).unsqueeze(0) - 2.0 * (z @ c.t())
+    sim = sq_dist.clamp_min(_MIN_SQ_DIST).rsqrt()
+    k = min(topk, c.shape[0])
+    vals, idx = _topk_lower_index_first(sim, k)
+    if normalize == "l1":
+        weights = vals / vals.sum(1, keepdim=True)
+    else:
+        weights = torch.softmax(vals / temperature, dim=1)
+    s_hat = torch.zeros_like(sim).scatter_(1, idx, weights)
+    y = area_label(label_a, label_b, lam, c.shape[0])
+    gamma = confidence(y, class_counts, omega).unsqueeze(1)
+    return gamma * s_hat + (1.0 - gamma) * y
+
+
+def rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
+                   class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
+                   temperature: float = 1.0) -> Tensor:
+    """The ConCutMix rectified label ŷ (B, C), float32; see :func:`reference_rectify_labels`.
+
+    This is the one dispatch point for the label step: the backend (Triton for CUDA tensors,
+    PyTorch otherwise, ``FASTLT_KERNELS`` to override) is chosen by ``fastlt.kernels``.
+    """
+    return reference_rectify_labels(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
+                                    normalize=normalize, temperature=temperature)

@@ -1,0 +1,33 @@
+"""fastlt: a performance-engineered ConCutMix / BCL trainer for long-tailed recognition.
+
+`kernels/` and `pipelines/` live at the top of the repository (ARCHITECTURE §3) but are
+installed only as `fastlt.kernels` and `fastlt.pipelines` through `package_dir`: both
+top-level names are taken on PyPI, so they must never be installed as top-level packages.
+"""
+from setuptools import setup
+
+setup(
+    name="fastlt",
+    version="0.1.0",
+    description="Contrastive CutMix (ConCutMix) on Balanced Contrastive Learning, with DALI, Triton and DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastlt", "fastlt.kernels", "fastlt.pipelines"],
+    package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines"},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "timm>=1.0,<2",
+        "numpy>=1.24,<3",
+        "pyyaml>=6,<7",
+        "tqdm>=4.60,<5",
+        "pillow>=10,<13",
+        "deepspeed>=0.15,<0.20",
+        "nvidia-dali-cuda130>=1.50,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6,<7", "scipy>=1.10,<2"],
+    },
+    entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},
+)
