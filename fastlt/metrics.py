@@ -1,0 +1,66 @@
+"""Evaluation metrics (ARCHITECTURE §1, "Evaluation"): top-1 on the balanced split and
+many-shot (N_j > 100), medium-shot (20 ≤ N_j ≤ 100) and few-shot (N_j < 20) accuracy.
+
+Group accuracies are averages of per-class accuracies within the group, so that a group's
+figure does not depend on how many evaluation images each class happens to have; on the
+balanced val/test splits this equals the sample average.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["shot_accuracy"]
+
+
+def _as_int_array(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"shot_accuracy: {name} must be 1-D; got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"shot_accuracy: {name} must hold class indices (integers); got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def shot_accuracy(preds, labels, train_class_counts, many: int = 100, few: int = 20) -> dict:
+    """Top-1 accuracy overall and per shot group, in percent.
+
+    Args:
+        preds: (N,) predicted classes (tensor or array).
+        labels: (N,) true classes.
+        train_class_counts: (C,) training images per class; decides the groups.
+        many: classes with more than ``many`` training images are many-shot.
+        few: classes with fewer than ``few`` training images are few-shot; the rest medium.
+
+    Returns:
+        ``{"overall", "many", "medium", "few"}`` as floats (nan for a group with no evaluated
+        class) and ``"per_class"``, a list of C floats (nan for classes absent from ``labels``).
+    """
+    preds = _as_int_array(preds, "preds")
+    labels = _as_int_array(labels, "labels")
+    counts = _as_int_array(train_class_counts, "train_class_counts")
+    if preds.shape != labels.shape:
+        raise ValueError(f"shot_accuracy: preds {preds.shape} and labels {labels.shape} differ in length")
+    if labels.size == 0:
+        raise ValueError("shot_accuracy: no samples to evaluate")
+    num_classes = counts.size
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"shot_accuracy: labels must lie in [0, {num_classes}); got range "
+                         f"[{labels.min()}, {labels.max()}]")
+    if few > many:
+        raise ValueError(f"shot_accuracy: few ({few}) must not exceed many ({many})")
+    total = np.bincount(labels, minlength=num_classes)
+    correct = np.bincount(labels[preds == labels], minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(total > 0, 100.0 * correct / np.maximum(total, 1), np.nan)
+    evaluated = total > 0
+    groups = {"many": counts > many, "medium": (counts <= many) & (counts >= few), "few": counts < few}
+    out = {"overall": float(100.0 * (preds == labels).mean())}
+    for name, member in groups.items():
+        sel = member & evaluated
+        out[name] = float(per_class[sel].mean()) if sel.any() else math.nan
+    out["per_class"] = [float(v) for v in per_class]
+    return out

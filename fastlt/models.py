@@ -1,0 +1,194 @@
+"""BCL models (ARCHITECTURE §1, "Model (BCL)").
+
+backbone → feature h; then
+* classifier: NormedLinear (logits = 30 · normalize(h) · normalize(W), cosine) or a plain
+  Linear when ``use_norm`` is off (the CIFAR recipes);
+* head: MLP(Linear h→m, BN, ReLU, Linear m→D) → z;
+* center head: an MLP of the same shape applied to the classifier's per-class weight
+  vectors (C × h) → class centers.
+
+The model returns both the L2-normalised z / centers (for the contrastive loss) and the
+unnormalised ones (for the ConCutMix label rectification).
+
+Backbones: ``resnet32`` (the CIFAR ResNet, written here) and, through timm with no
+pretrained download, ``resnet50``, ``resnext50_32x4d``, ``resnext101_32x4d``,
+``vit_small_patch16_224`` and ``vit_base_patch16_224``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BACKBONES", "BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "resnet32"]
+
+NORMED_LINEAR_SCALE = 30.0
+
+
+class BCLOutput(NamedTuple):
+    logits: Tensor       # (N, C)
+    z: Tensor            # (N, D) L2-normalised contrastive embedding
+    z_raw: Tensor        # (N, D) unnormalised, used by the label rectification
+    centers: Tensor      # (C, D) L2-normalised class centers
+    centers_raw: Tensor  # (C, D) unnormalised
+
+
+# --- CIFAR ResNet-32 (He et al. 2016, §4.2; option-A identity shortcuts as in BCL/LDAM) ---
+
+class _ShortcutA(nn.Module):
+    """Parameter-free shortcut: subsample by 2 and zero-pad the new channels."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = _ShortcutA((planes - in_planes) // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-6n+2 for 32 px inputs; returns the pooled 64-d feature."""
+
+    def __init__(self, depth: int = 32):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2; got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.num_features = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+def resnet32() -> CifarResNet:
+    return CifarResNet(32)
+
+
+# --- registry ---
+
+_TIMM_BACKBONES = ("resnet50", "resnext50_32x4d", "resnext101_32x4d", "vit_small_patch16_224",
+                   "vit_base_patch16_224")
+BACKBONES = ("resnet32",) + _TIMM_BACKBONES
+
+
+def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
+    """Build a backbone by name; returns (module mapping images to (N, h) features, h).
+
+    timm backbones are built with ``pretrained=False`` (nothing is downloaded) and no
+    classifier (``num_classes=0``); extra kwargs (e.g. ``img_size`` for ViT) go to timm.
+    """
+    if name == "resnet32":
+        if kwargs:
+            raise ValueError(f"resnet32 takes no backbone options; got {sorted(kwargs)}")
+        net = resnet32()
+        return net, net.num_features
+    if name in _TIMM_BACKBONES:
+        import timm  # imported lazily: timm is only needed for the ImageNet-size backbones
+
+        net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        return net, net.num_features
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: scale · normalize(x) · normalize(W), W of shape (in, out) as in BCL."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = NORMED_LINEAR_SCALE):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+
+    def class_weights(self) -> Tensor:
+        """Per-class weight vectors (C, in)."""
+        return self.weight.t()
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+
+
+class BCLModel(nn.Module):
+    """Backbone + classifier + contrastive head + center head (ARCHITECTURE §1).
+
+    Args:
+        backbone: a name from :data:`BACKBONES` or a module mapping images to (N, h)
+            features that has a ``num_features`` attribute.
+        num_classes: C.
+        feat_dim: D, the projection dimension (1024 ImageNet/iNat/Places, 128 CIFAR).
+        use_norm: cosine NormedLinear classifier (True) or plain Linear (False, CIFAR).
+        hidden_dim: m, the MLP hidden width; default 512 for ResNet-32 and h otherwise.
+        **backbone_kwargs: passed to :func:`build_backbone` (e.g. ``img_size`` for ViT).
+    """
+
+    def __init__(self, backbone: str | nn.Module, num_classes: int, feat_dim: int = 1024, use_norm: bool = True,
+                 hidden_dim: int | None = None, **backbone_kwargs):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+        if feat_dim < 1:
+            raise ValueError(f"feat_dim must be >= 1; got {feat_dim}")
+        if isinstance(backbone, str):
+            self.backbone_name = backbone
+            self.backbone, h = build_backbone(backbone, **backbone_kwargs)
+        else:
+            h = getattr(backbone, "num_features", None)
+            if not isinstance(h, int):
+                raise ValueError("a backbone module must expose its feature width as an int `num_features`")
+            self.backbone_name = type(backbone).__name__
+            self.backbone = backbone
+        if hidden_dim is None:
+            hidden_dim = 512 if self.backbone_name == "resnet32" else h
+        self.num_classes = num_classes
+        self.feat_dim = feat_dim
+        self.use_norm = use_norm
+        self.fc = NormedLinear(h, num_classes) if use_norm else nn.Linear(h, num_classes)
+        self.head = _mlp(h, hidden_dim, feat_dim)
+        self.head_fc = _mlp(h, hidden_dim, feat_dim)
+
+    def class_weights(self) -> Tensor:
+        """The classifier's per-class weight vectors (C, h), input of the center head."""
+        return self.fc.class_weights() if self.use_norm else self.fc.weight
+
+    def forward(self, x: Tensor) -> BCLOutput:
+        feat = self.backbone(x)
+        logits = self.fc(feat)
+        z_raw = self.head(feat)
+        centers_raw = self.head_fc(self.class_weights())
+        return BCLOutput(logits, F.normalize(z_raw, dim=1), z_raw, F.normalize(centers_raw, dim=1), centers_raw)
