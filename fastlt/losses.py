@@ -104,7 +104,9 @@ class BalancedSupConLoss(nn.Module):
         b, c = features.shape[0], self.num_classes
         device = features.device
         # Contrast set: view 1 of every sample, view 2 of every sample, then the C centers.
-        items = torch.cat([features[:, 0], features[:, 1], centers], dim=0).float()
+        # fp32 at least (bf16/fp16 inputs under autocast), fp64 kept when given.
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        items = torch.cat([features[:, 0], features[:, 1], centers], dim=0).to(dtype)
         item_labels = torch.cat([labels, labels, torch.arange(c, device=device)]).long()
         anchors = items[: 2 * b]
         logits = anchors @ items.t() / self.temperature  # (2B, 2B + C)
@@ -117,11 +119,11 @@ class BalancedSupConLoss(nn.Module):
         positive = same_class & not_self
         # Items per class in the full set (2 views per sample + one center), via scatter_add
         # rather than bincount so that no device-to-host sync is needed on CUDA.
-        class_size = torch.zeros(c, device=device, dtype=torch.float32)
-        class_size.scatter_add_(0, item_labels, torch.ones_like(item_labels, dtype=torch.float32))
+        class_size = torch.zeros(c, device=device, dtype=dtype)
+        class_size.scatter_add_(0, item_labels, torch.ones_like(item_labels, dtype=dtype))
         # The anchor is not in its own contrast set, so its class counts one item fewer there
         # (the self entry itself is masked out of the sum).
-        per_item_count = class_size[item_labels].unsqueeze(0) - same_class.float()
+        per_item_count = class_size[item_labels].unsqueeze(0) - same_class.to(dtype)
         exp_logits = torch.exp(logits) * not_self
         denom = (exp_logits / per_item_count.masked_fill(~not_self, 1.0)).sum(dim=1, keepdim=True)
         log_prob = logits - torch.log(denom)
