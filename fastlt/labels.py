@@ -25,6 +25,7 @@ __all__ = [
     "confidence",
     "rectify_labels",
     "reference_rectify_labels",
+    "topk_mask",
     "validate_rectify_args",
 ]
 
@@ -81,15 +82,19 @@ def validate_rectify_args(z: Tensor, centers: Tensor, label_a: Tensor, label_b: 
         raise ValueError(f"rectify_labels: temperature must be > 0 for softmax normalisation; got {temperature!r}")
 
 
-def _topk_lower_index_first(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k per row with ties broken towards the lower class index.
+def topk_mask(s: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k largest entries per row, ties broken towards the lower index.
 
-    ``torch.topk`` leaves the order of equal values unspecified; a stable descending sort
-    keeps equal values in index order, which makes the choice deterministic and lets the
-    Triton kernel reproduce it exactly.
+    ``torch.topk`` leaves the choice among equal values unspecified, so only its k-th value
+    is used: everything above it is kept, and entries equal to it are kept in index order
+    until k are chosen. This is deterministic (the Triton kernel reproduces it exactly) and
+    several times cheaper on the CPU than a stable sort of the whole row.
     """
-    vals, idx = torch.sort(s, dim=1, descending=True, stable=True)
-    return vals[:, :k], idx[:, :k]
+    kth = torch.topk(s, k, dim=1).values[:, -1:]
+    above = s > kth
+    at = s == kth
+    room = k - above.sum(1, keepdim=True)
+    return above | (at & (at.cumsum(1) <= room))
 
 
 @torch.no_grad()
@@ -115,15 +120,18 @@ def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_
     validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
     z = z.detach().float()
     c = centers.detach().float()
-    sq_dist = (z * z).sum(1, keepdim=True) + (c * c).sum(1).unsqueeze(0) - 2.0 * (z @ c.t())
+    # ||z||^2 + ||c||^2 - 2 z.c in one fused addmm: no (B, C, D) tensor.
+    sq_norms = (z * z).sum(1, keepdim=True) + (c * c).sum(1).unsqueeze(0)
+    sq_dist = torch.addmm(sq_norms, z, c.t(), alpha=-2.0)
     sim = sq_dist.clamp_min(_MIN_SQ_DIST).rsqrt()
-    k = min(topk, c.shape[0])
-    vals, idx = _topk_lower_index_first(sim, k)
+    keep = topk_mask(sim, min(topk, c.shape[0]))
     if normalize == "l1":
-        weights = vals / vals.sum(1, keepdim=True)
+        s_hat = sim * keep
     else:
-        weights = torch.softmax(vals / temperature, dim=1)
-    s_hat = torch.zeros_like(sim).scatter_(1, idx, weights)
+        # Max-subtraction over the kept entries only (the row max is always kept).
+        logits = sim / temperature
+        s_hat = torch.exp(logits - logits.max(1, keepdim=True).values) * keep
+    s_hat = s_hat / s_hat.sum(1, keepdim=True)
     y = area_label(label_a, label_b, lam, c.shape[0])
     gamma = confidence(y, class_counts, omega).unsqueeze(1)
     return gamma * s_hat + (1.0 - gamma) * y
