@@ -18,5 +18,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Benchmarks print their tables, then the speed-up ratios are checked against bench/floors.json
+# (ratios, never absolute times: these machines are shared and noisy).
+bench: $(STAMP)
+	mkdir -p .benchmarks
+	$(PY) -m pytest -q bench --benchmark-json=.benchmarks/latest.json --benchmark-columns=min,median,mean,rounds
+	$(PY) bench/check_floors.py .benchmarks/latest.json
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .benchmarks
