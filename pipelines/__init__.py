@@ -1,4 +1,110 @@
 """Data pipelines for fastlt, installed as `fastlt.pipelines` (see setup.py's package_dir):
 the DALI training/validation graphs and the torch DataLoader backend, both producing the
 typed training batch of ARCHITECTURE §3.
+
+The trainer uses four entry points::
+
+    backend = select_backend(cfg.pipeline.backend)          # "auto" | "dali" | "torch"
+    train = build_train_pipeline(TrainPipelineSpec(...), backend)
+    for batch in train.epoch(epoch, start_step):            # TrainBatch, on spec.device
+        ...
+    for images, labels in build_val_pipeline(ValPipelineSpec(...), backend):
+        ...
+
+The backend is decided in one place, :func:`select_backend`: ``auto`` takes DALI when
+``nvidia.dali`` imports and the torch loader otherwise (the environment variable
+``FASTLT_PIPELINE=dali|torch`` overrides ``auto``); an explicit ``dali`` that cannot be met
+raises instead of falling back. The choice is logged once.
 """
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Iterable, Iterator, Protocol
+
+from torch import Tensor
+
+from .batch import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, ON_ERROR, RECIPES,
+                    TrainBatch, TrainPipelineSpec, ValPipelineSpec)
+from .common import LOG
+
+__all__ = ["BACKENDS", "TrainBatch", "TrainPipeline", "TrainPipelineSpec", "ValPipelineSpec", "build_train_pipeline",
+           "build_val_pipeline", "dali_available", "select_backend", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN",
+           "INAT_STD", "CIFAR_MEAN", "CIFAR_STD", "RECIPES", "ON_ERROR"]
+
+BACKENDS = ("auto", "dali", "torch")
+_ENV = "FASTLT_PIPELINE"
+_logged: set[tuple[str, str]] = set()
+
+DALI_INSTALL_HINT = ("install DALI with `pip install nvidia-dali-cuda130` (CUDA 13 wheels; they include the CPU "
+                     "operators used without a GPU), or set pipeline.backend: torch")
+
+
+class TrainPipeline(Protocol):
+    """What both backends provide (``TorchTrainPipeline``, ``DaliTrainPipeline``)."""
+
+    backend: str
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def dali_available() -> tuple[bool, str]:
+    """(True, version) when ``nvidia.dali`` imports, else (False, the import error)."""
+    try:
+        import nvidia.dali as dali
+    except Exception as e:  # ImportError, or a broken install failing on its shared libraries
+        return False, f"{type(e).__name__}: {e}"
+    return True, getattr(dali, "__version__", "unknown")
+
+
+def select_backend(requested: str = "auto") -> str:
+    """Resolve ``pipeline.backend`` to "dali" or "torch" (see the module docstring)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"pipeline.backend must be one of {BACKENDS}; got {requested!r}")
+    source = "config"
+    if requested == "auto" and os.environ.get(_ENV):
+        requested, source = os.environ[_ENV], f"environment {_ENV}"
+        if requested not in BACKENDS:
+            raise ValueError(f"{_ENV} must be one of {BACKENDS}; got {requested!r}")
+    ok, info = dali_available()
+    if ok and importlib.util.find_spec(f"{__name__}.dali_train") is None:
+        # Transitional: the DALI graphs land after the torch backend (issue 5).
+        ok, info = False, "the DALI pipelines of this fastlt build are not written yet"
+    if requested == "dali" and not ok:
+        raise RuntimeError(f"pipeline.backend 'dali' was requested ({source}) but nvidia.dali does not import "
+                           f"({info}); {DALI_INSTALL_HINT}")
+    chosen = requested if requested != "auto" else ("dali" if ok else "torch")
+    why = f"requested by {source}" if requested != "auto" else (
+        f"auto: DALI {info} imports" if ok else f"auto: DALI not importable ({info})")
+    if (chosen, why) not in _logged:
+        _logged.add((chosen, why))
+        LOG.info("data pipeline backend: %s (%s)", chosen, why)
+    return chosen
+
+
+def build_train_pipeline(spec: TrainPipelineSpec, backend: str = "auto") -> TrainPipeline:
+    """The training pipeline of ``spec`` on the selected backend."""
+    if select_backend(backend) == "dali":
+        from .dali_train import DaliTrainPipeline
+
+        return DaliTrainPipeline(spec)
+    from .torch_loader import TorchTrainPipeline
+
+    return TorchTrainPipeline(spec)
+
+
+def build_val_pipeline(spec: ValPipelineSpec, backend: str = "auto") -> Iterable[tuple[Tensor, Tensor]]:
+    """The validation pipeline of ``spec``: iterable of (images float NCHW normalised, labels int64),
+    this rank's share without padding; iterating again is another pass."""
+    if select_backend(backend) == "dali":
+        from .dali_val import DaliValPipeline
+
+        return DaliValPipeline(spec)
+    from .torch_loader import TorchValPipeline
+
+    return TorchValPipeline(spec)

@@ -42,6 +42,9 @@ class TrainBatch:
         lam: (B,) float32 weight of ``label_a`` in the area label, 1 − box area/(H·W)
             (1.0 where not mixed).
         mixed: (B,) bool, whether a CutMix box was pasted into the sample.
+        foreground: diagnostic only, None unless the spec asks for it
+            (``extra["with_foreground"]``): (B, 3, H, W) the foreground view 0 before pasting,
+            so tests can check the pasted region pixel for pixel.
     """
 
     image: Tensor
@@ -51,6 +54,7 @@ class TrainBatch:
     label_b: Tensor
     lam: Tensor
     mixed: Tensor
+    foreground: Tensor | None = None
 
     def __len__(self) -> int:
         return self.label_a.shape[0]
@@ -60,6 +64,9 @@ class TrainBatch:
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
+            if t is None:
+                out[f.name] = None
+                continue
             t = t.to(device, non_blocking=non_blocking)
             if memory_format is not None and t.dim() == 4:
                 t = t.contiguous(memory_format=memory_format)
@@ -69,7 +76,7 @@ class TrainBatch:
     def validate(self) -> None:
         """Raise ValueError if the tensors do not fit the contract (used by tests and backends)."""
         b = len(self)
-        for name in ("image", "view1", "view2"):
+        for name in ("image", "view1", "view2") + (("foreground",) if self.foreground is not None else ()):
             t = getattr(self, name)
             if t.dim() != 4 or t.shape[0] != b or t.shape[1] != 3 or not t.is_floating_point():
                 raise ValueError(f"TrainBatch.{name}: expected float (B={b}, 3, H, W); got {tuple(t.shape)} {t.dtype}")

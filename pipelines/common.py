@@ -1,0 +1,271 @@
+"""What every pipeline backend shares: keyed randomness, the paired sample streams, the
+CutMix draw, and bad-input handling (ARCHITECTURE §1 "Samplers" and "CutMix", §3 pipeline
+contract; issue 5 "Sharding" and "Bad input").
+
+Every random choice of a training pipeline is a pure function of a key
+``(seed, epoch, rank, step or sample position, stream)``; nothing depends on how many
+workers or threads ran, on what ran before, or on whether the pipeline was rebuilt. That
+is what makes both backends deterministic and resumable at any step (``start_step``), and
+lets the DALI and torch backends draw the *same* sample indices, CutMix boxes and λ for
+the same spec.
+
+- :class:`StreamPlan`: the background (canvas) and foreground (patch) index streams of
+  one rank, built from ``fastlt.sampling``; the background sampler is seeded with the
+  base seed on every rank (so its shards do not overlap), the foreground sampler with a
+  seed derived from it and the rank enters through ``epoch_indices``.
+- :func:`cutmix_boxes`: per batch (one coin and one box for the whole batch, the
+  reference behaviour) or per sample, λ = 1 − clipped box area/(H·W) (fastlt.cutmix).
+- :class:`Substitutes`: ``on_error: skip`` replaces a bad image by another image of the
+  same class, chosen by a keyed draw, so the label stays right and the run stays
+  deterministic.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fastlt.cutmix import area_lambda, sample_box
+
+__all__ = ["Stream", "StreamPlan", "Substitutes", "BadImageError", "cutmix_boxes", "keyed_rng", "keyed_seed",
+           "check_encoded_image", "image_source_name", "LOG"]
+
+LOG = logging.getLogger("fastlt.pipelines")
+
+
+class Stream:
+    """Tags that separate the independent random streams drawn for one key."""
+
+    BACKGROUND = 1
+    FOREGROUND = 2
+    CUTMIX = 3
+    SUBSTITUTE = 4
+    FOREGROUND_SAMPLER = 5
+
+
+def keyed_rng(*key: int) -> np.random.Generator:
+    """A numpy Generator that is a pure function of ``key`` (non-negative integers)."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def keyed_seed(*key: int) -> int:
+    """A 63-bit integer seed that is a pure function of ``key`` (for torch.manual_seed)."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _check_nonneg_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+    return int(value)
+
+
+@dataclass
+class StreamPlan:
+    """The paired background/foreground index streams of one rank.
+
+    ``steps_per_epoch`` = per-rank epoch length // batch_size (the incomplete last batch is
+    dropped); every sampler kind has the same per-rank length, so the two streams pair 1:1.
+    """
+
+    labels: np.ndarray
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    background_kind: str = "uniform"
+    foreground_kind: str = "balanced"
+
+    def __post_init__(self):
+        from fastlt.sampling import make_sampler  # local: keeps this module importable in DALI workers cheaply
+
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        seed = _check_nonneg_int("seed", self.seed)
+        # The background sampler must use the same seed on every rank: its shards are slices
+        # of one permutation. The foreground seed is derived so that it never equals the
+        # background stream when both kinds are "uniform"; the rank enters via epoch_indices.
+        self._bg = make_sampler(self.background_kind, self.labels, seed)
+        self._fg = make_sampler(self.foreground_kind, self.labels, keyed_seed(seed, Stream.FOREGROUND_SAMPLER) >> 1)
+        n_bg, n_fg = self._bg.num_samples(self.world_size), self._fg.num_samples(self.world_size)
+        if n_bg != n_fg:
+            raise RuntimeError(f"background sampler {self.background_kind!r} gives {n_bg} samples per rank but "
+                               f"foreground sampler {self.foreground_kind!r} gives {n_fg}; they must pair 1:1")
+        self.samples_per_rank = n_bg
+        self.steps_per_epoch = n_bg // self.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size {self.batch_size} is larger than this rank's epoch of {n_bg} images "
+                             f"({len(self.labels)} images over world_size={self.world_size}); lower the batch size")
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def epoch_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(background, foreground) dataset indices of this rank for ``epoch``, cut to whole batches."""
+        epoch = _check_nonneg_int("epoch", epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            n = self.steps_per_epoch * self.batch_size
+            bg = np.asarray(self._bg.epoch_indices(epoch, self.rank, self.world_size), dtype=np.int64)[:n]
+            fg = np.asarray(self._fg.epoch_indices(epoch, self.rank, self.world_size), dtype=np.int64)[:n]
+            self._cache = (epoch, bg, fg)
+        return self._cache[1], self._cache[2]
+
+    def check_start_step(self, start_step: int) -> int:
+        start_step = _check_nonneg_int("start_step", start_step)
+        if start_step > self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is past the end of the epoch ({self.steps_per_epoch} steps); "
+                             f"it must be in [0, {self.steps_per_epoch}]")
+        return start_step
+
+
+def cutmix_boxes(seed: int, epoch: int, rank: int, step: int, batch_size: int, h: int, w: int, *, prob: float,
+                 per_sample: bool, alpha: float = 1.0, sample: int | None = None):
+    """The CutMix decisions of one step (ARCHITECTURE §1 "CutMix").
+
+    Per batch: one coin with probability ``prob`` and one box, keyed by (seed, epoch, rank,
+    step), for every sample of the batch (the reference behaviour). Per sample: a coin and a
+    box for each sample, keyed by its index in the batch as well. The box is drawn by
+    :func:`fastlt.cutmix.sample_box` (λ0 ~ Beta(α, α), r = √(1−λ0), centre uniform, clipped)
+    and λ = 1 − clipped area/(H·W) by :func:`fastlt.cutmix.area_lambda`.
+
+    Returns ``(boxes, lam, applied)``: int64 (n, 4) rows ``(y0, x0, y1, x1)`` (all zero where
+    not applied), float32 (n,), bool (n,), for the whole batch, or for the one ``sample``
+    (n = 1) when it is given — what a per-sample source needs.
+    """
+    rows = range(batch_size) if sample is None else (sample,)
+    boxes = np.zeros((len(rows), 4), dtype=np.int64)
+    lam = np.ones(len(rows), dtype=np.float32)
+    applied = np.zeros(len(rows), dtype=bool)
+    if not per_sample:
+        rng = keyed_rng(seed, epoch, rank, step, Stream.CUTMIX)
+        if rng.random() < prob:
+            box = sample_box(h, w, alpha, rng)
+            boxes[:] = box
+            lam[:] = area_lambda(box, h, w)
+            applied[:] = True
+        return boxes, lam, applied
+    for k, i in enumerate(rows):
+        rng = keyed_rng(seed, epoch, rank, step, i, Stream.CUTMIX)
+        if rng.random() < prob:
+            box = sample_box(h, w, alpha, rng)
+            boxes[k] = box
+            lam[k] = area_lambda(box, h, w)
+            applied[k] = True
+    return boxes, lam, applied
+
+
+class BadImageError(RuntimeError):
+    """An image that cannot be read or decoded; the message names the file."""
+
+
+def image_source_name(dataset, index: int) -> str:
+    """How to name image ``index`` of ``dataset`` in a message: its path and list line when known."""
+    if hasattr(dataset, "full_path"):
+        name = dataset.full_path(index)
+        if hasattr(dataset, "line_number") and hasattr(dataset, "list_file"):
+            name += f" (line {dataset.line_number(index)} of {dataset.list_file})"
+        return name
+    return f"array image {index}"
+
+
+def check_encoded_image(data: bytes) -> tuple[int, int]:
+    """Parse the header of an encoded image and return its (height, width).
+
+    Raises ValueError for data that PIL cannot identify, and for a JPEG without its
+    end-of-image marker (a truncated file: decoders may otherwise fill the rest grey, or
+    abort deep inside a DALI graph where the file name is no longer known). Only the
+    header is parsed, not the pixels: this is cheap enough to run on every sample.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) == 0:
+        raise ValueError("the file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            fmt = im.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+    if fmt == "JPEG" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        raise ValueError("truncated JPEG (no end-of-image marker)")
+    if h < 1 or w < 1:
+        raise ValueError(f"empty image of size {h}x{w}")
+    return h, w
+
+
+class Substitutes:
+    """``on_error: skip``: pick another image of the same class for a bad one.
+
+    The replacement for the ``attempt``-th failure at a given key is drawn uniformly among
+    the other images of the class by a keyed generator, so a skip never changes the label
+    and never makes the run depend on timing. Images already known to be bad are avoided.
+    """
+
+    def __init__(self, labels: np.ndarray, bad: Sequence[int] = ()):
+        labels = np.asarray(labels, dtype=np.int64)
+        order = np.argsort(labels, kind="stable")
+        counts = np.bincount(labels, minlength=int(labels.max()) + 1 if labels.size else 0)
+        self._order = order
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._labels = labels
+        self.bad = set(int(b) for b in bad)
+
+    def members(self, cls: int) -> np.ndarray:
+        return self._order[self._starts[cls]:self._starts[cls + 1]]
+
+    def pick(self, index: int, key: Sequence[int], attempt: int) -> int | None:
+        """Another image of ``index``'s class not known to be bad, or None if there is none."""
+        members = self.members(int(self._labels[index]))
+        candidates = [int(m) for m in members if int(m) != index and int(m) not in self.bad] \
+            if len(members) <= 4096 else None
+        if candidates is not None:
+            if not candidates:
+                return None
+            rng = keyed_rng(*key, attempt, Stream.SUBSTITUTE)
+            return candidates[int(rng.integers(len(candidates)))]
+        # Large classes: rejection-sample instead of building the candidate list.
+        rng = keyed_rng(*key, attempt, Stream.SUBSTITUTE)
+        for _ in range(64):
+            m = int(members[int(rng.integers(len(members)))])
+            if m != index and m not in self.bad:
+                return m
+        return None
+
+
+def load_with_policy(dataset, index: int, key: Sequence[int], on_error: str, substitutes: Substitutes,
+                     load: Callable[[int], object], max_attempts: int = 8):
+    """``load(index)`` with the ``on_error`` policy; returns (value, used_index, skipped_names).
+
+    ``raise``: the first failure raises :class:`BadImageError` naming the file. ``skip``: the
+    image is replaced by another one of the same class (up to ``max_attempts`` times);
+    every replaced file is returned so the caller can count and log it.
+    """
+    skipped: list[str] = []
+    current = int(index)
+    for attempt in range(max_attempts + 1):
+        try:
+            return load(current), current, skipped
+        except (OSError, ValueError, SyntaxError) as e:
+            name = image_source_name(dataset, current)
+            if on_error == "raise":
+                raise BadImageError(f"cannot read image {name}: {type(e).__name__}: {e}. "
+                                    f"Fix or remove the file, or set data.on_error: skip to replace bad "
+                                    f"images by another image of the same class") from e
+            skipped.append(f"{name}: {type(e).__name__}: {e}")
+            substitutes.bad.add(current)
+            nxt = substitutes.pick(int(index), key, attempt)
+            if nxt is None:
+                break
+            current = nxt
+    raise BadImageError(f"image {image_source_name(dataset, int(index))} is bad and no readable image of its class "
+                        f"{int(substitutes._labels[index])} could replace it (tried: {'; '.join(skipped)})")
+
+
+def default_workers(requested: int) -> int:
+    """Worker processes to use: the request, bounded by the cores this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(int(requested), cores))

@@ -1,0 +1,265 @@
+"""The torch DataLoader backend (``pipeline.backend: torch``): the fallback where DALI is not
+installed and the baseline of ``bench/bench_pipeline.py``. It produces the same
+:class:`~fastlt.pipelines.batch.TrainBatch` as the DALI graphs (ARCHITECTURE §3).
+
+One DataLoader item is one whole step: a worker reads the step's background and foreground
+images (``LongTailedList.read_bytes`` + PIL decode, or the CIFAR arrays), makes the three
+background views and the foreground view of ARCHITECTURE §1 "Views" (``transforms.py``),
+and applies CutMix to the classification view with the step's keyed box (``common.py``).
+Every random choice is seeded from (seed, epoch, rank, sample position) — the augmentations
+through torch's generator, re-seeded per sample inside ``torch.random.fork_rng`` so the
+caller's generator is untouched — and CutMix from (seed, epoch, rank, step): batches do not
+depend on the number of workers, and ``start_step`` resumes mid-epoch without decoding the
+skipped steps.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .batch import TrainBatch, TrainPipelineSpec, ValPipelineSpec
+from .common import LOG, Stream, StreamPlan, Substitutes, cutmix_boxes, default_workers, keyed_seed, load_with_policy
+from .transforms import train_view_transforms, val_transform
+
+__all__ = ["TorchTrainPipeline", "TorchValPipeline", "image_loader"]
+
+
+def image_loader(dataset, recipe: str):
+    """A function index -> RGB PIL image for the dataset kind of ``recipe``; raises OSError/ValueError
+    for a missing or undecodable file (handled by the ``on_error`` policy)."""
+    from PIL import Image
+
+    if recipe == "cifar":
+        images = dataset.images
+
+        def load_array(i: int):
+            return Image.fromarray(np.ascontiguousarray(images[i]), mode="RGB")
+
+        return load_array
+
+    def load_file(i: int):
+        data = dataset.read_bytes(i)
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")  # forces the full decode, so a truncated file fails here
+
+    return load_file
+
+
+def _check_dataset(spec) -> None:
+    if spec.recipe == "cifar":
+        images = getattr(spec.dataset, "images", None)
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"recipe 'cifar' needs a dataset with images uint8 (N, H, W, 3) (fastlt.data.cifar_lt); "
+                             f"got {type(spec.dataset).__name__} with images "
+                             f"{getattr(images, 'shape', None)} {getattr(images, 'dtype', None)}")
+    elif not hasattr(spec.dataset, "read_bytes"):
+        raise ValueError(f"recipe 'imagenet' needs a dataset with read_bytes(i) (fastlt.data.LongTailedList); "
+                         f"got {type(spec.dataset).__name__}. For CIFAR arrays use recipe 'cifar'")
+    if len(spec.dataset.labels) != len(spec.dataset):
+        raise ValueError(f"dataset has {len(spec.dataset)} images but {len(spec.dataset.labels)} labels")
+
+
+class _StepDataset(Dataset):
+    """Map-style dataset whose item ``step`` is the whole batch of that step of one epoch."""
+
+    def __init__(self, spec: TrainPipelineSpec, epoch: int, bg: np.ndarray, fg: np.ndarray):
+        self.spec = spec
+        self.epoch = epoch
+        self.bg, self.fg = bg, fg
+        self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
+        self.view0, self.sim = train_view_transforms(spec.recipe, spec.image_size, spec.mean, spec.std,
+                                                     augment=spec.augment, randaugment=spec.randaugment)
+        self.load = image_loader(spec.dataset, spec.recipe)
+        self.substitutes = Substitutes(self.labels)
+        self.with_foreground = bool(spec.extra.get("with_foreground", False))
+
+    def __len__(self) -> int:
+        return len(self.bg) // self.spec.batch_size
+
+    def _sample(self, index: int, position: int, stream: int, views: int, skipped: list):
+        s = self.spec
+        key = (s.seed, self.epoch, s.rank, position, stream)
+        img, used, bad = load_with_policy(s.dataset, index, key, s.on_error, self.substitutes, self.load)
+        skipped.extend(bad)
+        # Re-seed torch's generator from the sample's key: the views are then a pure function of
+        # (seed, epoch, rank, position, stream). fork_rng restores the caller's state afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(keyed_seed(*key))
+            out = [self.view0(img)]
+            for _ in range(views - 1):
+                out.append(self.sim(img))
+        return out, int(self.labels[used])
+
+    def __getitem__(self, step: int):
+        s = self.spec
+        b, size = s.batch_size, s.image_size
+        # CutMix decisions first: a foreground image is only loaded and augmented where a box
+        # is pasted (about half the samples at cutmix_prob 0.5), unless the caller asks for it.
+        boxes, lam, applied = cutmix_boxes(s.seed, self.epoch, s.rank, step, b, size, size, prob=s.cutmix_prob,
+                                           per_sample=s.cutmix_per_sample, alpha=s.cutmix_alpha)
+        skipped: list[str] = []
+        v0, v1, v2, la, lb = [], [], [], [], []
+        fgv = {}
+        for i in range(b):
+            pos = step * b + i
+            (a0, a1, a2), ya = self._sample(int(self.bg[pos]), pos, Stream.BACKGROUND, 3, skipped)
+            v0.append(a0), v1.append(a1), v2.append(a2), la.append(ya)
+            if applied[i] or self.with_foreground:
+                (fgv[i],), yb = self._sample(int(self.fg[pos]), pos, Stream.FOREGROUND, 1, skipped)
+            else:
+                yb = ya  # label_b equals label_a where nothing is pasted (the contract)
+            lb.append(yb if applied[i] else ya)
+        image = torch.stack(v0)
+        for i in np.flatnonzero(applied):
+            y0, x0, y1, x1 = (int(v) for v in boxes[i])
+            image[i, :, y0:y1, x0:x1] = fgv[i][:, y0:y1, x0:x1]
+        batch = dict(image=image, view1=torch.stack(v1), view2=torch.stack(v2),
+                     label_a=torch.tensor(la, dtype=torch.int64), label_b=torch.tensor(lb, dtype=torch.int64),
+                     lam=torch.from_numpy(lam), mixed=torch.from_numpy(applied))
+        if self.with_foreground:
+            batch["foreground"] = torch.stack([fgv[i] for i in range(b)])
+        return batch, skipped
+
+
+class TorchTrainPipeline:
+    """Training batches of one rank from a torch DataLoader (see the module docstring).
+
+    ``spec.extra`` options: ``with_foreground`` (bool) adds the pre-paste foreground view to
+    each batch (diagnostics/tests); ``prefetch_factor`` (int, default 2) steps per worker.
+    """
+
+    backend = "torch"
+
+    def __init__(self, spec: TrainPipelineSpec):
+        _check_dataset(spec)
+        self.spec = spec
+        self.plan = StreamPlan(spec.dataset.labels, spec.batch_size, spec.seed, spec.rank, spec.world_size,
+                               spec.background_sampler, spec.foreground_sampler)
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.num_workers = default_workers(spec.num_workers)
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+        self._device = torch.device(spec.device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"pipeline device {spec.device!r} requested but CUDA is not available; use device 'cpu'")
+
+    def indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (background, foreground) dataset indices of ``epoch``, step-major."""
+        return self.plan.epoch_indices(epoch)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
+        start_step = self.plan.check_start_step(start_step)
+        bg, fg = self.plan.epoch_indices(epoch)
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+        dataset = _StepDataset(self.spec, epoch, bg, fg)
+        steps = range(start_step, self.steps_per_epoch)
+        if len(steps) == 0:
+            return
+        pin = self._device.type == "cuda"
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = int(self.spec.extra.get("prefetch_factor", 2))
+        loader = DataLoader(dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
+                            pin_memory=pin, **kwargs)
+        for batch, skipped in loader:
+            if skipped:
+                self._stats["skipped_images"] += len(skipped)
+                self._stats["skipped_files"].extend(skipped)
+            if pin:
+                batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
+            yield TrainBatch(**batch)
+        if self._stats["skipped_images"]:
+            LOG.warning("epoch %d: replaced %d unreadable image(s) by images of the same class (on_error: skip); "
+                        "first: %s", epoch, self._stats["skipped_images"], self._stats["skipped_files"][0])
+
+    def stats(self) -> dict:
+        """Counters of the last epoch: ``skipped_images`` and the ``skipped_files`` messages."""
+        return {"skipped_images": self._stats["skipped_images"], "skipped_files": list(self._stats["skipped_files"])}
+
+    def close(self) -> None:
+        """Nothing persistent: workers live for one epoch's iteration."""
+
+
+class _ValDataset(Dataset):
+    def __init__(self, spec: ValPipelineSpec, indices: np.ndarray):
+        self.spec = spec
+        self.indices = indices
+        self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
+        self.transform = val_transform(spec.recipe, spec.image_size, spec.mean, spec.std)
+        self.load = image_loader(spec.dataset, spec.recipe)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = int(self.indices[k])
+        from .common import BadImageError, image_source_name
+
+        try:
+            img = self.load(i)
+        except (OSError, ValueError, SyntaxError) as e:
+            name = image_source_name(self.spec.dataset, i)
+            if self.spec.on_error == "raise":
+                raise BadImageError(f"cannot read validation image {name}: {type(e).__name__}: {e}. Fix or remove "
+                                    f"the file, or set data.on_error: skip to leave it out of evaluation") from e
+            return None, f"{name}: {type(e).__name__}: {e}"
+        return (self.transform(img), int(self.labels[i])), None
+
+
+def _collate_val(items):
+    good = [it for it, _ in items if it is not None]
+    bad = [msg for _, msg in items if msg is not None]
+    if good:
+        images = torch.stack([g[0] for g in good])
+        labels = torch.tensor([g[1] for g in good], dtype=torch.int64)
+    else:
+        images, labels = None, None
+    return images, labels, bad
+
+
+class TorchValPipeline:
+    """Validation batches ``(images, labels)`` of one rank: images ``rank::world_size`` (no
+    padding: every image is evaluated exactly once across ranks). Iterating again is another
+    pass. With ``on_error: skip`` an unreadable image is left out (never replaced: evaluating
+    a substitute would bias the score) and counted in :meth:`stats`."""
+
+    backend = "torch"
+
+    def __init__(self, spec: ValPipelineSpec):
+        _check_dataset(spec)
+        self.spec = spec
+        self.indices = np.arange(spec.rank, len(spec.dataset), spec.world_size, dtype=np.int64)
+        self.num_workers = default_workers(spec.num_workers)
+        self._device = torch.device(spec.device)
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+
+    def __len__(self) -> int:
+        """Number of batches of this rank."""
+        return -(-len(self.indices) // self.spec.batch_size)
+
+    def __iter__(self):
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+        if len(self.indices) == 0:
+            return
+        loader = DataLoader(_ValDataset(self.spec, self.indices), batch_size=self.spec.batch_size, shuffle=False,
+                            num_workers=self.num_workers, collate_fn=_collate_val,
+                            pin_memory=self._device.type == "cuda")
+        for images, labels, bad in loader:
+            if bad:
+                self._stats["skipped_images"] += len(bad)
+                self._stats["skipped_files"].extend(bad)
+            if images is None:
+                continue
+            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        if self._stats["skipped_images"]:
+            LOG.warning("validation: left out %d unreadable image(s) (on_error: skip); first: %s",
+                        self._stats["skipped_images"], self._stats["skipped_files"][0])
+
+    def stats(self) -> dict:
+        return {"skipped_images": self._stats["skipped_images"], "skipped_files": list(self._stats["skipped_files"])}
+
+    def close(self) -> None:
+        """Nothing persistent."""
