@@ -486,7 +486,9 @@ def _unknown_key(key: str, valid_here: list[str]) -> ConfigError:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is not None:  # list[float], int | None, ...
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
 
 
 def _coerce(key: str, value, tp):
