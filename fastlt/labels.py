@@ -145,5 +145,13 @@ def rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor,
     This is the one dispatch point for the label step: the backend (Triton for CUDA tensors,
     PyTorch otherwise, ``FASTLT_KERNELS`` to override) is chosen by ``fastlt.kernels``.
     """
+    # Imported here: fastlt.kernels imports this module.
+    from fastlt.kernels.dispatch import select_backend
+
+    if select_backend(z.device) == "triton":
+        from fastlt.kernels.rectify import rectify_labels_triton
+
+        return rectify_labels_triton(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
+                                     normalize=normalize, temperature=temperature)
     return reference_rectify_labels(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
                                     normalize=normalize, temperature=temperature)

@@ -48,6 +48,13 @@ def reference_soft_cross_entropy(logits: Tensor, target: Tensor, bias: Tensor | 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
     """Soft-target (logit-adjusted) cross-entropy; the dispatch point for the fused kernel."""
+    # Imported here: fastlt.kernels imports this module.
+    from fastlt.kernels.dispatch import select_backend
+
+    if select_backend(logits.device) == "triton":
+        from fastlt.kernels.soft_ce import soft_cross_entropy_triton
+
+        return soft_cross_entropy_triton(logits, target, bias)
     return reference_soft_cross_entropy(logits, target, bias)
 
 

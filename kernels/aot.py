@@ -1,0 +1,129 @@
+"""Compile every fastlt Triton kernel for a GPU architecture without a GPU.
+
+``python -m fastlt.kernels.aot --arch 90`` runs the full Triton pipeline (TTIR → TTGIR →
+LLVM → PTX → cubin, with the ptxas bundled in triton) for each kernel in the configurations
+the launchers of :mod:`fastlt.kernels.rectify` and :mod:`fastlt.kernels.soft_ce` choose at
+the benchmark shapes of ARCHITECTURE §1 (C = 1000 and 8142, fp32/bf16/fp16). The CPU CI
+runs it (tests/test_kernels_rectify.py) so that a kernel which only works in the
+interpreter cannot pass; it does not replace the GPU parity tests of bench/gpu_check.sh.
+
+It needs triton in compiled mode: run it in a process started without ``TRITON_INTERPRET``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _signature(kernel, types: dict, constexprs: dict) -> dict:
+    """Triton signature in argument order; every argument must be typed here (KeyError otherwise)."""
+    sig = {}
+    for name in kernel.arg_names:
+        sig[name] = "constexpr" if name in constexprs else types[name]
+    return sig
+
+
+def kernel_configs():
+    """(label, kernel, types, constexprs, options) for each compiled variant."""
+    from . import rectify as r
+    from . import soft_ce as s
+
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for b in (7, 256):
+            cfg = r._similarity_config(b, dtype)
+            precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+            for precision in precisions:
+                t = _TL_DTYPE[dtype]
+                types = dict(z_ptr=f"*{t}", c_ptr=f"*{t}", s_ptr="*fp32", B="i32", C="i32", D="i32",
+                             stride_zb="i32", stride_zd="i32", stride_cc="i32", stride_cd="i32", stride_sb="i32")
+                consts = dict(MIN_SQ=r._MIN_SQ_DIST, INPUT_PRECISION=precision, UPCAST_DOT=False,
+                              **{k: v for k, v in cfg.items() if k.isupper()})
+                opts = {k: v for k, v in cfg.items() if not k.isupper()}
+                out.append((f"similarity {t} B={b} {precision}", r._similarity_kernel, types, consts, opts))
+    for c in (1000, 8142):
+        cfg = r._select_config(c, None)
+        for softmax in (False, True):
+            for dense, compact in ((True, False), (False, True)):
+                types = dict(s_ptr="*fp32", out_ptr="*fp32", la_ptr="*i64", lb_ptr="*i64", lam_ptr="*fp32",
+                             counts_ptr="*fp64", gscale_ptr="*fp64", idx_ptr="*i64", w_ptr="*fp32",
+                             gamma_ptr="*fp32", C="i32", K="i32", stride_sb="i32", stride_ob="i32",
+                             inv_temp="fp32")
+                consts = dict(SOFTMAX=softmax, WRITE_DENSE=dense, WRITE_COMPACT=compact,
+                              BLOCK_C=cfg["BLOCK_C"], NUM_TILES=cfg["NUM_TILES"])
+                out.append((f"select C={c} softmax={softmax} dense={dense}", r._select_kernel, types, consts,
+                            dict(num_warps=cfg["num_warps"])))
+    for c in (1000, 8142):
+        row = s._row_config(c)
+        kcfg = s._k_config(30)
+        row_consts = dict(BLOCK_C=row["BLOCK_C"], NUM_TILES=row["NUM_TILES"])
+        opts = dict(num_warps=row["num_warps"])
+        for dtype in (torch.float32, torch.bfloat16):
+            t = _TL_DTYPE[dtype]
+            types = dict(x_ptr=f"*{t}", t_ptr="*fp32", bias_ptr="*fp32", loss_ptr="*fp32", lse_ptr="*fp32",
+                         tsum_ptr="*fp32", C="i32", stride_xb="i32", stride_tb="i32")
+            out.append((f"soft_ce fwd {t} C={c}", s._soft_ce_fwd_kernel, types, dict(HAS_BIAS=True, **row_consts),
+                        opts))
+            types = dict(g_ptr="*fp32", x_ptr=f"*{t}", t_ptr="*fp32", bias_ptr="*fp32", lse_ptr="*fp32",
+                         tsum_ptr="*fp32", gx_ptr=f"*{t}", gt_ptr="*fp32", C="i32", inv_b="fp32",
+                         stride_xb="i32", stride_tb="i32", stride_gxb="i32", stride_gtb="i32")
+            for write_gt in (False, True):
+                out.append((f"soft_ce bwd {t} C={c} target_grad={write_gt}", s._soft_ce_bwd_kernel, types,
+                            dict(HAS_BIAS=True, WRITE_GT=write_gt, **row_consts), opts))
+            common = dict(x_ptr=f"*{t}", bias_ptr="*fp32", idx_ptr="*i64", w_ptr="*fp32", gamma_ptr="*fp32",
+                          la_ptr="*i64", lb_ptr="*i64", lam_ptr="*fp32", lse_ptr="*fp32", tsum_ptr="*fp32",
+                          C="i32", K="i32", stride_xb="i32")
+            consts = dict(HAS_BIAS=True, **row_consts, **kcfg)
+            out.append((f"soft_ce compact fwd {t} C={c}", s._soft_ce_compact_fwd_kernel,
+                        dict(common, loss_ptr="*fp32"), consts, opts))
+            out.append((f"soft_ce compact bwd {t} C={c}", s._soft_ce_compact_bwd_kernel,
+                        dict(common, g_ptr="*fp32", gx_ptr=f"*{t}", inv_b="fp32", stride_gxb="i32"), consts, opts))
+    return out
+
+
+def compile_all(arch: int = 90, warp_size: int = 32) -> list[dict]:
+    """Compile every variant for ``sm_<arch>``; returns one record per variant (raises on failure)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ._jit import INTERPRETED
+
+    if INTERPRETED:
+        raise RuntimeError("fastlt.kernels.aot needs triton in compiled mode; start Python without "
+                           "TRITON_INTERPRET=1")
+    target = GPUTarget("cuda", arch, warp_size)
+    records = []
+    for label, kernel, types, consts, opts in kernel_configs():
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(kernel, _signature(kernel, types, consts), consts), target=target,
+                                      options=opts)
+        except Exception as exc:
+            raise RuntimeError(f"{label}: compilation for sm_{arch} failed: {exc}") from exc
+        records.append(dict(kernel=label, arch=arch, seconds=round(time.perf_counter() - start, 3),
+                            cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
+                            num_warps=compiled.metadata.num_warps))
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability ×10, e.g. 90 (repeatable)")
+    args = parser.parse_args(argv)
+    records = []
+    for arch in args.arch or [90]:
+        records += compile_all(arch)
+    json.dump(records, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

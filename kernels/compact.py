@@ -1,0 +1,138 @@
+"""The ConCutMix label in compact form, and the soft cross-entropy that consumes it.
+
+ARCHITECTURE §1 steps 1–5 give ŷ = γ·ŝ + (1 − γ)·y, where ŝ has only K non-zero entries
+per row and y only two. :class:`CompactLabel` keeps exactly those pieces — the K kept class
+indices and their weights ŝ, γ, and (label_a, label_b, λ) — so that the training step can go
+from embeddings to the loss without a B×C label tensor: (B, K) indices and weights instead
+of (B, C) floats, e.g. 30 instead of 1000 or 8142 entries per sample.
+
+* :func:`rectify_labels_compact` — same arguments as ``fastlt.labels.rectify_labels``;
+* :func:`soft_cross_entropy_compact` — L_cls = −(1/B) Σ_i Σ_j ŷ_ij log softmax(x_i + bias)_j,
+  equal to ``fastlt.losses.reference_soft_cross_entropy(logits, label.to_dense(), bias)``.
+
+Both dispatch through ``fastlt.kernels.select_backend``. The PyTorch paths are the specs:
+:func:`reference_rectify_labels_compact` follows ``reference_rectify_labels`` step by step
+(and is tested to reproduce it through :meth:`CompactLabel.to_dense`), and the reference loss
+densifies the label.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastlt.labels import area_label, confidence, validate_rectify_args
+from fastlt.losses import reference_soft_cross_entropy
+
+from .dispatch import select_backend
+
+__all__ = ["CompactLabel", "rectify_labels_compact", "reference_rectify_labels_compact",
+           "soft_cross_entropy_compact"]
+
+
+class CompactLabel(NamedTuple):
+    """ŷ = γ·scatter(index, weight) + (1−γ)·(λ·onehot(label_a) + (1−λ)·onehot(label_b))."""
+
+    index: Tensor
+    """(B, K) int64 class indices kept by the top-K, distinct within a row (any order)."""
+    weight: Tensor
+    """(B, K) float32 normalised similarities ŝ at ``index``; each row sums to 1."""
+    gamma: Tensor
+    """(B,) float32 confidence γ."""
+    label_a: Tensor
+    """(B,) int64 background class a."""
+    label_b: Tensor
+    """(B,) int64 foreground class b."""
+    lam: Tensor
+    """(B,) float32 weight λ of label_a in the area label."""
+    num_classes: int
+    """C."""
+
+    def to_dense(self) -> Tensor:
+        """The (B, C) float32 label ŷ (for the PyTorch path and for checks)."""
+        y = area_label(self.label_a, self.label_b, self.lam, self.num_classes)
+        s_hat = torch.zeros_like(y).scatter_(1, self.index.long(), self.weight.float())
+        g = self.gamma.float().unsqueeze(1)
+        return g * s_hat + (1.0 - g) * y
+
+    def nbytes(self) -> int:
+        """Bytes held by the label's tensors (the dense label takes B·C·4)."""
+        return sum(t.numel() * t.element_size() for t in self[:6])
+
+
+@torch.no_grad()
+def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
+                                     class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
+                                     temperature: float = 1.0) -> CompactLabel:
+    """PyTorch path: the steps of ``fastlt.labels.reference_rectify_labels``, stopping short of
+    the scatter into (B, C). ``index`` is in order of decreasing similarity."""
+    class_counts = torch.as_tensor(class_counts, device=z.device)
+    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
+    zf = z.detach().float()
+    c = centers.detach().float()
+    sq_dist = (zf * zf).sum(1, keepdim=True) + (c * c).sum(1).unsqueeze(0) - 2.0 * (zf @ c.t())
+    sim = sq_dist.clamp_min(1e-12).rsqrt()
+    k = min(topk, c.shape[0])
+    # Stable descending sort: equal similarities keep index order, so the lower index wins.
+    vals, idx = torch.sort(sim, dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :k], idx[:, :k]
+    weight = vals / vals.sum(1, keepdim=True) if normalize == "l1" else torch.softmax(vals / temperature, dim=1)
+    # γ exactly as the spec computes it; the dense area label is fine on this reference path.
+    gamma = confidence(area_label(label_a, label_b, lam, c.shape[0]), class_counts, omega)
+    return CompactLabel(idx, weight, gamma, label_a.long(), label_b.long(), lam.float(), c.shape[0])
+
+
+def rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
+                           class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
+                           temperature: float = 1.0) -> CompactLabel:
+    """The rectified label ŷ as a :class:`CompactLabel`; arguments as ``fastlt.labels.rectify_labels``."""
+    if select_backend(z.device) == "triton":
+        from .rectify import rectify_labels_compact_triton
+
+        index, weight, gamma = rectify_labels_compact_triton(z, centers, label_a, label_b, lam, class_counts,
+                                                             topk=topk, omega=omega, normalize=normalize,
+                                                             temperature=temperature)
+        return CompactLabel(index, weight, gamma, label_a.to(z.device, torch.int64),
+                            label_b.to(z.device, torch.int64), lam.to(z.device, torch.float32), centers.shape[0])
+    return reference_rectify_labels_compact(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
+                                            normalize=normalize, temperature=temperature)
+
+
+def _validate_compact(logits: Tensor, label: CompactLabel) -> None:
+    if not isinstance(label, CompactLabel):
+        raise ValueError(f"soft_cross_entropy_compact: label must be a CompactLabel; got {type(label).__name__}")
+    if logits.dim() != 2 or logits.shape[1] != label.num_classes:
+        raise ValueError(f"soft_cross_entropy_compact: logits must be (B, {label.num_classes}); "
+                         f"got {tuple(logits.shape)}")
+    b = logits.shape[0]
+    if label.index.dim() != 2 or label.index.shape[0] != b or label.weight.shape != label.index.shape:
+        raise ValueError(f"soft_cross_entropy_compact: index and weight must both be ({b}, K); got "
+                         f"{tuple(label.index.shape)} and {tuple(label.weight.shape)}")
+    for name in ("gamma", "label_a", "label_b", "lam"):
+        t = getattr(label, name)
+        if t.shape != (b,):
+            raise ValueError(f"soft_cross_entropy_compact: {name} must be ({b},); got {tuple(t.shape)}")
+    # Range checks cost a host sync on CUDA, so they run on CPU only; the CUDA kernel never
+    # dereferences an out-of-range index and returns NaN for such rows instead.
+    if logits.device.type == "cpu":
+        c = label.num_classes
+        for name in ("index", "label_a", "label_b"):
+            t = getattr(label, name)
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
+                raise ValueError(f"soft_cross_entropy_compact: {name} has values in [{int(t.min())}, "
+                                 f"{int(t.max())}], outside the {c} classes [0, {c})")
+
+
+def soft_cross_entropy_compact(logits: Tensor, label: CompactLabel, bias: Tensor | None = None) -> Tensor:
+    """−(1/B) Σ_i Σ_j ŷ_ij · log softmax(logits_i + bias)_j with ŷ given compactly.
+
+    Gradients flow to ``logits`` only (the label is a detached target, as in ConCutMix).
+    """
+    _validate_compact(logits, label)
+    if select_backend(logits.device) == "triton":
+        from .soft_ce import soft_cross_entropy_compact_triton
+
+        return soft_cross_entropy_compact_triton(logits, label.index, label.weight, label.gamma, label.label_a,
+                                                 label.label_b, label.lam, bias)
+    return reference_soft_cross_entropy(logits, label.to_dense().to(logits.device), bias)
