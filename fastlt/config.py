@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -491,6 +492,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _coerce(key: str, value, tp):
     """Check ``value`` against the annotation ``tp``; return it (ints widened to float where asked)."""
     origin = typing.get_origin(tp)
@@ -515,6 +519,9 @@ def _coerce(key: str, value, tp):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string; accept plain numeric literals only.
+        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

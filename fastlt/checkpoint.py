@@ -1,0 +1,397 @@
+"""Resumable checkpoints and model weights (ARCHITECTURE §3 "Distributed": model, optimizer,
+scheduler, sampler and RNG state, so that a resumed run continues the same sample sequence).
+
+Layout of a run directory::
+
+    run_dir/checkpoints/epoch0003_step000000/   one DeepSpeed checkpoint (all ranks' shards)
+        mp_rank_00_model_states.pt              module + client state (epoch, step, schedule, best, ...)
+        zero_pp_rank_*_optim_states.pt          ZeRO optimizer shards (stages 1-2)
+        rng_rank00000.pt ...                    per-rank RNG states
+        meta.json                               written last: position, model signature, world size
+    run_dir/checkpoints/latest                  the tag of the newest complete checkpoint
+    run_dir/best.pt, run_dir/last.pt            model weights only (best validation, end of training)
+
+A tag is the position training resumes from: ``epoch0003_step000000`` = start of epoch 3.
+
+Never a half-written checkpoint: DeepSpeed writes into ``<tag>.partial``; only when every rank
+has finished is it renamed to ``<tag>`` (a directory rename is atomic) and then ``latest`` is
+replaced (temp file + ``os.replace``). A crash or Ctrl-C at any moment leaves ``latest``
+pointing at a complete checkpoint. Every file DeepSpeed writes also goes through temp file +
+``os.replace``.
+
+Safe loading: every ``torch.load`` here and inside DeepSpeed (through
+:class:`SafeCheckpointEngine`) uses ``weights_only=True``; the only non-tensor classes allowed
+are the few DeepSpeed bookkeeping types listed in :func:`deepspeed_safe_globals`. A
+checkpoint can therefore not run code when it is loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "deepspeed_safe_globals",
+    "install_safe_checkpoint_engine",
+    "load_weights",
+    "model_signature",
+    "safe_load",
+    "save_weights",
+    "tag_for",
+    "weights_digest",
+    "write_text_atomic",
+]
+
+LATEST = "latest"
+META = "meta.json"
+_TAG_RE = re.compile(r"^epoch(\d{4,})_step(\d{6,})$")
+_DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, incomplete, or from another model or setup)."""
+
+
+def tag_for(epoch: int, step: int) -> str:
+    """The tag of the checkpoint that resumes at (epoch, step)."""
+    return f"epoch{epoch:04d}_step{step:06d}"
+
+
+def _parse_tag(tag: str) -> tuple[int, int] | None:
+    m = _TAG_RE.match(tag)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes and safe loads
+# --------------------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_save_atomic(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes that appear in its checkpoints (loss scaler, ZeRO stage enum,
+    fragment addresses); nothing else beyond tensors and plain containers is unpickled."""
+    out = []
+    for module, names in (("deepspeed.runtime.fp16.loss_scaler",
+                           ("LossScaler", "DynamicLossScaler", "LossScaleProfile", "LossScaleConfig")),
+                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        out.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+    return out
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load`` with ``weights_only=True`` and only DeepSpeed's bookkeeping classes allowed."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {path} does not exist") from None
+        except Exception as e:  # UnpicklingError for anything outside the allowlist, or a corrupt file
+            raise CheckpointError(f"cannot load {path} safely: {type(e).__name__}: {str(e).splitlines()[0]}. "
+                                  "fastlt only loads tensors and plain containers from checkpoints") from None
+
+
+def install_safe_checkpoint_engine(engine) -> None:
+    """Make every DeepSpeed checkpoint read/write of ``engine`` safe (weights_only) and atomic."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        """TorchCheckpointEngine with atomic saves and ``weights_only=True`` loads."""
+
+        def save(self, state_dict, path: str):
+            _torch_save_atomic(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location=map_location)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
+                           "fastlt expects the default TorchCheckpointEngine (no 'checkpoint' section in the "
+                           "DeepSpeed config)")
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+
+
+# --------------------------------------------------------------------------------------
+# Model signature: refuse to resume another model's checkpoint with a clear message
+# --------------------------------------------------------------------------------------
+
+
+def model_signature(model: torch.nn.Module, cfg) -> dict:
+    """What must match for a checkpoint to belong to this model."""
+    shapes = [f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items()]
+    return {
+        "backbone": cfg.model.backbone,
+        "num_classes": int(getattr(model, "num_classes", 0)),
+        "feat_dim": cfg.model.feat_dim,
+        "use_norm": cfg.model.use_norm,
+        "hidden_dim": cfg.model.hidden_dim,
+        "num_tensors": len(shapes),
+        "shapes_sha1": hashlib.sha1("\n".join(shapes).encode()).hexdigest(),
+    }
+
+
+def _signature_diff(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, this config {current.get(k)!r}"
+            for k in current if saved.get(k) != current.get(k)]
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over the names and raw bytes of a module's state dict (parameters and buffers)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# RNG state (per rank)
+# --------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------
+# The manager
+# --------------------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class CheckpointManager:
+    """Save, find, load and prune the resumable checkpoints of one run (see the module docstring).
+
+    All ranks call :meth:`save` and :meth:`load` together; the file-system bookkeeping (rename,
+    ``latest``, pruning) is done by global rank 0, plus local rank 0 of other nodes when the
+    checkpoint directory is not shared between nodes.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, *, keep_last: int = 2, rank: int = 0, local_rank: int = 0,
+                 world_size: int = 1):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1; got {keep_last}")
+        self.dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+
+    # -- finding ---------------------------------------------------------------------
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (from the ``latest`` pointer), or None."""
+        pointer = self.dir / LATEST
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text(encoding="utf-8").strip()
+        path = self.dir / tag
+        if not (path / META).is_file():
+            raise CheckpointError(f"{pointer} points at {tag!r}, but {path} is not a complete checkpoint "
+                                  f"(no {META}); pass --resume with one of: "
+                                  f"{', '.join(str(p) for p in self.complete()) or 'none found'}")
+        return path
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints in position order (oldest first)."""
+        if not self.dir.is_dir():
+            return []
+        found = [(pos, p) for p in self.dir.iterdir()
+                 if (pos := _parse_tag(p.name)) is not None and (p / META).is_file()]
+        return [p for _, p in sorted(found)]
+
+    @staticmethod
+    def resolve(resume: str, run_dir: str | os.PathLike) -> Path | None:
+        """``--resume auto`` -> latest checkpoint of run_dir (None if there is none);
+        ``--resume PATH`` -> a checkpoint directory, or a run/checkpoints directory's latest."""
+        run_dir = Path(run_dir)
+        if resume == "auto":
+            return CheckpointManager(run_dir / "checkpoints").latest()
+        path = Path(resume)
+        if (path / META).is_file():
+            return path
+        for base in (path, path / "checkpoints"):
+            if (base / LATEST).is_file():
+                return CheckpointManager(base).latest()
+        if path.name.endswith(".partial"):
+            raise CheckpointError(f"{path} is an incomplete checkpoint (its writing was interrupted); "
+                                  "resume from a complete one, e.g. --resume auto")
+        if not path.exists():
+            raise CheckpointError(f"--resume {resume}: {path} does not exist; pass a checkpoint directory "
+                                  "(run_dir/checkpoints/epochNNNN_stepNNNNNN), a run directory, or 'auto'")
+        raise CheckpointError(f"--resume {resume}: {path} is not a fastlt checkpoint (no {META}) and holds no "
+                              f"'{LATEST}' pointer; pass a checkpoint directory, a run directory, or 'auto'")
+
+    # -- saving ----------------------------------------------------------------------
+
+    def save(self, engine, epoch: int, step: int, client_state: dict, meta: dict) -> Path:
+        """Write the checkpoint that resumes at (epoch, step); returns its directory."""
+        tag = tag_for(epoch, step)
+        final, partial = self.dir / tag, self.dir / f"{tag}.partial"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if partial.exists():  # left over by a crash during an earlier save
+                shutil.rmtree(partial)
+        _barrier()
+        engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
+        _torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        if self.rank == 0:
+            info = dict(meta, tag=tag, epoch=epoch, step=step, world_size=self.world_size, time=time.time())
+            write_text_atomic(partial / META, json.dumps(info, indent=1))
+        _barrier()
+        if self.rank == 0:
+            self._publish(partial, final)
+        _barrier()
+        if self.rank != 0 and self.local_rank == 0 and partial.exists():
+            # A node-local checkpoint directory (not shared with rank 0's node).
+            self._publish(partial, final)
+        if self.local_rank == 0:
+            write_text_atomic(self.dir / LATEST, tag)
+            self.prune()
+        _barrier()
+        return final
+
+    @staticmethod
+    def _publish(partial: Path, final: Path) -> None:
+        trash = None
+        if final.exists():  # re-running from an older checkpoint over newer ones
+            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:6]}")
+            os.rename(final, trash)
+        os.rename(partial, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints (never the latest)."""
+        pointer = self.dir / LATEST
+        keep = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        done = self.complete()
+        for path in done[: max(0, len(done) - self.keep_last)]:
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- loading ---------------------------------------------------------------------
+
+    def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
+        """Restore engine (module, optimizer) and this rank's RNG from ``path``.
+
+        Returns (client_state["fastlt"], meta). Raises CheckpointError, before touching the
+        engine, when the checkpoint is incomplete or belongs to another model or world size.
+        """
+        path = Path(path)
+        meta_file = path / META
+        if not meta_file.is_file():
+            raise CheckpointError(f"{path} is not a complete fastlt checkpoint (no {META})")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        diff = _signature_diff(meta.get("signature", {}), signature)
+        if diff:
+            raise CheckpointError(f"checkpoint {path} belongs to a different model ({'; '.join(diff)}). Resume it "
+                                  "with the config it was trained with (config.yaml in its run directory), or "
+                                  "start a new run with another run.name")
+        if zero_stage > 0 and meta.get("world_size") != self.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} ranks with ZeRO; "
+                                  f"this run has {self.world_size}. ZeRO optimizer shards need the same number of "
+                                  "ranks: relaunch with that many, or resume with deepspeed.zero_stage=0")
+        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None or client is None or "fastlt" not in client:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+        rng_file = path / f"rng_rank{self.rank:05d}.pt"
+        if rng_file.is_file():
+            _set_rng_state(safe_load(rng_file))
+        return client["fastlt"], meta
+
+
+# --------------------------------------------------------------------------------------
+# Model weights (best.pt / last.pt) for evaluation and deployment
+# --------------------------------------------------------------------------------------
+
+
+def save_weights(path: str | os.PathLike, module: torch.nn.Module, meta: dict) -> None:
+    """Model weights only (no optimizer), atomically; call on rank 0."""
+    _torch_save_atomic({"model": module.state_dict(), "meta": meta}, path)
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state_dict, meta) from a weights file (best.pt / last.pt), a checkpoint directory, or
+    a run directory (its latest checkpoint), all loaded with weights_only=True."""
+    path = Path(path)
+    if path.is_file():
+        obj = safe_load(path)
+        if not isinstance(obj, dict) or "model" not in obj:
+            raise CheckpointError(f"{path} is not a fastlt weights file (expected keys 'model' and 'meta')")
+        return obj["model"], obj.get("meta", {})
+    if path.is_dir():
+        if not (path / META).is_file():
+            latest = CheckpointManager.resolve(str(path), path)
+            if latest is None:
+                raise CheckpointError(f"{path} holds no checkpoint")
+            path = latest
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        obj = safe_load(path / _DS_MODEL_FILE)
+        return obj["module"], meta
+    raise CheckpointError(f"checkpoint {path} does not exist; pass best.pt / last.pt of a run directory, "
+                          "a checkpoint directory or a run directory")

@@ -1,0 +1,127 @@
+"""Run logging for the trainer: rank 0 only, for people and for machines (STYLE "Logs").
+
+* one fixed-field line per log interval — epoch, step, CE, SCL, loss, lr, img/s and the
+  share of step time spent waiting for data — printed and appended to ``train.log``;
+* the same record as one JSON object per line in ``log.jsonl`` (``"event": "train"``),
+  next to the other events (``eval``, ``checkpoint``, ``info``, ...);
+* a tqdm progress bar only when stdout is a terminal (never in CI logs or files).
+
+Other ranks get a logger whose methods do nothing, so call sites need no rank checks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+__all__ = ["RunLogger", "format_train_line", "format_metrics"]
+
+TRAIN_FIELDS = ("epoch", "step", "ce", "scl", "loss", "lr", "img_per_s", "data_wait")
+
+
+def _num(x) -> float | None:
+    """JSON has no nan/inf: non-finite values become null (and stay visible in the text line)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def format_train_line(rec: dict) -> str:
+    """The fixed-field text form of a train record (same fields, same order, every time)."""
+    ep_w = len(str(rec["epochs"]))
+    st_w = len(str(rec["steps"]))
+    return (f"epoch {rec['epoch']:>{ep_w}}/{rec['epochs']} step {rec['step']:>{st_w}}/{rec['steps']} | "
+            f"ce {rec['ce']:.4f} | scl {rec['scl']:.4f} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
+            f"{rec['img_per_s']:8.1f} img/s | data wait {100.0 * rec['data_wait']:5.1f}%")
+
+
+def format_metrics(m: dict) -> str:
+    """'overall 61.20 | many 80.00 | medium 59.10 | few 40.00' (nan for an empty group)."""
+    return " | ".join(f"{k} {m[k]:.2f}" for k in ("overall", "many", "medium", "few"))
+
+
+class RunLogger:
+    """Rank-0 logger of one run. ``run_dir`` None logs to stdout only."""
+
+    def __init__(self, run_dir: str | Path | None, rank: int = 0, *, progress_bar: bool = True,
+                 stream: IO[str] | None = None):
+        self.enabled = rank == 0
+        self.stream = stream or sys.stdout
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._jsonl = self._text = None
+        self._bar = None
+        self._want_bar = progress_bar and self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        if self.enabled and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # Line-buffered appends: a resumed run continues the same files, and a crash loses
+            # at most the line being written.
+            self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1, encoding="utf-8")
+            self._text = open(self.run_dir / "train.log", "a", buffering=1, encoding="utf-8")
+
+    # -- output ----------------------------------------------------------------------
+
+    def _emit(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+        if self._text is not None:
+            self._text.write(line + "\n")
+
+    def _record(self, event: str, fields: dict) -> None:
+        if self._jsonl is None:
+            return
+        rec = {"event": event, "time": round(time.time(), 3)}
+        for k, v in fields.items():
+            rec[k] = _num(v) if isinstance(v, float) else v
+        self._jsonl.write(json.dumps(rec) + "\n")
+
+    def info(self, msg: str, **fields) -> None:
+        """A plain message (also recorded as an ``info`` event with any extra fields)."""
+        if not self.enabled:
+            return
+        self._emit(msg)
+        self._record("info", {"msg": msg, **fields})
+
+    def event(self, event: str, msg: str, **fields) -> None:
+        """A named event: printed as ``msg`` and recorded with ``fields`` under ``event``."""
+        if not self.enabled:
+            return
+        self._emit(msg)
+        self._record(event, {"msg": msg, **fields})
+
+    def train(self, rec: dict) -> None:
+        """One log interval: keys epoch, epochs, step, steps, ce, scl, loss, lr, img_per_s, data_wait."""
+        if not self.enabled:
+            return
+        self._emit(format_train_line(rec))
+        self._record("train", rec)
+
+    # -- progress bar ------------------------------------------------------------------
+
+    def start_bar(self, total: int, initial: int, desc: str) -> None:
+        if not self._want_bar:
+            return
+        from tqdm import tqdm
+
+        self.close_bar()
+        self._bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream, leave=False,
+                         dynamic_ncols=True)
+
+    def advance_bar(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        for f in (self._jsonl, self._text):
+            if f is not None:
+                f.close()
+        self._jsonl = self._text = None
