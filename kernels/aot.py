@@ -3,9 +3,11 @@
 ``python -m fastlt.kernels.aot --arch 90`` runs the full Triton pipeline (TTIR → TTGIR →
 LLVM → PTX → cubin, with the ptxas bundled in triton) for each kernel in the configurations
 the launchers of :mod:`fastlt.kernels.rectify` and :mod:`fastlt.kernels.soft_ce` choose at
-the benchmark shapes of ARCHITECTURE §1 (C = 1000 and 8142, fp32/bf16/fp16). The CPU CI
-runs it (tests/test_kernels_rectify.py) so that a kernel which only works in the
-interpreter cannot pass; it does not replace the GPU parity tests of bench/gpu_check.sh.
+the benchmark shapes of ARCHITECTURE §1 (C = 1000 and 8142, fp32/bf16/fp16), and reports
+registers and spill (stack) bytes per thread from the cubin. The CPU CI runs it
+(tests/test_kernels_rectify.py) so that a kernel which only works in the interpreter, or
+that starts spilling registers, cannot pass; it does not replace the GPU parity tests of
+bench/gpu_check.sh.
 
 It needs triton in compiled mode: run it in a process started without ``TRITON_INTERPRET``.
 """
@@ -38,7 +40,7 @@ def kernel_configs():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for b in (7, 256):
             cfg = r._similarity_config(b, dtype)
-            precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+            precisions = ("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)
             for precision in precisions:
                 t = _TL_DTYPE[dtype]
                 types = dict(z_ptr=f"*{t}", c_ptr=f"*{t}", s_ptr="*fp32", B="i32", C="i32", D="i32",
@@ -47,7 +49,7 @@ def kernel_configs():
                               **{k: v for k, v in cfg.items() if k.isupper()})
                 opts = {k: v for k, v in cfg.items() if not k.isupper()}
                 out.append((f"similarity {t} B={b} {precision}", r._similarity_kernel, types, consts, opts))
-    for c in (1000, 8142):
+    for c in (1000, 8142, 20000):  # ImageNet-LT, iNaturalist (one register tile), streamed tiles
         cfg = r._select_config(c, None)
         for softmax in (False, True):
             for dense, compact in ((True, False), (False, True)):
@@ -87,6 +89,26 @@ def kernel_configs():
     return out
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and stack (spill) bytes per thread, from the cuobjdump bundled with triton."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return dict(registers=int(found.group(1)), stack_bytes=int(found.group(2))) if found else {}
+
+
 def compile_all(arch: int = 90, warp_size: int = 32) -> list[dict]:
     """Compile every variant for ``sm_<arch>``; returns one record per variant (raises on failure)."""
     import triton
@@ -109,7 +131,7 @@ def compile_all(arch: int = 90, warp_size: int = 32) -> list[dict]:
             raise RuntimeError(f"{label}: compilation for sm_{arch} failed: {exc}") from exc
         records.append(dict(kernel=label, arch=arch, seconds=round(time.perf_counter() - start, 3),
                             cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
-                            num_warps=compiled.metadata.num_warps))
+                            num_warps=compiled.metadata.num_warps, **_resource_usage(compiled.asm["cubin"])))
     return records
 
 

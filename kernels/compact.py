@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastlt.labels import area_label, confidence, validate_rectify_args
+from fastlt.labels import _MIN_SQ_DIST, area_label, confidence, topk_mask, validate_rectify_args
 from fastlt.losses import reference_soft_cross_entropy
 
 from .dispatch import select_backend
@@ -65,22 +65,30 @@ class CompactLabel(NamedTuple):
 def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                                      class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
                                      temperature: float = 1.0) -> CompactLabel:
-    """PyTorch path: the steps of ``fastlt.labels.reference_rectify_labels``, stopping short of
-    the scatter into (B, C). ``index`` is in order of decreasing similarity."""
+    """PyTorch path: the steps of ``fastlt.labels.reference_rectify_labels`` (same selection,
+    ``topk_mask``), stopping short of the (B, C) label. ``index`` is ascending in each row."""
     class_counts = torch.as_tensor(class_counts, device=z.device)
     validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
     zf = z.detach().float()
     c = centers.detach().float()
-    sq_dist = (zf * zf).sum(1, keepdim=True) + (c * c).sum(1).unsqueeze(0) - 2.0 * (zf @ c.t())
-    sim = sq_dist.clamp_min(1e-12).rsqrt()
-    k = min(topk, c.shape[0])
-    # Stable descending sort: equal similarities keep index order, so the lower index wins.
-    vals, idx = torch.sort(sim, dim=1, descending=True, stable=True)
-    vals, idx = vals[:, :k], idx[:, :k]
-    weight = vals / vals.sum(1, keepdim=True) if normalize == "l1" else torch.softmax(vals / temperature, dim=1)
+    num_classes = c.shape[0]
+    sq_norms = (zf * zf).sum(1, keepdim=True) + (c * c).sum(1).unsqueeze(0)
+    sim = torch.addmm(sq_norms, zf, c.t(), alpha=-2.0).clamp_min(_MIN_SQ_DIST).rsqrt()
+    k = min(topk, num_classes)
+    keep = topk_mask(sim, k)  # the spec's selection, ties to the lower index
+    # The K kept columns of each row in ascending order, without a host sync (no nonzero):
+    # kept column j scores C − j > 0, dropped ones 0, so the top-K scores are the kept columns.
+    score = keep * torch.arange(num_classes, 0, -1, device=sim.device)
+    idx = torch.topk(score, k, dim=1).indices.sort(dim=1).values
+    vals = sim.gather(1, idx)
+    if normalize == "l1":
+        weight = vals / vals.sum(1, keepdim=True)
+    else:
+        weight = torch.exp((vals - vals.max(1, keepdim=True).values) / temperature)
+        weight = weight / weight.sum(1, keepdim=True)
     # γ exactly as the spec computes it; the dense area label is fine on this reference path.
     gamma = confidence(area_label(label_a, label_b, lam, c.shape[0]), class_counts, omega)
-    return CompactLabel(idx, weight, gamma, label_a.long(), label_b.long(), lam.float(), c.shape[0])
+    return CompactLabel(idx, weight, gamma, label_a.long(), label_b.long(), lam.float(), num_classes)
 
 
 def rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,

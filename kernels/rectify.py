@@ -50,7 +50,7 @@ def _similarity_kernel(z_ptr, c_ptr, s_ptr, B, C, D,
     unit stride along C. Strides: stride_zb, stride_zd of z; stride_cc, stride_cd of c;
     stride_sb, the row stride of s. Constexprs: MIN_SQ, the clamp of the squared distance;
     BLOCK_B × BLOCK_C, the output tile (each ≥ 16 for tl.dot); BLOCK_D, the chunk of D per
-    step; INPUT_PRECISION, tl.dot's precision for fp32 inputs ("ieee" or "tf32"); UPCAST_DOT,
+    step; INPUT_PRECISION, tl.dot's precision for fp32 inputs ("tf32x3" or "tf32"); UPCAST_DOT,
     feed tl.dot fp32 copies of the tiles (interpreter only, see ``_launch``).
     """
     pid_b = tl.program_id(0)
@@ -105,30 +105,49 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_p
     s_row = s_ptr + row * stride_sb
     offs = tl.arange(0, BLOCK_C)
 
-    # Bracket the K-th largest bit pattern: count(bits >= lo) >= K > count(bits >= hi).
-    # Padding loads -1.0, whose bit pattern is a negative int32, below every similarity.
-    lo = _INT32_MAX
-    hi = -1
-    for t in range(NUM_TILES):
-        cols = t * BLOCK_C + offs
-        cmask = cols < C
-        bits = tl.load(s_row + cols, mask=cmask, other=-1.0).to(tl.int32, bitcast=True)
-        lo = tl.minimum(lo, tl.min(tl.where(cmask, bits, _INT32_MAX), axis=0))
-        hi = tl.maximum(hi, tl.max(bits, axis=0))
-    s_max = hi.to(tl.float32, bitcast=True)  # the row maximum, for a stable softmax
-    hi = hi + 1
-    if K >= C:  # every entry is kept: the threshold is the minimum, no search needed
-        hi = lo + 1
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        count = 0
+    # Bracket the K-th largest bit pattern: count(bits >= lo) >= K > count(bits >= hi), then
+    # bisect (≤ 31 steps, ~25 for typical rows). Padding loads -1.0, whose bit pattern is a
+    # negative int32, below every similarity.
+    if NUM_TILES == 1:
+        # The row fits one tile (C ≤ 8192 by default): it stays in registers for the search,
+        # whose steps then cost no memory traffic.
+        cmask = offs < C
+        row_bits = tl.load(s_row + offs, mask=cmask, other=-1.0).to(tl.int32, bitcast=True)
+        lo = tl.min(tl.where(cmask, row_bits, _INT32_MAX), axis=0)
+        hi = tl.max(row_bits, axis=0)
+        s_max = hi.to(tl.float32, bitcast=True)  # the row maximum, for a stable softmax
+        hi = hi + 1
+        if K >= C:  # every entry is kept: the threshold is the minimum, no search needed
+            hi = lo + 1
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            take = tl.sum((row_bits >= mid).to(tl.int32), axis=0) >= K
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid)
+    else:
+        # Longer rows are streamed tile by tile at every step.
+        lo = _INT32_MAX
+        hi = -1
         for t in range(NUM_TILES):
             cols = t * BLOCK_C + offs
-            bits = tl.load(s_row + cols, mask=cols < C, other=-1.0).to(tl.int32, bitcast=True)
-            count += tl.sum((bits >= mid).to(tl.int32), axis=0)
-        take = count >= K
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid)
+            cmask = cols < C
+            bits = tl.load(s_row + cols, mask=cmask, other=-1.0).to(tl.int32, bitcast=True)
+            lo = tl.minimum(lo, tl.min(tl.where(cmask, bits, _INT32_MAX), axis=0))
+            hi = tl.maximum(hi, tl.max(bits, axis=0))
+        s_max = hi.to(tl.float32, bitcast=True)
+        hi = hi + 1
+        if K >= C:
+            hi = lo + 1
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            count = 0
+            for t in range(NUM_TILES):
+                cols = t * BLOCK_C + offs
+                bits = tl.load(s_row + cols, mask=cols < C, other=-1.0).to(tl.int32, bitcast=True)
+                count += tl.sum((bits >= mid).to(tl.int32), axis=0)
+            take = count >= K
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid)
     thresh = lo  # bit pattern of the K-th largest similarity
 
     # Entries above the threshold are all kept; `need` of the tied ones, lowest index first.
@@ -198,21 +217,33 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_p
 
 
 def _similarity_config(b: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for the similarity kernel (tl.dot needs every dimension ≥ 16)."""
+    """Tile sizes for the similarity kernel (tl.dot needs every dimension ≥ 16).
+
+    Chosen so that no variant spills registers on sm_90 (checked with the cubins of
+    ``python -m fastlt.kernels.aot``): the 64×128 fp32 accumulator plus the fp32 copies of
+    the operand chunks used for the norms need 8 warps. ``dtype`` is kept in the signature for
+    per-dtype tuning once GPU measurements exist.
+    """
+    del dtype
     block_b = 64 if b > 32 else max(16, next_pow2(b))
-    block_d = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=32, num_warps=8 if block_b == 64 else 4, num_stages=3)
 
 
 def _select_config(c: int, block_c: int | None) -> dict:
-    block = block_c if block_c is not None else min(next_pow2(c), 2048)
-    return dict(BLOCK_C=block, NUM_TILES=cdiv(c, block), num_warps=4 if block <= 1024 else 8)
+    """Row tile of the selection kernel: the whole row up to 8192 classes (iNaturalist's
+    8142 included) so that the search runs in registers (≤ 32 per thread at 16 warps),
+    2048-wide streamed tiles beyond."""
+    block = block_c if block_c is not None else (next_pow2(c) if c <= 8192 else 2048)
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return dict(BLOCK_C=block, NUM_TILES=cdiv(c, block), num_warps=num_warps)
 
 
 def _fp32_input_precision() -> str:
-    # Follow the user's torch setting for fp32 matmuls: TF32 only if they allowed it for
-    # torch's own matmuls, so that the kernel and the reference agree on the same machine.
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    # Follow the user's torch setting for fp32 matmuls: plain TF32 only if they allowed it
+    # for torch's own matmuls. Otherwise ("highest", torch's default) 3xTF32, which splits
+    # each operand into a TF32 head and tail and keeps close to fp32 accuracy (about 2^-22
+    # relative) on tensor cores, instead of the much slower FMA path of "ieee".
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:

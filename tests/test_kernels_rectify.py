@@ -289,3 +289,6 @@ def test_every_kernel_compiles_for_sm90():
     kernels = {r["kernel"].split()[0] for r in records}
     assert kernels == {"similarity", "select", "soft_ce"}, kernels
     assert all(r["cubin_bytes"] > 0 and r["arch"] == 90 for r in records)
+    # Spilled registers (local-memory stack) would be a performance regression of a config.
+    spills = [(r["kernel"], r["stack_bytes"]) for r in records if r.get("stack_bytes")]
+    assert not spills, f"kernels spilling registers on sm_90: {spills}"

@@ -179,7 +179,7 @@ COMPACT_CASES = [
     (64, 1000, 30, torch.bfloat16, "kernel", None, False),  # ImageNet-LT C and K; bf16 logits
     (7, 3000, 1, torch.float32, "torch", 1.0, False),     # K = 1; λ = 1; C over one 4096 tile, ragged
     (7, 3000, 3000, torch.float32, "torch", 0.0, False),  # K = C: 3 chunks of the 1024-wide K loop; λ = 0
-    (7, 100, 30, torch.float16, "torch", None, True),     # a == b; indices in similarity order, not sorted
+    (7, 100, 30, torch.float16, "torch", None, True),     # a == b; label from the PyTorch path
 ]
 
 
