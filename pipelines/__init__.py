@@ -18,7 +18,6 @@ raises instead of falling back. The choice is logged once.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Iterable, Iterator, Protocol
 
@@ -72,9 +71,6 @@ def select_backend(requested: str = "auto") -> str:
         if requested not in BACKENDS:
             raise ValueError(f"{_ENV} must be one of {BACKENDS}; got {requested!r}")
     ok, info = dali_available()
-    if ok and importlib.util.find_spec(f"{__name__}.dali_train") is None:
-        # Transitional: the DALI graphs land after the torch backend (issue 5).
-        ok, info = False, "the DALI pipelines of this fastlt build are not written yet"
     if requested == "dali" and not ok:
         raise RuntimeError(f"pipeline.backend 'dali' was requested ({source}) but nvidia.dali does not import "
                            f"({info}); {DALI_INSTALL_HINT}")

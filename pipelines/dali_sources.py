@@ -1,0 +1,291 @@
+"""Per-sample sources of the DALI training graph: the background and foreground streams of
+ARCHITECTURE §1 ("Samplers", "Views", "CutMix"), each a pure function of
+(epoch, sample index) — issue 5's "stateless and keyed by (epoch, sample index)".
+
+DALI calls a source in its Python worker processes (``fn.external_source(parallel=True,
+batch=False)``) with a ``SampleInfo`` (``epoch_idx``, ``idx_in_epoch``). The source maps that
+to a sample position of one of our epochs, reads the encoded bytes of the stream's image
+there, checks the header (a corrupt, truncated or missing file is handled by
+``on_error`` *here*, where the file name is known), and draws every random parameter of
+the sample's views from the sample's key (seed, epoch, rank, position, stream):
+RandomResizedCrop windows, flips, colour jitter and grayscale, blur, RandAugment /
+AutoAugment choices, and — for the foreground — the CutMix box and λ. The DALI graph itself
+then contains no random operator, so the batches do not depend on DALI's threads, worker
+count, prefetching or on the pipeline having been rebuilt, and a resumed epoch
+(``start_step``) continues exactly where the original one was.
+
+Nothing here imports DALI: the module is also what spawned workers unpickle.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .common import (BadImageError, Stream, StreamPlan, Substitutes, check_encoded_image, cutmix_boxes, keyed_rng,
+                     load_with_policy)
+
+__all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "rrc_window"]
+
+#: RandomResizedCrop defaults (torchvision / ARCHITECTURE §1): area scale and aspect ratio ranges.
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CIFAR_SIM_SCALE = (0.2, 1.0)
+CIFAR_PAD = 4
+JITTER = 0.4          # brightness, contrast and saturation factors drawn from U(1 − 0.4, 1 + 0.4)
+SIM_HUE = 0.1         # hue shift of the sim views, a fraction of the colour wheel
+SIM_JITTER_P = 0.8
+SIM_GRAY_P = 0.2
+CIFAR_BLUR_P = 0.5
+BLUR_SIGMA = (0.1, 2.0)
+
+
+def rrc_window(rng: np.random.Generator, h: int, w: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop window (y0, x0, y1, x1) for an h × w image: up to ten
+    tries of area ~ U(scale)·h·w and log-aspect ~ U(log ratio), then the centre crop of the
+    largest allowed aspect as a fallback."""
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y0 = int(rng.integers(0, h - ch + 1))
+            x0 = int(rng.integers(0, w - cw + 1))
+            return y0, x0, y0 + ch, x0 + cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return y0, x0, y0 + ch, x0 + cw
+
+
+class AugmentTables:
+    """The numbers a source needs to draw RandAugment or AutoAugment choices (the DALI
+    augmentation objects stay in the graph; these are plain arrays, cheap to pickle).
+
+    RandAugment: ``n`` stages, each an op index uniform in [0, num_ops) and a random sign,
+    magnitude bin ``m``. AutoAugment: a sub-policy uniform among the rows of ``aa_ops``; stage
+    s runs with probability ``aa_prob[row, s]`` (otherwise the stage's identity op,
+    ``aa_identity[s]``), with magnitude bin ``aa_mag[row, s]`` and a random sign.
+    """
+
+    def __init__(self, kind: str, *, n: int = 0, m: int = 0, num_ops: int = 0, aa_ops=None, aa_prob=None,
+                 aa_mag=None, aa_identity=None):
+        self.kind = kind
+        self.n, self.m, self.num_ops = n, m, num_ops
+        self.aa_ops, self.aa_prob, self.aa_mag, self.aa_identity = aa_ops, aa_prob, aa_mag, aa_identity
+
+    @property
+    def stages(self) -> int:
+        if self.kind == "rand":
+            return self.n
+        if self.kind == "auto":
+            return self.aa_ops.shape[1]
+        return 0
+
+    def draw(self, rng: np.random.Generator):
+        """(ops, magnitude bins, signs), int32 arrays of length ``stages``."""
+        s = self.stages
+        if self.kind == "rand":
+            ops = rng.integers(0, self.num_ops, size=s).astype(np.int32)
+            mags = np.full(s, self.m, dtype=np.int32)
+        elif self.kind == "auto":
+            row = int(rng.integers(0, self.aa_ops.shape[0]))
+            run = rng.random(s) < self.aa_prob[row]
+            ops = np.where(run, self.aa_ops[row], self.aa_identity).astype(np.int32)
+            mags = self.aa_mag[row].astype(np.int32)
+        else:
+            return (np.zeros(0, np.int32),) * 3
+        signs = rng.integers(0, 2, size=s).astype(np.int32)
+        return ops, mags, signs
+
+
+class SourceConfig:
+    """What both sources need; pickled once into every DALI worker.
+
+    ``base_epoch``/``base_step``: DALI's epoch 0 of this pipeline object is our epoch
+    ``base_epoch`` starting at step ``base_step``; DALI epoch k > 0 is our epoch base_epoch + k
+    from step 0. ``bad``: dataset indices already known to be undecodable (found by the
+    pipeline after a decoder error), replaced like any other bad image.
+    """
+
+    def __init__(self, *, dataset, recipe: str, plan: StreamPlan, image_size: int, augment: bool,
+                 tables: AugmentTables, seed: int, rank: int, cutmix_prob: float, cutmix_per_sample: bool,
+                 cutmix_alpha: float, on_error: str, base_epoch: int, base_step: int, bad=(),
+                 with_foreground: bool = False):
+        self.dataset, self.recipe, self.plan = dataset, recipe, plan
+        self.size, self.augment, self.tables = image_size, augment, tables
+        self.seed, self.rank = seed, rank
+        self.cutmix_prob, self.cutmix_per_sample, self.cutmix_alpha = cutmix_prob, cutmix_per_sample, cutmix_alpha
+        self.on_error = on_error
+        self.base_epoch, self.base_step = base_epoch, base_step
+        self.bad = tuple(sorted(int(b) for b in bad))
+        self.with_foreground = with_foreground
+
+
+class _Source:
+    stream = 0
+
+    def __init__(self, cfg: SourceConfig):
+        self.cfg = cfg
+        self._subst = None  # built lazily in the worker
+
+    def _locate(self, info):
+        """(epoch, position) of a DALI SampleInfo; StopIteration past this epoch's last whole batch."""
+        c = self.cfg
+        k = int(info.epoch_idx)
+        first = c.base_step * c.plan.batch_size if k == 0 else 0
+        pos = first + int(info.idx_in_epoch)
+        if pos >= c.plan.steps_per_epoch * c.plan.batch_size:
+            raise StopIteration
+        return c.base_epoch + k, pos
+
+    def _load(self, index: int, key):
+        """(data, (h, w), used index, bad record) with the on_error policy applied."""
+        c = self.cfg
+        if self._subst is None:
+            self._subst = Substitutes(c.plan.labels, c.bad)
+        known_bad = self._subst.bad
+
+        if c.recipe == "cifar":
+            def load(i):
+                img = np.ascontiguousarray(c.dataset.images[i])
+                return img, img.shape[:2]
+        else:
+            def load(i):
+                if i in known_bad and c.on_error == "skip":
+                    raise ValueError("the DALI decoder failed on this file earlier in the run")
+                data = c.dataset.read_bytes(i)
+                return np.frombuffer(data, dtype=np.uint8), check_encoded_image(data)
+
+        (data, hw), used, skipped = load_with_policy(c.dataset, index, key, c.on_error, self._subst, load)
+        first_bad = index if skipped else -1
+        return data, hw, used, np.array([first_bad, len(skipped)], dtype=np.int64)
+
+    def _view_params(self, rng, hw, views: int, sim_from: int):
+        """Crop windows (views, 4) float32 as (y0, x0, y1, x1) — x0 > x1 where the view is mirrored,
+        except for the CIFAR pad-crop view, which uses the flip flag — flips (views,) int32, colour
+        (views, 4) float32 as (brightness, contrast, saturation, hue in degrees), blur σ (views,)
+        float32 (0 = none). View v < sim_from uses the classification recipe, others "sim"."""
+        c = self.cfg
+        h, w = hw
+        crops = np.zeros((views, 4), np.float32)
+        flips = np.zeros(views, np.int32)
+        colour = np.tile(np.array([1.0, 1.0, 1.0, 0.0], np.float32), (views, 1))
+        blur = np.zeros(views, np.float32)
+        for v in range(views):
+            if not c.augment:
+                crops[v] = (0, 0, h, w)
+                continue
+            sim = v >= sim_from
+            pad_crop = c.recipe == "cifar" and not sim
+            if pad_crop:
+                # RandomCrop(size, padding 4): a window of the padded image, i.e. offsets in [−4, 4].
+                dy, dx = rng.integers(0, 2 * CIFAR_PAD + 1, size=2) - CIFAR_PAD
+                crops[v] = (dy, dx, dy + h, dx + w)
+            else:
+                scale = CIFAR_SIM_SCALE if c.recipe == "cifar" else RRC_SCALE
+                crops[v] = rrc_window(rng, h, w, scale=scale)
+            flips[v] = rng.random() < 0.5
+            if flips[v] and not pad_crop:
+                # A horizontal flip after the crop-and-resize is the same resize of the mirrored
+                # window (x0 > x1): fn.resize flips for free, no extra pass over the pixels.
+                crops[v, [1, 3]] = crops[v, [3, 1]]
+            if not sim:
+                if c.recipe == "imagenet":  # ColorJitter(0.4, 0.4, 0.4, 0) with p = 1
+                    colour[v, :3] = rng.uniform(1 - JITTER, 1 + JITTER, size=3)
+                continue
+            if rng.random() < SIM_JITTER_P:  # ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8
+                colour[v, :3] = rng.uniform(1 - JITTER, 1 + JITTER, size=3)
+                colour[v, 3] = rng.uniform(-SIM_HUE, SIM_HUE) * 360.0
+            if rng.random() < SIM_GRAY_P:  # RandomGrayscale(p = 0.2): no saturation left
+                colour[v, 2] = 0.0
+            if c.recipe == "cifar" and rng.random() < CIFAR_BLUR_P:
+                blur[v] = rng.uniform(*BLUR_SIGMA)
+        return crops, flips, colour, blur
+
+
+class BackgroundSource(_Source):
+    """The background (canvas) stream: image, label and the parameters of its three views.
+
+    Outputs: data (encoded bytes, or the HWC array for CIFAR), label int64 (), crops (3, 4),
+    flips (3,), colour (3, 4), blur (3,), aug ops/mags/signs (stages,) for view 0, and the
+    bad-input record int64 (2,) = (first replaced dataset index or −1, number of replacements).
+    """
+
+    stream = Stream.BACKGROUND
+    num_outputs = 10
+
+    def __call__(self, info):
+        epoch, pos = self._locate(info)
+        c = self.cfg
+        bg, _ = c.plan.epoch_indices(epoch)
+        key = (c.seed, epoch, c.rank, pos, self.stream)
+        data, hw, used, bad = self._load(int(bg[pos]), key)
+        rng = keyed_rng(*key)
+        crops, flips, colour, blur = self._view_params(rng, hw, 3, sim_from=1)
+        ops, mags, signs = c.tables.draw(rng)
+        label = np.array(c.plan.labels[used], dtype=np.int64)
+        return data, label, crops, flips, colour, blur, ops, mags, signs, bad
+
+
+class ForegroundSource(_Source):
+    """The foreground (patch) stream and the CutMix decision of its sample.
+
+    Outputs: data, label int64 (), crops (1, 4), flips (1,), colour (1, 4), aug ops/mags/signs,
+    bad (2,), then mixed bool (), λ float32 (), and the ``fn.multi_paste`` regions: anchors
+    int32 (2, 2) and shapes int32 (2, 2) — region 0 is the whole background canvas, region 1
+    the box (y0, x0, h, w) taken from the foreground at the same place.
+    Where no box is pasted the image is not read (the graph does not decode it).
+    """
+
+    stream = Stream.FOREGROUND
+    num_outputs = 13
+
+    def __call__(self, info):
+        epoch, pos = self._locate(info)
+        c = self.cfg
+        b, s = c.plan.batch_size, c.size
+        step, i = divmod(pos, b)
+        boxes, lam, applied = cutmix_boxes(c.seed, epoch, c.rank, step, b, s, s, prob=c.cutmix_prob,
+                                           per_sample=c.cutmix_per_sample, alpha=c.cutmix_alpha, sample=i)
+        mixed = bool(applied[0])
+        _, fg = c.plan.epoch_indices(epoch)
+        key = (c.seed, epoch, c.rank, pos, self.stream)
+        if mixed or c.with_foreground:
+            data, hw, used, bad = self._load(int(fg[pos]), key)
+        else:
+            # Not decoded (the graph's paste branch skips this sample): a placeholder keeps
+            # the batch shape; the label is unused (label_b = label_a where not mixed).
+            data = np.zeros((1, 1, 3) if c.recipe == "cifar" else 1, np.uint8)
+            hw, used, bad = (1, 1), int(fg[pos]), np.array([-1, 0], np.int64)
+        rng = keyed_rng(*key)
+        crops, flips, colour, _ = self._view_params(rng, hw, 1, sim_from=1)
+        ops, mags, signs = c.tables.draw(rng)
+        y0, x0, y1, x1 = (int(v) for v in boxes[0])
+        anchors = np.array([[0, 0], [y0, x0]], np.int32)
+        shapes = np.array([[s, s], [y1 - y0, x1 - x0]], np.int32)
+        label = np.array(c.plan.labels[used], dtype=np.int64)
+        return (data, label, crops, flips, colour, ops, mags, signs, bad, np.array(mixed),
+                np.array(lam[0], np.float32), anchors, shapes)
+
+
+def raise_from_worker(err: BaseException):
+    """Re-raise a DALI worker failure as the :class:`BadImageError` it carries, if any.
+
+    DALI forwards an exception from a Python worker as a generic ``Exception`` whose text
+    holds the worker's traceback; the last ``BadImageError: ...`` line names the file.
+    """
+    text = str(err)
+    marker = "BadImageError: "
+    at = text.rfind(marker)
+    if at >= 0:
+        msg = text[at + len(marker):].strip().splitlines()
+        raise BadImageError(msg[0] if msg else text) from err

@@ -1,0 +1,208 @@
+"""The DALI validation pipeline (issue 5 "Validation pipeline"; ARCHITECTURE §1
+"Evaluation"): decode, resize the shorter side to 256/224·size and centre-crop size
+(ImageNet-style recipes), CIFAR arrays as they are, normalised to NCHW float.
+
+Each rank reads images ``rank::world_size`` of the list, without padding, so that every
+image is evaluated exactly once across ranks; the last batch may be smaller. The source is
+a batch-mode parallel ``external_source`` keyed by (pass, batch index), so iterating again
+is another identical pass. ``on_error``: ``raise`` names the file; ``skip`` leaves the image
+out of the evaluation (a substitute would bias the score) and counts it.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+
+from . import dali_ops as ops
+from .batch import ValPipelineSpec
+from .common import LOG, BadImageError, check_encoded_image, default_workers, image_source_name
+from .dali_sources import raise_from_worker
+from .dali_train import _pil_decodes, quiet_dali_build, to_torch
+from .torch_loader import _check_dataset
+from .transforms import val_resize_size
+
+__all__ = ["DaliValPipeline", "ValSource"]
+
+
+def _placeholder_jpeg() -> np.ndarray:
+    """A valid 8×8 JPEG decoded in place of a skipped image; its row is dropped afterwards."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class ValSource:
+    """Batch-mode source: batch ``k`` of a pass holds this rank's images k·B … k·B+B−1
+    (counted from ``start``). Outputs data, label int64 (), keep bool () — False where an
+    unreadable image was replaced by a placeholder (``skip``) — and the dataset index."""
+
+    def __init__(self, dataset, recipe: str, indices: np.ndarray, batch_size: int, on_error: str, start: int = 0,
+                 bad=()):
+        self.dataset, self.recipe, self.indices = dataset, recipe, indices
+        self.batch_size, self.on_error, self.start = batch_size, on_error, start
+        self.bad = frozenset(int(b) for b in bad)
+        self.labels = np.asarray(dataset.labels, dtype=np.int64)
+        self._placeholder = None
+
+    def _read(self, i: int):
+        if self.recipe == "cifar":
+            return np.ascontiguousarray(self.dataset.images[i]), True
+        try:
+            if i in self.bad:
+                raise ValueError("the DALI decoder failed on this file earlier in this pass")
+            data = self.dataset.read_bytes(i)
+            check_encoded_image(data)
+            return np.frombuffer(data, dtype=np.uint8), True
+        except (OSError, ValueError, SyntaxError) as e:
+            name = image_source_name(self.dataset, i)
+            if self.on_error == "raise":
+                raise BadImageError(f"cannot read validation image {name}: {type(e).__name__}: {e}. Fix or remove "
+                                    f"the file, or set data.on_error: skip to leave it out of evaluation") from e
+            if self._placeholder is None:
+                self._placeholder = _placeholder_jpeg()
+            return self._placeholder, False
+
+    def __call__(self, info):
+        lo = self.start + int(info.iteration) * self.batch_size
+        if lo >= len(self.indices):
+            raise StopIteration
+        data, labels, keep, index = [], [], [], []
+        for i in self.indices[lo:lo + self.batch_size].tolist():
+            d, ok = self._read(i)
+            data.append(d)
+            labels.append(np.array(self.labels[i], np.int64))
+            keep.append(np.array(ok))
+            index.append(np.array(i, np.int64))
+        return data, labels, keep, index
+
+
+@pipeline_def
+def _val_graph(source, *, recipe, size, mean, std, device):
+    data, labels, keep, index = fn.external_source(source, num_outputs=4, batch=True, batch_info=True, parallel=True)
+    img = ops.decode(data, recipe, device)
+    if recipe == "imagenet":
+        img = fn.resize(img, resize_shorter=val_resize_size(size), antialias=True, interp_type=types.INTERP_LINEAR)
+        out = fn.crop_mirror_normalize(img, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, rounding="truncate",
+                                       dtype=types.FLOAT,
+                                       output_layout="CHW", mean=[255.0 * m for m in mean],
+                                       std=[255.0 * s for s in std])
+    else:
+        out = ops.normalize(ops.resize_full(img, size), mean, std)
+    return out, labels, keep, index
+
+
+class DaliValPipeline:
+    """Validation batches ``(images, labels)`` of one rank from DALI (see the module docstring)."""
+
+    backend = "dali"
+
+    def __init__(self, spec: ValPipelineSpec):
+        _check_dataset(spec)
+        self.spec = spec
+        self._device = torch.device(spec.device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"pipeline device {spec.device!r} requested but CUDA is not available; use 'cpu'")
+        self.indices = np.arange(spec.rank, len(spec.dataset), spec.world_size, dtype=np.int64)
+        self.num_threads = max(1, default_workers(spec.num_workers))
+        self._bad: set[int] = set()
+        self._pipe = None
+        self._start = 0
+        self._fresh = False  # the live pipeline is at the start of a pass
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.spec.batch_size)
+
+    def _build(self, start_batch: int) -> None:
+        self.close()
+        s = self.spec
+        gpu = self._device.type == "cuda"
+        source = ValSource(s.dataset, s.recipe, self.indices, s.batch_size, s.on_error,
+                           start=start_batch * s.batch_size, bad=self._bad)
+        with quiet_dali_build():
+            pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, mean=list(s.mean), std=list(s.std),
+                              device="gpu" if gpu else "cpu", batch_size=s.batch_size, num_threads=self.num_threads,
+                              device_id=(self._device.index or 0) if gpu else None, py_num_workers=1,
+                              py_start_method="spawn" if gpu else "fork")
+            pipe.build()
+        self._pipe = pipe
+        self._start = start_batch
+        self._fresh = start_batch == 0
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            pipe._shutdown()
+            del pipe
+        self._fresh = False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def stats(self) -> dict:
+        return {"skipped_images": self._stats["skipped_images"], "skipped_files": list(self._stats["skipped_files"])}
+
+    def __iter__(self):
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+        if len(self.indices) == 0:
+            return
+        if self._pipe is None or not self._fresh:
+            self._build(0)
+        self._fresh = False
+        k = 0
+        host = torch.device("cpu")
+        while True:
+            try:
+                outs = self._pipe.run()
+            except StopIteration:
+                self._pipe.reset()
+                self._fresh = self._start == 0  # a pipeline rebuilt mid-pass restarts mid-pass
+                break
+            except Exception as e:
+                self._recover(e, k)
+                continue
+            keep = to_torch(outs[2], host).reshape(-1).to(torch.bool)
+            index = to_torch(outs[3], host).reshape(-1)
+            for i in index[~keep].tolist():
+                self._stats["skipped_images"] += 1
+                self._stats["skipped_files"].append(image_source_name(self.spec.dataset, int(i)))
+            images = to_torch(outs[0], self._device)
+            labels = to_torch(outs[1], host).reshape(-1)
+            k += 1
+            if not keep.all():
+                images, labels = images[keep.to(images.device)], labels[keep]
+            if len(labels):
+                yield images, labels.to(self._device, non_blocking=True)
+        if self._stats["skipped_images"]:
+            LOG.warning("validation: left out %d unreadable image(s) (on_error: skip); first: %s",
+                        self._stats["skipped_images"], self._stats["skipped_files"][0])
+
+    def _recover(self, err: Exception, batch: int) -> None:
+        """As in the training pipeline: a reader's BadImageError is re-raised; a decoder failure
+        is traced to its file with PIL, then raised (``raise``) or the pass is rebuilt from this
+        batch with the file left out (``skip``)."""
+        self.close()
+        raise_from_worker(err)
+        if self.spec.recipe == "cifar":
+            raise err
+        b = self.spec.batch_size
+        window = self.indices[batch * b:(batch + 4) * b].tolist()
+        culprits = [(i, why) for i in window if i not in self._bad
+                    for why in [_pil_decodes(self.spec.dataset, i)] if why is not None]
+        if not culprits:
+            raise RuntimeError(f"the DALI validation pipeline failed at batch {batch} and no image near it fails to "
+                               f"decode with PIL; DALI said: {err}") from err
+        names = "; ".join(f"{image_source_name(self.spec.dataset, i)} ({why})" for i, why in culprits)
+        if self.spec.on_error == "raise":
+            raise BadImageError(f"cannot decode validation image(s) {names}. Fix or remove the file(s), or set "
+                                f"data.on_error: skip to leave them out of evaluation") from err
+        self._bad.update(i for i, _ in culprits)
+        self._build(batch)
