@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One-shot GPU check for fastlt (ARCHITECTURE §3: kernel parity on the device, then benchmarks).
+#
+#   OUT=/path/to/results bash bench/gpu_check.sh      # default OUT: ./gpu_out
+#
+# Runs from the repository root, as a fixed sequence of steps; every step writes its log and
+# JSON under $OUT and appends one line to $OUT/steps.jsonl ({"step", "rc", "seconds"}). A
+# failing step does not stop the later ones; the script exits non-zero if any step failed.
+# Budget: under 8 minutes on one H100 (each step has its own timeout below).
+#
+# To add a step (e.g. the train-step benchmark), append another `run_step` call in the
+# "steps" section, before "summary".
+#
+# Environment: PYTHON (interpreter to use; default .venv/bin/python if present, else python3).
+
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+if [[ -n "${PYTHON:-}" ]]; then
+    PY="$PYTHON"
+elif [[ -x .venv/bin/python ]]; then
+    PY=.venv/bin/python
+else
+    PY=python3
+fi
+# Compiled kernels on the GPU, never the interpreter; let auto-dispatch pick Triton.
+unset TRITON_INTERPRET FASTLT_KERNELS
+FAILED=0
+
+# run_step NAME TIMEOUT_SECONDS COMMAND... : run, log to $OUT/NAME.log, record rc and duration.
+run_step() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== ${name} (timeout ${limit}s): $*"
+    local start end rc
+    start=$(date +%s%N)
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$OUT/${name}.log" 2>&1
+    rc=$?
+    end=$(date +%s%N)
+    tail -n 25 "$OUT/${name}.log"
+    printf '{"step": "%s", "rc": %d, "seconds": %s}\n' "$name" "$rc" \
+        "$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.1f", (e - s) / 1e9 }')" >>"$OUT/steps.jsonl"
+    if [[ $rc -ne 0 ]]; then
+        echo "!!! step ${name} failed (rc=${rc}; 124 = timed out)"
+        FAILED=$((FAILED + 1))
+    fi
+    return 0
+}
+
+: >"$OUT/steps.jsonl"
+
+# ---------------------------------------------------------------------------- steps
+
+# 1. Machine and versions (also recorded inside every benchmark result).
+ENV_PY=$(cat <<'EOF'
+import json, os, platform, sys
+import torch
+info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            cpu_count=os.cpu_count())
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+with open(sys.argv[1], "w") as f:
+    json.dump(info, f, indent=1)
+print(json.dumps(info))
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to torch: the GPU steps below will not measure the kernels")
+EOF
+)
+run_step environment 120 "$PY" -c "$ENV_PY" "$OUT/environment.json"
+run_step nvidia_smi 30 nvidia-smi
+
+# 2. Kernel parity tests on the GPU: compiled kernels vs the PyTorch references, forward and
+#    backward, every dtype; plus the dispatch rules.
+run_step kernel_tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_kernels_rectify.py tests/test_kernels_soft_ce.py tests/test_dispatch.py \
+    --junitxml="$OUT/kernel_tests.xml"
+
+# 3. Kernel benchmarks: Triton vs eager vs torch.compile vs the dense B×C×D label at the
+#    three recipe shapes, soft CE forward+backward, label+loss with the compact label;
+#    time and peak memory. Ratios (and the issue's targets) in kernels_summary.json.
+run_step kernel_bench 300 env FASTLT_BENCH_SUMMARY="$OUT/kernels_summary.json" \
+    "$PY" -m pytest -q -s -p no:cacheprovider bench/bench_kernels.py \
+    --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=min,median,rounds
+
+# 4. Speed-up floors (bench/floors.json) on the kernel results.
+run_step kernel_floors 60 "$PY" bench/check_floors.py "$OUT/bench_kernels.json"
+
+# (append later steps here)
+
+# --------------------------------------------------------------------------- summary
+echo "=== steps ($OUT/steps.jsonl)"
+cat "$OUT/steps.jsonl"
+if [[ $FAILED -ne 0 ]]; then
+    echo "gpu_check: ${FAILED} step(s) failed; logs in $OUT"
+    exit 1
+fi
+echo "gpu_check: all steps passed; results in $OUT"
