@@ -52,7 +52,7 @@ from fastlt.config import Config, ConfigError, config_to_dict, load_config, save
 from fastlt.logger import RunLogger, format_metrics
 
 __all__ = ["DataError", "EpochLR", "NonFiniteLossError", "TrainingInterrupted", "ConCutMixObjective",
-           "build_datasets", "deepspeed_config", "main", "train"]
+           "build_datasets", "deepspeed_config", "main", "train", "train_step"]
 
 
 class DataError(ValueError):
@@ -361,6 +361,27 @@ class ConCutMixObjective(nn.Module):
         return loss, ce, scl
 
 
+def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool, channels_last: bool = False,
+               input_dtype: torch.dtype | None = None) -> Tensor:
+    """One training step (steps 1–4 of the module docstring) on a TrainBatch already on the device.
+
+    ``engine`` is the DeepSpeed engine, or anything with its three calls (``engine(x)``,
+    ``engine.backward(loss)``, ``engine.step()``: bench/bench_train_step.py runs the step on a
+    plain optimizer where DeepSpeed is not installed). Returns the detached (loss, ce, scl) as a
+    float32 (3,) tensor on the device; nothing here waits for the device.
+    """
+    x = torch.cat([batch.image, batch.view1, batch.view2])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if input_dtype is not None:
+        x = x.to(input_dtype)
+    out = engine(x)
+    loss, ce, scl = objective(out, batch, rectify=rectify)
+    engine.backward(loss)
+    engine.step()
+    return torch.stack([loss.detach(), ce.detach(), scl.detach()]).float()
+
+
 # --------------------------------------------------------------------------------------
 # Stop requests (Ctrl-C / SIGTERM)
 # --------------------------------------------------------------------------------------
@@ -651,16 +672,8 @@ class Trainer:
                                        f"expected {self.steps_per_epoch}") from None
                 wait += time.perf_counter() - t0
                 batch = batch.to(self.dev)
-                x = torch.cat([batch.image, batch.view1, batch.view2])
-                if cfg.model.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if self.input_dtype is not None:
-                    x = x.to(self.input_dtype)
-                out = self.engine(x)
-                loss, ce, scl = self.objective(out, batch, rectify=rectify)
-                self.engine.backward(loss)
-                self.engine.step()
-                buf[n] = torch.stack([loss.detach(), ce.detach(), scl.detach()]).float()
+                buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify,
+                                    channels_last=cfg.model.channels_last, input_dtype=self.input_dtype)
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
