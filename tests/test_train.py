@@ -348,7 +348,7 @@ def test_objective_matches_the_spec(tmp_path, data_root, rectify):
     # L_BalSCL on views 1 and 2 (normalised z), labels = background classes.
     z = F.normalize(z_raw, dim=1)
     feats = torch.stack([z[b:2 * b], z[2 * b:]], dim=1)
-    want_scl = loop_balanced_supcon(F.normalize(centers_raw, dim=1), feats, batch.label_a, 0.1)
+    want_scl = float(loop_balanced_supcon(F.normalize(centers_raw, dim=1), feats, batch.label_a, 0.1).detach())
     assert ce.item() == pytest.approx(want_ce.detach().item(), rel=1e-5)
     assert scl.item() == pytest.approx(float(want_scl), rel=1e-5)
     assert loss.item() == pytest.approx(2.0 * want_ce.detach().item() + 0.6 * float(want_scl), rel=1e-5)
