@@ -1,6 +1,7 @@
 """Fused Triton kernels for ConCutMix's rectified label (ARCHITECTURE §1, steps 1–5).
 
-Two launches, no B×C×D tensor and no B×C temporary besides the output itself:
+Two launches, no B×C×D tensor and no B×C temporary besides one (B, C) fp32 buffer — the
+dense output itself, or, for the compact form, a scratch buffer freed on return:
 
 1. ``_similarity_kernel`` — grid (⌈B/BLOCK_B⌉, ⌈C/BLOCK_C⌉). Each program accumulates a
    BLOCK_B×BLOCK_C tile of z·cᵀ with ``tl.dot`` over D in BLOCK_D chunks (fp32 accumulation
@@ -9,8 +10,9 @@ Two launches, no B×C×D tensor and no B×C temporary besides the output itself:
    which serves as scratch.
 2. ``_select_kernel`` — grid (B,). One program per row finds the K-th largest similarity
    exactly by bisection on the fp32 bit patterns (for s ≥ 0 the int32 view of the bits is
-   monotone in the value), which works for any K ≤ C and any C: the row is streamed in
-   BLOCK_C tiles, so K may exceed a tile. Ties at the threshold are broken towards the lower
+   monotone in the value), which works for any K ≤ C and any C: a row of up to 8192 classes
+   is searched in registers, longer rows are streamed in BLOCK_C tiles at every step, and K
+   may exceed a tile either way. Ties at the threshold are broken towards the lower
    class index with a running exclusive prefix count of the tied entries across tiles, the
    rule of ``fastlt.labels.reference_rectify_labels`` (step 2). It then normalises over the
    kept entries (L1, or softmax with temperature; step 3), computes γ from the class counts
@@ -85,21 +87,23 @@ def _similarity_kernel(z_ptr, c_ptr, s_ptr, B, C, D,
 
 
 @jit
-def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_ptr,
+def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
                    idx_ptr, w_ptr, gamma_ptr,
-                   C, K, stride_sb, stride_ob, inv_temp,
+                   C, K, stride_sb, stride_ob, omega, inv_temp,
                    SOFTMAX: tl.constexpr, WRITE_DENSE: tl.constexpr, WRITE_COMPACT: tl.constexpr,
-                   BLOCK_C: tl.constexpr, NUM_TILES: tl.constexpr):
+                   BLOCK_C: tl.constexpr, NUM_TILES: tl.constexpr, BLOCK_P: tl.constexpr,
+                   NUM_P_TILES: tl.constexpr):
     """Top-K (lower index wins ties), normalisation, γ and the blend, one row per program.
 
     Pointers: s_ptr (B, C) fp32 similarities (may alias out_ptr: every tile is read before it
     is overwritten in the last pass); out_ptr (B, C) fp32 dense ŷ (used if WRITE_DENSE);
-    la_ptr, lb_ptr (B,) int64 label_a / label_b; lam_ptr (B,) fp32 λ; counts_ptr (C,) fp64
-    N_j; gscale_ptr (1,) fp64 ω / Σ_i log N_i; idx_ptr (B, K) int64, w_ptr (B, K) fp32,
-    gamma_ptr (B,) fp32: the compact label (used if WRITE_COMPACT). Scalars: C, K (1 ≤ K ≤ C);
-    stride_sb, stride_ob the row strides (unit stride along C); inv_temp = 1/T.
-    Constexprs: SOFTMAX (else L1); WRITE_DENSE, WRITE_COMPACT; BLOCK_C, the tile of a row;
-    NUM_TILES = ⌈C / BLOCK_C⌉.
+    la_ptr, lb_ptr (B,) int64 label_a / label_b; lam_ptr (B,) fp32 λ; counts_ptr (C,) N_j,
+    int32/int64/fp32/fp64; idx_ptr (B, K) int64, w_ptr (B, K) fp32, gamma_ptr (B,) fp32: the
+    compact label (used if WRITE_COMPACT). Scalars: C, K (1 ≤ K ≤ C); stride_sb, stride_ob the
+    row strides (unit stride along C); omega = ω; inv_temp = 1/T.
+    Constexprs: SOFTMAX (else L1); WRITE_DENSE, WRITE_COMPACT; BLOCK_C, the tile of a row in
+    the threshold search; NUM_TILES = ⌈C / BLOCK_C⌉ (1: the row is searched in registers);
+    BLOCK_P, NUM_P_TILES, the same for the passes after the search.
     """
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_sb
@@ -150,10 +154,14 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_p
             hi = tl.where(take, hi, mid)
     thresh = lo  # bit pattern of the K-th largest similarity
 
+    # The passes below stream the row in BLOCK_P tiles (narrower than a register-resident
+    # row), which keeps their register use low.
+    offs_p = tl.arange(0, BLOCK_P)
+
     # Entries above the threshold are all kept; `need` of the tied ones, lowest index first.
     n_above = 0
-    for t in range(NUM_TILES):
-        cols = t * BLOCK_C + offs
+    for t in range(NUM_P_TILES):
+        cols = t * BLOCK_P + offs_p
         bits = tl.load(s_row + cols, mask=cols < C, other=-1.0).to(tl.int32, bitcast=True)
         n_above += tl.sum((bits > thresh).to(tl.int32), axis=0)
     need = K - n_above
@@ -161,10 +169,10 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_p
     # Normaliser over the kept entries.
     total = 0.0
     ties_before = 0
-    for t in range(NUM_TILES):
-        cols = t * BLOCK_C + offs
-        cmask = cols < C
-        s = tl.load(s_row + cols, mask=cmask, other=-1.0)
+    for t in range(NUM_P_TILES):
+        cols = t * BLOCK_P + offs_p
+        pmask = cols < C
+        s = tl.load(s_row + cols, mask=pmask, other=-1.0)
         bits = s.to(tl.int32, bitcast=True)
         tie = (bits == thresh).to(tl.int32)
         keep = (bits > thresh) | ((tie != 0) & (ties_before + tl.cumsum(tie, axis=0) - tie < need))
@@ -175,27 +183,34 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_p
             v = s
         total += tl.sum(tl.where(keep, v, 0.0), axis=0)
 
-    # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Labels outside
-    # [0, C) are not read (masked loads); they make γ NaN, which poisons the row visibly.
+    # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Every row sums
+    # the C logs itself: C loads and logs per row cost less than the extra launches of
+    # computing the sum beforehand. Labels outside [0, C) are not read (masked loads); they
+    # make γ NaN, which poisons the row visibly.
+    log_sum = tl.zeros([], dtype=tl.float64)
+    for t in range(NUM_P_TILES):
+        cols = t * BLOCK_P + offs_p
+        n = tl.load(counts_ptr + cols, mask=cols < C, other=1).to(tl.float64)
+        log_sum += tl.sum(tl.log(n), axis=0)
     a = tl.load(la_ptr + row)
     b = tl.load(lb_ptr + row)
     lam = tl.load(lam_ptr + row)
     one_minus = 1.0 - lam
     valid = (a >= 0) & (a < C) & (b >= 0) & (b < C)
-    n_a = tl.load(counts_ptr + a, mask=valid, other=1.0)
-    n_b = tl.load(counts_ptr + b, mask=valid, other=1.0)
+    n_a = tl.load(counts_ptr + a, mask=valid, other=1).to(tl.float64)
+    n_b = tl.load(counts_ptr + b, mask=valid, other=1).to(tl.float64)
     mixed = lam.to(tl.float64) * n_a + one_minus.to(tl.float64) * n_b
     mixed = tl.where(valid, mixed, -1.0)  # log(-1) = NaN
-    gamma = (tl.load(gscale_ptr) * tl.log(mixed)).to(tl.float32)
+    gamma = (omega * tl.log(mixed) / log_sum).to(tl.float32)
     if WRITE_COMPACT:
         tl.store(gamma_ptr + row, gamma)
 
     ties_before = 0
     kept_before = 0
-    for t in range(NUM_TILES):
-        cols = t * BLOCK_C + offs
-        cmask = cols < C
-        s = tl.load(s_row + cols, mask=cmask, other=-1.0)
+    for t in range(NUM_P_TILES):
+        cols = t * BLOCK_P + offs_p
+        pmask = cols < C
+        s = tl.load(s_row + cols, mask=pmask, other=-1.0)
         bits = s.to(tl.int32, bitcast=True)
         tie = (bits == thresh).to(tl.int32)
         keep = (bits > thresh) | ((tie != 0) & (ties_before + tl.cumsum(tie, axis=0) - tie < need))
@@ -207,7 +222,7 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, gscale_p
         w = tl.where(keep, v / total, 0.0)
         if WRITE_DENSE:
             y = tl.where(cols == a, lam, 0.0) + tl.where(cols == b, one_minus, 0.0)
-            tl.store(out_ptr + row * stride_ob + cols, gamma * w + (1.0 - gamma) * y, mask=cmask)
+            tl.store(out_ptr + row * stride_ob + cols, gamma * w + (1.0 - gamma) * y, mask=pmask)
         if WRITE_COMPACT:
             keep_i = keep.to(tl.int32)
             pos = kept_before + tl.cumsum(keep_i, axis=0) - keep_i
@@ -230,12 +245,14 @@ def _similarity_config(b: int, dtype: torch.dtype) -> dict:
 
 
 def _select_config(c: int, block_c: int | None) -> dict:
-    """Row tile of the selection kernel: the whole row up to 8192 classes (iNaturalist's
-    8142 included) so that the search runs in registers (≤ 32 per thread at 16 warps),
-    2048-wide streamed tiles beyond."""
+    """Row tiles of the selection kernel: the whole row up to 8192 classes (iNaturalist's
+    8142 included) so that the search runs in registers (≤ 16 values per thread at 16 warps),
+    2048-wide streamed tiles beyond; the passes after the search use tiles of ≤ 2048."""
     block = block_c if block_c is not None else (next_pow2(c) if c <= 8192 else 2048)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return dict(BLOCK_C=block, NUM_TILES=cdiv(c, block), num_warps=num_warps)
+    block_p = min(block, 2048)
+    return dict(BLOCK_C=block, NUM_TILES=cdiv(c, block), BLOCK_P=block_p, NUM_P_TILES=cdiv(c, block_p),
+                num_warps=num_warps)
 
 
 def _fp32_input_precision() -> str:
@@ -274,8 +291,10 @@ def _prepare(z, centers, label_a, label_b, lam, class_counts, topk, normalize, t
         dtype = torch.float32
     z = z.detach().to(dtype)
     centers = centers.detach().to(dtype)
-    counts = class_counts.to(device=z.device, dtype=torch.float64).contiguous()
-    # ω / Σ log N_i stays on the device: no host sync.
+    counts = class_counts.to(z.device)
+    if counts.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
+        counts = counts.double()
+    counts = counts.contiguous()
     return (z, centers, label_a.to(z.device, torch.int64).contiguous(), label_b.to(z.device, torch.int64).contiguous(),
             lam.to(z.device, torch.float32).contiguous(), counts)
 
@@ -290,15 +309,14 @@ def _launch(z, centers, label_a, label_b, lam, counts, omega, k, softmax, temper
     gamma = torch.empty(b if write_compact else 0, device=z.device, dtype=torch.float32)
     if b == 0:
         return out, idx, w, gamma
-    gscale = (omega / torch.log(counts).sum()).reshape(1)
     sim_cfg = _similarity_config(b, z.dtype)
     grid = (cdiv(b, sim_cfg["BLOCK_B"]), cdiv(c, sim_cfg["BLOCK_C"]))
     _similarity_kernel[grid](z, centers, out, b, c, d, z.stride(0), z.stride(1), centers.stride(0),
                              centers.stride(1), out.stride(0), MIN_SQ=_MIN_SQ_DIST,
                              INPUT_PRECISION=_fp32_input_precision(), UPCAST_DOT=_upcast_dot(z.dtype), **sim_cfg)
     sel_cfg = _select_config(c, block_c_select)
-    _select_kernel[(b,)](out, out, label_a, label_b, lam, counts, gscale, idx, w, gamma, c, k, out.stride(0),
-                         out.stride(0), 1.0 / temperature, SOFTMAX=softmax, WRITE_DENSE=write_dense,
+    _select_kernel[(b,)](out, out, label_a, label_b, lam, counts, idx, w, gamma, c, k, out.stride(0),
+                         out.stride(0), omega, 1.0 / temperature, SOFTMAX=softmax, WRITE_DENSE=write_dense,
                          WRITE_COMPACT=write_compact, **sel_cfg)
     return out, idx, w, gamma
 

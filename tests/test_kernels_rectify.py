@@ -106,6 +106,8 @@ CASES = [
     (7, 1000, 16, 3, "softmax", torch.float32, 128),  # selection over 8 row tiles, K inside one tile
     (7, 100, 16, 30, "l1", torch.float32, 16),       # K = 30 > the 16-wide row tile: K spans tiles
     (7, 100, 16, 100, "softmax", torch.float32, 16),  # K = C across tiles
+    (2, 8142, 16, 30, "l1", torch.float32, None),    # iNaturalist's C: one 8192-wide row tile in registers
+    (2, 9000, 16, 30, "softmax", torch.float32, None),  # C > 8192: default streamed 2048-wide row tiles
 ]
 
 
