@@ -124,13 +124,13 @@ def _init_distributed(device: str) -> tuple[int, int, int]:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)  # before NCCL comes up, so each rank binds its own GPU
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    elif "OMP_NUM_THREADS" not in os.environ:
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; without this each would spawn one thread per core.
         try:
             cores = len(os.sched_getaffinity(0))
@@ -397,6 +397,11 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A forked data-loader worker inherits this handler. A terminal's Ctrl-C reaches the
+            # whole process group, and the deepspeed launcher terminates process trees: workers
+            # ignore both and keep serving until the main process has saved and shuts them down.
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
@@ -405,6 +410,7 @@ class StopFlag:
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
