@@ -12,7 +12,12 @@ What the published code does per step, and what is reproduced here:
   normalisation and blend passes (tests/spec_formulas.py's ``dense_rectify_labels``);
 * contrastive loss: BCL's ``BalSCL`` as published, whose per-instance weights are built
   with a Python list comprehension over the 2B + C targets (a host sync per element);
+* the loop: both loss values read on the host every step (its meters), plain
+  ``torch.optim.SGD`` (:class:`PublishedStep`);
 * fp32 throughout.
+
+The model is not re-created: the baseline step uses fastlt's BCL model, so that a comparison
+with fastlt's step measures the data path, the label, the losses and the precision.
 """
 from __future__ import annotations
 
@@ -125,7 +130,10 @@ class PublishedBalSCL(torch.nn.Module):
         logits = logits - logits_max.detach()
 
         exp_logits = torch.exp(logits) * logits_mask
-        per_ins_weight = torch.tensor([batch_cls_count[i] for i in targets], device=device).view(1, -1).expand(
+        # The published code indexes the CPU count vector with each (device) target in turn: one
+        # device-to-host copy per element. Current PyTorch refuses a CUDA index into a CPU tensor,
+        # so the copy is written out (`i.cpu()`, a no-op on the CPU); the cost is the same.
+        per_ins_weight = torch.tensor([batch_cls_count[i.cpu()] for i in targets], device=device).view(1, -1).expand(
             2 * batch_size, 2 * batch_size + len(self.cls_num_list)) - mask
         exp_logits_sum = exp_logits.div(per_ins_weight).sum(dim=1, keepdim=True)
         log_prob = logits - torch.log(exp_logits_sum)
@@ -136,3 +144,65 @@ class PublishedBalSCL(torch.nn.Module):
 def published_soft_ce(logits, target, log_prior):
     """Logit-adjusted soft CE as separate eager ops (softmax and label materialised)."""
     return -(target * F.log_softmax(logits + log_prior, dim=1)).sum(1).mean()
+
+
+def published_to_device(views, labels, device):
+    """The published loop's host-to-device copies: every view of the batch, then the labels."""
+    return [v.to(device, non_blocking=True) for v in views], labels.to(device, non_blocking=True)
+
+
+class PublishedStep:
+    """One step of the published ConCutMix training loop, after the warm-up (epoch > l_d_warm).
+
+    Per step: CutMix on the loaded batch (per batch, probability ``cutmix_prob``), one fp32
+    forward over cat[view 0, view 1, view 2], BalSCL (:class:`PublishedBalSCL`), and for a
+    mixed batch the dense rectified label (``dense_rectify_labels``) with the eager soft CE,
+    for an unmixed one the logit-adjusted hard CE; the two loss values are read on the host
+    every step (the published loop's ``AverageMeter.update(loss.item())``), then backward and
+    ``torch.optim.SGD``. The model is the same BCL architecture as fastlt's, so the step
+    differs from fastlt's in the data path, the label, the loss code and the precision only.
+    """
+
+    def __init__(self, model, class_counts, *, tau: float, temperature: float, alpha: float, beta: float,
+                 topk: int, omega: float, cutmix_prob: float, lr: float, momentum: float, weight_decay: float,
+                 device, seed: int = 0):
+        from spec_formulas import dense_rectify_labels  # tests/ is on sys.path (bench/conftest.py)
+
+        self.rectify = dense_rectify_labels
+        self.model = model
+        self.device = torch.device(device)
+        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
+        self.class_counts = counts.to(self.device)
+        self.log_prior = (tau * torch.log(counts / counts.sum())).float().to(self.device)
+        self.scl = PublishedBalSCL(counts.tolist(), temperature)
+        self.alpha, self.beta, self.topk, self.omega = alpha, beta, topk, omega
+        self.cutmix_prob = cutmix_prob
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, background, foreground) -> tuple[float, float]:
+        """Train on one (background, foreground) pair of loader batches; returns (ce, scl) as floats."""
+        (views_bg, label_bg), (views_fg, label_fg) = background, foreground
+        # Only the foreground's classification view is used, so only it is copied to the device.
+        views_bg, label_bg = published_to_device(views_bg, label_bg, self.device)
+        (fg0,), label_fg = published_to_device(views_fg[:1], label_fg, self.device)
+        image, view1, view2, label_a, label_b, lam = published_cutmix(views_bg, label_bg, [fg0], label_fg,
+                                                                     self.cutmix_prob, self.rng)
+        b = label_a.shape[0]
+        out = self.model(torch.cat([image, view1, view2]))
+        features = torch.stack([out.z[b:2 * b], out.z[2 * b:]], dim=1)
+        scl = self.scl(out.centers, features, label_a)
+        logits = out.logits[:b]
+        if lam < 1.0:
+            target = self.rectify(out.z_raw[:b], out.centers_raw, label_a, label_b,
+                                  torch.full((b,), lam, device=self.device), self.class_counts, topk=self.topk,
+                                  omega=self.omega)
+            ce = published_soft_ce(logits, target, self.log_prior)
+        else:
+            ce = F.cross_entropy(logits + self.log_prior, label_a)
+        loss = self.alpha * ce + self.beta * scl
+        meters = (ce.item(), scl.item())  # host syncs, as the published loop's meters
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return meters
