@@ -123,7 +123,7 @@ def _validate_compact(logits: Tensor, label: CompactLabel) -> None:
             raise ValueError(f"soft_cross_entropy_compact: {name} must be ({b},); got {tuple(t.shape)}")
     # Range checks cost a host sync on CUDA, so they run on CPU only; the CUDA kernel never
     # dereferences an out-of-range index and returns NaN for such rows instead.
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
         c = label.num_classes
         for name in ("index", "label_a", "label_b"):
             t = getattr(label, name)

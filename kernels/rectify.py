@@ -20,8 +20,10 @@ dense output itself, or, for the compact form, a scratch buffer freed on return:
    built from (label_a, label_b, λ) on the fly (step 5). Optionally it also writes the compact
    label: the K kept class indices (ascending), their weights ŝ and γ.
 
-Both entry points are ``torch.library`` custom ops with fake implementations, so they
-compose with ``torch.compile`` without graph breaks. Invalid labels (outside [0, C)) cannot
+In eager mode the entry points launch the kernels directly (a custom op's Python overhead
+per call is comparable to the kernels' run time at these sizes); under ``torch.compile`` they
+go through ``torch.library`` custom ops with fake implementations, so Dynamo traces them
+without graph breaks. Invalid labels (outside [0, C)) cannot
 be checked on CUDA without a host sync; there they make the row NaN instead of reading out
 of bounds. CPU tensors (interpreter) are checked and raise ``ValueError``.
 """
@@ -279,7 +281,9 @@ def _prepare(z, centers, label_a, label_b, lam, class_counts, topk, normalize, t
         if not t.is_floating_point():
             raise ValueError(f"rectify_labels: {name} must be a floating-point tensor; got {t.dtype}")
     c = centers.shape[0]
-    if z.device.type == "cpu":  # checking costs no host-device sync here, so do it
+    # On CPU tensors checking costs no host-device sync, so do it (but not while Dynamo
+    # traces: the values are not known then).
+    if z.device.type == "cpu" and not torch.compiler.is_compiling():
         for name, t in (("label_a", label_a), ("label_b", label_b)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
                 raise ValueError(f"rectify_labels: {name} has values in [{int(t.min())}, {int(t.max())}], "
@@ -361,8 +365,11 @@ def rectify_labels_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: 
     z, centers, label_a, label_b, lam, counts = _prepare(z, centers, label_a, label_b, lam, class_counts, topk,
                                                          normalize, temperature)
     k = min(topk, centers.shape[0])
-    return _rectify_op(z, centers, label_a, label_b, lam, counts, k, float(omega), normalize == "softmax",
-                       float(temperature), int(_block_c_select or 0))
+    if torch.compiler.is_compiling():
+        return _rectify_op(z, centers, label_a, label_b, lam, counts, k, float(omega), normalize == "softmax",
+                           float(temperature), int(_block_c_select or 0))
+    return _launch(z, centers, label_a, label_b, lam, counts, float(omega), k, normalize == "softmax",
+                   float(temperature), True, False, _block_c_select)[0]
 
 
 def rectify_labels_compact_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
@@ -373,5 +380,8 @@ def rectify_labels_compact_triton(z: Tensor, centers: Tensor, label_a: Tensor, l
     z, centers, label_a, label_b, lam, counts = _prepare(z, centers, label_a, label_b, lam, class_counts, topk,
                                                          normalize, temperature)
     k = min(topk, centers.shape[0])
-    return _rectify_compact_op(z, centers, label_a, label_b, lam, counts, k, float(omega), normalize == "softmax",
-                               float(temperature), int(_block_c_select or 0))
+    if torch.compiler.is_compiling():
+        return _rectify_compact_op(z, centers, label_a, label_b, lam, counts, k, float(omega),
+                                   normalize == "softmax", float(temperature), int(_block_c_select or 0))
+    return _launch(z, centers, label_a, label_b, lam, counts, float(omega), k, normalize == "softmax",
+                   float(temperature), False, True, _block_c_select)[1:]

@@ -17,8 +17,9 @@ gradients. Two target forms:
   backward writes the dense part of the gradient in one pass, then, after a block barrier,
   rewrites the K kept positions with their full gradient (indices in a row must be distinct).
 
-All four launches are ``torch.library`` custom ops with fake implementations and registered
-autograd, so they compose with ``torch.compile``.
+In eager mode each form runs through an ``autograd.Function`` (low per-call overhead); under
+``torch.compile`` through ``torch.library`` custom ops with fake implementations and
+registered autograd, which Dynamo can trace without graph breaks.
 """
 from __future__ import annotations
 
@@ -232,9 +233,13 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- dense target
+#
+# Two entry points share the launchers: in eager mode an ``autograd.Function`` (its Python
+# overhead per call is well below a custom op's, which matters at these sub-millisecond
+# sizes), under ``torch.compile`` the ``fastlt::`` custom ops, which Dynamo can put in a graph
+# through their fake implementations.
 
-@torch.library.custom_op("fastlt::soft_ce_forward", mutates_args=())
-def _soft_ce_forward(logits: Tensor, target: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd(logits: Tensor, target: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     b, c = logits.shape
     loss_rows = torch.empty(b, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(loss_rows)
@@ -243,7 +248,47 @@ def _soft_ce_forward(logits: Tensor, target: Tensor, bias: Tensor | None) -> tup
         _soft_ce_fwd_kernel[(b,)](logits, target, bias if bias is not None else logits, loss_rows, lse, tsum, c,
                                   logits.stride(0), target.stride(0), HAS_BIAS=bias is not None, **_row_config(c))
     # Mean over the batch from per-row losses: deterministic, unlike an atomic accumulation.
-    return loss_rows.sum() / b, lse, tsum
+    return loss_rows.mean(), lse, tsum
+
+
+def _bwd(grad: Tensor, logits: Tensor, target: Tensor, bias: Tensor | None, lse: Tensor, tsum: Tensor,
+         target_grad: bool) -> tuple[Tensor, Tensor]:
+    b, c = logits.shape
+    gx = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    gt = (torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad
+          else target.new_empty((0,)))
+    if b > 0:
+        _soft_ce_bwd_kernel[(b,)](grad.to(torch.float32).reshape(1), logits, target,
+                                  bias if bias is not None else logits, lse, tsum, gx, gt if target_grad else gx,
+                                  c, 1.0 / b, logits.stride(0), target.stride(0), gx.stride(0),
+                                  gt.stride(0) if target_grad else 0, HAS_BIAS=bias is not None,
+                                  WRITE_GT=target_grad, **_row_config(c))
+    return gx, gt
+
+
+def _grads(needs, gx, gt, bias):
+    need_x, need_t, need_bias = needs
+    grad_bias = gx.float().sum(0).to(bias.dtype) if need_bias else None
+    return (gx if need_x else None), (gt if need_t else None), grad_bias
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, bias):
+        loss, lse, tsum = _fwd(logits, target, bias)
+        ctx.save_for_backward(logits, target, bias, lse, tsum)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, bias, lse, tsum = ctx.saved_tensors
+        gx, gt = _bwd(grad_loss, logits, target, bias, lse, tsum, bool(ctx.needs_input_grad[1]))
+        return _grads(ctx.needs_input_grad, gx, gt, bias)
+
+
+@torch.library.custom_op("fastlt::soft_ce_forward", mutates_args=())
+def _soft_ce_forward(logits: Tensor, target: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd(logits, target, bias)
 
 
 @_soft_ce_forward.register_fake
@@ -256,17 +301,7 @@ def _(logits, target, bias):
 @torch.library.custom_op("fastlt::soft_ce_backward", mutates_args=())
 def _soft_ce_backward(grad: Tensor, logits: Tensor, target: Tensor, bias: Tensor | None, lse: Tensor,
                       tsum: Tensor, target_grad: bool) -> tuple[Tensor, Tensor]:
-    b, c = logits.shape
-    gx = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    gt = (torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad
-          else target.new_empty((0,)))
-    if b > 0:
-        _soft_ce_bwd_kernel[(b,)](grad.to(torch.float32).reshape(1), logits, target,
-                                  bias if bias is not None else logits, lse, tsum, gx, gt if target_grad else gx,
-                                  c, 1.0 / b, logits.stride(0), target.stride(0), gx.stride(0),
-                                  gt.stride(0) if target_grad else 0, HAS_BIAS=bias is not None,
-                                  WRITE_GT=target_grad, **_row_config(c))
-    return gx, gt
+    return _bwd(grad, logits, target, bias, lse, tsum, target_grad)
 
 
 @_soft_ce_backward.register_fake
@@ -285,10 +320,8 @@ def _soft_ce_setup_context(ctx, inputs, output):
 
 def _soft_ce_autograd_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
     logits, target, bias, lse, tsum = ctx.saved_tensors
-    need_x, need_t, need_bias = ctx.needs_input_grad
-    gx, gt = _soft_ce_backward(grad_loss, logits, target, bias, lse, tsum, bool(need_t))
-    grad_bias = gx.float().sum(0).to(bias.dtype) if need_bias else None
-    return (gx if need_x else None), (gt if need_t else None), grad_bias
+    gx, gt = _soft_ce_backward(grad_loss, logits, target, bias, lse, tsum, bool(ctx.needs_input_grad[1]))
+    return _grads(ctx.needs_input_grad, gx, gt, bias)
 
 
 torch.library.register_autograd("fastlt::soft_ce_forward", _soft_ce_autograd_backward,
@@ -327,15 +360,15 @@ def soft_cross_entropy_triton(logits: Tensor, target: Tensor, bias: Tensor | Non
     if not target.is_floating_point():
         raise ValueError(f"soft_cross_entropy: target must be a float soft label; got {target.dtype}")
     bias = _check_bias(bias, logits, "soft_cross_entropy")
-    loss, _, _ = _soft_ce_forward(logits, _rows_contiguous(target), bias)
-    return loss
+    target = _rows_contiguous(target)
+    if torch.compiler.is_compiling():
+        return _soft_ce_forward(logits, target, bias)[0]
+    return _SoftCrossEntropy.apply(logits, target, bias)
 
 
 # -------------------------------------------------------------------------- compact target
 
-@torch.library.custom_op("fastlt::soft_ce_compact_forward", mutates_args=())
-def _soft_ce_compact_forward(logits: Tensor, bias: Tensor | None, index: Tensor, weight: Tensor, gamma: Tensor,
-                             label_a: Tensor, label_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _compact_fwd(logits, bias, index, weight, gamma, label_a, label_b, lam):
     b, c = logits.shape
     k = index.shape[1]
     loss_rows = torch.empty(b, device=logits.device, dtype=torch.float32)
@@ -345,7 +378,46 @@ def _soft_ce_compact_forward(logits: Tensor, bias: Tensor | None, index: Tensor,
         _soft_ce_compact_fwd_kernel[(b,)](logits, bias if bias is not None else logits, index, weight, gamma,
                                           label_a, label_b, lam, loss_rows, lse, tsum, c, k, logits.stride(0),
                                           HAS_BIAS=bias is not None, **_row_config(c), **_k_config(k))
-    return loss_rows.sum() / b, lse, tsum
+    return loss_rows.mean(), lse, tsum
+
+
+def _compact_bwd(grad, logits, bias, index, weight, gamma, label_a, label_b, lam, lse, tsum):
+    b, c = logits.shape
+    k = index.shape[1]
+    gx = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if b > 0:
+        _soft_ce_compact_bwd_kernel[(b,)](grad.to(torch.float32).reshape(1), logits,
+                                          bias if bias is not None else logits, index, weight, gamma, label_a,
+                                          label_b, lam, lse, tsum, gx, c, k, 1.0 / b, logits.stride(0),
+                                          gx.stride(0), HAS_BIAS=bias is not None, **_row_config(c),
+                                          **_k_config(k))
+    return gx
+
+
+def _compact_check_needs(needs) -> None:
+    if any(needs[1:]):
+        raise RuntimeError("soft_cross_entropy_compact: gradients flow to the logits only; the compact label "
+                           "(and the bias) must not require grad. Detach them, or use the dense "
+                           "soft_cross_entropy.")
+
+
+class _SoftCrossEntropyCompact(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, index, weight, gamma, label_a, label_b, lam):
+        loss, lse, tsum = _compact_fwd(logits, bias, index, weight, gamma, label_a, label_b, lam)
+        ctx.save_for_backward(logits, bias, index, weight, gamma, label_a, label_b, lam, lse, tsum)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _compact_check_needs(ctx.needs_input_grad)
+        return (_compact_bwd(grad_loss, *ctx.saved_tensors),) + (None,) * 7
+
+
+@torch.library.custom_op("fastlt::soft_ce_compact_forward", mutates_args=())
+def _soft_ce_compact_forward(logits: Tensor, bias: Tensor | None, index: Tensor, weight: Tensor, gamma: Tensor,
+                             label_a: Tensor, label_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _compact_fwd(logits, bias, index, weight, gamma, label_a, label_b, lam)
 
 
 @_soft_ce_compact_forward.register_fake
@@ -359,16 +431,7 @@ def _(logits, bias, index, weight, gamma, label_a, label_b, lam):
 def _soft_ce_compact_backward(grad: Tensor, logits: Tensor, bias: Tensor | None, index: Tensor, weight: Tensor,
                               gamma: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, lse: Tensor,
                               tsum: Tensor) -> Tensor:
-    b, c = logits.shape
-    k = index.shape[1]
-    gx = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    if b > 0:
-        _soft_ce_compact_bwd_kernel[(b,)](grad.to(torch.float32).reshape(1), logits,
-                                          bias if bias is not None else logits, index, weight, gamma, label_a,
-                                          label_b, lam, lse, tsum, gx, c, k, 1.0 / b, logits.stride(0),
-                                          gx.stride(0), HAS_BIAS=bias is not None, **_row_config(c),
-                                          **_k_config(k))
-    return gx
+    return _compact_bwd(grad, logits, bias, index, weight, gamma, label_a, label_b, lam, lse, tsum)
 
 
 @_soft_ce_compact_backward.register_fake
@@ -383,13 +446,9 @@ def _compact_setup_context(ctx, inputs, output):
 
 
 def _compact_autograd_backward(ctx, grad_loss, _grad_lse, _grad_tsum):
-    logits, bias, index, weight, gamma, label_a, label_b, lam, lse, tsum = ctx.saved_tensors
-    if any(ctx.needs_input_grad[1:]):
-        raise RuntimeError("soft_cross_entropy_compact: gradients flow to the logits only; the compact label "
-                           "(and the bias) must not require grad. Detach them, or use the dense "
-                           "soft_cross_entropy.")
-    gx = _soft_ce_compact_backward(grad_loss, logits, bias, index, weight, gamma, label_a, label_b, lam, lse, tsum)
-    return gx, None, None, None, None, None, None, None
+    _compact_check_needs(ctx.needs_input_grad)
+    gx = _soft_ce_compact_backward(grad_loss, *ctx.saved_tensors)
+    return (gx,) + (None,) * 7
 
 
 torch.library.register_autograd("fastlt::soft_ce_compact_forward", _compact_autograd_backward,
@@ -403,8 +462,9 @@ def soft_cross_entropy_compact_triton(logits: Tensor, index: Tensor, weight: Ten
     logits = _check_logits(logits, "soft_cross_entropy_compact")
     bias = _check_bias(bias, logits, "soft_cross_entropy_compact")
     dev = logits.device
-    return _soft_ce_compact_forward(
-        logits, bias, index.to(dev, torch.int64).contiguous(),
-        weight.to(dev, torch.float32).contiguous(), gamma.to(dev, torch.float32).contiguous(),
-        label_a.to(dev, torch.int64).contiguous(), label_b.to(dev, torch.int64).contiguous(),
-        lam.to(dev, torch.float32).contiguous())[0]
+    args = (logits, bias, index.to(dev, torch.int64).contiguous(), weight.to(dev, torch.float32).contiguous(),
+            gamma.to(dev, torch.float32).contiguous(), label_a.to(dev, torch.int64).contiguous(),
+            label_b.to(dev, torch.int64).contiguous(), lam.to(dev, torch.float32).contiguous())
+    if torch.compiler.is_compiling():
+        return _soft_ce_compact_forward(*args)[0]
+    return _SoftCrossEntropyCompact.apply(*args)

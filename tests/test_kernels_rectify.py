@@ -255,14 +255,20 @@ def test_bad_inputs_raise(triton_backend):
 
 @needs_kernels
 def test_custom_op_is_registered_for_torch_compile(triton_backend):
-    """Schema, fake (meta) implementation and dispatch of the custom op (torch.library.opcheck)."""
+    """Schema, fake (meta) implementation and dispatch of the custom ops (torch.library.opcheck),
+    and the public function compiled with fullgraph=True."""
+    from fastlt.kernels import rectify  # noqa: F401  (registers the fastlt:: ops)
+
     z, centers, a, b, lam, counts = _inputs(7, 10, 16, 3, seed=23)
-    counts = counts.double()
+    torch.library.opcheck(torch.ops.fastlt.rectify_labels_compact.default,
+                          (z, centers, a, b, lam, counts, 3, OMEGA, True, 0.5, 0),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastlt.rectify_labels.default,
                           (z, centers, a, b, lam, counts, 3, OMEGA, False, 1.0, 0),
                           test_utils=("test_schema", "test_faketensor"))
-    out = torch.compile(lambda *t: torch.ops.fastlt.rectify_labels(*t, 3, OMEGA, False, 1.0, 0),
-                        backend="aot_eager", fullgraph=True)(z, centers, a, b, lam, counts)
+    # The public entry point, as a training step would call it, in one graph.
+    out = torch.compile(lambda *t: rectify_labels(*t, topk=3, omega=OMEGA), backend="aot_eager",
+                        fullgraph=True)(z, centers, a, b, lam, counts)
     _check(out, reference_rectify_labels(z, centers, a, b, lam, counts, topk=3, omega=OMEGA), "compiled")
 
 

@@ -160,6 +160,23 @@ def test_custom_ops_are_registered_for_torch_compile(triton_backend):
     _check(loss, want_loss, "compiled loss", **LOSS_TOL)
     _check(logits.grad, x.grad, "compiled ∂L/∂logits", **GRAD_TOL[torch.float32])
 
+    # The compact path too: label and loss in one graph.
+    z, centers, a, bb, lam, counts = _compact_inputs(7, 10, 3, seed=6)
+
+    def label_and_loss(x):
+        label = rectify_labels_compact(z, centers, a, bb, lam, counts, topk=3, omega=1.0)
+        return soft_cross_entropy_compact(x, label, bias)
+
+    x = logits.detach().clone().requires_grad_()
+    loss = torch.compile(label_and_loss, backend="aot_eager", fullgraph=True)(x)
+    loss.backward()
+    xr = logits.detach().clone().requires_grad_()
+    dense = reference_rectify_labels(z, centers, a, bb, lam, counts, topk=3, omega=1.0)
+    want = reference_soft_cross_entropy(xr, dense, bias)
+    want.backward()
+    _check(loss, want, "compiled compact loss", **LOSS_TOL)
+    _check(x.grad, xr.grad, "compiled compact ∂L/∂logits", **GRAD_TOL[torch.float32])
+
 
 # ------------------------------------------------------------------------------ compact label
 
