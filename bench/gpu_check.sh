@@ -54,6 +54,12 @@ run_step() {
 
 # ---------------------------------------------------------------------------- steps
 
+# 0. fastlt importable by the interpreter used here (editable install, no downloads), before
+#    any step imports it.
+if ! "$PY" -c "import fastlt.kernels, fastlt.pipelines" >/dev/null 2>&1; then
+    run_step fastlt_install 180 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+fi
+
 # 1. Machine and versions (also recorded inside every benchmark result).
 ENV_PY=$(cat <<'EOF'
 import json, os, platform, sys
@@ -101,9 +107,6 @@ run_step kernel_floors 60 "$PY" bench/check_floors.py "$OUT/bench_kernels.json"
 #    optimizer (FASTLT_BENCH_ENGINE=torch). The pipeline backend is `auto`: DALI only if it
 #    imports there (its wheels do not fit one call), else the torch DataLoader backend; every
 #    figure is labelled with its backend and engine. Figures and ratios: train_step_summary.json.
-if ! "$PY" -c "import fastlt.kernels, fastlt.pipelines" >/dev/null 2>&1; then
-    run_step fastlt_install 180 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
-fi
 TRAIN_ENGINE=torch
 if compgen -G ".whl/deepspeed-*.whl" >/dev/null; then
     run_step deepspeed_install 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
