@@ -20,7 +20,6 @@ Environment: ``FASTLT_BENCH_PIPELINE_ROUNDS`` (default 3) rounds per backend.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest

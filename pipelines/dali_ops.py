@@ -90,8 +90,8 @@ def crop_resize(img, window, size: int):
 
 def pad_crop(img, window, size: int):
     """RandomCrop(size, padding 4): the window may start at a negative offset; outside is zero."""
-    return fn.slice(img, start=fn.cast(window[0:2], dtype=types.INT32), shape=[size, size], axis_names="HW", out_of_bounds_policy="pad",
-                    fill_values=0)
+    return fn.slice(img, start=fn.cast(window[0:2], dtype=types.INT32), shape=[size, size], axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=0)
 
 
 def resize_full(img, size: int):

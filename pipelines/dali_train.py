@@ -44,7 +44,7 @@ from nvidia.dali import fn, pipeline_def
 
 from . import dali_ops as ops
 from .batch import TrainBatch, TrainPipelineSpec
-from .common import LOG, BadImageError, StreamPlan, cutmix_boxes, default_workers, image_source_name
+from .common import LOG, BadImageError, StreamPlan, default_workers, image_source_name
 from .dali_sources import BackgroundSource, ForegroundSource, SourceConfig, raise_from_worker
 from .torch_loader import _check_dataset
 
@@ -151,6 +151,12 @@ def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return out
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device ordinal for DALI: the explicit index, else the current device (set per
+    local rank by the trainer), never a silent GPU 0 on a multi-GPU node."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _pil_decodes(dataset, index: int) -> str | None:
     """None if PIL decodes image ``index`` fully, else why not (used to find a file a DALI decoder
     rejected, since DALI's error no longer knows which sample it came from)."""
@@ -167,7 +173,8 @@ def _pil_decodes(dataset, index: int) -> str | None:
 class DaliTrainPipeline:
     """Training batches of one rank from the DALI graph above.
 
-    ``spec.extra`` options: ``py_num_workers`` (Python reader processes, default 1), ``prefetch_queue_depth`` (2),
+    ``spec.extra`` options: ``py_num_workers`` (Python reader processes; default 1 on CPU,
+    max(2, num_workers // 2) on GPU), ``prefetch_queue_depth`` (2),
     ``py_start_method`` ("fork" on CPU; "spawn" by default on GPU, because forking a process
     that holds a CUDA context is unsafe), ``with_foreground`` (diagnostic output).
     """
@@ -186,7 +193,11 @@ class DaliTrainPipeline:
                                spec.background_sampler, spec.foreground_sampler)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.num_threads = max(1, default_workers(spec.num_workers))
-        self.py_workers = max(1, int(spec.extra.get("py_num_workers", 1)))
+        # Reader processes: one keeps up with the CPU graph here (a few hundred images/s); a GPU
+        # graph consumes thousands per second, so there the readers scale with the workers.
+        gpu = self._device.type == "cuda"
+        default_readers = max(2, spec.num_workers // 2) if gpu else 1
+        self.py_workers = max(1, int(spec.extra.get("py_num_workers", default_readers)))
         self.prefetch = int(spec.extra.get("prefetch_queue_depth", 2))
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
         self.tables, self.stage_augs, self.num_bins = ops.augment_tables(spec.recipe, spec.image_size,
@@ -221,7 +232,7 @@ class DaliTrainPipeline:
                             std=list(s.std), device="gpu" if gpu else "cpu",
                             with_foreground=self.with_foreground,
                             batch_size=s.batch_size, num_threads=self.num_threads,
-                            device_id=(self._device.index or 0) if gpu else None, seed=s.seed + s.rank,
+                            device_id=cuda_index(self._device) if gpu else None, seed=s.seed + s.rank,
                             py_num_workers=self.py_workers, py_start_method=start,
                             prefetch_queue_depth=self.prefetch)
         pipe.build()

@@ -20,7 +20,7 @@ from . import dali_ops as ops
 from .batch import ValPipelineSpec
 from .common import LOG, BadImageError, check_encoded_image, default_workers, image_source_name
 from .dali_sources import raise_from_worker
-from .dali_train import _pil_decodes, quiet_dali_build, to_torch
+from .dali_train import _pil_decodes, cuda_index, quiet_dali_build, to_torch
 from .torch_loader import _check_dataset
 from .transforms import val_resize_size
 
@@ -127,7 +127,7 @@ class DaliValPipeline:
         with quiet_dali_build():
             pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, mean=list(s.mean), std=list(s.std),
                               device="gpu" if gpu else "cpu", batch_size=s.batch_size, num_threads=self.num_threads,
-                              device_id=(self._device.index or 0) if gpu else None, py_num_workers=1,
+                              device_id=cuda_index(self._device) if gpu else None, py_num_workers=1,
                               py_start_method="spawn" if gpu else "fork")
             pipe.build()
         self._pipe = pipe
