@@ -35,9 +35,13 @@ def kernel_device() -> str:
 
 
 def prepare_interpreter() -> None:
-    """Switch the interpreter on for CPU runs, if triton has not been imported yet."""
+    """Switch the interpreter on for CPU runs, if triton has not been imported yet.
+
+    The variable stays set for the rest of the process: triton reads it again lazily (e.g.
+    when it first imports its gluon modules), and they must agree with its standard library.
+    """
     if kernel_device() == "cpu" and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def skip_reason_in_process() -> str | None:
