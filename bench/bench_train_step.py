@@ -218,8 +218,6 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
     engine_kind = select_engine()
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, len(class_counts))
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds.precision)
     # As in Trainer._setup: DeepSpeed's bf16/fp16 modes hold low-precision weights and take
     # inputs of that dtype; autocast and fp32 take fp32 inputs.
@@ -239,12 +237,18 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1))
+        if cfg.model.channels_last:
+            # After initialize, as Trainer._setup does: DeepSpeed broadcasts the parameters as
+            # byte views, which needs them contiguous.
+            engine.module.to(memory_format=torch.channels_last)
         label = f"deepspeed {deepspeed.__version__} ({ds.precision}{' autocast' if low and ds.autocast else ''})"
     else:
         if low is not None and not ds.autocast:
             raise ValueError(f"deepspeed.precision={ds.precision} without autocast needs DeepSpeed's "
                              "low-precision weights; set deepspeed.autocast=true or install DeepSpeed")
         model = model.to(device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         engine = TorchEngine(model, optimizer, low)
@@ -415,6 +419,8 @@ def test_step_published(benchmark, case, case_data):
 
     cfg, data = case_data
     m = cfg.method
+    if case.device == "cuda":
+        torch.cuda.empty_cache()  # the fp32 baseline needs the memory the model-only step cached
     torch.manual_seed(cfg.run.seed)
     model = BCLModel(cfg.model.backbone, data.num_classes, feat_dim=cfg.model.feat_dim, use_norm=cfg.model.use_norm,
                      hidden_dim=cfg.model.hidden_dim, **cfg.model.backbone_kwargs).to(case.device).train()
