@@ -436,6 +436,11 @@ class Config:
                               f"{self.data.image_size}. Set data.image_size=32 or data.augment_recipe=imagenet")
         if self.data.kind == "cifar" and self.data.augment_recipe != "cifar":
             raise ConfigError("data.augment_recipe: CIFAR data needs the cifar view recipe; set data.augment_recipe=cifar")
+        ds = self.deepspeed
+        if self.model.channels_last and (ds.zero_stage > 0 or (ds.precision != "fp32" and not ds.autocast)):
+            raise ConfigError("model.channels_last: needs deepspeed.zero_stage 0 and fp32 or autocast precision "
+                              "(ZeRO and DeepSpeed's bf16/fp16 mode keep parameters in flat contiguous buffers); "
+                              f"got zero_stage {ds.zero_stage}, precision {ds.precision}, autocast {ds.autocast}")
         if self.optim.milestones and self.optim.milestones[-1] >= self.optim.epochs and self.optim.schedule == "step":
             raise ConfigError(f"optim.milestones: {self.optim.milestones} reaches past optim.epochs "
                               f"({self.optim.epochs}); milestones must be < epochs")

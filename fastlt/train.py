@@ -277,6 +277,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             out["bf16"] = {"enabled": True}
         else:
             out["fp16"] = {"enabled": True, "initial_scale_power": ds.loss_scale_power, "loss_scale": 0}
+        if not ds.autocast:
+            # The whole model in low precision, BatchNorm statistics included: DeepSpeed would
+            # otherwise leave buffers fp32, which BatchNorm's CPU kernels refuse next to bf16 inputs.
+            out["data_types"] = {"buffer_dtype": "bf16" if ds.precision == "bf16" else "fp16"}
     _merge(out, ds.extra)
     return out
 
@@ -486,8 +490,6 @@ class Trainer:
         num_classes = self.data.num_classes
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
         model = build_model(cfg, num_classes)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         self.signature = model_signature(model, cfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
@@ -495,6 +497,12 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         install_safe_checkpoint_engine(self.engine)
+        if cfg.model.channels_last:
+            # After initialize: DeepSpeed broadcasts parameters as byte views, which needs them
+            # contiguous. Parameters keep their identity (only .data changes), so the optimizer
+            # still holds them; the config allows this only without ZeRO / DeepSpeed bf16-fp16 mode,
+            # whose flat buffers must stay contiguous.
+            self.engine.module.to(memory_format=torch.channels_last)
         self.dev = torch.device(self.device, self.local_rank) if self.device == "cuda" else torch.device("cpu")
         # DeepSpeed's bf16/fp16 modes hold low-precision weights, so inputs must match; autocast and
         # fp32 take fp32 inputs.

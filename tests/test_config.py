@@ -195,6 +195,14 @@ def test_invalid_values_are_rejected_with_the_key(tmp_path, override, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize("overrides", [["deepspeed.zero_stage=1"],
+                                       ["deepspeed.precision=bf16", "deepspeed.autocast=false"]])
+def test_channels_last_needs_unflattened_parameters(tmp_path, overrides):
+    load_config(_write(tmp_path, SYNTH), ["model.channels_last=true", "deepspeed.precision=bf16"])  # autocast: fine
+    with pytest.raises(ConfigError, match="model.channels_last"):
+        load_config(_write(tmp_path, SYNTH), ["model.channels_last=true", *overrides])
+
+
 def test_step_schedule_milestone_past_the_end_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="optim.milestones"):
         load_config(_write(tmp_path, SYNTH), ["optim.schedule=step", "optim.epochs=10", "optim.milestones=[5, 10]"])
@@ -266,6 +274,7 @@ def test_deepspeed_config_from_ours(tmp_path):
     assert ds["train_batch_size"] == 32 * 2 * 4
     assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 5.0
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and "torch_autocast" not in ds
+    assert ds["data_types"] == {"buffer_dtype": "bf16"}  # BatchNorm statistics follow the weights
     assert "optimizer" not in ds  # the client SGD is used, never a DeepSpeed (JIT-built) fused optimizer
 
     auto = deepspeed_config(_cfg(tmp_path, "deepspeed.precision=fp16"), 1)

@@ -59,7 +59,7 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
                 "keep_last": 2, "progress_bar": True},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     return cfg
 
 
@@ -259,6 +259,23 @@ def test_existing_run_needs_resume_and_missing_data_is_one_message(base_run, tmp
     assert len(err) == 1 and err[0].startswith("fastlt: error: data.root: ") and "no-such-dataset" in err[0], err
     proc = fastlt("--config", base_run["config"], "--set", "optim.lrr=0.1", check_rc=2)
     assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'" in proc.stderr
+
+
+def test_bf16_zero2_accumulation_and_clipping_run_end_to_end(tmp_path, data_root):
+    """DeepSpeed's own bf16 mode (bf16 weights and BatchNorm buffers), ZeRO-2, 2 micro-steps per
+    optimizer step and gradient clipping; then a resume that reads the ZeRO shards back."""
+    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 2},
+                      deepspeed={"precision": "bf16", "autocast": False, "zero_stage": 2, "grad_accum_steps": 2,
+                                 "grad_clip": 1.0},
+                      run={"name": "bf16", "log_every": 1, "eval_every": 2, "max_steps_per_epoch": 4})
+    path = write_config(tmp_path / "bf16.yaml", cfg)
+    fastlt("--config", path, "--set", "optim.epochs=1")
+    steps = [r["global_step"] for r in events(tmp_path / "bf16", "train")]
+    assert steps == [0, 1, 1, 2]  # global optimizer steps after each micro-step: one per 2
+    assert torch.load(tmp_path / "bf16" / "last.pt", weights_only=True)["model"]["fc.weight"].dtype == torch.bfloat16
+    proc = fastlt("--config", path, "--resume", "auto")
+    assert "resumed from" in proc.stdout and "global step 2" in proc.stdout
+    assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["history"][-1]["epoch"] == 1
 
 
 # --------------------------------------------------------------------------------------
