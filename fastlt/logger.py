@@ -1,7 +1,9 @@
 """Run logging for the trainer: rank 0 only, for people and for machines (STYLE "Logs").
 
-* one fixed-field line per log interval — epoch, step, CE, SCL, loss, lr, img/s and the
-  share of step time spent waiting for data — printed and appended to ``train.log``;
+* one fixed-field line per log interval — epoch, step, CE, SCL, loss, lr, img/s (training
+  samples per second over all ranks; each sample is three views through the model) and the
+  share of the interval's wall time spent waiting for the next batch — printed and appended
+  to ``train.log``;
 * the same record as one JSON object per line in ``log.jsonl`` (``"event": "train"``),
   next to the other events (``eval``, ``checkpoint``, ``info``, ...);
 * a tqdm progress bar only when stdout is a terminal (never in CI logs or files).

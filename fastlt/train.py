@@ -486,6 +486,8 @@ class Trainer:
         self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar)
         self._save_resolved_config()
 
+        if cfg.data.kind == "synthetic":
+            self.log.info(f"synthetic dataset in {cfg.data.root} (generated on first use, then reused from there)")
         self.data = build_datasets(cfg, rank=self.rank, local_rank=self.local_rank)
         num_classes = self.data.num_classes
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)

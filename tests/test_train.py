@@ -261,6 +261,19 @@ def test_existing_run_needs_resume_and_missing_data_is_one_message(base_run, tmp
     assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'" in proc.stderr
 
 
+def test_demo_command_prints_the_four_accuracies_and_the_run_directory(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 1}, run={"max_steps_per_epoch": 2})
+    proc = fastlt("demo", "--config", write_config(tmp_path / "demo.yaml", cfg), module="fastlt.cli")
+    runs = list(tmp_path.glob("demo-*"))
+    assert len(runs) == 1  # a fresh, timestamped run directory, so repeated demos never collide
+    final = json.loads((runs[0] / "metrics.json").read_text())["final"]
+    out = proc.stdout
+    assert re.search(r"accuracy \(%\) +overall [\d.]+ \| many nan \| medium [\d.]+ \| few [\d.]+", out), out
+    assert f"overall {final['overall']:.2f}" in out
+    assert "chance level      16.67" in out and f"run directory     {runs[0]}" in out
+    assert "6 classes: 0 many-shot, 3 medium-shot, 3 few-shot" in out
+
+
 def test_bf16_zero2_accumulation_and_clipping_run_end_to_end(tmp_path, data_root):
     """DeepSpeed's own bf16 mode (bf16 weights and BatchNorm buffers), ZeRO-2, 2 micro-steps per
     optimizer step and gradient clipping; then a resume that reads the ZeRO shards back."""
