@@ -31,8 +31,8 @@ import numpy as np
 
 from fastlt.cutmix import area_lambda, sample_box
 
-__all__ = ["Stream", "StreamPlan", "Substitutes", "BadImageError", "cutmix_boxes", "keyed_rng", "keyed_seed",
-           "check_encoded_image", "image_source_name", "LOG"]
+__all__ = ["Stream", "StreamPlan", "Substitutes", "BadImageError", "EXTRA_KEYS", "check_extra", "cutmix_boxes",
+           "keyed_rng", "keyed_seed", "check_encoded_image", "image_source_name", "LOG"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -260,6 +260,32 @@ def load_with_policy(dataset, index: int, key: Sequence[int], on_error: str, sub
             current = nxt
     raise BadImageError(f"image {image_source_name(dataset, int(index))} is bad and no readable image of its class "
                         f"{int(substitutes._labels[index])} could replace it (tried: {'; '.join(skipped)})")
+
+
+#: ``TrainPipelineSpec.extra`` keys understood by some backend (each documents its own); both
+#: backends accept all of them, so switching ``pipeline.backend`` never breaks a config.
+EXTRA_KEYS = {
+    "with_foreground": "add the pre-paste foreground view to each batch (tests, diagnostics)",
+    "prefetch_factor": "torch: steps each DataLoader worker prepares ahead (default 2)",
+    "py_num_workers": "dali: Python reader processes (default 1 on CPU, max(2, num_workers // 2) on GPU)",
+    "prefetch_queue_depth": "dali: batches prepared ahead (default 2)",
+    "py_start_method": "dali: 'fork' or 'spawn' for the reader processes (default fork on CPU, spawn on GPU)",
+}
+
+
+def check_extra(extra: dict) -> None:
+    """Reject misspelled ``pipeline.extra`` keys instead of silently ignoring them."""
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        import difflib
+
+        hints = "; ".join(f"{k!r} (did you mean {difflib.get_close_matches(k, EXTRA_KEYS, 1)[0]!r}?)"
+                          if difflib.get_close_matches(k, EXTRA_KEYS, 1) else repr(k) for k in unknown)
+        allowed = "; ".join(f"{k}: {v}" for k, v in EXTRA_KEYS.items())
+        raise ValueError(f"pipeline.extra has unknown key(s) {hints}. Allowed: {allowed}")
+    method = extra.get("py_start_method")
+    if method is not None and method not in ("fork", "spawn"):
+        raise ValueError(f"pipeline.extra.py_start_method must be 'fork' or 'spawn'; got {method!r}")
 
 
 def default_workers(requested: int) -> int:

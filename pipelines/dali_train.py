@@ -44,7 +44,7 @@ from nvidia.dali import fn, pipeline_def
 
 from . import dali_ops as ops
 from .batch import TrainBatch, TrainPipelineSpec
-from .common import LOG, BadImageError, StreamPlan, default_workers, image_source_name
+from .common import LOG, BadImageError, StreamPlan, check_extra, default_workers, image_source_name
 from .dali_sources import BackgroundSource, ForegroundSource, SourceConfig, raise_from_worker
 from .torch_loader import _check_dataset
 
@@ -183,6 +183,7 @@ class DaliTrainPipeline:
 
     def __init__(self, spec: TrainPipelineSpec):
         _check_dataset(spec)
+        check_extra(spec.extra)
         if spec.device not in ("cpu", "cuda") and not str(spec.device).startswith("cuda:"):
             raise ValueError(f"pipeline device must be 'cpu' or 'cuda'; got {spec.device!r}")
         self.spec = spec

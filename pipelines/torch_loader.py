@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batch import TrainBatch, TrainPipelineSpec, ValPipelineSpec
-from .common import LOG, Stream, StreamPlan, Substitutes, cutmix_boxes, default_workers, keyed_seed, load_with_policy
+from .common import (LOG, Stream, StreamPlan, Substitutes, check_extra, cutmix_boxes, default_workers, keyed_seed,
+                     load_with_policy)
 from .transforms import train_view_transforms, val_transform
 
 __all__ = ["TorchTrainPipeline", "TorchValPipeline", "image_loader"]
@@ -136,6 +137,7 @@ class TorchTrainPipeline:
 
     def __init__(self, spec: TrainPipelineSpec):
         _check_dataset(spec)
+        check_extra(spec.extra)
         self.spec = spec
         self.plan = StreamPlan(spec.dataset.labels, spec.batch_size, spec.seed, spec.rank, spec.world_size,
                                spec.background_sampler, spec.foreground_sampler)

@@ -411,6 +411,10 @@ def test_bad_arguments(train_ds):
         make(train_ds, batch_size=10_000)
     with pytest.raises(ValueError, match="recipe 'cifar' needs"):
         make(train_ds, recipe="cifar")
+    with pytest.raises(ValueError, match="py_start_method must be 'fork' or 'spawn'"):
+        make(train_ds, extra={"py_start_method": "forkserver"})
+    with pytest.raises(ValueError, match="did you mean 'py_num_workers'"):
+        make(train_ds, extra={"py_num_worker": 2})
     p = make(train_ds)
     try:
         with pytest.raises(ValueError, match="epoch"):

@@ -282,6 +282,8 @@ def test_bad_arguments(train_ds):
         select_backend("tensorflow")
     with pytest.raises(ValueError, match="epoch"):
         next(iter(make(train_ds).epoch(-1)))
+    with pytest.raises(ValueError, match="'with_forground' \\(did you mean 'with_foreground'"):
+        make(train_ds, extra={"with_forground": True})
 
 
 def test_explicit_dali_without_dali_raises(monkeypatch):
