@@ -12,6 +12,10 @@ backend is chosen in one place, :func:`select_backend`.
 * :func:`rectify_labels_compact` / :func:`soft_cross_entropy_compact` — the label as K
   indices and weights plus (γ, a, b, λ), so no B×C label exists between the two steps.
 
+Tooling: :mod:`fastlt.kernels.aot` compiles every kernel for a GPU architecture without a
+GPU (``python -m fastlt.kernels.aot --arch 90``); :mod:`fastlt.kernels.testing` runs the
+parity tests in Triton's interpreter on CPU.
+
 Importing this package does not import triton: the kernel modules are imported only once
 :func:`select_backend` has chosen Triton, so users without triton can ``import fastlt``.
 """
