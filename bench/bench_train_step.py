@@ -85,6 +85,8 @@ class StepCase:
     rounds: int
     warmup: int
     """Warm-up rounds (not measured): first batches, worker start-up, cuDNN autotuning."""
+    threads: int | None = None
+    """torch intra-op threads of the benchmark process (None: as the trainer sets them)."""
     notes: tuple = field(default_factory=tuple)
 
     def timing(self) -> tuple[int, int, int]:
@@ -129,8 +131,13 @@ def _gpu_case(name: str, backbone: str, channels_last: bool) -> StepCase:
 
 
 CASES = [
+    # One intra-op thread: the model gets one core and the data workers the other, as on a GPU
+    # machine the model has the device and the data the host cores. With two threads, every
+    # OpenMP barrier stalls while another process holds a core, and on this shared 2-core
+    # machine the step time varied tenfold with the load.
     StepCase(
-        name="cpu-resnet32-32px-b32", device="cpu", steps=3, rounds=5, warmup=1,
+        name="cpu-resnet32-32px-b32", device="cpu", steps=2, rounds=4, warmup=1, threads=1,
+        notes=("main process with 1 torch thread; data workers on the other core",),
         config=dict(
             model=dict(backbone="resnet32", feat_dim=128, use_norm=False),
             data=dict(kind="synthetic", root="data_cache/bench-step-cpu",
@@ -355,7 +362,11 @@ def case(request):
         pytest.skip(f"{c.name}: needs a CUDA device (run bench/gpu_check.sh on a GPU machine)")
     if c.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer and the published code set it
+    threads = torch.get_num_threads()
+    if c.threads:
+        torch.set_num_threads(c.threads)
     yield c
+    torch.set_num_threads(threads)
     RESULTS.pop(c.name, None)
     gc.collect()
     if c.device == "cuda":
@@ -372,9 +383,13 @@ def case_data(case):
 
 
 @pytest.fixture(scope="module")
-def fastlt_step(case_data):
+def fastlt_step(case, case_data):
     cfg, data = case_data
-    return build_fastlt_step(cfg, data.class_counts)
+    step = build_fastlt_step(cfg, data.class_counts)
+    if case.threads:
+        # After the build: the trainer's process setup sets the thread count (cores per rank).
+        torch.set_num_threads(case.threads)
+    return step
 
 
 def _run(benchmark, case, kind: str, fetch, step, *, backend: str, engine: str, extra: dict | None = None) -> dict:
@@ -389,6 +404,7 @@ def _run(benchmark, case, kind: str, fetch, step, *, backend: str, engine: str, 
             "precision": cfg.deepspeed.precision if kind != "published" else "fp32",
             "channels_last": cfg.model.channels_last if kind != "published" else False,
             "num_classes": cfg.data.synthetic.num_classes, "steps_per_round": steps,
+            "torch_threads": torch.get_num_threads(), "data_workers": cfg.pipeline.num_workers,
             "images_counted": "classification images, B per step (contrastive views not counted)",
             "data_stall_definition": "host time blocked on the next batch / round time",
             **result, **(extra or {})}
