@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,8 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test; got {split!r}")
     device = resolve_device(cfg.run.device)
+    if device == "cpu":  # the safe loader imports DeepSpeed's checkpoint classes; no accelerator probing
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     data = build_datasets(cfg)
     dataset = data.val if split == "val" else data.test
     if dataset is None:
