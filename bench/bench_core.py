@@ -16,6 +16,16 @@ from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 B, C, D = 256, 1000, 1024
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second OpenMP thread waits on a
+    descheduled peer and swamps millisecond operations; both sides of each ratio run alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def label_inputs():
     g = torch.Generator().manual_seed(0)
