@@ -89,6 +89,22 @@ def _similarity_kernel(z_ptr, c_ptr, s_ptr, B, C, D,
 
 
 @jit
+def _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX: tl.constexpr):
+    """One tile of a row: which similarities are kept (above the K-th value, or equal to it and
+    among the first ``need`` such in index order) and their unnormalised weights (s, or
+    exp((s − max)/T) for softmax). Returns (keep, weights, ties seen up to this tile's end)."""
+    s = tl.load(s_row + cols, mask=pmask, other=-1.0)
+    bits = s.to(tl.int32, bitcast=True)
+    tie = (bits == thresh).to(tl.int32)
+    keep = (bits > thresh) | ((tie != 0) & (ties_before + tl.cumsum(tie, axis=0) - tie < need))
+    if SOFTMAX:
+        v = tl.exp((s - s_max) * inv_temp)
+    else:
+        v = s
+    return keep, v, ties_before + tl.sum(tie, axis=0)
+
+
+@jit
 def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
                    idx_ptr, w_ptr, gamma_ptr,
                    C, K, stride_sb, stride_ob, omega, inv_temp,
@@ -174,15 +190,7 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
     for t in range(NUM_P_TILES):
         cols = t * BLOCK_P + offs_p
         pmask = cols < C
-        s = tl.load(s_row + cols, mask=pmask, other=-1.0)
-        bits = s.to(tl.int32, bitcast=True)
-        tie = (bits == thresh).to(tl.int32)
-        keep = (bits > thresh) | ((tie != 0) & (ties_before + tl.cumsum(tie, axis=0) - tie < need))
-        ties_before += tl.sum(tie, axis=0)
-        if SOFTMAX:
-            v = tl.exp((s - s_max) * inv_temp)
-        else:
-            v = s
+        keep, v, ties_before = _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX)
         total += tl.sum(tl.where(keep, v, 0.0), axis=0)
 
     # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Every row sums
@@ -212,15 +220,7 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
     for t in range(NUM_P_TILES):
         cols = t * BLOCK_P + offs_p
         pmask = cols < C
-        s = tl.load(s_row + cols, mask=pmask, other=-1.0)
-        bits = s.to(tl.int32, bitcast=True)
-        tie = (bits == thresh).to(tl.int32)
-        keep = (bits > thresh) | ((tie != 0) & (ties_before + tl.cumsum(tie, axis=0) - tie < need))
-        ties_before += tl.sum(tie, axis=0)
-        if SOFTMAX:
-            v = tl.exp((s - s_max) * inv_temp)
-        else:
-            v = s
+        keep, v, ties_before = _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX)
         w = tl.where(keep, v / total, 0.0)
         if WRITE_DENSE:
             y = tl.where(cols == a, lam, 0.0) + tl.where(cols == b, one_minus, 0.0)
