@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastlt", "fastlt.kernels", "fastlt.pipelines"],
+    packages=["fastlt", "fastlt.data", "fastlt.models", "fastlt.kernels", "fastlt.pipelines"],
     package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines"},
     install_requires=[
         "torch>=2.4,<2.15",

@@ -1,4 +1,4 @@
-"""Core-library benchmarks (issue 2): the vectorised PyTorch paths against the literal spec
+"""Core-library benchmarks: the vectorised PyTorch paths against the literal spec
 formulations of tests/spec_formulas.py, on whatever device runs them (CPU in CI machines).
 
 * rectify_labels (norm expansion, no B×C×D tensor) vs the dense B×C×D broadcast at

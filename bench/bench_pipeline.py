@@ -1,4 +1,4 @@
-"""Training-pipeline throughput (issue 5): the DALI CPU graph against the torch DataLoader
+"""Training-pipeline throughput: the DALI CPU graph against the torch DataLoader
 backend on this machine, same recipe, same cores, same data.
 
 Both backends produce the full training batch of ARCHITECTURE §3 at 224 px with the

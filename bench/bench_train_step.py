@@ -1,10 +1,10 @@
-"""Train-step throughput (issue 6): how many training images per second the whole fastlt step
+"""Train-step throughput: how many training images per second the whole fastlt step
 sustains, next to what the model alone allows and to the published implementation's step.
 
 For each case (a recipe at a batch size, on one device) three steps are timed (in the order
 1, 3, 2, so that the last test of a case can report the ratios):
 
-1. ``test_step_model_only``: fastlt's step (``fastlt.train.train_step``: one forward over the
+1. ``test_step_model_only``: fastlt's step (``fastlt.objective.train_step``: one forward over the
    three views, rectified label, LA-CE + BalSCL, backward, optimizer step, through the same
    engine as the trainer) on synthetic tensors already on the device: the ceiling.
 2. ``test_step_fastlt``: the same step fed by fastlt's real training pipeline (the backend
@@ -35,7 +35,7 @@ machine) and, skipped without CUDA, ``cuda-resnext50-224px-b128-bf16-cl`` (ResNe
 
 Environment:
     FASTLT_BENCH_ENGINE = auto | deepspeed | torch
-        the fastlt step's engine: DeepSpeed (what ``fastlt.train`` uses; ``auto`` takes it when it
+        the fastlt step's engine: DeepSpeed (what the trainer uses; ``auto`` takes it when it
         imports) or a plain torch optimizer with the same forward/backward/step (``torch``: where
         DeepSpeed is not installed). An explicit ``deepspeed`` that cannot be met is an error.
     FASTLT_PIPELINE = dali | torch
@@ -163,7 +163,7 @@ CASES = [
 
 
 class TorchEngine:
-    """What ``fastlt.train.train_step`` calls on a DeepSpeed engine (forward, ``backward``,
+    """What ``fastlt.objective.train_step`` calls on a DeepSpeed engine (forward, ``backward``,
     ``step``), on a plain ``torch.optim`` optimizer, for machines without DeepSpeed. Mixed
     precision is autocast around the forward, as DeepSpeed's ``torch_autocast`` does."""
 
@@ -202,7 +202,7 @@ def select_engine(requested: str | None = None) -> str:
 
 @dataclass
 class FastltStep:
-    """fastlt's model, engine and objective for one case, built the way ``fastlt.train.Trainer`` builds them."""
+    """fastlt's model, engine and objective for one case, built with the functions the trainer uses."""
 
     cfg: Config
     engine: object
@@ -212,58 +212,51 @@ class FastltStep:
     engine_label: str
 
     def __call__(self, batch):
-        from fastlt.train import train_step
+        from fastlt.objective import train_step
 
         return train_step(self.engine, self.objective, batch, rectify=True,
                           channels_last=self.cfg.model.channels_last, input_dtype=self.input_dtype)
 
 
 def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
-    from fastlt.train import ConCutMixObjective, build_model, deepspeed_config
+    from fastlt.engine import precision_of
+    from fastlt.models import build_model
+    from fastlt.objective import ConCutMixObjective
+    from fastlt.schedule import build_optimizer
 
     device = cfg.run.device
-    ds = cfg.deepspeed
     engine_kind = select_engine()
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, len(class_counts))
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds.precision)
-    # As in Trainer._setup: DeepSpeed's bf16/fp16 modes hold low-precision weights and take
-    # inputs of that dtype; autocast and fp32 take fp32 inputs.
-    input_dtype = low if (low is not None and not ds.autocast) else None
+    precision = precision_of(cfg.deepspeed)
     if engine_kind == "deepspeed":
-        import fastlt.train as T
+        import deepspeed
+
+        from fastlt import distributed as dist
+        from fastlt.engine import build_engine
 
         bound = os.environ.get("DS_ACCELERATOR")
         if torch.distributed.is_initialized() and bound not in (None, device):
             pytest.skip(f"DeepSpeed in this process is bound to the {bound} accelerator; run the cpu and cuda "
                         "cases in separate processes (pytest -k cpu / -k cuda)")
-        T._prepare_process_env(device)
+        dist.prepare_process_env(device)
         if not torch.distributed.is_initialized():
-            T._init_distributed(device)
-        import deepspeed
-
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                    weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1))
-        if cfg.model.channels_last:
-            # After initialize, as Trainer._setup does: DeepSpeed broadcasts the parameters as
-            # byte views, which needs them contiguous.
-            engine.module.to(memory_format=torch.channels_last)
-        label = f"deepspeed {deepspeed.__version__} ({ds.precision}{' autocast' if low and ds.autocast else ''})"
+            dist.init_distributed(device, dist.process_info())
+        engine, _ = build_engine(cfg, model, world_size=1)
+        label = (f"deepspeed {deepspeed.__version__} "
+                 f"({cfg.deepspeed.precision}{' autocast' if precision.autocast_dtype is not None else ''})")
     else:
-        if low is not None and not ds.autocast:
-            raise ValueError(f"deepspeed.precision={ds.precision} without autocast needs DeepSpeed's "
+        if cfg.deepspeed.low_precision_weights:
+            raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision} without autocast needs DeepSpeed's "
                              "low-precision weights; set deepspeed.autocast=true or install DeepSpeed")
         model = model.to(device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                    weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-        engine = TorchEngine(model, optimizer, low)
-        label = f"torch optimizer, no DeepSpeed ({ds.precision}{' autocast' if low else ''})"
+        engine = TorchEngine(model, build_optimizer(cfg.optim, model.parameters()), precision.autocast_dtype)
+        label = f"torch optimizer, no DeepSpeed ({cfg.deepspeed.precision}{' autocast' if precision.autocast_dtype else ''})"
     engine.train()
-    objective = ConCutMixObjective(cfg, class_counts).to(device)
-    return FastltStep(cfg, engine, objective, torch.device(device), input_dtype, label)
+    objective = ConCutMixObjective(cfg.method, class_counts).to(device)
+    return FastltStep(cfg, engine, objective, torch.device(device), precision.input_dtype, label)
 
 
 # --------------------------------------------------------------------------------------
@@ -271,7 +264,7 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
 # --------------------------------------------------------------------------------------
 
 
-def synthetic_batch(cfg: Config, num_classes: int, device) -> "TrainBatch":  # noqa: F821
+def synthetic_batch(cfg: Config, num_classes: int, device):
     """A TrainBatch of random tensors already on ``device``; every sample mixed (the label
     rectification runs on all of them, as after the warm-up)."""
     from fastlt.pipelines import TrainBatch
@@ -286,21 +279,11 @@ def synthetic_batch(cfg: Config, num_classes: int, device) -> "TrainBatch":  # n
 
 
 def fastlt_pipeline(cfg: Config, dataset):
-    """fastlt's training pipeline for ``cfg``, with the spec Trainer._setup builds (one rank)."""
-    from fastlt.pipelines import TrainPipelineSpec, build_train_pipeline, select_backend
-    from fastlt.train import normalization
+    """fastlt's training pipeline for ``cfg``, with the spec the trainer builds (one rank)."""
+    from fastlt.pipelines import build_train_pipeline, select_backend, train_spec
 
-    mean, std = normalization(cfg)
-    backend = select_backend(cfg.pipeline.backend)
-    spec = TrainPipelineSpec(
-        dataset=dataset, recipe=cfg.data.augment_recipe, image_size=cfg.data.image_size,
-        batch_size=cfg.data.batch_size, background_sampler=cfg.data.background_sampler,
-        foreground_sampler=cfg.data.foreground_sampler, seed=cfg.run.seed, rank=0, world_size=1,
-        cutmix_prob=cfg.method.cutmix_prob, cutmix_per_sample=cfg.method.cutmix_per_sample,
-        cutmix_alpha=cfg.method.cutmix_alpha, randaugment=cfg.data.randaugment, mean=mean, std=std,
-        num_workers=cfg.pipeline.num_workers, device=cfg.run.device, on_error=cfg.data.on_error,
-        extra=dict(cfg.pipeline.extra))
-    return build_train_pipeline(spec, backend)
+    spec = train_spec(cfg, dataset, batch_size=cfg.data.batch_size, device=cfg.run.device)
+    return build_train_pipeline(spec, select_backend(cfg.pipeline.backend))
 
 
 def endless(epochs):
@@ -376,7 +359,7 @@ def case(request):
 
 @pytest.fixture(scope="module")
 def case_data(case):
-    from fastlt.train import build_datasets
+    from fastlt.data.build import build_datasets
 
     cfg = case.cfg()
     data = build_datasets(cfg)
@@ -431,7 +414,7 @@ def test_step_model_only(benchmark, case, case_data, fastlt_step):
 
 
 def test_step_published(benchmark, case, case_data):
-    from fastlt.models import BCLModel
+    from fastlt.models import build_model
     from published_baseline import PublishedStep, published_loaders
 
     cfg, data = case_data
@@ -439,8 +422,7 @@ def test_step_published(benchmark, case, case_data):
     if case.device == "cuda":
         torch.cuda.empty_cache()  # the fp32 baseline needs the memory the model-only step cached
     torch.manual_seed(cfg.run.seed)
-    model = BCLModel(cfg.model.backbone, data.num_classes, feat_dim=cfg.model.feat_dim, use_norm=cfg.model.use_norm,
-                     hidden_dim=cfg.model.hidden_dim, **cfg.model.backbone_kwargs).to(case.device).train()
+    model = build_model(cfg, data.num_classes).to(case.device).train()
     step = PublishedStep(model, data.class_counts, tau=m.tau, temperature=m.temperature, alpha=m.alpha, beta=m.beta,
                          topk=m.topk, omega=m.omega, cutmix_prob=m.cutmix_prob, lr=cfg.optim.lr,
                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, device=case.device,
@@ -464,14 +446,13 @@ def test_step_fastlt(benchmark, case, case_data, fastlt_step, capsys):
     cfg, data = case_data
     pipeline = fastlt_pipeline(cfg, data.train)
     batches = endless(pipeline.epoch)
-    dev = fastlt_step.device
     out = []
 
     def fetch():
         return next(batches)
 
     def step(batch):
-        out.append(fastlt_step(batch.to(dev)))
+        out.append(fastlt_step(batch))  # the pipeline delivers on the device, as in the trainer
 
     try:
         info = _run(benchmark, case, "fastlt", fetch, step,

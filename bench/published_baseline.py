@@ -1,5 +1,5 @@
 """A faithful re-creation of the published ConCutMix/BCL implementation's *costs*, as the
-baseline of the train-step benchmark (issue 6). It is not used for training.
+baseline of the train-step benchmark. It is not used for training.
 
 What the published code does per step, and what is reproduced here:
 
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from fastlt.cutmix import area_lambda, sample_box
-from fastlt.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
+from fastlt.pipelines import IMAGENET_MEAN, IMAGENET_STD
 
 
 def published_transforms(size: int):

@@ -19,10 +19,10 @@ replaced (temp file + ``os.replace``). A crash or Ctrl-C at any moment leaves ``
 pointing at a complete checkpoint. Every file DeepSpeed writes also goes through temp file +
 ``os.replace``.
 
-Safe loading: every ``torch.load`` here and inside DeepSpeed (through
-:class:`SafeCheckpointEngine`) uses ``weights_only=True``; the only non-tensor classes allowed
-are the few DeepSpeed bookkeeping types listed in :func:`deepspeed_safe_globals`. A
-checkpoint can therefore not run code when it is loaded.
+Safe loading: every ``torch.load`` here and inside DeepSpeed (``fastlt.files``) uses
+``weights_only=True``; the only non-tensor classes allowed are the few DeepSpeed bookkeeping
+types listed in ``fastlt.files.deepspeed_safe_globals``. A checkpoint can therefore not run
+code when it is loaded.
 """
 from __future__ import annotations
 
@@ -39,28 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointManager",
-    "deepspeed_safe_globals",
-    "install_safe_checkpoint_engine",
-    "load_weights",
-    "model_signature",
-    "safe_load",
-    "save_weights",
-    "tag_for",
-    "weights_digest",
-    "write_text_atomic",
-]
+from fastlt.distributed import barrier
+from fastlt.errors import CheckpointError
+from fastlt.files import safe_load, torch_save_atomic, write_text_atomic
+
+__all__ = ["CheckpointManager", "load_weights", "model_signature", "save_weights", "tag_for", "weights_digest"]
 
 LATEST = "latest"
 META = "meta.json"
 _TAG_RE = re.compile(r"^epoch(\d{4,})_step(\d{6,})$")
 _DS_MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, incomplete, or from another model or setup)."""
 
 
 def tag_for(epoch: int, step: int) -> str:
@@ -71,85 +59,6 @@ def tag_for(epoch: int, step: int) -> str:
 def _parse_tag(tag: str) -> tuple[int, int] | None:
     m = _TAG_RE.match(tag)
     return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-# --------------------------------------------------------------------------------------
-# Atomic writes and safe loads
-# --------------------------------------------------------------------------------------
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _torch_save_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def deepspeed_safe_globals() -> list:
-    """The DeepSpeed classes that appear in its checkpoints (loss scaler, ZeRO stage enum,
-    fragment addresses); nothing else beyond tensors and plain containers is unpickled."""
-    out = []
-    for module, names in (("deepspeed.runtime.fp16.loss_scaler",
-                           ("LossScaler", "DynamicLossScaler", "LossScaleProfile", "LossScaleConfig")),
-                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        out.extend(getattr(mod, n) for n in names if hasattr(mod, n))
-    return out
-
-
-def safe_load(path: str | os.PathLike, map_location="cpu"):
-    """``torch.load`` with ``weights_only=True`` and only DeepSpeed's bookkeeping classes allowed."""
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint file {path} does not exist") from None
-        except Exception as e:  # UnpicklingError for anything outside the allowlist, or a corrupt file
-            raise CheckpointError(f"cannot load {path} safely: {type(e).__name__}: {str(e).splitlines()[0]}. "
-                                  "fastlt only loads tensors and plain containers from checkpoints") from None
-
-
-def install_safe_checkpoint_engine(engine) -> None:
-    """Make every DeepSpeed checkpoint read/write of ``engine`` safe (weights_only) and atomic."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        """TorchCheckpointEngine with atomic saves and ``weights_only=True`` loads."""
-
-        def save(self, state_dict, path: str):
-            _torch_save_atomic(state_dict, path)
-
-        def load(self, path: str, map_location=None):
-            return safe_load(path, map_location=map_location)
-
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
-                           "fastlt expects the default TorchCheckpointEngine (no 'checkpoint' section in the "
-                           "DeepSpeed config)")
-    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
 
 
 # --------------------------------------------------------------------------------------
@@ -217,11 +126,6 @@ def _set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------
 # The manager
 # --------------------------------------------------------------------------------------
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 class CheckpointManager:
@@ -295,23 +199,23 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             if partial.exists():  # left over by a crash during an earlier save
                 shutil.rmtree(partial)
-        _barrier()
+        barrier()
         engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
-        _torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         if self.rank == 0:
             info = dict(meta, tag=tag, epoch=epoch, step=step, world_size=self.world_size, time=time.time())
             write_text_atomic(partial / META, json.dumps(info, indent=1))
-        _barrier()
+        barrier()
         if self.rank == 0:
             self._publish(partial, final)
-        _barrier()
+        barrier()
         if self.rank != 0 and self.local_rank == 0 and partial.exists():
             # A node-local checkpoint directory (not shared with rank 0's node).
             self._publish(partial, final)
         if self.local_rank == 0:
             write_text_atomic(self.dir / LATEST, tag)
             self.prune()
-        _barrier()
+        barrier()
         return final
 
     @staticmethod
@@ -372,7 +276,7 @@ class CheckpointManager:
 
 def save_weights(path: str | os.PathLike, module: torch.nn.Module, meta: dict) -> None:
     """Model weights only (no optimizer), atomically; call on rank 0."""
-    _torch_save_atomic({"model": module.state_dict(), "meta": meta}, path)
+    torch_save_atomic({"model": module.state_dict(), "meta": meta}, path)
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:

@@ -2,10 +2,10 @@
 many/medium/few-shot accuracy (``fastlt.metrics.shot_accuracy``, groups from the training
 class counts).
 
-* :func:`predict` runs the model over one rank's share of a validation pipeline;
-* :func:`gather_variable` concatenates per-rank results of different lengths (the val
-  pipelines shard without padding, so every image counts exactly once);
-* :func:`evaluate_model` does both and returns the metrics (identical on every rank);
+* :func:`predict` runs the model over one rank's share of a validation pipeline, in the
+  run's precision (``fastlt.engine.precision_of``: the same dtypes as the training step);
+* :func:`evaluate_model` gathers every rank's predictions and returns the metrics (identical
+  on every rank; the val pipelines shard without padding, so every image counts once);
 * :func:`run_eval` is ``fastlt eval``: a config plus a checkpoint (best.pt / last.pt, a
   checkpoint directory or a run directory) on the val or test list, in one process.
 """
@@ -20,19 +20,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["evaluate_model", "gather_variable", "predict", "run_eval"]
+from fastlt.distributed import gather_variable
+from fastlt.engine import Precision
+
+__all__ = ["evaluate_model", "predict", "run_eval", "write_metrics"]
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches, *, device, autocast_dtype: torch.dtype | None = None,
-            input_dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+def predict(model: nn.Module, batches, *, device, precision: Precision | None = None,
+            channels_last: bool = False) -> tuple[Tensor, Tensor]:
     """(predicted classes, labels) as int64 tensors on ``device`` for every batch of ``batches``."""
     was_training = model.training
     model.eval()
     preds, labels = [], []
     device = torch.device(device)
-    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
+    input_dtype = precision.input_dtype if precision is not None else None
+    amp = precision.autocast(device.type) if precision is not None else contextlib.nullcontext()
     try:
         for images, y in batches:
             images = images.to(device, non_blocking=True)
@@ -52,29 +55,12 @@ def predict(model: nn.Module, batches, *, device, autocast_dtype: torch.dtype | 
     return torch.cat(preds).long(), torch.cat(labels).long()
 
 
-def gather_variable(t: Tensor) -> Tensor:
-    """Concatenate a 1-D tensor of per-rank length over all ranks (every rank gets the result)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return t
-    world = torch.distributed.get_world_size()
-    n = torch.tensor([t.numel()], device=t.device, dtype=torch.int64)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    torch.distributed.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(sizes), dtype=t.dtype, device=t.device)
-    padded[: t.numel()] = t
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, autocast_dtype=None, input_dtype=None,
+def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, precision: Precision | None = None,
                    channels_last: bool = False) -> dict:
     """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n."""
     from fastlt.metrics import shot_accuracy
 
-    preds, labels = predict(model, batches, device=device, autocast_dtype=autocast_dtype, input_dtype=input_dtype,
-                            channels_last=channels_last)
+    preds, labels = predict(model, batches, device=device, precision=precision, channels_last=channels_last)
     preds, labels = gather_variable(preds), gather_variable(labels)
     out = shot_accuracy(preds.cpu(), labels.cpu(), np.asarray(train_class_counts))
     out["n"] = int(labels.numel())
@@ -87,10 +73,13 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
     The many/medium/few groups come from the training class counts, so the training list
     (or CIFAR/synthetic data) of the config must be readable too.
     """
-    from fastlt.checkpoint import CheckpointError, load_weights, model_signature
-    from fastlt.config import ConfigError
-    from fastlt.pipelines import build_val_pipeline, select_backend
-    from fastlt.train import DataError, build_datasets, build_model, resolve_device, val_spec
+    from fastlt.checkpoint import load_weights, model_signature
+    from fastlt.data.build import build_datasets
+    from fastlt.distributed import resolve_device
+    from fastlt.engine import precision_of
+    from fastlt.errors import CheckpointError, ConfigError, DataError
+    from fastlt.models import build_model
+    from fastlt.pipelines import build_val_pipeline, select_backend, val_spec
 
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test; got {split!r}")
@@ -113,15 +102,13 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint} does not fit the model of this config: {str(e).splitlines()[0]}") from None
-    dev = torch.device(device)
-    model.to(dev)
+    precision = precision_of(cfg.deepspeed)
+    model.to(torch.device(device), dtype=precision.weight_dtype)
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
     backend = select_backend(cfg.pipeline.backend)
-    batches = build_val_pipeline(val_spec(cfg, dataset, rank=0, world_size=1, device=device), backend)
-    ds = cfg.deepspeed
-    autocast = None
-    if ds.precision != "fp32" and device == "cuda":
-        autocast = torch.bfloat16 if ds.precision == "bf16" else torch.float16
-    metrics = evaluate_model(model, batches, data.class_counts, device=dev, autocast_dtype=autocast,
+    batches = build_val_pipeline(val_spec(cfg, dataset, device=device), backend)
+    metrics = evaluate_model(model, batches, data.class_counts, device=device, precision=precision,
                              channels_last=cfg.model.channels_last)
     metrics.update(split=split, checkpoint=str(checkpoint))
     return metrics
@@ -129,6 +116,6 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
     """Write an evaluation result as JSON (atomically)."""
-    from fastlt.checkpoint import write_text_atomic
+    from fastlt.files import write_text_atomic
 
     write_text_atomic(path, json.dumps(metrics, indent=1))

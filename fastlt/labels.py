@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlt.method import LABEL_NORMALIZATIONS as NORMALIZATIONS
+
 __all__ = [
     "NORMALIZATIONS",
     "area_label",
@@ -28,8 +30,6 @@ __all__ = [
     "topk_mask",
     "validate_rectify_args",
 ]
-
-NORMALIZATIONS = ("l1", "softmax")
 
 # Squared distances are clamped here before the reciprocal square root, so that a sample
 # sitting exactly on a center gets a large finite similarity instead of inf (which would

@@ -5,38 +5,55 @@ typed training batch of ARCHITECTURE §3.
 The trainer uses four entry points::
 
     backend = select_backend(cfg.pipeline.backend)          # "auto" | "dali" | "torch"
-    train = build_train_pipeline(TrainPipelineSpec(...), backend)
+    train = build_train_pipeline(train_spec(cfg, dataset, batch_size=b, ...), backend)
     for batch in train.epoch(epoch, start_step):            # TrainBatch, on spec.device
         ...
-    for images, labels in build_val_pipeline(ValPipelineSpec(...), backend):
+    for images, labels in build_val_pipeline(val_spec(cfg, dataset, ...), backend):
         ...
 
 The backend is decided in one place, :func:`select_backend`: ``auto`` takes DALI when
 ``nvidia.dali`` imports and the torch loader otherwise (the environment variable
 ``FASTLT_PIPELINE=dali|torch`` overrides ``auto``); an explicit ``dali`` that cannot be met
 raises instead of falling back. The choice is logged once.
+
+Layout: ``spec`` (what is asked for; no torch), ``batch`` (what comes out), ``common``
+(keyed randomness, sample streams, bad-input policy), ``transforms`` + ``torch_loader`` (the
+torch backend), ``dali_ops`` + ``dali_sources`` + ``dali_base`` + ``dali_train`` + ``dali_val``
+(the DALI backend). Importing this package imports neither torch nor DALI; the backends are
+imported when a pipeline is built.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
 
-from torch import Tensor
-
-from .batch import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, ON_ERROR, RECIPES,
-                    TrainBatch, TrainPipelineSpec, ValPipelineSpec)
+from .spec import (CIFAR_MEAN, CIFAR_STD, EXTRA_KEYS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, NORMALIZATIONS,
+                   ON_ERROR, PIPELINE_BACKENDS, RECIPES, PipelineConfig, TrainPipelineSpec, ValPipelineSpec,
+                   normalization, train_spec, val_spec)
 from .common import LOG
 
-__all__ = ["BACKENDS", "TrainBatch", "TrainPipeline", "TrainPipelineSpec", "ValPipelineSpec", "build_train_pipeline",
-           "build_val_pipeline", "dali_available", "select_backend", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN",
-           "INAT_STD", "CIFAR_MEAN", "CIFAR_STD", "RECIPES", "ON_ERROR"]
+if TYPE_CHECKING:
+    from torch import Tensor
 
-BACKENDS = ("auto", "dali", "torch")
+    from .batch import TrainBatch
+
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN", "INAT_STD",
+           "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainBatch",
+           "TrainPipeline", "TrainPipelineSpec", "ValPipelineSpec", "build_train_pipeline", "build_val_pipeline",
+           "dali_available", "normalization", "select_backend", "train_spec", "val_spec"]
+
 _ENV = "FASTLT_PIPELINE"
 _logged: set[tuple[str, str]] = set()
 
 DALI_INSTALL_HINT = ("install DALI with `pip install nvidia-dali-cuda130` (CUDA 13 wheels; they include the CPU "
                      "operators used without a GPU), or set pipeline.backend: torch")
+
+
+def __getattr__(name: str):
+    if name == "TrainBatch":  # imports torch: only on first use
+        return importlib.import_module(".batch", __name__).TrainBatch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TrainPipeline(Protocol):
@@ -63,13 +80,13 @@ def dali_available() -> tuple[bool, str]:
 
 def select_backend(requested: str = "auto") -> str:
     """Resolve ``pipeline.backend`` to "dali" or "torch" (see the module docstring)."""
-    if requested not in BACKENDS:
-        raise ValueError(f"pipeline.backend must be one of {BACKENDS}; got {requested!r}")
+    if requested not in PIPELINE_BACKENDS:
+        raise ValueError(f"pipeline.backend must be one of {PIPELINE_BACKENDS}; got {requested!r}")
     source = "config"
     if requested == "auto" and os.environ.get(_ENV):
         requested, source = os.environ[_ENV], f"environment {_ENV}"
-        if requested not in BACKENDS:
-            raise ValueError(f"{_ENV} must be one of {BACKENDS}; got {requested!r}")
+        if requested not in PIPELINE_BACKENDS:
+            raise ValueError(f"{_ENV} must be one of {PIPELINE_BACKENDS}; got {requested!r}")
     ok, info = dali_available()
     if requested == "dali" and not ok:
         raise RuntimeError(f"pipeline.backend 'dali' was requested ({source}) but nvidia.dali does not import "

@@ -1,32 +1,17 @@
-"""The pipeline contract (ARCHITECTURE §3): one typed training batch whatever the backend,
-and the one description of a pipeline that every backend is built from.
+"""The pipeline contract (ARCHITECTURE §3): one typed training batch whatever the backend.
 
 Every backend (DALI on GPU, DALI on CPU, torch DataLoader) yields :class:`TrainBatch`
-objects for :class:`TrainPipelineSpec`; the trainer depends on nothing else.
+objects for a :class:`~fastlt.pipelines.spec.TrainPipelineSpec`; the trainer depends on
+nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN", "INAT_STD", "CIFAR_MEAN", "CIFAR_STD", "RECIPES",
-           "ON_ERROR", "TrainBatch", "TrainPipelineSpec", "ValPipelineSpec"]
-
-# Normalisation constants of ARCHITECTURE §2.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INAT_MEAN = (0.466, 0.471, 0.380)
-INAT_STD = (0.195, 0.194, 0.192)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-#: "imagenet": RandomResizedCrop views from JPEG lists (ImageNet-LT, iNat, Places, synthetic);
-#: "cifar": 32 px arrays with pad-crop + AutoAugment for view 0 (ARCHITECTURE §1 "Views").
-RECIPES = ("imagenet", "cifar")
-ON_ERROR = ("raise", "skip")
+__all__ = ["TrainBatch"]
 
 
 @dataclass
@@ -85,71 +70,3 @@ class TrainBatch:
             t = getattr(self, name)
             if t.shape != (b,) or t.dtype != dtype:
                 raise ValueError(f"TrainBatch.{name}: expected ({b},) {dtype}; got {tuple(t.shape)} {t.dtype}")
-
-
-@dataclass(kw_only=True)
-class TrainPipelineSpec:
-    """Everything a backend needs to produce the training batches of one rank."""
-
-    dataset: Any
-    """A ``fastlt.data.LongTailedList`` (recipe "imagenet") or an array dataset with ``images``
-    (N, 32, 32, 3) uint8 and ``labels`` (recipe "cifar")."""
-    recipe: str = "imagenet"
-    """Augmentation recipe, one of RECIPES (ARCHITECTURE §1 "Views")."""
-    image_size: int = 224
-    """Side of the square training views."""
-    batch_size: int = 256
-    """Per-rank batch size; incomplete last batches are dropped."""
-    background_sampler: str = "uniform"
-    """Sampler kind of the background (canvas) stream (fastlt.sampling)."""
-    foreground_sampler: str = "balanced"
-    """Sampler kind of the foreground (patch) stream (fastlt.sampling)."""
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    cutmix_prob: float = 0.5
-    cutmix_per_sample: bool = False
-    """False: one coin and one box per batch (reference behaviour); True: per sample."""
-    cutmix_alpha: float = 1.0
-    augment: bool = True
-    """False is the deterministic test mode: resize only, no random crop/flip/colour."""
-    randaugment: bool = True
-    """RandAugment n=2 m=10 on view 0 (imagenet recipe)."""
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    num_workers: int = 2
-    device: str = "cpu"
-    """"cpu" or "cuda": where the batches are produced/delivered."""
-    on_error: str = "raise"
-    """Corrupt/missing image: "raise" names the file; "skip" substitutes another image of the same class."""
-    extra: dict = field(default_factory=dict)
-    """Backend-specific options (documented by each backend)."""
-
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ValueError(f"pipeline recipe must be one of {RECIPES}; got {self.recipe!r}")
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"data.on_error must be one of {ON_ERROR}; got {self.on_error!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
-        if not 0.0 <= self.cutmix_prob <= 1.0:
-            raise ValueError(f"cutmix_prob must be in [0, 1]; got {self.cutmix_prob}")
-
-
-@dataclass(kw_only=True)
-class ValPipelineSpec:
-    """Validation: resize shorter side to 256/224·size and centre-crop (imagenet), CIFAR as is."""
-
-    dataset: Any
-    recipe: str = "imagenet"
-    image_size: int = 224
-    batch_size: int = 256
-    rank: int = 0
-    world_size: int = 1
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    num_workers: int = 2
-    device: str = "cpu"
-    on_error: str = "raise"

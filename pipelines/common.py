@@ -1,6 +1,6 @@
 """What every pipeline backend shares: keyed randomness, the paired sample streams, the
-CutMix draw, and bad-input handling (ARCHITECTURE §1 "Samplers" and "CutMix", §3 pipeline
-contract; issue 5 "Sharding" and "Bad input").
+CutMix draw, the dataset check and bad-input handling (ARCHITECTURE §1 "Samplers" and
+"CutMix", §3 pipeline contract).
 
 Every random choice of a training pipeline is a pure function of a key
 ``(seed, epoch, rank, step or sample position, stream)``; nothing depends on how many
@@ -15,9 +15,10 @@ the same spec.
   seed derived from it and the rank enters through ``epoch_indices``.
 - :func:`cutmix_boxes`: per batch (one coin and one box for the whole batch, the
   reference behaviour) or per sample, λ = 1 − clipped box area/(H·W) (fastlt.cutmix).
-- :class:`Substitutes`: ``on_error: skip`` replaces a bad image by another image of the
-  same class, chosen by a keyed draw, so the label stays right and the run stays
-  deterministic.
+- :class:`Substitutes` / :func:`load_with_policy`: ``on_error: skip`` replaces a bad image by
+  another image of the same class, chosen by a keyed draw, so the label stays right and the
+  run stays deterministic; ``raise`` names the file.
+- :func:`check_dataset`: the dataset fits the view recipe (arrays for CIFAR, files otherwise).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import numpy as np
 
 from fastlt.cutmix import area_lambda, sample_box
 
-__all__ = ["Stream", "StreamPlan", "Substitutes", "BadImageError", "EXTRA_KEYS", "check_extra", "cutmix_boxes",
-           "keyed_rng", "keyed_seed", "check_encoded_image", "image_source_name", "LOG"]
+__all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
+           "cutmix_boxes", "default_workers", "image_source_name", "keyed_rng", "keyed_seed", "load_with_policy"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -262,30 +263,20 @@ def load_with_policy(dataset, index: int, key: Sequence[int], on_error: str, sub
                         f"{int(substitutes._labels[index])} could replace it (tried: {'; '.join(skipped)})")
 
 
-#: ``TrainPipelineSpec.extra`` keys understood by some backend (each documents its own); both
-#: backends accept all of them, so switching ``pipeline.backend`` never breaks a config.
-EXTRA_KEYS = {
-    "with_foreground": "add the pre-paste foreground view to each batch (tests, diagnostics)",
-    "prefetch_factor": "torch: steps each DataLoader worker prepares ahead (default 2)",
-    "py_num_workers": "dali: Python reader processes (default 1 on CPU, max(2, num_workers // 2) on GPU)",
-    "prefetch_queue_depth": "dali: batches prepared ahead (default 2)",
-    "py_start_method": "dali: 'fork' or 'spawn' for the reader processes (default fork on CPU, spawn on GPU)",
-}
-
-
-def check_extra(extra: dict) -> None:
-    """Reject misspelled ``pipeline.extra`` keys instead of silently ignoring them."""
-    unknown = sorted(set(extra) - set(EXTRA_KEYS))
-    if unknown:
-        import difflib
-
-        hints = "; ".join(f"{k!r} (did you mean {difflib.get_close_matches(k, EXTRA_KEYS, 1)[0]!r}?)"
-                          if difflib.get_close_matches(k, EXTRA_KEYS, 1) else repr(k) for k in unknown)
-        allowed = "; ".join(f"{k}: {v}" for k, v in EXTRA_KEYS.items())
-        raise ValueError(f"pipeline.extra has unknown key(s) {hints}. Allowed: {allowed}")
-    method = extra.get("py_start_method")
-    if method is not None and method not in ("fork", "spawn"):
-        raise ValueError(f"pipeline.extra.py_start_method must be 'fork' or 'spawn'; got {method!r}")
+def check_dataset(spec) -> None:
+    """Raise ValueError unless ``spec.dataset`` fits ``spec.recipe``: uint8 (N, H, W, 3) arrays for
+    "cifar" (fastlt.data.cifar_lt), a dataset with ``read_bytes(i)`` otherwise (LongTailedList)."""
+    if spec.recipe == "cifar":
+        images = getattr(spec.dataset, "images", None)
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"recipe 'cifar' needs a dataset with images uint8 (N, H, W, 3) (fastlt.data.cifar_lt); "
+                             f"got {type(spec.dataset).__name__} with images "
+                             f"{getattr(images, 'shape', None)} {getattr(images, 'dtype', None)}")
+    elif not hasattr(spec.dataset, "read_bytes"):
+        raise ValueError(f"recipe 'imagenet' needs a dataset with read_bytes(i) (fastlt.data.LongTailedList); "
+                         f"got {type(spec.dataset).__name__}. For CIFAR arrays use recipe 'cifar'")
+    if len(spec.dataset.labels) != len(spec.dataset):
+        raise ValueError(f"dataset has {len(spec.dataset)} images but {len(spec.dataset.labels)} labels")
 
 
 def default_workers(requested: int) -> int:

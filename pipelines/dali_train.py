@@ -1,4 +1,4 @@
-"""The DALI training pipeline (``pipeline.backend: dali``, issue 5): two keyed per-sample
+"""The DALI training pipeline (``pipeline.backend: dali``): two keyed per-sample
 sources (background from the uniform sampler, foreground from the balanced one), decode,
 the three background views and the foreground view of ARCHITECTURE §1 "Views", CutMix with
 ``fn.multi_paste`` and λ from the clipped box (§1 "CutMix"), normalisation to NCHW float —
@@ -32,10 +32,6 @@ see ``dali_ops``. The GPU path is not exercised by the CPU test suite.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import re
-import warnings
 from typing import Iterator
 
 import numpy as np
@@ -43,36 +39,13 @@ import torch
 from nvidia.dali import fn, pipeline_def
 
 from . import dali_ops as ops
-from .batch import TrainBatch, TrainPipelineSpec
-from .common import LOG, BadImageError, StreamPlan, check_extra, default_workers, image_source_name
-from .dali_sources import BackgroundSource, ForegroundSource, SourceConfig, raise_from_worker
-from .torch_loader import _check_dataset
+from .batch import TrainBatch
+from .common import LOG, StreamPlan, image_source_name
+from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, to_torch
+from .dali_sources import BackgroundSource, ForegroundSource, SourceConfig
+from .spec import TrainPipelineSpec, check_extra
 
-__all__ = ["DaliTrainPipeline", "quiet_dali_build", "to_torch"]
-
-
-_QUIET = re.compile(r"(WARNING: `nvidia\.dali\.fn\.experimental\.\w+` is now deprecated"
-                    r"|The external source node .* produces \d+ outputs, but)")
-
-
-@contextlib.contextmanager
-def quiet_dali_build():
-    """Silence two known, harmless warnings while a graph is built: DALI's auto_aug still calls
-    the deprecated ``fn.experimental`` aliases, and a source output a recipe does not use
-    (e.g. blur σ outside CIFAR) is reported as wasted work (a few bytes per sample).
-
-    DALI issues the first one under its own ``simplefilter("default")``, which overrides any
-    filter set here, so the messages are dropped at ``showwarning`` instead; every other
-    warning is shown as usual."""
-    with warnings.catch_warnings():
-        shown = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if not _QUIET.match(str(message)):
-                shown(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        yield
+__all__ = ["DaliTrainPipeline"]
 
 
 @pipeline_def(enable_conditionals=True)
@@ -135,79 +108,33 @@ def _train_graph(bg_source, fg_source, *, recipe, size, augment, stage_augs, num
     return tuple(outputs)
 
 
-def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """Copy a DALI batch (uniform shape) into a new torch tensor on ``device``.
-
-    The copy is needed: DALI reuses its output buffers on the next run."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-    if hasattr(tensor_list, "as_tensor"):
-        t = tensor_list.as_tensor()
-    else:
-        t = tensor_list
-    out = torch.empty(tuple(t.shape()), dtype=to_torch_type[t.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(t, out, cuda_stream=stream)  # GPU: an async copy on the current stream
-    return out
-
-
-def cuda_index(device: torch.device) -> int:
-    """The CUDA device ordinal for DALI: the explicit index, else the current device (set per
-    local rank by the trainer), never a silent GPU 0 on a multi-GPU node."""
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _pil_decodes(dataset, index: int) -> str | None:
-    """None if PIL decodes image ``index`` fully, else why not (used to find a file a DALI decoder
-    rejected, since DALI's error no longer knows which sample it came from)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(dataset.read_bytes(index))) as im:
-            im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-class DaliTrainPipeline:
+class DaliTrainPipeline(DaliPipelineBase):
     """Training batches of one rank from the DALI graph above.
 
     ``spec.extra`` options: ``py_num_workers`` (Python reader processes; default 1 on CPU,
     max(2, num_workers // 2) on GPU), ``prefetch_queue_depth`` (2),
     ``py_start_method`` ("fork" on CPU; "spawn" by default on GPU, because forking a process
     that holds a CUDA context is unsafe), ``with_foreground`` (diagnostic output).
+    ``self._position`` is the (epoch, step) the live pipeline would produce next.
     """
 
-    backend = "dali"
-
     def __init__(self, spec: TrainPipelineSpec):
-        _check_dataset(spec)
         check_extra(spec.extra)
         if spec.device not in ("cpu", "cuda") and not str(spec.device).startswith("cuda:"):
             raise ValueError(f"pipeline device must be 'cpu' or 'cuda'; got {spec.device!r}")
-        self.spec = spec
-        self._device = torch.device(spec.device)
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"pipeline device {spec.device!r} requested but CUDA is not available; use 'cpu'")
+        super().__init__(spec)
         self.plan = StreamPlan(spec.dataset.labels, spec.batch_size, spec.seed, spec.rank, spec.world_size,
                                spec.background_sampler, spec.foreground_sampler)
         self.steps_per_epoch = self.plan.steps_per_epoch
-        self.num_threads = max(1, default_workers(spec.num_workers))
         # Reader processes: one keeps up with the CPU graph here (a few hundred images/s); a GPU
         # graph consumes thousands per second, so there the readers scale with the workers.
-        gpu = self._device.type == "cuda"
-        default_readers = max(2, spec.num_workers // 2) if gpu else 1
+        default_readers = max(2, spec.num_workers // 2) if self.gpu else 1
         self.py_workers = max(1, int(spec.extra.get("py_num_workers", default_readers)))
         self.prefetch = int(spec.extra.get("prefetch_queue_depth", 2))
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
         self.tables, self.stage_augs, self.num_bins = ops.augment_tables(spec.recipe, spec.image_size,
                                                                          spec.augment and spec.randaugment)
-        self._bad: set[int] = set()
         self.builds = 0  # DALI pipelines built so far (one per run, plus one per resume/jump or recovery)
-        self._pipe = None
-        self._next: tuple[int, int] | None = None  # (epoch, step) the live pipeline would produce next
-        self._stats = {"skipped_images": 0, "skipped_files": []}
 
     # -- pipeline lifetime -------------------------------------------------------------
     def _build(self, epoch: int, step: int) -> None:
@@ -224,7 +151,7 @@ class DaliTrainPipeline:
             pipe = self._make(cfg, gpu, start)
         self.builds += 1
         self._pipe = pipe
-        self._next = (epoch, step)
+        self._position = (epoch, step)
 
     def _make(self, cfg, gpu: bool, start: str):
         s = self.spec
@@ -239,31 +166,10 @@ class DaliTrainPipeline:
         pipe.build()
         return pipe
 
-    def _drop(self) -> None:
-        if self._pipe is not None:
-            pipe, self._pipe = self._pipe, None
-            pipe._shutdown()  # stops DALI's executor; the Python worker pool closes with the object
-            del pipe
-        self._next = None
-
-    def close(self) -> None:
-        """Stop the DALI pipeline and its Python workers."""
-        self._drop()
-
-    def __del__(self):
-        try:
-            self._drop()
-        except Exception:  # interpreter shutdown: DALI may already be gone
-            pass
-
     # -- iteration -------------------------------------------------------------------
     def indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (background, foreground) dataset indices of ``epoch``, step-major."""
         return self.plan.epoch_indices(epoch)
-
-    def stats(self) -> dict:
-        """Counters of the last epoch: ``skipped_images`` and the ``skipped_files`` names."""
-        return {"skipped_images": self._stats["skipped_images"], "skipped_files": list(self._stats["skipped_files"])}
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         start_step = self.plan.check_start_step(start_step)
@@ -271,9 +177,9 @@ class DaliTrainPipeline:
         self._stats = {"skipped_images": 0, "skipped_files": []}
         if start_step == self.steps_per_epoch:
             return
-        if self._pipe is None or self._next != (epoch, start_step):
+        if self._pipe is None or self._position != (epoch, start_step):
             self._build(epoch, start_step)
-        self._next = None  # while iterating, the pipeline's position is ours only
+        self._position = None  # while iterating, the pipeline's position is ours only
         step = start_step
         try:
             while step < self.steps_per_epoch:
@@ -300,7 +206,7 @@ class DaliTrainPipeline:
             self._pipe.run()
         except StopIteration:
             self._pipe.reset()
-            self._next = (epoch + 1, 0)
+            self._position = (epoch + 1, 0)
             return
         except Exception:
             self._drop()  # a failure in the next epoch's prefetch: rebuilt and reported there
@@ -319,8 +225,8 @@ class DaliTrainPipeline:
             n = int(bad[:, 1].sum())
             if n:
                 self._stats["skipped_images"] += n
-                for idx in bad[:, 0][bad[:, 0] >= 0].tolist():
-                    self._stats["skipped_files"].append(image_source_name(self.spec.dataset, int(idx)))
+                self._stats["skipped_files"].extend(image_source_name(self.spec.dataset, int(idx))
+                                                    for idx in bad[:, 0][bad[:, 0] >= 0].tolist())
         label_b = torch.where(mixed, label_b, label_a)
         extra = {}
         if self.with_foreground:
@@ -334,29 +240,11 @@ class DaliTrainPipeline:
         Otherwise the decoder rejected a file that passed the header check: find it among the
         images of this and the prefetched steps by decoding them with PIL; ``raise`` names it,
         ``skip`` marks it bad and rebuilds the (stateless) pipeline at this step."""
-        self._drop()  # a failed DALI pipeline object cannot be run again
-        raise_from_worker(err)
-        if self.spec.recipe == "cifar":
-            raise err
-        culprits = []
         b = self.spec.batch_size
         bg, fg = self.plan.epoch_indices(epoch)
         last = min(self.steps_per_epoch, step + self.prefetch + 2)
-        seen = set()
-        for idx in np.concatenate([bg[step * b:last * b], fg[step * b:last * b]]).tolist():
-            if idx in seen or idx in self._bad:
-                continue
-            seen.add(idx)
-            why = _pil_decodes(self.spec.dataset, idx)
-            if why is not None:
-                culprits.append((idx, why))
-        if not culprits:
-            raise RuntimeError(f"the DALI pipeline failed at epoch {epoch}, step {step}, and no image of the steps "
-                               f"{step}..{last - 1} fails to decode with PIL; DALI said: {err}") from err
-        names = "; ".join(f"{image_source_name(self.spec.dataset, i)} ({why})" for i, why in culprits)
-        if self.spec.on_error == "raise":
-            raise BadImageError(f"cannot decode image(s) {names}. Fix or remove the file(s), or set data.on_error: "
-                                f"skip to replace bad images by another image of the same class") from err
+        bad, names = self._undecodable(err, np.concatenate([bg[step * b:last * b], fg[step * b:last * b]]).tolist(),
+                                       f"at epoch {epoch}, step {step} (steps {step}..{last - 1} checked)")
+        self._raise_or_mark(err, bad, names, "image(s)", "replace bad images by another image of the same class")
         LOG.warning("DALI decoder failed at epoch %d step %d; marking bad and rebuilding: %s", epoch, step, names)
-        self._bad.update(i for i, _ in culprits)
         self._build(epoch, step)

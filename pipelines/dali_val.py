@@ -1,5 +1,4 @@
-"""The DALI validation pipeline (issue 5 "Validation pipeline"; ARCHITECTURE §1
-"Evaluation"): decode, resize the shorter side to 256/224·size and centre-crop size
+"""The DALI validation pipeline (ARCHITECTURE §1 "Evaluation"): decode, resize the shorter side to 256/224·size and centre-crop size
 (ImageNet-style recipes), CIFAR arrays as they are, normalised to NCHW float.
 
 Each rank reads images ``rank::world_size`` of the list, without padding, so that every
@@ -17,11 +16,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import dali_ops as ops
-from .batch import ValPipelineSpec
-from .common import LOG, BadImageError, check_encoded_image, default_workers, image_source_name
-from .dali_sources import raise_from_worker
-from .dali_train import _pil_decodes, cuda_index, quiet_dali_build, to_torch
-from .torch_loader import _check_dataset
+from .common import LOG, BadImageError, check_encoded_image, image_source_name
+from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, to_torch
+from .spec import ValPipelineSpec
 from .transforms import val_resize_size
 
 __all__ = ["DaliValPipeline", "ValSource"]
@@ -96,67 +93,40 @@ def _val_graph(source, *, recipe, size, mean, std, device):
     return out, labels, keep, index
 
 
-class DaliValPipeline:
-    """Validation batches ``(images, labels)`` of one rank from DALI (see the module docstring)."""
-
-    backend = "dali"
+class DaliValPipeline(DaliPipelineBase):
+    """Validation batches ``(images, labels)`` of one rank from DALI (see the module docstring).
+    ``self._position`` is the batch the live pipeline would produce next (0: a fresh pass)."""
 
     def __init__(self, spec: ValPipelineSpec):
-        _check_dataset(spec)
-        self.spec = spec
-        self._device = torch.device(spec.device)
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"pipeline device {spec.device!r} requested but CUDA is not available; use 'cpu'")
+        super().__init__(spec)
         self.indices = np.arange(spec.rank, len(spec.dataset), spec.world_size, dtype=np.int64)
-        self.num_threads = max(1, default_workers(spec.num_workers))
-        self._bad: set[int] = set()
-        self._pipe = None
         self._start = 0
-        self._fresh = False  # the live pipeline is at the start of a pass
-        self._stats = {"skipped_images": 0, "skipped_files": []}
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.spec.batch_size)
 
     def _build(self, start_batch: int) -> None:
-        self.close()
+        self._drop()
         s = self.spec
-        gpu = self._device.type == "cuda"
         source = ValSource(s.dataset, s.recipe, self.indices, s.batch_size, s.on_error,
                            start=start_batch * s.batch_size, bad=self._bad)
         with quiet_dali_build():
             pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, mean=list(s.mean), std=list(s.std),
-                              device="gpu" if gpu else "cpu", batch_size=s.batch_size, num_threads=self.num_threads,
-                              device_id=cuda_index(self._device) if gpu else None, py_num_workers=1,
-                              py_start_method="spawn" if gpu else "fork")
+                              device="gpu" if self.gpu else "cpu", batch_size=s.batch_size,
+                              num_threads=self.num_threads, device_id=cuda_index(self._device) if self.gpu else None,
+                              py_num_workers=1, py_start_method="spawn" if self.gpu else "fork")
             pipe.build()
         self._pipe = pipe
         self._start = start_batch
-        self._fresh = start_batch == 0
-
-    def close(self) -> None:
-        if self._pipe is not None:
-            pipe, self._pipe = self._pipe, None
-            pipe._shutdown()
-            del pipe
-        self._fresh = False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def stats(self) -> dict:
-        return {"skipped_images": self._stats["skipped_images"], "skipped_files": list(self._stats["skipped_files"])}
+        self._position = start_batch
 
     def __iter__(self):
         self._stats = {"skipped_images": 0, "skipped_files": []}
         if len(self.indices) == 0:
             return
-        if self._pipe is None or not self._fresh:
+        if self._pipe is None or self._position != 0:
             self._build(0)
-        self._fresh = False
+        self._position = None  # while iterating, the pipeline's position is ours only
         k = 0
         host = torch.device("cpu")
         while True:
@@ -164,16 +134,15 @@ class DaliValPipeline:
                 outs = self._pipe.run()
             except StopIteration:
                 self._pipe.reset()
-                self._fresh = self._start == 0  # a pipeline rebuilt mid-pass restarts mid-pass
+                # A pipeline rebuilt mid-pass restarts mid-pass: only one built at 0 is reusable.
+                self._position = 0 if self._start == 0 else None
                 break
             except Exception as e:
                 self._recover(e, k)
                 continue
             keep = to_torch(outs[2], host).reshape(-1).to(torch.bool)
             index = to_torch(outs[3], host).reshape(-1)
-            for i in index[~keep].tolist():
-                self._stats["skipped_images"] += 1
-                self._stats["skipped_files"].append(image_source_name(self.spec.dataset, int(i)))
+            self._count_skipped(image_source_name(self.spec.dataset, int(i)) for i in index[~keep].tolist())
             images = to_torch(outs[0], self._device)
             labels = to_torch(outs[1], host).reshape(-1)
             k += 1
@@ -189,20 +158,7 @@ class DaliValPipeline:
         """As in the training pipeline: a reader's BadImageError is re-raised; a decoder failure
         is traced to its file with PIL, then raised (``raise``) or the pass is rebuilt from this
         batch with the file left out (``skip``)."""
-        self.close()
-        raise_from_worker(err)
-        if self.spec.recipe == "cifar":
-            raise err
         b = self.spec.batch_size
-        window = self.indices[batch * b:(batch + 4) * b].tolist()
-        culprits = [(i, why) for i in window if i not in self._bad
-                    for why in [_pil_decodes(self.spec.dataset, i)] if why is not None]
-        if not culprits:
-            raise RuntimeError(f"the DALI validation pipeline failed at batch {batch} and no image near it fails to "
-                               f"decode with PIL; DALI said: {err}") from err
-        names = "; ".join(f"{image_source_name(self.spec.dataset, i)} ({why})" for i, why in culprits)
-        if self.spec.on_error == "raise":
-            raise BadImageError(f"cannot decode validation image(s) {names}. Fix or remove the file(s), or set "
-                                f"data.on_error: skip to leave them out of evaluation") from err
-        self._bad.update(i for i, _ in culprits)
+        bad, names = self._undecodable(err, self.indices[batch * b:(batch + 4) * b].tolist(), f"at batch {batch}")
+        self._raise_or_mark(err, bad, names, "validation image(s)", "leave them out of evaluation")
         self._build(batch)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .batch import TrainBatch, TrainPipelineSpec, ValPipelineSpec
-from .common import (LOG, Stream, StreamPlan, Substitutes, check_extra, cutmix_boxes, default_workers, keyed_seed,
-                     load_with_policy)
+from .batch import TrainBatch
+from .common import (LOG, BadImageError, Stream, StreamPlan, Substitutes, check_dataset, cutmix_boxes, default_workers,
+                     image_source_name, keyed_seed, load_with_policy)
+from .spec import TrainPipelineSpec, ValPipelineSpec, check_extra
 from .transforms import train_view_transforms, val_transform
 
 __all__ = ["TorchTrainPipeline", "TorchValPipeline", "image_loader"]
@@ -48,20 +49,6 @@ def image_loader(dataset, recipe: str):
             return im.convert("RGB")  # forces the full decode, so a truncated file fails here
 
     return load_file
-
-
-def _check_dataset(spec) -> None:
-    if spec.recipe == "cifar":
-        images = getattr(spec.dataset, "images", None)
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"recipe 'cifar' needs a dataset with images uint8 (N, H, W, 3) (fastlt.data.cifar_lt); "
-                             f"got {type(spec.dataset).__name__} with images "
-                             f"{getattr(images, 'shape', None)} {getattr(images, 'dtype', None)}")
-    elif not hasattr(spec.dataset, "read_bytes"):
-        raise ValueError(f"recipe 'imagenet' needs a dataset with read_bytes(i) (fastlt.data.LongTailedList); "
-                         f"got {type(spec.dataset).__name__}. For CIFAR arrays use recipe 'cifar'")
-    if len(spec.dataset.labels) != len(spec.dataset):
-        raise ValueError(f"dataset has {len(spec.dataset)} images but {len(spec.dataset.labels)} labels")
 
 
 class _StepDataset(Dataset):
@@ -136,7 +123,7 @@ class TorchTrainPipeline:
     backend = "torch"
 
     def __init__(self, spec: TrainPipelineSpec):
-        _check_dataset(spec)
+        check_dataset(spec)
         check_extra(spec.extra)
         self.spec = spec
         self.plan = StreamPlan(spec.dataset.labels, spec.batch_size, spec.seed, spec.rank, spec.world_size,
@@ -198,8 +185,6 @@ class _ValDataset(Dataset):
 
     def __getitem__(self, k: int):
         i = int(self.indices[k])
-        from .common import BadImageError, image_source_name
-
         try:
             img = self.load(i)
         except (OSError, ValueError, SyntaxError) as e:
@@ -231,7 +216,7 @@ class TorchValPipeline:
     backend = "torch"
 
     def __init__(self, spec: ValPipelineSpec):
-        _check_dataset(spec)
+        check_dataset(spec)
         self.spec = spec
         self.indices = np.arange(spec.rank, len(spec.dataset), spec.world_size, dtype=np.int64)
         self.num_workers = default_workers(spec.num_workers)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastlt import data as fdata
+from fastlt.data import synthetic as fdata
 from fastlt.data import LongTailedList, cifar_lt, long_tail_counts, make_synthetic_lt
 
 from conftest import FAKE_CIFAR

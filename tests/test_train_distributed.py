@@ -10,41 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+from conftest import DEEPSPEED, launch_deepspeed as _launch
 
 pytestmark = pytest.mark.skipif(not DEEPSPEED.is_file(), reason=f"the deepspeed launcher is not installed at "
                                                                  f"{DEEPSPEED}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(config: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "FASTLT_PIPELINE")}
-    env["DS_ACCELERATOR"] = "cpu"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "fastlt.train",
-           "--config", str(config), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"deepspeed launcher exit code {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
-                             f"\n--- stderr\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def _digest(state: dict) -> str:

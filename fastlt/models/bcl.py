@@ -10,9 +10,9 @@ backbone → feature h; then
 The model returns both the L2-normalised z / centers (for the contrastive loss) and the
 unnormalised ones (for the ConCutMix label rectification).
 
-Backbones: ``resnet32`` (the CIFAR ResNet, written here) and, through timm with no
-pretrained download, ``resnet50``, ``resnext50_32x4d``, ``resnext101_32x4d``,
-``vit_small_patch16_224`` and ``vit_base_patch16_224``.
+Backbones (``fastlt.models.config.BACKBONES``): ``resnet32`` (``fastlt.models.cifar_resnet``)
+and, through timm with no pretrained download, ``resnet50``, ``resnext50_32x4d``,
+``resnext101_32x4d``, ``vit_small_patch16_224`` and ``vit_base_patch16_224``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BACKBONES", "BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "resnet32"]
+from .cifar_resnet import resnet32
+from .config import BACKBONES, TIMM_BACKBONES
+
+__all__ = ["BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "build_model"]
 
 NORMED_LINEAR_SCALE = 30.0
 
@@ -33,74 +36,6 @@ class BCLOutput(NamedTuple):
     z_raw: Tensor        # (N, D) unnormalised, used by the label rectification
     centers: Tensor      # (C, D) L2-normalised class centers
     centers_raw: Tensor  # (C, D) unnormalised
-
-
-# --- CIFAR ResNet-32 (He et al. 2016, §4.2; option-A identity shortcuts as in BCL/LDAM) ---
-
-class _ShortcutA(nn.Module):
-    """Parameter-free shortcut: subsample by 2 and zero-pad the new channels."""
-
-    def __init__(self, pad: int):
-        super().__init__()
-        self.pad = pad
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = _ShortcutA((planes - in_planes) // 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet-6n+2 for 32 px inputs; returns the pooled 64-d feature."""
-
-    def __init__(self, depth: int = 32):
-        super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2; got {depth}")
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        layers, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
-        self.num_features = 64
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
-
-
-def resnet32() -> CifarResNet:
-    return CifarResNet(32)
-
-
-# --- registry ---
-
-_TIMM_BACKBONES = ("resnet50", "resnext50_32x4d", "resnext101_32x4d", "vit_small_patch16_224",
-                   "vit_base_patch16_224")
-BACKBONES = ("resnet32",) + _TIMM_BACKBONES
 
 
 def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
@@ -114,7 +49,7 @@ def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
             raise ValueError(f"resnet32 takes no backbone options; got {sorted(kwargs)}")
         net = resnet32()
         return net, net.num_features
-    if name in _TIMM_BACKBONES:
+    if name in TIMM_BACKBONES:
         import timm  # imported lazily: timm is only needed for the ImageNet-size backbones
 
         net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
@@ -192,3 +127,10 @@ class BCLModel(nn.Module):
         z_raw = self.head(feat)
         centers_raw = self.head_fc(self.class_weights())
         return BCLOutput(logits, F.normalize(z_raw, dim=1), z_raw, F.normalize(centers_raw, dim=1), centers_raw)
+
+
+def build_model(cfg, num_classes: int) -> BCLModel:
+    """The BCL model of a :class:`fastlt.config.Config` (its ``model`` section) for C classes."""
+    m = cfg.model
+    return BCLModel(m.backbone, num_classes, feat_dim=m.feat_dim, use_norm=m.use_norm, hidden_dim=m.hidden_dim,
+                    **m.backbone_kwargs)

@@ -1,0 +1,25 @@
+"""Long-tailed datasets: list files, CIFAR-LT and a synthetic long-tailed image set.
+
+Three sources feed the samplers (``fastlt.sampling``) and the pipelines
+(``fastlt.pipelines``); each exposes ``labels`` (int64), ``class_counts`` (the N_j of
+ARCHITECTURE §1) and ``num_classes``:
+
+- :mod:`~fastlt.data.lists` — :class:`LongTailedList`, the ImageNet-LT / iNaturalist 2018 /
+  Places-LT list format (``relative/path.jpg label`` per line);
+- :mod:`~fastlt.data.cifar` — :func:`cifar_lt`, CIFAR-10-LT / CIFAR-100-LT from the python
+  pickle batches, into an in-memory :class:`ArrayDataset`;
+- :mod:`~fastlt.data.synthetic` — :func:`make_synthetic_lt`, a small long-tailed JPEG set with
+  real class signal, written once and cached (the demo, the tests, the benchmarks);
+- :mod:`~fastlt.data.profile` — :func:`long_tail_counts`, the exponential / step profiles;
+- :mod:`~fastlt.data.config` — the ``data`` config section; :mod:`~fastlt.data.build` — the
+  datasets of a config.
+
+Nothing here imports torch.
+"""
+from .cifar import CIFAR_NAMES, ArrayDataset, cifar_lt
+from .lists import LongTailedList
+from .profile import IMB_TYPES, long_tail_counts
+from .synthetic import MAX_SYNTHETIC_CLASSES, SyntheticLT, make_synthetic_lt
+
+__all__ = ["ArrayDataset", "CIFAR_NAMES", "IMB_TYPES", "LongTailedList", "MAX_SYNTHETIC_CLASSES", "SyntheticLT",
+           "cifar_lt", "long_tail_counts", "make_synthetic_lt"]

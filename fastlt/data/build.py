@@ -1,0 +1,97 @@
+"""The datasets of a config (``data`` section): train, val and test, with errors that name the
+config key. Runs before any process group exists, so that a wrong path or class count stops a
+run before DeepSpeed starts.
+"""
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastlt.errors import DataError
+
+from .cifar import cifar_lt
+from .lists import LongTailedList
+from .synthetic import make_synthetic_lt
+
+__all__ = ["Datasets", "build_datasets"]
+
+
+@dataclass
+class Datasets:
+    """The datasets of a run and the training class counts N_j (ARCHITECTURE §1)."""
+
+    train: object
+    val: object
+    test: object | None
+    num_classes: int
+    class_counts: np.ndarray
+
+
+def _check_num_classes(cfg, found: int, source: str) -> None:
+    if cfg.data.num_classes and cfg.data.num_classes != found:
+        raise DataError(f"data.num_classes is {cfg.data.num_classes}, but {source} has {found} classes; "
+                        f"set data.num_classes={found} (or 0 to take it from the dataset)")
+
+
+def _list_dataset(cfg, key: str, *, train: bool) -> LongTailedList:
+    path = cfg.data.path(key)
+    if not path.is_file():
+        raise DataError(f"data.{key}: list file {path} does not exist (data.root={cfg.data.root!r}); "
+                        f"point data.root at the dataset folder and data.{key} at its list file")
+    try:
+        return LongTailedList(cfg.data.root, path, cfg.data.num_classes, require_all_classes=train)
+    except ValueError as e:
+        raise DataError(f"data.{key}: {e}") from None
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive file lock: ranks (or runs) sharing a cache folder generate it once, the
+    others wait and then find it complete."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
+    """The train/val(/test) datasets of the config, with errors that name the config key."""
+    d = cfg.data
+    root = Path(d.root)
+    if d.kind == "synthetic":
+        s = d.synthetic
+        with _exclusive(root.parent / f".{root.name}.lock"):
+            made = make_synthetic_lt(root, num_classes=s.num_classes, imb_factor=s.imb_factor, n_max=s.n_max,
+                                     image_size=s.image_size, seed=s.seed, n_val=s.n_val)
+        _check_num_classes(cfg, made.num_classes, "the synthetic dataset (data.synthetic.num_classes)")
+        train = LongTailedList(made.root, made.train_list, made.num_classes)
+        val = LongTailedList(made.root, made.val_list, made.num_classes, require_all_classes=False)
+        return Datasets(train, val, None, made.num_classes, np.asarray(train.class_counts))
+    if d.kind == "cifar":
+        if not root.is_dir():
+            raise DataError(f"data.root: {root} does not exist; it must hold the extracted "
+                            f"{'cifar-10-batches-py' if d.cifar == 'cifar10' else 'cifar-100-python'} folder")
+        try:
+            train = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=True, seed=cfg.run.seed)
+            val = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=False, seed=cfg.run.seed)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"data ({d.cifar}): {e}") from None
+        _check_num_classes(cfg, train.num_classes, d.cifar)
+        return Datasets(train, val, None, train.num_classes, np.asarray(train.class_counts))
+    # kind == "list"
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} does not exist; point it at the folder the paths in "
+                        f"{d.train_list} are relative to (e.g. --set data.root=/datasets/ImageNet)")
+    train = _list_dataset(cfg, "train_list", train=True) if need_train else None
+    val = _list_dataset(cfg, "val_list", train=False)
+    test = _list_dataset(cfg, "test_list", train=False) if d.test_list else None
+    if train is None:
+        return Datasets(None, val, test, d.num_classes, np.zeros(d.num_classes, dtype=np.int64))
+    return Datasets(train, val, test, train.num_classes, np.asarray(train.class_counts))

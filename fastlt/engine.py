@@ -1,0 +1,166 @@
+"""The ``deepspeed`` section of the config and the DeepSpeed engine built from it
+(ARCHITECTURE §3 "Engine"): precision, ZeRO stage, gradient accumulation and clipping.
+
+* :class:`DeepSpeedSection` — the section, with the precision names;
+* :func:`deepspeed_config` — DeepSpeed's config dict, the only place DeepSpeed settings come from;
+* :func:`precision_of` — the one mapping precision → weight dtype / autocast dtype / input
+  dtype, used by the training step, the trainer's evaluation and ``fastlt eval`` alike;
+* :func:`build_engine` — SGD + ``deepspeed.initialize`` + safe checkpoint I/O + memory format,
+  as the trainer and the train-step benchmark use it.
+
+Importing this module does not import torch or DeepSpeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fastlt.errors import ConfigError
+from fastlt.typed_config import one_of, positive
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DeepSpeedSection", "PRECISIONS", "Precision", "ZERO_STAGES", "build_engine", "deepspeed_config",
+           "precision_of"]
+
+#: ``deepspeed.precision``: fp32, or bf16 / fp16 (autocast or DeepSpeed's low-precision weights).
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: ZeRO stages fastlt supports (optimizer state / gradient partitioning).
+ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSection:
+    """DeepSpeed engine settings; turned into DeepSpeed's config dict by :func:`deepspeed_config`."""
+
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    autocast: bool = True
+    """With bf16/fp16: true = torch autocast with fp32 weights (BatchNorm stays fp32; DeepSpeed's
+    torch_autocast); false = DeepSpeed's bf16/fp16 mode (low-precision weights, fp32 master copy)."""
+    zero_stage: int = 0
+    """ZeRO stage 0, 1 or 2 (optimizer state / gradient partitioning)."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+    loss_scale_power: int = 16
+    """fp16 without autocast: initial dynamic loss scale 2**loss_scale_power."""
+    extra: dict = field(default_factory=dict)
+    """Merged last into DeepSpeed's config dict (expert use; e.g. {"zero_optimization": {"overlap_comm": true}})."""
+
+    def __post_init__(self):
+        one_of("deepspeed.precision", self.precision, PRECISIONS)
+        one_of("deepspeed.zero_stage", self.zero_stage, ZERO_STAGES)
+        positive("deepspeed.grad_accum_steps", self.grad_accum_steps)
+        positive("deepspeed.grad_clip", self.grad_clip, allow_zero=True)
+        positive("deepspeed.loss_scale_power", self.loss_scale_power, allow_zero=True)
+
+    @property
+    def low_precision_weights(self) -> bool:
+        """DeepSpeed's bf16/fp16 mode: the module itself holds bf16/fp16 weights and buffers."""
+        return self.precision != "fp32" and not self.autocast
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a :class:`DeepSpeedSection` precision runs the model."""
+
+    name: str
+    """fp32, bf16 or fp16."""
+    weight_dtype: "torch.dtype"
+    """dtype of the module's parameters and buffers."""
+    autocast_dtype: "torch.dtype | None"
+    """dtype of ``torch.autocast`` around the forward pass, None for no autocast."""
+    input_dtype: "torch.dtype | None"
+    """dtype the images must have for the first layer; None = as delivered (fp32)."""
+
+    def autocast(self, device_type: str):
+        """The autocast context of the forward pass (a no-op context without autocast)."""
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+
+def precision_of(ds: DeepSpeedSection) -> Precision:
+    """The weight / autocast / input dtypes of a precision setting (see :class:`Precision`)."""
+    import torch
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds.precision)
+    if low is None:
+        return Precision("fp32", torch.float32, None, None)
+    if ds.autocast:  # fp32 weights, low-precision matmuls/convolutions, fp32 inputs
+        return Precision(ds.precision, torch.float32, low, None)
+    return Precision(ds.precision, low, None, low)  # DeepSpeed's mode: everything in low precision
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """DeepSpeed's config dict, built from a :class:`fastlt.config.Config`."""
+    ds = cfg.deepspeed
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of ranks "
+                          f"({world_size}); it is the global batch per micro-step")
+    micro = cfg.data.batch_size // world_size
+    out: dict = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": ds.grad_accum_steps,
+        "train_batch_size": micro * ds.grad_accum_steps * world_size,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        # SGD is a client optimizer; ZeRO supports it, DeepSpeed only wants it acknowledged.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # fastlt logs itself
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision != "fp32":
+        dtype = "bfloat16" if ds.precision == "bf16" else "float16"
+        if ds.autocast:
+            out["torch_autocast"] = {"enabled": True, "dtype": dtype}
+        elif ds.precision == "bf16":
+            out["bf16"] = {"enabled": True}
+        else:
+            out["fp16"] = {"enabled": True, "initial_scale_power": ds.loss_scale_power, "loss_scale": 0}
+        if not ds.autocast:
+            # The whole model in low precision, BatchNorm statistics included: DeepSpeed would
+            # otherwise leave buffers fp32, which BatchNorm's CPU kernels refuse next to bf16 inputs.
+            out["data_types"] = {"buffer_dtype": "bf16" if ds.precision == "bf16" else "fp16"}
+    _merge(out, ds.extra)
+    return out
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def build_engine(cfg, model, world_size: int):
+    """(engine, ds_config): ``model`` wrapped by ``deepspeed.initialize`` with SGD (``optim``),
+    checkpoint reads and writes made safe and atomic, and channels-last where asked.
+
+    The process group must already be up (``fastlt.distributed.init_distributed``).
+    """
+    import deepspeed
+    import torch
+
+    from fastlt.files import install_safe_checkpoint_engine
+    from fastlt.schedule import build_optimizer
+
+    ds_config = deepspeed_config(cfg, world_size)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    install_safe_checkpoint_engine(engine)
+    if cfg.model.channels_last:
+        # After initialize: DeepSpeed broadcasts parameters as byte views, which needs them
+        # contiguous. Parameters keep their identity (only .data changes), so the optimizer
+        # still holds them; the config allows this only without ZeRO / DeepSpeed bf16-fp16 mode,
+        # whose flat buffers must stay contiguous.
+        engine.module.to(memory_format=torch.channels_last)
+    return engine, ds_config

@@ -1,0 +1,46 @@
+"""The ``model`` section of the config and the backbone names (ARCHITECTURE §1, "Model (BCL)").
+
+Kept free of torch so that loading a config does not import it; the modules that build the
+networks are ``fastlt.models.bcl`` and ``fastlt.models.cifar_resnet``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastlt.errors import ConfigError
+from fastlt.typed_config import one_of, positive
+
+__all__ = ["BACKBONES", "TIMM_BACKBONES", "ModelConfig"]
+
+#: Backbones built through timm (no pretrained download).
+TIMM_BACKBONES = ("resnet50", "resnext50_32x4d", "resnext101_32x4d", "vit_small_patch16_224", "vit_base_patch16_224")
+#: Every backbone name ``model.backbone`` accepts: the CIFAR ResNet-32 written here, then timm's.
+BACKBONES = ("resnet32",) + TIMM_BACKBONES
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The BCL model (ARCHITECTURE §1, "Model (BCL)")."""
+
+    backbone: str = "resnet32"
+    """Backbone name: resnet32 (CIFAR), resnet50, resnext50_32x4d, resnext101_32x4d,
+    vit_small_patch16_224, vit_base_patch16_224."""
+    feat_dim: int = 128
+    """D, the contrastive projection dimension (1024 ImageNet/iNat/Places, 128 CIFAR)."""
+    use_norm: bool = False
+    """Cosine NormedLinear classifier (scale 30) when true; plain Linear when false (CIFAR)."""
+    hidden_dim: int | None = None
+    """m, hidden width of the two MLP heads; null = 512 for resnet32, h otherwise."""
+    backbone_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for the timm backbone (e.g. {img_size: 224} for ViT)."""
+    channels_last: bool = False
+    """Run convolutions in channels-last memory format (faster on recent GPUs)."""
+
+    def __post_init__(self):
+        one_of("model.backbone", self.backbone, BACKBONES)
+        positive("model.feat_dim", self.feat_dim)
+        if self.hidden_dim is not None:
+            positive("model.hidden_dim", self.hidden_dim)
+        if self.backbone == "resnet32" and self.backbone_kwargs:
+            raise ConfigError(f"model.backbone_kwargs: resnet32 takes no options; got {self.backbone_kwargs!r}. "
+                              "Remove model.backbone_kwargs.")

@@ -1,0 +1,85 @@
+"""The training objective and step of ConCutMix + BCL (ARCHITECTURE §1 "Losses", steps of the
+"Semantically consistent label").
+
+One step:
+
+1. one forward pass over cat[view 0 (CutMix applied), view 1, view 2] (3B images);
+2. L_BalSCL on the normalised z of views 1 and 2, stacked (B, 2, D), with the background
+   labels and the normalised class centers;
+3. L_cls = logit-adjusted CE on the logits of the first B images, with the area label
+   λ·onehot(a) + (1−λ)·onehot(b) while epoch ≤ l_d_warm (the same as λ·CE(a) + (1−λ)·CE(b)),
+   and with the rectified ConCutMix label of the mixed samples after that, computed from the
+   detached unnormalised z and centers;
+4. L = α·L_cls + β·L_BalSCL, backward and optimizer step through the engine.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastlt.labels import area_label, rectify_labels
+from fastlt.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
+
+__all__ = ["ConCutMixObjective", "train_step"]
+
+
+class ConCutMixObjective(nn.Module):
+    """L = α·LA-CE(logits of view 0, label) + β·BalSCL(views 1, 2) (ARCHITECTURE §1).
+
+    Args:
+        method: the ``method`` config section (:class:`fastlt.method.MethodConfig`).
+        class_counts: (C,) training images per class.
+    """
+
+    def __init__(self, method, class_counts):
+        super().__init__()
+        self.method = method
+        self.ce = LogitAdjustedCrossEntropy(class_counts, method.tau)
+        self.scl = BalancedSupConLoss(class_counts, method.temperature)
+        self.register_buffer("class_counts", torch.as_tensor(np.asarray(class_counts), dtype=torch.float64),
+                             persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_counts.numel())
+
+    def forward(self, out, batch, *, rectify: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, ce, scl) for a model output over cat[image, view1, view2] and its TrainBatch."""
+        m = self.method
+        b = batch.label_a.shape[0]
+        logits = out.logits[:b]
+        features = torch.stack([out.z[b:2 * b], out.z[2 * b:]], dim=1).float()
+        scl = self.scl(out.centers.float(), features, batch.label_a)
+        target = area_label(batch.label_a, batch.label_b, batch.lam, self.num_classes)
+        if rectify:
+            rect = rectify_labels(out.z_raw[:b].detach(), out.centers_raw.detach(), batch.label_a, batch.label_b,
+                                  batch.lam, self.class_counts, topk=m.topk, omega=m.omega,
+                                  normalize=m.label_normalize, temperature=m.label_temperature)
+            # Only mixed samples get the ConCutMix label; an unmixed one keeps its one-hot label
+            # (torch.where, not boolean indexing: no host sync).
+            target = torch.where(batch.mixed[:, None], rect, target)
+        ce = self.ce(logits, target)
+        loss = m.alpha * ce + m.beta * scl
+        return loss, ce, scl
+
+
+def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool, channels_last: bool = False,
+               input_dtype: torch.dtype | None = None) -> Tensor:
+    """One training step (steps 1–4 of the module docstring) on a TrainBatch already on the device.
+
+    ``engine`` is the DeepSpeed engine, or anything with its three calls (``engine(x)``,
+    ``engine.backward(loss)``, ``engine.step()``: bench/bench_train_step.py runs the step on a
+    plain optimizer where DeepSpeed is not installed). Returns the detached (loss, ce, scl) as a
+    float32 (3,) tensor on the device; nothing here waits for the device.
+    """
+    x = torch.cat([batch.image, batch.view1, batch.view2])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if input_dtype is not None:
+        x = x.to(input_dtype)
+    out = engine(x)
+    loss, ce, scl = objective(out, batch, rectify=rectify)
+    engine.backward(loss)
+    engine.step()
+    return torch.stack([loss.detach(), ce.detach(), scl.detach()]).float()

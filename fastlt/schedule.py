@@ -1,0 +1,105 @@
+"""The ``optim`` section of the config: SGD and the per-epoch learning rate (ARCHITECTURE §2).
+
+* :class:`OptimConfig` — the section, with the schedule names;
+* :func:`build_optimizer` — SGD over the model's parameters, as the reference trains;
+* :class:`EpochLR` — the learning rate of an epoch: linear warm-up, then cosine to 0 or
+  ×gamma at each milestone (the BCL reference's ``adjust_learning_rate``), set once per epoch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fastlt.errors import ConfigError
+from fastlt.typed_config import one_of, positive
+
+__all__ = ["EpochLR", "OptimConfig", "SCHEDULES", "build_optimizer"]
+
+#: "cos": cosine to 0 after the warm-up; "step": ×gamma at each milestone.
+SCHEDULES = ("cos", "step")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """SGD and the per-epoch learning-rate schedule (ARCHITECTURE §2)."""
+
+    epochs: int = 200
+    """Training epochs."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 weight decay (applied to every parameter, as in the reference code)."""
+    nesterov: bool = False
+    """Nesterov momentum."""
+    schedule: str = "cos"
+    """cos: cosine to 0 over the epochs after warm-up; step: ×gamma at each milestone."""
+    warmup_epochs: int = 0
+    """Linear warm-up: epoch e < warmup_epochs uses lr·(e+1)/warmup_epochs."""
+    milestones: list[int] = field(default_factory=list)
+    """Epochs at which the step schedule multiplies the LR by gamma (e.g. [160, 180])."""
+    gamma: float = 0.1
+    """Factor of the step schedule."""
+
+    def __post_init__(self):
+        positive("optim.epochs", self.epochs)
+        positive("optim.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum: must be in [0, 1); got {self.momentum!r}")
+        positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        one_of("optim.schedule", self.schedule, SCHEDULES)
+        positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"optim.warmup_epochs ({self.warmup_epochs}) must be < optim.epochs ({self.epochs})")
+        if sorted(self.milestones) != list(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise ConfigError(f"optim.milestones: must be increasing positive epochs; got {self.milestones!r}")
+        if self.schedule == "step" and not self.milestones:
+            raise ConfigError("optim.milestones: the step schedule needs milestones, e.g. [160, 180]")
+        if self.schedule == "step" and self.milestones[-1] >= self.epochs:
+            raise ConfigError(f"optim.milestones: {self.milestones} reaches past optim.epochs "
+                              f"({self.epochs}); milestones must be < epochs")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"optim.gamma: must be in (0, 1]; got {self.gamma!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+
+
+def build_optimizer(optim: OptimConfig, parameters):
+    """torch.optim.SGD with the section's lr, momentum, weight decay (every parameter) and Nesterov flag."""
+    import torch
+
+    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                           nesterov=optim.nesterov)
+
+
+class EpochLR:
+    """The per-epoch learning rate of ARCHITECTURE §2 (the BCL reference's adjust_learning_rate):
+    epoch e < warmup: lr·(e+1)/warmup; then cos: lr·½(1 + cos(π(e − warmup + 1)/(epochs − warmup + 1)));
+    step: lr·gamma^(number of milestones ≤ e)."""
+
+    def __init__(self, optim_cfg: OptimConfig):
+        self.cfg = optim_cfg
+        self.last_epoch = -1
+
+    def lr_at(self, epoch: int) -> float:
+        c = self.cfg
+        if epoch < c.warmup_epochs:
+            return c.lr * (epoch + 1) / c.warmup_epochs
+        if c.schedule == "cos":
+            return c.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - c.warmup_epochs + 1) /
+                                                (c.epochs - c.warmup_epochs + 1)))
+        return c.lr * c.gamma ** sum(1 for m in c.milestones if epoch >= m)
+
+    def apply(self, optimizer, epoch: int) -> float:
+        lr = self.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.last_epoch = epoch
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lr": self.cfg.lr, "schedule": self.cfg.schedule}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])

@@ -1,0 +1,50 @@
+"""Stop requests: Ctrl-C and SIGTERM end a training run at a step boundary, after a checkpoint.
+
+The first SIGINT/SIGTERM only sets :attr:`StopFlag.requested`; the trainer finishes the step
+in flight (or the checkpoint being written), saves the position and exits. A second SIGINT
+aborts at once; files already saved are complete either way.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ["StopFlag"]
+
+
+class StopFlag:
+    """Context manager that turns SIGINT/SIGTERM into a stop request (see the module docstring)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+        self._pid = os.getpid()
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A forked data-loader worker inherits this handler. A terminal's Ctrl-C reaches the
+            # whole process group, and the deepspeed launcher terminates process trees: workers
+            # ignore both and keep serving until the main process has saved and shuts them down.
+            return
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"\nfastlt: {self.signal_name} received: stopping after the current step and saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        self._pid = os.getpid()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test helper thread)
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        return False

@@ -1,0 +1,359 @@
+"""The ConCutMix + BCL trainer on a DeepSpeed engine (ARCHITECTURE §2 recipes, §3 "Engine").
+
+:class:`Trainer` runs one :class:`~fastlt.config.Config`:
+
+1. before any process group exists: the device, the run directory and the resume target,
+   the datasets and the epoch length are checked, so a wrong path, class count or batch
+   size stops the run with one message before DeepSpeed starts;
+2. the process group, the model, the DeepSpeed engine (``fastlt.engine``), the objective
+   (``fastlt.objective``), the per-epoch LR (``fastlt.schedule``) and the pipelines;
+3. epochs of :func:`~fastlt.objective.train_step`, evaluation every ``run.eval_every``
+   epochs, a resumable checkpoint every ``run.checkpoint_every`` epochs (``fastlt.checkpoint``).
+
+The host waits for the device only at log intervals, epoch ends, evaluation and
+checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
+SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastlt import distributed as dist
+from fastlt.checkpoint import CheckpointManager, model_signature, save_weights
+from fastlt.config import Config, config_diff, config_to_dict, save_config
+from fastlt.errors import CheckpointError, DataError, NonFiniteLossError, TrainingInterrupted
+from fastlt.files import write_text_atomic
+from fastlt.logger import RunLogger, format_metrics
+from fastlt.signals import StopFlag
+
+__all__ = ["Trainer", "steps_per_epoch", "train"]
+
+
+def steps_per_epoch(cfg: Config, num_train: int, world_size: int) -> int:
+    """Steps of one epoch: ⌈N / W⌉ samples per rank in whole micro-batches, capped by
+    run.max_steps_per_epoch, in whole optimizer steps (a partial accumulation at the end of an
+    epoch would carry gradients into the next epoch and into no checkpoint)."""
+    micro = cfg.data.batch_size // world_size
+    steps = -(-num_train // world_size) // micro
+    if cfg.run.max_steps_per_epoch:
+        steps = min(steps, cfg.run.max_steps_per_epoch)
+    steps -= steps % cfg.deepspeed.grad_accum_steps
+    if steps <= 0:
+        raise DataError(f"data.batch_size={cfg.data.batch_size} leaves an epoch without a complete step: "
+                        f"{num_train} training images over {world_size} rank(s) "
+                        f"(× deepspeed.grad_accum_steps={cfg.deepspeed.grad_accum_steps}); lower data.batch_size")
+    return steps
+
+
+class Trainer:
+    """One training run of a :class:`Config` (see the module docstring)."""
+
+    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | os.PathLike | None = None):
+        from fastlt.data.build import build_datasets
+        from fastlt.engine import deepspeed_config, precision_of
+
+        self.cfg = cfg
+        self.resume = resume
+        self.device = dist.resolve_device(cfg.run.device)
+        self.proc = dist.process_info()
+        self.rank, self.world_size = self.proc.rank, self.proc.world_size
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=self.rank,
+                                      local_rank=self.proc.local_rank, world_size=self.world_size)
+        self.resume_from = self._resolve_resume()
+        deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
+        self.data = build_datasets(cfg)
+        self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
+        self.precision = precision_of(cfg.deepspeed)
+        self.stop = StopFlag()
+
+    def _resolve_resume(self) -> Path | None:
+        existing = self.ckpt.complete() if self.ckpt.dir.is_dir() else []
+        if self.resume is None:
+            if existing:
+                raise CheckpointError(f"run directory {self.run_dir} already holds checkpoints "
+                                      f"(newest: {existing[-1].name}); pass --resume auto to continue that run, "
+                                      "or choose a new run.name / run.output_dir")
+            return None
+        return CheckpointManager.resolve(self.resume, self.run_dir)
+
+    # -- setup -----------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from fastlt.engine import build_engine
+        from fastlt.models import build_model
+        from fastlt.objective import ConCutMixObjective
+        from fastlt.pipelines import build_train_pipeline, build_val_pipeline, select_backend, train_spec, val_spec
+        from fastlt.schedule import EpochLR
+
+        cfg = self.cfg
+        dist.prepare_process_env(self.device)
+        dist.init_distributed(self.device, self.proc)
+        if cfg.run.deterministic:
+            if self.device == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar)
+        self._save_resolved_config()
+        if cfg.data.kind == "synthetic":
+            self.log.info(f"synthetic dataset in {cfg.data.root} (generated on first use, then reused from there)")
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
+        model = build_model(cfg, self.data.num_classes)
+        self.signature = model_signature(model, cfg)
+        self.engine, self.ds_config = build_engine(cfg, model, self.world_size)
+        self.dev = torch.device(self.device, self.proc.local_rank) if self.device == "cuda" else torch.device("cpu")
+        self.objective = ConCutMixObjective(cfg.method, self.data.class_counts).to(self.dev)
+        self.schedule = EpochLR(cfg.optim)
+        self.backend = select_backend(cfg.pipeline.backend)
+        micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.pipeline = build_train_pipeline(train_spec(cfg, self.data.train, batch_size=micro, rank=self.rank,
+                                                        world_size=self.world_size, device=self.device), self.backend)
+        self.val_pipeline = build_val_pipeline(val_spec(cfg, self.data.val, rank=self.rank, world_size=self.world_size,
+                                                        device=self.device), self.backend)
+
+    def _save_resolved_config(self) -> None:
+        if self.rank != 0:
+            return
+        path = self.run_dir / "config.yaml"
+        new = config_to_dict(self.cfg)
+        if path.is_file():
+            import yaml
+
+            changed = config_diff(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, new)
+            if changed:
+                self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
+        save_config(self.cfg, path)
+
+    # -- state -----------------------------------------------------------------------
+
+    def _save(self, epoch: int, step: int) -> Path:
+        client = {"fastlt": {"epoch": epoch, "step": step, "global_step": int(self.engine.global_steps),
+                             "scheduler": self.schedule.state_dict(), "best": self.best, "history": self.history,
+                             "train_time_s": self.train_time}}
+        meta = {"signature": self.signature, "backbone": self.cfg.model.backbone, "num_classes": self.data.num_classes}
+        path = self.ckpt.save(self.engine, epoch, step, client, meta)
+        self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
+                       path=str(path), epoch=epoch, step=step)
+        return path
+
+    def _load(self, path: Path) -> tuple[int, int]:
+        state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage)
+        self.schedule.load_state_dict(state["scheduler"])
+        self.best = state["best"]
+        self.history = list(state["history"])
+        self.train_time = float(state.get("train_time_s", 0.0))
+        self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} "
+                       f"(global step {state['global_step']})", path=str(path), epoch=state["epoch"],
+                       step=state["step"])
+        return int(state["epoch"]), int(state["step"])
+
+    # -- evaluation ------------------------------------------------------------------
+
+    def evaluate(self, epoch: int) -> dict:
+        from fastlt.evaluate import evaluate_model
+
+        metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
+                                 precision=self.precision, channels_last=self.cfg.model.channels_last)
+        summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
+        self.history.append({"epoch": epoch, **summary})
+        improved = self.best is None or summary["overall"] > self.best["overall"]
+        if improved:
+            self.best = {"epoch": epoch, **summary}
+            if self.rank == 0:
+                save_weights(self.run_dir / "best.pt", self.engine.module,
+                             {"epoch": epoch, "metrics": summary, "signature": self.signature})
+        self.log.event("eval", f"eval epoch {epoch}: {format_metrics(summary)}" + ("  (best)" if improved else ""),
+                       epoch=epoch, **summary)
+        return metrics
+
+    # -- training --------------------------------------------------------------------
+
+    def _end_interval(self, buf: Tensor, n: int, epoch: int, step: int, t_start: float, wait: float,
+                      samples: int) -> bool:
+        """End of a log interval: log it and agree across ranks on whether to leave the epoch now.
+
+        This is the one host<->device sync of the interval. Returns True when any rank saw a
+        non-finite loss or received a stop request (all ranks then stop at the same step).
+        """
+        vals = buf[:n].cpu()  # host sync: the per-step (loss, ce, scl) of the whole interval in one copy
+        finite = torch.isfinite(vals).all(dim=1)
+        local_bad = not bool(finite.all())
+        if local_bad:
+            first = int((~finite).nonzero()[0, 0])
+            self.nonfinite = (epoch, step - n + 1 + first, vals[first].tolist())
+        else:
+            elapsed = max(time.perf_counter() - t_start, 1e-9)
+            mean = vals.mean(dim=0).tolist()
+            self.log.train({"epoch": epoch, "epochs": self.cfg.optim.epochs, "step": step + 1,
+                            "steps": self.steps_per_epoch, "global_step": int(self.engine.global_steps),
+                            "loss": mean[0], "ce": mean[1], "scl": mean[2], "lr": float(self.engine.get_lr()[0]),
+                            "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed})
+        bad, stop = dist.any_rank([local_bad, self.stop.requested], self.dev)
+        if bad and self.nonfinite is None:  # another rank saw it first
+            self.nonfinite = (epoch, step, None)
+        self.stop.requested = stop
+        return bad or stop
+
+    def _raise_nonfinite(self) -> None:
+        epoch, step, vals = self.nonfinite
+        what = (f"loss {vals[0]}, ce {vals[1]}, scl {vals[2]}" if vals is not None
+                else "reported by another rank, at or before this step")
+        last = self.ckpt.latest()
+        where = (f"The last good checkpoint is {last}; it is untouched (resume with --resume auto)."
+                 if last is not None else "No checkpoint had been written yet.")
+        raise NonFiniteLossError(
+            f"the loss became non-finite at epoch {epoch}, step {step + 1}/{self.steps_per_epoch} ({what}); "
+            f"training stopped and nothing was saved from this state. {where} Common causes: a learning rate "
+            f"too high for the batch size (optim.lr={self.cfg.optim.lr}), or fp16 overflow (try deepspeed.precision=bf16).")
+
+    def _train_epoch(self, epoch: int, start_step: int) -> int:
+        """Train one epoch from start_step; returns the step reached (== steps_per_epoch if complete)."""
+        from fastlt.objective import train_step
+
+        cfg = self.cfg
+        rectify = epoch > cfg.method.l_d_warm
+        lr = self.schedule.apply(self.engine.optimizer, epoch)
+        if rectify and (epoch == cfg.method.l_d_warm + 1 or epoch == self.first_epoch):
+            self.log.event("label_switch",
+                           f"ConCutMix labels ON from epoch {epoch}: mixed samples now train on the rectified label "
+                           f"(epoch > method.l_d_warm={cfg.method.l_d_warm}; top-K {cfg.method.topk}, "
+                           f"ω {cfg.method.omega:.4g}, {cfg.method.label_normalize})", epoch=epoch)
+        self.log.event("epoch", f"epoch {epoch}/{cfg.optim.epochs}: lr {lr:.4e}, "
+                       f"{'rectified' if rectify else 'area'} labels", epoch=epoch, lr=lr, rectify=rectify)
+        self.engine.train()
+        log_every = cfg.run.log_every
+        buf = torch.zeros(log_every, 3, device=self.dev)
+        n, wait, samples = 0, 0.0, 0
+        t_start = time.perf_counter()
+        step = start_step - 1
+        self.log.start_bar(self.steps_per_epoch, start_step, f"epoch {epoch}")
+        batches = self.pipeline.epoch(epoch, start_step)
+        t0 = time.perf_counter()
+        try:
+            for step in range(start_step, self.steps_per_epoch):
+                try:
+                    batch = next(batches)  # on the device already: the pipelines deliver there
+                except StopIteration:
+                    raise RuntimeError(f"the {self.backend} pipeline ended epoch {epoch} after {step} steps; "
+                                       f"expected {self.steps_per_epoch}") from None
+                wait += time.perf_counter() - t0
+                buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify,
+                                    channels_last=cfg.model.channels_last, input_dtype=self.precision.input_dtype)
+                n += 1
+                samples += len(batch)
+                self.log.advance_bar()
+                last = step == self.steps_per_epoch - 1
+                # A single process checks its own stop flag every step for free; several ranks
+                # agree on it at log intervals, where the host syncs anyway.
+                if n == log_every or last or (self.world_size == 1 and self.stop.requested):
+                    if self._end_interval(buf, n, epoch, step, t_start, wait, samples):
+                        return step + 1
+                    n, wait, samples = 0, 0.0, 0
+                    t_start = time.perf_counter()
+                t0 = time.perf_counter()
+        finally:
+            self.log.close_bar()
+            with contextlib.suppress(Exception):
+                batches.close()
+        return step + 1
+
+    def fit(self) -> dict:
+        """Train to the end (or to a stop request); returns the final metrics."""
+        cfg = self.cfg
+        self._setup()
+        self.best, self.history, self.train_time = None, [], 0.0
+        self.nonfinite = None
+        epoch, step = 0, 0
+        if self.resume_from is not None:
+            epoch, step = self._load(self.resume_from)
+        elif self.resume is not None:
+            self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
+        self.first_epoch = epoch
+        self.log.info(f"fastlt: {cfg.model.backbone} on {self.data.num_classes} classes, "
+                      f"{len(self.data.train)} training images, {self.world_size} rank(s) on {self.device}, "
+                      f"{self.backend} pipeline, {self.steps_per_epoch} steps/epoch of "
+                      f"{self.ds_config['train_micro_batch_size_per_gpu']}/rank, precision {cfg.deepspeed.precision}, "
+                      f"ZeRO {cfg.deepspeed.zero_stage}; run directory {self.run_dir}")
+        if cfg.method.l_d_warm >= cfg.optim.epochs - 1:
+            self.log.info(f"area (CutMix) labels throughout: method.l_d_warm={cfg.method.l_d_warm} reaches the last "
+                          f"epoch ({cfg.optim.epochs - 1}), so ConCutMix labels never switch on")
+        elif epoch <= cfg.method.l_d_warm:
+            self.log.info(f"area (CutMix) labels for epochs {epoch}..{min(cfg.method.l_d_warm, cfg.optim.epochs - 1)}, "
+                          f"ConCutMix labels from epoch {cfg.method.l_d_warm + 1} (method.l_d_warm)")
+        last_eval_epoch = None
+        with self.stop:
+            while epoch < cfg.optim.epochs:
+                t_epoch = time.perf_counter()
+                reached = self._train_epoch(epoch, step)
+                self.train_time += time.perf_counter() - t_epoch
+                if self.nonfinite:
+                    self._raise_nonfinite()
+                (stopping,) = dist.any_rank([self.stop.requested], self.dev)
+                dist.average_buffers(self.engine.module)
+                if reached < self.steps_per_epoch:  # stopped inside the epoch
+                    path = self._save(epoch, reached)
+                    raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} at epoch {epoch} "
+                                              f"step {reached}; checkpoint {path}. Continue with --resume auto",
+                                              self.stop.signal_name)
+                done = epoch + 1
+                if done % cfg.run.eval_every == 0 or done == cfg.optim.epochs:
+                    self.evaluate(epoch)
+                    last_eval_epoch = epoch
+                if done % cfg.run.checkpoint_every == 0 or done == cfg.optim.epochs or stopping:
+                    path = self._save(done, 0)
+                    if stopping:
+                        raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
+                                                  f"{epoch}; checkpoint {path}. Continue with --resume auto",
+                                                  self.stop.signal_name)
+                epoch, step = done, 0
+        if last_eval_epoch is None:  # resumed after the last epoch was already done
+            self.evaluate(cfg.optim.epochs - 1)
+        return self._finish()
+
+    def _finish(self) -> dict:
+        final = self.history[-1] if self.history else {}
+        digests = dist.replica_digests(self.engine.module)
+        if self.rank == 0:
+            save_weights(self.run_dir / "last.pt", self.engine.module,
+                         {"epoch": self.cfg.optim.epochs - 1, "metrics": final, "signature": self.signature})
+            out = {"final": final, "best": self.best, "history": self.history, "epochs": self.cfg.optim.epochs,
+                   "train_time_s": round(self.train_time, 2), "world_size": self.world_size,
+                   "device": self.device, "num_classes": self.data.num_classes,
+                   "train_class_counts": [int(c) for c in self.data.class_counts], "run_dir": str(self.run_dir),
+                   "replica_digests": digests}
+            write_text_atomic(self.run_dir / "metrics.json", json.dumps(out, indent=1, allow_nan=True))
+        self.log.event("done", f"final: {format_metrics(final)} | best epoch {self.best['epoch'] if self.best else '-'}"
+                       f" | training time {self.train_time:.1f} s | run directory {self.run_dir}",
+                       **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
+        dist.barrier()
+        return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
+
+    def close(self) -> None:
+        for name in ("pipeline", "val_pipeline"):
+            with contextlib.suppress(Exception):
+                getattr(self, name).close()
+        if hasattr(self, "log"):
+            self.log.close()
+
+
+def train(cfg: Config, *, resume: str | None = None) -> dict:
+    """Run training for ``cfg``; returns the final metrics (overall/many/medium/few, run_dir, ...)."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

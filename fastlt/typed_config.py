@@ -1,0 +1,170 @@
+"""Typed configuration sections: strict dict <-> dataclass conversion and the checks the
+sections share.
+
+Each component declares its config section as a ``@dataclass(kw_only=True)`` next to its
+option lists (``fastlt.models.config``, ``fastlt.data.config``, ``fastlt.method``,
+``fastlt.schedule``, ``fastlt.engine``, ``fastlt.pipelines.spec``); ``fastlt.config``
+assembles them. This module turns nested dicts (parsed YAML, ``--set`` overrides) into those
+dataclasses:
+
+* unknown keys raise :class:`~fastlt.errors.ConfigError` naming the key and the closest
+  valid keys (a misspelt ``l_d_wram`` would otherwise change the method without a word);
+* values are checked against the field annotations (``int``, ``float``, ``list[int]``,
+  ``int | None``, ...), naming the key, the value and the expected type;
+* ``one_of`` / ``positive`` are the value checks every section's ``__post_init__`` uses.
+
+Nothing here imports torch: loading a config is cheap and works without a GPU stack.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from typing import Any
+
+from fastlt.errors import ConfigError
+
+__all__ = ["build_section", "field_types", "flat_keys", "one_of", "positive", "set_dotted", "unknown_key"]
+
+
+def one_of(key: str, value, allowed) -> None:
+    """Raise ConfigError unless ``value`` is in ``allowed`` (with the closest allowed value)."""
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}{hint}")
+
+
+def positive(key: str, value, *, allow_zero: bool = False) -> None:
+    """Raise ConfigError unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Resolved annotations of a dataclass's fields."""
+    return typing.get_type_hints(cls)
+
+
+def flat_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a section tree (sections and leaves), e.g. 'optim.lr'."""
+    keys = []
+    for name, tp in field_types(cls).items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(flat_keys(tp, key + "."))
+    return keys
+
+
+def unknown_key(root, key: str, valid_here: list[str]) -> ConfigError:
+    """The error for an unknown dotted ``key``, suggesting the most likely intended keys."""
+    all_keys = flat_keys(root)
+    leaf = key.rsplit(".", 1)[-1]
+    # Most likely first: the same name in another section ('optim.l_d_warm' -> 'method.l_d_warm'),
+    # then a near spelling of the whole key, then a near spelling of the last part.
+    same_leaf = [k for k in all_keys if k.rsplit(".", 1)[-1] == leaf]
+    near_key = difflib.get_close_matches(key, all_keys, n=3, cutoff=0.8)
+    near_leaves = set(difflib.get_close_matches(leaf, {k.rsplit(".", 1)[-1] for k in all_keys}, n=3, cutoff=0.7))
+    near_leaf = [k for k in all_keys if k.rsplit(".", 1)[-1] in near_leaves]
+    close = list(dict.fromkeys(same_leaf + near_key + near_leaf))[:3]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid keys here: {', '.join(valid_here)})")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is not None:  # list[float], int | None, ...
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(key: str, value, tp):
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float where asked)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string; accept plain numeric literals only.
+        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is Any:
+        return value
+    else:  # pragma: no cover - only reached if a field gets an unsupported annotation
+        raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def build_section(root, cls, data, prefix: str = ""):
+    """Build and validate the dataclass ``cls`` (a section of ``root``) from a nested dict."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config file"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r} ({type(data).__name__})")
+    hints = field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise unknown_key(root, key, list(hints))
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build_section(root, tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def set_dotted(root, tree: dict, parts: list[str], value, text: str) -> None:
+    """Set ``tree[parts[0]][parts[1]]... = value``, checking every part against ``root``'s keys."""
+    node, cls = tree, root
+    for depth, part in enumerate(parts):
+        hints = field_types(cls)
+        key = ".".join(parts[: depth + 1])
+        if part not in hints:
+            raise unknown_key(root, key, list(hints))
+        tp = hints[part]
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {text!r}: {key} is a value, not a section; it has no key {parts[depth + 1]!r}")
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {child!r}")
+        node, cls = child, tp

@@ -1,0 +1,153 @@
+"""What the DALI training and validation pipelines share (ARCHITECTURE §3): device and dataset
+checks, the lifetime of the DALI pipeline object, copying DALI outputs into torch tensors, and
+the recovery from a decoder failure — traced back to the file with PIL, then reported
+(``on_error: raise``) or left out on a rebuilt pipeline (``skip``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+
+import torch
+
+from .common import BadImageError, check_dataset, default_workers, image_source_name
+from .dali_sources import raise_from_worker
+
+__all__ = ["DaliPipelineBase", "cuda_index", "quiet_dali_build", "to_torch"]
+
+_QUIET = re.compile(r"(WARNING: `nvidia\.dali\.fn\.experimental\.\w+` is now deprecated"
+                    r"|The external source node .* produces \d+ outputs, but)")
+
+
+@contextlib.contextmanager
+def quiet_dali_build():
+    """Silence two known, harmless warnings while a graph is built: DALI's auto_aug still calls
+    the deprecated ``fn.experimental`` aliases, and a source output a recipe does not use
+    (e.g. blur σ outside CIFAR) is reported as wasted work (a few bytes per sample).
+
+    DALI issues the first one under its own ``simplefilter("default")``, which overrides any
+    filter set here, so the messages are dropped at ``showwarning`` instead; every other
+    warning is shown as usual."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not _QUIET.match(str(message)):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """Copy a DALI batch (uniform shape) into a new torch tensor on ``device``.
+
+    The copy is needed: DALI reuses its output buffers on the next run."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    t = tensor_list.as_tensor() if hasattr(tensor_list, "as_tensor") else tensor_list
+    out = torch.empty(tuple(t.shape()), dtype=to_torch_type[t.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(t, out, cuda_stream=stream)  # GPU: an async copy on the current stream
+    return out
+
+
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device ordinal for DALI: the explicit index, else the current device (set per
+    local rank by the trainer), never a silent GPU 0 on a multi-GPU node."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _pil_decodes(dataset, index: int) -> str | None:
+    """None if PIL decodes image ``index`` fully, else why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(dataset.read_bytes(index))) as im:
+            im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class DaliPipelineBase:
+    """A DALI pipeline object built on demand, dropped on failure, rebuilt at a position.
+
+    Subclasses build ``self._pipe`` and record in ``self._position`` where the live pipeline
+    would continue (None when unknown); :meth:`_drop` forgets both.
+    """
+
+    backend = "dali"
+
+    def __init__(self, spec):
+        check_dataset(spec)
+        self.spec = spec
+        self._device = torch.device(spec.device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"pipeline device {spec.device!r} requested but CUDA is not available; use 'cpu'")
+        self.num_threads = max(1, default_workers(spec.num_workers))
+        self._bad: set[int] = set()  # dataset indices the DALI decoder failed on
+        self._pipe = None
+        self._position = None
+        self._stats = {"skipped_images": 0, "skipped_files": []}
+
+    @property
+    def gpu(self) -> bool:
+        return self._device.type == "cuda"
+
+    def _drop(self) -> None:
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            pipe._shutdown()  # stops DALI's executor; the Python worker pool closes with the object
+            del pipe
+        self._position = None
+
+    def close(self) -> None:
+        """Stop the DALI pipeline and its Python workers."""
+        self._drop()
+
+    def __del__(self):
+        try:
+            self._drop()
+        except Exception:  # interpreter shutdown: DALI may already be gone
+            pass
+
+    def stats(self) -> dict:
+        """Counters of the last epoch or pass: ``skipped_images`` and the ``skipped_files`` names."""
+        return {"skipped_images": self._stats["skipped_images"], "skipped_files": list(self._stats["skipped_files"])}
+
+    def _count_skipped(self, names) -> None:
+        for name in names:
+            self._stats["skipped_images"] += 1
+            self._stats["skipped_files"].append(name)
+
+    def _undecodable(self, err: Exception, candidates, where: str) -> tuple[list[int], str]:
+        """After a failed run: (dataset indices among ``candidates`` that PIL cannot decode, their
+        names). A reader's BadImageError is re-raised as such; a failure no image explains is a
+        RuntimeError with DALI's message. The failed pipeline is dropped either way (a DALI
+        pipeline object cannot run again after an error)."""
+        self._drop()
+        raise_from_worker(err)
+        if self.spec.recipe == "cifar":
+            raise err
+        culprits = []
+        for idx in dict.fromkeys(int(i) for i in candidates):
+            if idx in self._bad:
+                continue
+            why = _pil_decodes(self.spec.dataset, idx)
+            if why is not None:
+                culprits.append((idx, why))
+        if not culprits:
+            raise RuntimeError(f"the DALI pipeline failed {where}, and no image there fails to decode with PIL; "
+                               f"DALI said: {err}") from err
+        names = "; ".join(f"{image_source_name(self.spec.dataset, i)} ({why})" for i, why in culprits)
+        return [i for i, _ in culprits], names
+
+    def _raise_or_mark(self, err: Exception, bad: list[int], names: str, what: str, skip_does: str) -> None:
+        """``on_error: raise``: BadImageError naming the files; ``skip``: remember them as bad."""
+        if self.spec.on_error == "raise":
+            raise BadImageError(f"cannot decode {what} {names}. Fix or remove the file(s), or set data.on_error: "
+                                f"skip to {skip_does}") from err
+        self._bad.update(bad)

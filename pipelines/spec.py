@@ -1,0 +1,177 @@
+"""What a pipeline is asked for (ARCHITECTURE §3, pipeline contract): the ``pipeline`` config
+section, the option lists of the data path, the normalisation constants, and the one
+description of a training / validation pipeline that every backend is built from.
+
+No torch and no DALI here: ``fastlt.config`` imports these lists and the trainer, ``fastlt
+eval`` and the benchmarks build their specs with :func:`train_spec` / :func:`val_spec`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from fastlt.errors import ConfigError
+from fastlt.typed_config import one_of, positive
+
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN", "INAT_STD",
+           "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
+           "ValPipelineSpec", "check_extra", "normalization", "train_spec", "val_spec"]
+
+# Normalisation constants of ARCHITECTURE §2.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INAT_MEAN = (0.466, 0.471, 0.380)
+INAT_STD = (0.195, 0.194, 0.192)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+#: ``data.normalization`` name -> (mean, std).
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inat": (INAT_MEAN, INAT_STD),
+                  "cifar": (CIFAR_MEAN, CIFAR_STD)}
+
+#: "imagenet": RandomResizedCrop views from JPEG lists (ImageNet-LT, iNat, Places, synthetic);
+#: "cifar": 32 px arrays with pad-crop + AutoAugment for view 0 (ARCHITECTURE §1 "Views").
+RECIPES = ("imagenet", "cifar")
+#: A missing or corrupt image: "raise" names the file; "skip" substitutes another image of its class.
+ON_ERROR = ("raise", "skip")
+#: ``pipeline.backend``: "auto" (DALI when it imports, else torch), "dali" or "torch".
+PIPELINE_BACKENDS = ("auto", "dali", "torch")
+
+#: ``pipeline.extra`` keys understood by some backend; both backends accept all of them, so
+#: switching ``pipeline.backend`` never breaks a config.
+EXTRA_KEYS = {
+    "with_foreground": "add the pre-paste foreground view to each batch (tests, diagnostics)",
+    "prefetch_factor": "torch: steps each DataLoader worker prepares ahead (default 2)",
+    "py_num_workers": "dali: Python reader processes (default 1 on CPU, max(2, num_workers // 2) on GPU)",
+    "prefetch_queue_depth": "dali: batches prepared ahead (default 2)",
+    "py_start_method": "dali: 'fork' or 'spawn' for the reader processes (default fork on CPU, spawn on GPU)",
+}
+
+
+def normalization(name: str) -> tuple[tuple, tuple]:
+    """(mean, std) of a ``data.normalization`` name."""
+    one_of("data.normalization", name, tuple(NORMALIZATIONS))
+    return NORMALIZATIONS[name]
+
+
+def check_extra(extra: dict) -> None:
+    """Reject misspelled ``pipeline.extra`` keys instead of silently ignoring them."""
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        hints = "; ".join(f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, EXTRA_KEYS, 1))
+                          else repr(k) for k in unknown)
+        allowed = "; ".join(f"{k}: {v}" for k, v in EXTRA_KEYS.items())
+        raise ValueError(f"pipeline.extra has unknown key(s) {hints}. Allowed: {allowed}")
+    method = extra.get("py_start_method")
+    if method is not None and method not in ("fork", "spawn"):
+        raise ValueError(f"pipeline.extra.py_start_method must be 'fork' or 'spawn'; got {method!r}")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """Which data pipeline backend produces the batches (ARCHITECTURE §3, pipeline contract)."""
+
+    backend: str = "auto"
+    """auto (DALI when it imports, else torch), torch or dali; an explicit request that cannot be met is an error."""
+    num_workers: int = 4
+    """Decoding/augmentation worker processes (or threads, for DALI) per rank."""
+    extra: dict = field(default_factory=dict)
+    """Backend-specific options, passed through to the pipeline spec."""
+
+    def __post_init__(self):
+        one_of("pipeline.backend", self.backend, PIPELINE_BACKENDS)
+        positive("pipeline.num_workers", self.num_workers, allow_zero=True)
+        try:
+            check_extra(self.extra)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass(kw_only=True)
+class TrainPipelineSpec:
+    """Everything a backend needs to produce the training batches of one rank."""
+
+    dataset: Any
+    """A ``fastlt.data.LongTailedList`` (recipe "imagenet") or an array dataset with ``images``
+    (N, 32, 32, 3) uint8 and ``labels`` (recipe "cifar")."""
+    recipe: str = "imagenet"
+    """Augmentation recipe, one of RECIPES (ARCHITECTURE §1 "Views")."""
+    image_size: int = 224
+    """Side of the square training views."""
+    batch_size: int = 256
+    """Per-rank batch size; incomplete last batches are dropped."""
+    background_sampler: str = "uniform"
+    """Sampler kind of the background (canvas) stream (fastlt.sampling)."""
+    foreground_sampler: str = "balanced"
+    """Sampler kind of the foreground (patch) stream (fastlt.sampling)."""
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    cutmix_prob: float = 0.5
+    cutmix_per_sample: bool = False
+    """False: one coin and one box per batch (reference behaviour); True: per sample."""
+    cutmix_alpha: float = 1.0
+    augment: bool = True
+    """False is the deterministic test mode: resize only, no random crop/flip/colour."""
+    randaugment: bool = True
+    """RandAugment n=2 m=10 on view 0 (imagenet recipe)."""
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    num_workers: int = 2
+    device: str = "cpu"
+    """"cpu" or "cuda": where the batches are produced/delivered."""
+    on_error: str = "raise"
+    """Corrupt/missing image: "raise" names the file; "skip" substitutes another image of the same class."""
+    extra: dict = field(default_factory=dict)
+    """Backend-specific options (EXTRA_KEYS, documented by each backend)."""
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"pipeline recipe must be one of {RECIPES}; got {self.recipe!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"data.on_error must be one of {ON_ERROR}; got {self.on_error!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
+        if not 0.0 <= self.cutmix_prob <= 1.0:
+            raise ValueError(f"cutmix_prob must be in [0, 1]; got {self.cutmix_prob}")
+
+
+@dataclass(kw_only=True)
+class ValPipelineSpec:
+    """Validation: resize shorter side to 256/224·size and centre-crop (imagenet), CIFAR as is."""
+
+    dataset: Any
+    recipe: str = "imagenet"
+    image_size: int = 224
+    batch_size: int = 256
+    rank: int = 0
+    world_size: int = 1
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    num_workers: int = 2
+    device: str = "cpu"
+    on_error: str = "raise"
+
+
+def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
+               device: str = "cpu") -> TrainPipelineSpec:
+    """The training pipeline spec of a :class:`fastlt.config.Config` for one rank (``batch_size`` per rank)."""
+    d, m = cfg.data, cfg.method
+    mean, std = normalization(d.normalization)
+    return TrainPipelineSpec(
+        dataset=dataset, recipe=d.augment_recipe, image_size=d.image_size, batch_size=batch_size,
+        background_sampler=d.background_sampler, foreground_sampler=d.foreground_sampler, seed=cfg.run.seed,
+        rank=rank, world_size=world_size, cutmix_prob=m.cutmix_prob, cutmix_per_sample=m.cutmix_per_sample,
+        cutmix_alpha=m.cutmix_alpha, randaugment=d.randaugment, mean=mean, std=std,
+        num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error, extra=dict(cfg.pipeline.extra))
+
+
+def val_spec(cfg, dataset, *, rank: int = 0, world_size: int = 1, device: str = "cpu") -> ValPipelineSpec:
+    """The validation pipeline spec of a :class:`fastlt.config.Config` for one rank."""
+    d = cfg.data
+    mean, std = normalization(d.normalization)
+    return ValPipelineSpec(dataset=dataset, recipe=d.augment_recipe, image_size=d.image_size,
+                           batch_size=d.eval_batch_size, rank=rank, world_size=world_size, mean=mean, std=std,
+                           num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error)
