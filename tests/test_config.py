@@ -90,7 +90,7 @@ def test_recipe_matches_architecture_table(name):
 
 @pytest.mark.parametrize("name", ALL_FILES)
 def test_every_recipe_builds_its_model(name):
-    from fastlt.train import build_model
+    from fastlt.models import build_model
 
     cfg = load_config(CONFIGS / name)
     num_classes = cfg.num_classes
@@ -232,26 +232,92 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load(out.read_text())["method"]["scaling_factor"] == [1628.0, 255.0]
 
 
+def _sections(cls=Config):
+    import dataclasses
+    import typing
+
+    yield cls
+    for tp in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(tp):
+            yield from _sections(tp)
+
+
 def test_every_field_has_a_docstring():
-    """STYLE: a docstring under each field; we check the source has one string right after each field."""
+    """STYLE: a docstring under each field of every section, wherever the section is declared."""
     import ast
     import inspect
+    import textwrap
 
-    import fastlt.config as mod
-
-    tree = ast.parse(inspect.getsource(mod))
     missing = []
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name.endswith(("Config", "Section")):
-            body = node.body
-            for i, stmt in enumerate(body):
-                if isinstance(stmt, ast.AnnAssign):
-                    nxt = body[i + 1] if i + 1 < len(body) else None
-                    if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                            and isinstance(nxt.value.value, str)):
-                        missing.append(f"{node.name}.{stmt.target.id}")
+    for cls in _sections():
+        (node,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+        for i, stmt in enumerate(node.body):
+            if isinstance(stmt, ast.AnnAssign):
+                nxt = node.body[i + 1] if i + 1 < len(node.body) else None
+                if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)):
+                    missing.append(f"{cls.__name__}.{stmt.target.id}")
     assert not missing, f"fields without a docstring: {missing}"
     assert "optim.lr" in flat_keys() and "data.synthetic.n_max" in flat_keys()
+
+
+def test_loading_a_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastlt.config as c; c.load_config('configs/imagenet_lt_resnext50_90ep.yaml'); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'nvidia.dali', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Recipes composed from base files
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_recipe_resolves_to_its_frozen_values(name):
+    """Every recipe resolves to exactly what it held before the recipes were composed from bases
+    (tests/data/recipes_resolved.json was written from the stand-alone files)."""
+    import json
+
+    frozen = json.loads((Path(__file__).parent / "data" / "recipes_resolved.json").read_text())[name]
+    assert config_to_dict(load_config(CONFIGS / name)) == frozen
+
+
+def test_cifar_recipes_are_composed_from_one_base():
+    bases = {p.name: yaml.safe_load(p.read_text()).get("base") for p in CONFIGS.glob("cifar*.yaml")}
+    assert bases.pop("cifar100_lt_if100.yaml") is None
+    assert set(bases.values()) == {"cifar100_lt_if100.yaml"}
+
+
+def test_base_merges_sections_key_by_key(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text(SYNTH + "optim: {lr: 0.3, epochs: 9}\nmethod: {topk: 7}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\noptim: {lr: 0.2}\n")
+    (tmp_path / "leaf.yaml").write_text("base: sub/mid.yaml\nmethod: {topk: 5}\n")
+    cfg = load_config(tmp_path / "leaf.yaml", ["optim.epochs=4"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.method.topk) == (0.2, 4, 5)
+    assert cfg.data.kind == "synthetic" and cfg.run.name == "leaf"  # the named file's stem, not a base's
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert "base" not in yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert config_to_dict(load_config(tmp_path / "resolved.yaml")) == config_to_dict(cfg)
+
+
+def test_base_cycles_and_bad_bases_are_rejected(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"comes back to a file already in it \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: 'base: missing.yaml' names .*missing.yaml, which does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [x]\n")
+    with pytest.raises(ConfigError, match="must name a recipe file"):
+        load_config(tmp_path / "d.yaml")
+    with pytest.raises(ConfigError, match="'base' is a key of recipe files"):
+        load_config(_write(tmp_path, SYNTH), ["base=x.yaml"])
 
 
 # --------------------------------------------------------------------------------------
@@ -264,7 +330,7 @@ def _cfg(tmp_path, *overrides) -> Config:
 
 
 def test_deepspeed_config_from_ours(tmp_path):
-    from fastlt.train import deepspeed_config
+    from fastlt.engine import deepspeed_config
 
     cfg = _cfg(tmp_path, "data.batch_size=128", "deepspeed.grad_accum_steps=2", "deepspeed.zero_stage=1",
                "deepspeed.grad_clip=5", "deepspeed.precision=bf16", "deepspeed.autocast=false")
@@ -292,7 +358,7 @@ def test_deepspeed_config_from_ours(tmp_path):
 
 
 def test_epoch_lr_cosine_with_warmup(tmp_path):
-    from fastlt.train import EpochLR
+    from fastlt.schedule import EpochLR
 
     cfg = _cfg(tmp_path, "optim.lr=0.2", "optim.epochs=10", "optim.warmup_epochs=2", "optim.schedule=cos")
     lr = EpochLR(cfg.optim)
@@ -307,7 +373,7 @@ def test_epoch_lr_cosine_with_warmup(tmp_path):
 
 
 def test_epoch_lr_step_schedule(tmp_path):
-    from fastlt.train import EpochLR
+    from fastlt.schedule import EpochLR
 
     cfg = _cfg(tmp_path, "optim.lr=0.15", "optim.epochs=200", "optim.warmup_epochs=5", "optim.schedule=step",
                "optim.milestones=[160, 180]")
