@@ -1,11 +1,20 @@
-"""Shared pytest fixtures: the real split lists, fake CIFAR batches, a small synthetic dataset.
+"""Shared pytest fixtures and helpers: the real split lists, fake CIFAR batches, a small
+synthetic dataset, tiny trainer configs and the entry points as subprocesses, and the
+independently written expectations the pipeline tests share.
 
 Fixtures that build data on disk are session-scoped (built once per run) and must be
-treated as read-only by the tests that use them.
+treated as read-only by the tests that use them. Test modules import the helpers with
+``from conftest import ...``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +95,148 @@ def synthetic_lt(tmp_path_factory):
 
     return make_synthetic_lt(tmp_path_factory.mktemp("synthetic") / "lt10", num_classes=10,
                              imb_factor=0.1, n_max=60, image_size=32, seed=0, n_val=10)
+
+
+# --------------------------------------------------------------------------------------
+# Runs of the trainer: a tiny config, the entry points as subprocesses, reading a run directory
+# --------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+#: The deepspeed launcher of this interpreter's environment (multi-rank tests skip without it).
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+#: Variables a parent test process may hold that would make a child think it is a rank of a job.
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT", "FASTLT_PIPELINE")
+TINY_CLASSES = 6
+TINY_STEPS = 6  # per epoch (run.max_steps_per_epoch)
+
+
+def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
+    """A ResNet-32 at 16 px on 6 synthetic classes: a few CPU seconds per epoch. ``sections``
+    update the named sections key by key (``run={"name": "x"}``)."""
+    cfg = {
+        "model": {"backbone": "resnet32", "feat_dim": 16, "use_norm": False, "hidden_dim": 32},
+        "data": {"kind": "synthetic", "root": str(data_root),
+                 "synthetic": {"num_classes": TINY_CLASSES, "imb_factor": 0.2, "n_max": 40, "image_size": 16,
+                               "n_val": 4, "seed": 0},
+                 "augment_recipe": "imagenet", "image_size": 16, "batch_size": 8, "eval_batch_size": 16,
+                 "randaugment": False},
+        "method": {"alpha": 1.0, "beta": 0.5, "tau": 1.0, "l_d_warm": 0, "scaling_factor": [20, 255], "topk": 3,
+                   "temperature": 0.1},
+        "optim": {"epochs": 2, "lr": 0.05, "schedule": "cos", "warmup_epochs": 0},
+        "pipeline": {"backend": "torch", "num_workers": 0},
+        "run": {"output_dir": str(out_dir), "log_every": 2, "eval_every": 1, "max_steps_per_epoch": TINY_STEPS,
+                "keep_last": 2, "progress_bar": True},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def child_env(**extra: str) -> dict:
+    """This process's environment without the launcher variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env.update(extra)
+    return env
+
+
+def run_fastlt(*args, timeout: float = 240, check_rc: int | None = 0, module: str = "fastlt.train",
+               **popen) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` from the repository root; checks the exit code."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=child_env(), **popen)
+    if check_rc is not None and proc.returncode != check_rc:
+        raise AssertionError(f"exit code {proc.returncode} (expected {check_rc})\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_deepspeed(config: Path, *extra: str, ranks: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N --module fastlt.train`` on CPU (one process per rank, gloo)."""
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "fastlt.train",
+           "--config", str(config), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=child_env(DS_ACCELERATOR="cpu"))
+    if proc.returncode != 0:
+        raise AssertionError(f"deepspeed launcher exit code {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
+                             f"\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The records of a run's log.jsonl (of one event kind if given)."""
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in recs if kind is None or r["event"] == kind]
+
+
+def weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, first: {differ[:3]}"
+
+
+def tree_digest(path: Path) -> dict:
+    """SHA-256 of every file under ``path``: equal digests mean nothing was written there."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------
+# Pipelines: expected values written independently of the library
+# --------------------------------------------------------------------------------------
+
+
+def reference_view(path, size, mean=None, std=None):
+    """Augmentation off: decode, bilinear resize to size × size, scale to [0, 1], normalise (PIL)."""
+    import torch
+    from PIL import Image
+
+    from fastlt.pipelines import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = IMAGENET_MEAN if mean is None else mean
+    std = IMAGENET_STD if std is None else std
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def pasted_box(image, background):
+    """Bounding box (y0, x0, y1, x1) of the pixels where ``image`` differs from ``background``."""
+    import torch
+
+    diff = (image != background).any(0)
+    if not diff.any():
+        return None
+    ys, xs = torch.nonzero(diff, as_tuple=True)
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def assert_same_batches(a, b):
+    """Two lists of TrainBatch hold identical tensors."""
+    import torch
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("image", "view1", "view2", "label_a", "label_b", "lam", "mixed"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name

@@ -1,67 +1,97 @@
-"""fastlt.cutmix against ARCHITECTURE §1 "CutMix"."""
+"""fastlt.cutmix and the per-step CutMix decisions against ARCHITECTURE §1 "CutMix": the box side
+is ⌊H·r⌋ with r = √(1 − λ0), centred uniformly, clipped to the image; λ comes from the clipped box.
+"""
+import copy
+
 import numpy as np
 import pytest
-import torch
 
-from fastlt.cutmix import area_lambda, cutmix, cutmix_batch, sample_box
+from fastlt.cutmix import area_lambda, sample_box
+from fastlt.pipelines.common import cutmix_boxes
 
 
-def test_boxes_are_clipped_and_lambda_is_area_based():
+def _paste_count(box, h, w) -> int:
+    """How many pixels a paste of ``box`` replaces in an h × w image (done on an actual array)."""
+    canvas = np.zeros((h, w), dtype=np.int64)
+    y0, x0, y1, x1 = box
+    canvas[y0:y1, x0:x1] = 1
+    return int(canvas.sum())
+
+
+def test_unclipped_box_side_is_floor_of_side_times_cut_ratio():
     rng = np.random.default_rng(0)
-    for _ in range(2000):
-        h, w = int(rng.integers(1, 64)), int(rng.integers(1, 64))
+    checked = 0
+    for _ in range(3000):
+        h, w = int(rng.integers(8, 300)), int(rng.integers(8, 300))
+        lam0 = copy.deepcopy(rng).beta(1.0, 1.0)  # the draw sample_box is about to make
+        r = np.sqrt(1.0 - lam0)
         y0, x0, y1, x1 = sample_box(h, w, 1.0, rng)
-        assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
-        assert area_lambda((y0, x0, y1, x1), h, w) == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (h * w))
+        cut_h, cut_w = int(h * r), int(w * r)
+        if 0 < y0 and y1 < h and 0 < x0 and x1 < w:  # not clipped on any side
+            assert (y1 - y0, x1 - x0) == (cut_h, cut_w)
+            checked += 1
+        else:  # clipping only ever shrinks the box, inside the image
+            assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
+            assert y1 - y0 <= cut_h and x1 - x0 <= cut_w
+    assert checked > 300
 
 
-def test_box_size_follows_cut_ratio_before_clipping():
-    # With the centre far from the borders the box is exactly (⌊H·r⌋, ⌊W·r⌋), r = √(1 − λ0), λ0 ~ U(0, 1):
-    # so E[box area / image area] ≈ E[1 − λ0] = 1/2 for big images, minus what clipping removes.
+def test_clipped_boxes_lose_exactly_what_falls_outside():
+    # λ0 near 0 gives a box almost the image's size: its centre is uniform, so most boxes clip.
     rng = np.random.default_rng(1)
-    fracs = [1 - area_lambda(sample_box(1000, 1000, 1.0, rng), 1000, 1000) for _ in range(4000)]
-    # Clipping at the border only shrinks boxes; unclipped the mean would be 0.5.
-    assert 0.25 < np.mean(fracs) < 0.5
-    assert max(fracs) > 0.8 and min(fracs) < 0.05
+    clipped = 0
+    for _ in range(500):
+        h, w = 40, 56
+        y0, x0, y1, x1 = sample_box(h, w, 0.2, rng)  # Beta(0.2, 0.2): many big and many tiny boxes
+        lam = area_lambda((y0, x0, y1, x1), h, w)
+        # λ is the share of the canvas that keeps the background after an actual paste.
+        assert lam == pytest.approx(1 - _paste_count((y0, x0, y1, x1), h, w) / (h * w))
+        clipped += y0 == 0 or x0 == 0 or y1 == h or x1 == w
+    assert clipped > 100
 
 
-def test_sample_box_is_deterministic_per_generator():
-    a = [sample_box(32, 48, 1.0, np.random.default_rng(7)) for _ in range(3)]
-    assert a[0] == a[1] == a[2]
+def test_box_centres_cover_the_whole_image():
+    rng = np.random.default_rng(2)
+    boxes = [sample_box(32, 32, 1.0, rng) for _ in range(4000)]
+    touches = {"top": any(b.y0 == 0 for b in boxes), "left": any(b.x0 == 0 for b in boxes),
+               "bottom": any(b.y1 == 32 for b in boxes), "right": any(b.x1 == 32 for b in boxes)}
+    assert all(touches.values()), touches
+    # E[box area] over Beta(1, 1) is 1/2 of the image before clipping; clipping takes some away.
+    frac = np.mean([1 - area_lambda(b, 32, 32) for b in boxes])
+    assert 0.25 < frac < 0.5
 
 
-def test_cutmix_pastes_exactly_the_box():
-    bg = torch.zeros(2, 3, 8, 10)
-    fg = torch.ones(2, 3, 8, 10)
-    out = cutmix(bg, fg, (2, 3, 5, 9))
-    assert out[..., 2:5, 3:9].eq(1).all()
-    assert out.sum().item() == 2 * 3 * 3 * 6
-    assert bg.sum().item() == 0  # inputs untouched
+def test_per_batch_decision_is_one_coin_and_one_box_per_step():
+    mixed_steps = 0
+    for step in range(60):
+        boxes, lam, applied = cutmix_boxes(0, 0, 0, step, 16, 24, 24, prob=0.5, per_sample=False)
+        assert applied.all() or not applied.any()
+        if applied.any():
+            mixed_steps += 1
+            assert (boxes == boxes[0]).all() and np.unique(lam).size == 1
+            assert lam[0] == pytest.approx(area_lambda(tuple(boxes[0]), 24, 24))
+        else:
+            assert (lam == 1).all() and (boxes == 0).all()
+    assert 15 < mixed_steps < 45  # cutmix_prob 0.5
 
 
-def test_cutmix_batch_per_batch_and_per_sample():
-    bg = torch.zeros(16, 3, 20, 20)
-    fg = torch.ones(16, 3, 20, 20)
-    res = cutmix_batch(bg, fg, prob=1.0, generator=np.random.default_rng(3))
-    assert res.applied.all() and torch.unique(res.lam).numel() == 1  # one box for the batch
-    pasted = res.mixed.mean(dim=(1, 2, 3))
-    torch.testing.assert_close(pasted, 1 - res.lam)
-    res = cutmix_batch(bg, fg, prob=0.5, per_sample=True, generator=np.random.default_rng(4))
-    torch.testing.assert_close(res.mixed.mean(dim=(1, 2, 3)), 1 - res.lam)
-    assert 0 < int(res.applied.sum()) < 16
-    assert (res.lam[~res.applied] == 1).all()
-    res = cutmix_batch(bg, fg, prob=0.0, generator=np.random.default_rng(5))
-    assert not res.applied.any() and (res.lam == 1).all() and res.mixed.eq(0).all()
+def test_per_sample_decisions_and_one_sample_lookup_agree():
+    boxes, lam, applied = cutmix_boxes(3, 1, 0, 5, 32, 24, 24, prob=0.5, per_sample=True)
+    assert 4 < int(applied.sum()) < 28
+    assert (lam[~applied] == 1).all()
+    for i in range(32):  # what a per-sample source computes for sample i alone
+        b1, l1, a1 = cutmix_boxes(3, 1, 0, 5, 32, 24, 24, prob=0.5, per_sample=True, sample=i)
+        assert (b1[0] == boxes[i]).all() and l1[0] == lam[i] and a1[0] == applied[i]
+        if applied[i]:
+            assert lam[i] == pytest.approx(1 - _paste_count(tuple(boxes[i]), 24, 24) / 24 ** 2)
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="alpha must be > 0"):
         sample_box(4, 4, 0.0)
+    with pytest.raises(ValueError, match="image size must be positive"):
+        sample_box(0, 4)
     with pytest.raises(ValueError, match="not inside"):
         area_lambda((0, 0, 5, 5), 4, 4)
-    with pytest.raises(ValueError, match="same shape"):
-        cutmix(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5), (0, 0, 1, 1))
-    with pytest.raises(ValueError, match="prob must be in"):
-        cutmix_batch(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), prob=1.5)
     with pytest.raises(ValueError, match="numpy.random.Generator"):
-        sample_box(4, 4, 1.0, torch.Generator())
+        sample_box(4, 4, 1.0, object())

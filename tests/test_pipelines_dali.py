@@ -1,4 +1,4 @@
-"""The DALI pipelines in CPU mode (DALI ``device_id=None``) against issue 5's acceptance:
+"""The DALI pipelines in CPU mode (DALI ``device_id=None``) against the pipeline contract:
 shapes and dtypes; with augmentation off the pasted region is the foreground and the rest
 the background, λ = 1 − box area/(H·W) exactly; the background stream covers each index
 once per epoch and the foreground classes are uniform (chi-square); same seed, same
@@ -28,6 +28,7 @@ from scipy.stats import chisquare  # noqa: E402
 from fastlt.data import ArrayDataset, LongTailedList, make_synthetic_lt  # noqa: E402
 from fastlt.pipelines import (IMAGENET_MEAN, IMAGENET_STD, TrainPipelineSpec, ValPipelineSpec,  # noqa: E402
                               build_train_pipeline, build_val_pipeline, select_backend)
+from conftest import assert_same_batches, pasted_box, reference_view
 from fastlt.pipelines.common import BadImageError  # noqa: E402
 
 SIZE = 32
@@ -53,29 +54,6 @@ def make(ds, **kw):
 
 def run_epoch(p, epoch=0, start_step=0):
     return list(p.epoch(epoch, start_step))
-
-
-def reference_view(path, size):
-    """Augmentation off: decode, bilinear resize to size × size, normalise (PIL, as the spec says)."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-def pasted_box(image, background):
-    diff = (image != background).any(0)
-    if not diff.any():
-        return None
-    ys, xs = torch.nonzero(diff, as_tuple=True)
-    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        for name in ("image", "view1", "view2", "label_a", "label_b", "lam", "mixed"):
-            assert torch.equal(getattr(x, name), getattr(y, name)), name
 
 
 def test_backend_is_dali_when_installed():

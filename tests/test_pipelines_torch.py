@@ -1,5 +1,5 @@
 """The torch DataLoader backend against the pipeline contract (ARCHITECTURE §1 "Views",
-"CutMix", §3 pipeline contract) and issue 5's bad-input rules.
+"CutMix", §3 pipeline contract) and the bad-input rules (``data.on_error``).
 
 The expected values are written here independently of the library: the deterministic
 test mode's views are recomputed with PIL (decode, bilinear resize, /255, normalise); the
@@ -19,6 +19,7 @@ from PIL import Image
 from fastlt.data import ArrayDataset, LongTailedList, make_synthetic_lt
 from fastlt.pipelines import (IMAGENET_MEAN, IMAGENET_STD, TrainPipelineSpec, ValPipelineSpec, build_train_pipeline,
                               build_val_pipeline, select_backend)
+from conftest import assert_same_batches, pasted_box, reference_view
 from fastlt.pipelines.common import BadImageError
 
 SIZE = 32
@@ -39,30 +40,6 @@ def make(ds, **kw):
     args = dict(dataset=ds, image_size=SIZE, batch_size=4, num_workers=0, seed=7)
     args.update(kw)
     return build_train_pipeline(TrainPipelineSpec(**args), "torch")
-
-
-def reference_view(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Augmentation off: decode, bilinear resize to size × size, scale to [0, 1], normalise."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-def pasted_box(image, background):
-    """Bounding box (y0, x0, y1, x1) of the pixels where ``image`` differs from ``background``."""
-    diff = (image != background).any(0)
-    if not diff.any():
-        return None
-    ys, xs = torch.nonzero(diff, as_tuple=True)
-    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        for name in ("image", "view1", "view2", "label_a", "label_b", "lam", "mixed"):
-            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=0, atol=0)
 
 
 def test_shapes_dtypes_and_epoch_length(train_ds):

@@ -1,4 +1,4 @@
-"""The trainer (fastlt.train, fastlt.checkpoint, fastlt.evaluate, fastlt.cli) on CPU.
+"""The trainer (fastlt.trainer, fastlt.checkpoint, fastlt.evaluate, fastlt.cli) on CPU.
 
 End-to-end runs go through the real entry point (`python -m fastlt.train`, one process,
 DeepSpeed with gloo) and the real torch pipeline on a tiny cached synthetic dataset:
@@ -8,7 +8,6 @@ checked in-process against formulas written here and in tests/spec_formulas.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,81 +23,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
+from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, child_env, events,
+                      run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 
 REPO = Path(__file__).resolve().parent.parent
-NUM_CLASSES = 6
-STEPS = 6  # per epoch (run.max_steps_per_epoch)
 # The exponential profile of ARCHITECTURE §2 for n_max 40, imb_factor 0.2 (IF 5), 6 classes.
 TRAIN_COUNTS = [math.floor(40 * 0.2 ** (c / 5)) for c in range(NUM_CLASSES)]
 TRAIN_LINE = re.compile(r"^epoch +\d+/\d+ step +\d+/\d+ \| ce -?[\d.]+ \| scl -?[\d.]+ \| loss -?[\d.]+ \| "
                         r"lr [\d.e+-]+ \| +[\d.]+ img/s \| data wait +[\d.]+%$")
-
-
-# --------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------
-
-
-def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
-    """A ResNet-32 at 16 px on 6 synthetic classes: a few CPU seconds per epoch."""
-    cfg = {
-        "model": {"backbone": "resnet32", "feat_dim": 16, "use_norm": False, "hidden_dim": 32},
-        "data": {"kind": "synthetic", "root": str(data_root),
-                 "synthetic": {"num_classes": NUM_CLASSES, "imb_factor": 0.2, "n_max": 40, "image_size": 16,
-                               "n_val": 4, "seed": 0},
-                 "augment_recipe": "imagenet", "image_size": 16, "batch_size": 8, "eval_batch_size": 16,
-                 "randaugment": False},
-        "method": {"alpha": 1.0, "beta": 0.5, "tau": 1.0, "l_d_warm": 0, "scaling_factor": [20, 255], "topk": 3,
-                   "temperature": 0.1},
-        "optim": {"epochs": 2, "lr": 0.05, "schedule": "cos", "warmup_epochs": 0},
-        "pipeline": {"backend": "torch", "num_workers": 0},
-        "run": {"output_dir": str(out_dir), "log_every": 2, "eval_every": 1, "max_steps_per_epoch": STEPS,
-                "keep_last": 2, "progress_bar": True},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    return cfg
-
-
-def write_config(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def fastlt(*args, timeout: float = 240, check_rc: int | None = 0, module: str = "fastlt.train",
-           **popen) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "FASTLT_PIPELINE"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env, **popen)
-    if check_rc is not None and proc.returncode != check_rc:
-        raise AssertionError(f"exit code {proc.returncode} (expected {check_rc})\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in recs if kind is None or r["event"] == kind]
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, first: {differ[:3]}"
-
-
-def tree_digest(path: Path) -> dict:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +133,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
     cfg = dict(base_run["cfg"], pipeline=dict(base_run["cfg"]["pipeline"], num_workers=2),
                run=dict(base_run["cfg"]["run"], name="intr", output_dir=str(tmp_path)))
     path = write_config(tmp_path / "i.yaml", cfg)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "FASTLT_PIPELINE")}
-    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen = []
     # Ctrl-C (SIGINT to the whole process group) as soon as epoch 0 starts: the whole tiny run
@@ -250,18 +183,23 @@ def test_resume_from_another_models_checkpoint_is_refused(base_run, tmp_path):
     assert tree_digest(run / "checkpoints") == before
 
 
-def test_existing_run_needs_resume_and_missing_data_is_one_message(base_run, tmp_path):
-    proc = fastlt("--config", base_run["config"], check_rc=2)
-    assert "already holds checkpoints" in proc.stderr and "--resume auto" in proc.stderr
+def test_existing_run_needs_resume_and_missing_data_is_one_message(base_run, tmp_path, capsys):
+    """In-process: these checks run before any process group or DeepSpeed engine exists."""
+    from fastlt.cli import main, train_main
+
+    before = tree_digest(base_run["dir"])
+    assert train_main(["--config", str(base_run["config"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds checkpoints" in err[0] and "--resume auto" in err[0], err
+    assert tree_digest(base_run["dir"]) == before
     cfg = {"data": {"kind": "list", "root": str(tmp_path / "no-such-dataset"), "train_list": "train.txt",
                     "val_list": "val.txt", "num_classes": 10},
            "run": {"output_dir": str(tmp_path)}}
-    proc = fastlt("train", "--config", write_config(tmp_path / "missing.yaml", cfg), module="fastlt.cli",
-                  check_rc=2)
-    err = proc.stderr.strip().splitlines()
+    assert main(["train", "--config", str(write_config(tmp_path / "missing.yaml", cfg))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastlt: error: data.root: ") and "no-such-dataset" in err[0], err
-    proc = fastlt("--config", base_run["config"], "--set", "optim.lrr=0.1", check_rc=2)
-    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'" in proc.stderr
+    assert train_main(["--config", str(base_run["config"]), "--set", "optim.lrr=0.1"]) == 2
+    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'" in capsys.readouterr().err
 
 
 def test_demo_command_prints_the_four_accuracies_and_the_run_directory(tmp_path, data_root):
@@ -308,7 +246,8 @@ def _cfg(data_root, tmp_path, **data):
 
 
 def test_wrong_num_classes_is_reported_with_the_key(data_root, tmp_path):
-    from fastlt.train import DataError, build_datasets
+    from fastlt.data.build import build_datasets
+    from fastlt.errors import DataError
 
     with pytest.raises(DataError, match=r"data.num_classes is 7, but the synthetic dataset .* has 6 classes"):
         build_datasets(_cfg(data_root, tmp_path, num_classes=7))
@@ -339,7 +278,7 @@ class _Out:
 
 
 def _step_inputs(b=6, c=5, d=4, seed=0):
-    from fastlt.pipelines.batch import TrainBatch
+    from fastlt.pipelines import TrainBatch
 
     g = torch.Generator().manual_seed(seed)
     counts = torch.tensor([50, 20, 9, 4, 2])[:c]
@@ -359,14 +298,14 @@ def _step_inputs(b=6, c=5, d=4, seed=0):
 @pytest.mark.parametrize("rectify", [False, True])
 def test_objective_matches_the_spec(tmp_path, data_root, rectify):
     from fastlt.config import config_from_dict
-    from fastlt.train import ConCutMixObjective
+    from fastlt.objective import ConCutMixObjective
 
     cfg = config_from_dict(tiny_config(data_root, tmp_path, method={"alpha": 2.0, "beta": 0.6, "tau": 0.8,
                                                                      "topk": 2, "temperature": 0.1,
                                                                      "scaling_factor": [200, 255]}))
     batch, counts, logits, z_raw, centers_raw = _step_inputs()
     b, c = len(batch), counts.numel()
-    loss, ce, scl = (t.detach() for t in ConCutMixObjective(cfg, counts.numpy())(_Out(logits, z_raw, centers_raw),
+    loss, ce, scl = (t.detach() for t in ConCutMixObjective(cfg.method, counts.numpy())(_Out(logits, z_raw, centers_raw),
                                                                                  batch, rectify=rectify))
 
     # L_cls: logit-adjusted CE on the first B logits. Area label: λ·CE(a) + (1−λ)·CE(b).
@@ -392,11 +331,11 @@ def test_objective_matches_the_spec(tmp_path, data_root, rectify):
 
 def test_rectified_label_sends_no_gradient_into_z_or_centers(tmp_path, data_root):
     from fastlt.config import config_from_dict
-    from fastlt.train import ConCutMixObjective
+    from fastlt.objective import ConCutMixObjective
 
     cfg = config_from_dict(tiny_config(data_root, tmp_path, method={"beta": 0.0, "topk": 2}))
     batch, counts, logits, z_raw, centers_raw = _step_inputs()
-    loss, _, _ = ConCutMixObjective(cfg, counts.numpy())(_Out(logits, z_raw, centers_raw), batch, rectify=True)
+    loss, _, _ = ConCutMixObjective(cfg.method, counts.numpy())(_Out(logits, z_raw, centers_raw), batch, rectify=True)
     loss.backward()
     assert z_raw.grad is None or torch.count_nonzero(z_raw.grad) == 0
     assert centers_raw.grad is None or torch.count_nonzero(centers_raw.grad) == 0
@@ -427,7 +366,7 @@ class _Engine:
 
 def test_checkpoint_save_is_atomic_pruned_and_survives_ctrl_c(tmp_path):
     from fastlt.checkpoint import CheckpointManager, load_weights
-    from fastlt.train import StopFlag
+    from fastlt.signals import StopFlag
 
     mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
     stale = tmp_path / "checkpoints" / "epoch0001_step000000.partial"
@@ -448,7 +387,8 @@ def test_checkpoint_save_is_atomic_pruned_and_survives_ctrl_c(tmp_path):
 
 
 def test_resolve_rejects_what_is_not_a_complete_checkpoint(tmp_path):
-    from fastlt.checkpoint import CheckpointError, CheckpointManager
+    from fastlt.checkpoint import CheckpointManager
+    from fastlt.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist"):
         CheckpointManager.resolve(str(tmp_path / "missing"), tmp_path)
@@ -471,7 +411,9 @@ class _Payload:
 
 
 def test_checkpoints_are_loaded_without_arbitrary_pickle(tmp_path):
-    from fastlt.checkpoint import CheckpointError, load_weights, safe_load
+    from fastlt.checkpoint import load_weights
+    from fastlt.errors import CheckpointError
+    from fastlt.files import safe_load
 
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"w": torch.zeros(1)}, "meta": _Payload()}, bad)
