@@ -1,25 +1,24 @@
-"""Index samplers for the two ConCutMix streams (ARCHITECTURE §1, "Samplers").
+"""Index samplers for the two ConCutMix streams (ARCHITECTURE §1, "Samplers"), and their
+step-major sharding over ranks (§3 "Distributed = one big GPU").
 
 Each training step pairs a *background* (canvas) index with a *foreground* (patch) index.
 The background stream is ``uniform`` by default and the foreground stream ``balanced``;
 the alternatives are ``reverse`` (class weight ∝ 1/N_j) and ``sqrt`` (∝ √N_j).
 
-Every sampler yields, per (epoch, rank), ``num_samples(world_size)`` = ⌈N / W⌉ indices,
-whatever its kind, so background and foreground streams pair up one to one. Indices are a
-pure function of (seed, epoch, rank): the generator is
-``np.random.default_rng([seed, epoch, rank, stream])`` (rank omitted for ``uniform``,
-whose permutation all ranks share), so a resumed run replays the same sequence and a
-step's indices are a slice of its epoch's array.
+A sampler yields the epoch's **global** sequence: N indices, a pure function of (seed,
+epoch) — ``np.random.default_rng([seed, epoch, stream])`` — and of nothing else, so the
+sequence is the same for 1 or 64 ranks, a resumed run replays it, and the background and
+foreground streams pair up one to one.
 
-``uniform``: one shuffled permutation of the N indices per (seed, epoch), padded by
-wrapping around to a multiple of W (as torch's DistributedSampler does), rank r taking
-positions r, r+W, r+2W, ... Every index is visited at least once per epoch across ranks,
-exactly once among the unpadded positions; two ranks share an index only through the
-≤ W−1 padding duplicates (none when W divides N).
+* ``uniform``: one shuffled permutation of the N indices (every image once per epoch);
+* ``balanced`` / ``reverse`` / ``sqrt``: N independent draws of a class j with probability
+  ∝ w_j (1, 1/N_j, √N_j over the classes that have images), then an image of that class
+  uniformly.
 
-``balanced`` / ``reverse`` / ``sqrt``: each rank draws its own stream, independently per
-sample: a class j with probability ∝ w_j (1, 1/N_j, √N_j over the classes that have
-images), then an image of that class uniformly.
+:func:`shard_step_major` splits the sequence into global steps of G = B·W samples (the
+incomplete last global step is dropped); rank r takes positions r·B … r·B + B − 1 of every
+global step. The union over ranks of a global step is therefore the same samples, in the
+same order, whatever W is — what one process with batch G would see.
 """
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ import abc
 
 import numpy as np
 
-__all__ = ["SAMPLER_KINDS", "ClassWeightedSampler", "Sampler", "UniformSampler", "make_sampler"]
+__all__ = ["SAMPLER_KINDS", "ClassWeightedSampler", "Sampler", "UniformSampler", "global_position", "make_sampler",
+           "shard_step_major", "steps_per_epoch"]
 
 SAMPLER_KINDS = ("uniform", "balanced", "reverse", "sqrt")
 # Stream ids keep the generators of different kinds apart for the same seed.
@@ -49,7 +49,7 @@ def _check_world(rank, world_size) -> tuple[int, int]:
 
 
 class Sampler(abc.ABC):
-    """Base: validated labels, class counts and the per-rank epoch length shared by all kinds."""
+    """Base: validated labels and class counts shared by all kinds."""
 
     kind: str
 
@@ -70,35 +70,27 @@ class Sampler(abc.ABC):
         self.num_classes = int(self.class_counts.shape[0])
 
     def __len__(self) -> int:
-        """Samples per epoch on a single rank (= num_samples(1) = N)."""
-        return self.num_samples(1)
+        """Samples per epoch (N, whatever the kind)."""
+        return int(self.labels.shape[0])
 
-    def num_samples(self, world_size: int = 1) -> int:
-        """Indices per rank per epoch: ⌈N / world_size⌉, the same for every kind."""
-        _, world_size = _check_world(0, world_size)
-        return -(-self.labels.shape[0] // world_size)
+    def _rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _check_nonneg_int("epoch", epoch), _STREAM[self.kind]])
 
     @abc.abstractmethod
-    def epoch_indices(self, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """The ``num_samples(world_size)`` int64 indices of ``rank`` in ``epoch``."""
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The N int64 dataset indices of ``epoch``, in sample order."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(kind={self.kind!r}, n={self.labels.shape[0]}, classes={self.num_classes}, seed={self.seed})"
+        return f"{type(self).__name__}(kind={self.kind!r}, n={len(self)}, classes={self.num_classes}, seed={self.seed})"
 
 
 class UniformSampler(Sampler):
-    """Instance-uniform: every image once per epoch, shuffled, sharded across ranks."""
+    """Instance-uniform: every image once per epoch, shuffled."""
 
     kind = "uniform"
 
-    def epoch_indices(self, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        epoch = _check_nonneg_int("epoch", epoch)
-        rank, world_size = _check_world(rank, world_size)
-        rng = np.random.default_rng([self.seed, epoch, _STREAM[self.kind]])
-        perm = rng.permutation(self.labels.shape[0])
-        # np.resize repeats the permutation cyclically: the padding is its first entries.
-        padded = np.resize(perm, self.num_samples(world_size) * world_size)
-        return padded[rank::world_size].astype(np.int64, copy=False)
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        return self._rng(epoch).permutation(len(self)).astype(np.int64, copy=False)
 
 
 class ClassWeightedSampler(Sampler):
@@ -111,8 +103,8 @@ class ClassWeightedSampler(Sampler):
     def __init__(self, kind: str, labels, seed: int) -> None:
         if kind not in ("balanced", "reverse", "sqrt"):
             raise ValueError(f"ClassWeightedSampler kind must be balanced, reverse or sqrt, got {kind!r}")
-        super().__init__(labels, seed)
         self.kind = kind
+        super().__init__(labels, seed)
         counts = self.class_counts.astype(np.float64)
         present = counts > 0
         weights = np.zeros_like(counts)
@@ -129,11 +121,9 @@ class ClassWeightedSampler(Sampler):
         self._cdf = np.cumsum(self.class_probs)
         self._cdf[-1] = 1.0  # guard the last bucket against round-off
 
-    def epoch_indices(self, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        epoch = _check_nonneg_int("epoch", epoch)
-        rank, world_size = _check_world(rank, world_size)
-        n = self.num_samples(world_size)
-        rng = np.random.default_rng([self.seed, epoch, rank, _STREAM[self.kind]])
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        rng = self._rng(epoch)
+        n = len(self)
         # Inverse-CDF class draw; side="right" never returns a zero-probability class,
         # because a zero-width bucket is skipped by a strict comparison.
         classes = np.searchsorted(self._cdf, rng.random(n), side="right")
@@ -150,3 +140,25 @@ def make_sampler(kind: str, labels, seed: int) -> Sampler:
     if kind in ("balanced", "reverse", "sqrt"):
         return ClassWeightedSampler(kind, labels, seed)
     raise ValueError(f"unknown sampler kind {kind!r}; valid kinds: {', '.join(SAMPLER_KINDS)}")
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Whole global steps of B·W samples in an epoch of ``num_samples`` (the rest is dropped)."""
+    _check_world(0, world_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return num_samples // (batch_size * world_size)
+
+
+def shard_step_major(indices: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Rank ``rank``'s share of an epoch's global sequence, step-major: for every global step s
+    the positions s·B·W + r·B … s·B·W + r·B + B − 1, concatenated (steps × B indices)."""
+    rank, world_size = _check_world(rank, world_size)
+    steps = steps_per_epoch(len(indices), batch_size, world_size)
+    g = batch_size * world_size
+    return np.asarray(indices[: steps * g]).reshape(steps, world_size, batch_size)[:, rank].reshape(-1)
+
+
+def global_position(step: int, i: int, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+    """Position in the epoch's global sequence of sample ``i`` of rank ``rank``'s step ``step``."""
+    return (step * world_size + rank) * batch_size + i

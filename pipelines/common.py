@@ -3,17 +3,17 @@ CutMix draw, the dataset check and bad-input handling (ARCHITECTURE §1 "Sampler
 "CutMix", §3 pipeline contract).
 
 Every random choice of a training pipeline is a pure function of a key
-``(seed, epoch, rank, step or sample position, stream)``; nothing depends on how many
-workers or threads ran, on what ran before, or on whether the pipeline was rebuilt. That
-is what makes both backends deterministic and resumable at any step (``start_step``), and
-lets the DALI and torch backends draw the *same* sample indices, CutMix boxes and λ for
-the same spec.
+``(seed, epoch, global step or global sample position, stream)`` — never of the rank, the
+number of ranks, how many workers or threads ran, what ran before, or whether the pipeline
+was rebuilt (ARCHITECTURE §3 "Distributed = one big GPU"). That is what makes both backends
+deterministic and resumable at any step (``start_step``), lets a run resume on another
+number of ranks with the same data, and lets the DALI and torch backends draw the *same*
+sample indices, CutMix boxes, λ and augmentation parameters for the same spec.
 
-- :class:`StreamPlan`: the background (canvas) and foreground (patch) index streams of
-  one rank, built from ``fastlt.sampling``; the background sampler is seeded with the
-  base seed on every rank (so its shards do not overlap), the foreground sampler with a
-  seed derived from it and the rank enters through ``epoch_indices``.
-- :func:`cutmix_boxes`: per batch (one coin and one box for the whole batch, the
+- :class:`StreamPlan`: the background (canvas) and foreground (patch) index streams, global
+  sequences from ``fastlt.sampling`` sharded step-major: rank r of W takes samples
+  r·B … r·B + B − 1 of every global step of B·W samples.
+- :func:`cutmix_boxes`: per batch (one coin and one box for the whole global step, the
   reference behaviour) or per sample, λ = 1 − clipped box area/(H·W) (fastlt.cutmix).
 - :class:`Substitutes` / :func:`load_with_policy`: ``on_error: skip`` replaces a bad image by
   another image of the same class, chosen by a keyed draw, so the label stays right and the
@@ -46,6 +46,7 @@ class Stream:
     CUTMIX = 3
     SUBSTITUTE = 4
     FOREGROUND_SAMPLER = 5
+    CUTMIX_SAMPLE = 6
 
 
 def keyed_rng(*key: int) -> np.random.Generator:
@@ -67,10 +68,11 @@ def _check_nonneg_int(name: str, value) -> int:
 
 @dataclass
 class StreamPlan:
-    """The paired background/foreground index streams of one rank.
+    """The paired background/foreground index streams of one rank (step-major shards of the
+    epoch's global sequences; see the module docstring).
 
-    ``steps_per_epoch`` = per-rank epoch length // batch_size (the incomplete last batch is
-    dropped); every sampler kind has the same per-rank length, so the two streams pair 1:1.
+    ``steps_per_epoch`` = N // (B·W): the incomplete last global step is dropped, the same
+    number of steps on every rank and for every sampler kind (all yield N per epoch).
     """
 
     labels: np.ndarray
@@ -82,35 +84,41 @@ class StreamPlan:
     foreground_kind: str = "balanced"
 
     def __post_init__(self):
-        from fastlt.sampling import make_sampler  # local: keeps this module importable in DALI workers cheaply
+        from fastlt.sampling import make_sampler, steps_per_epoch  # local: cheap import in DALI workers
 
         self.labels = np.asarray(self.labels, dtype=np.int64)
         seed = _check_nonneg_int("seed", self.seed)
-        # The background sampler must use the same seed on every rank: its shards are slices
-        # of one permutation. The foreground seed is derived so that it never equals the
-        # background stream when both kinds are "uniform"; the rank enters via epoch_indices.
+        # The foreground seed is derived so that it never equals the background stream when
+        # both kinds are "uniform".
         self._bg = make_sampler(self.background_kind, self.labels, seed)
         self._fg = make_sampler(self.foreground_kind, self.labels, keyed_seed(seed, Stream.FOREGROUND_SAMPLER) >> 1)
-        n_bg, n_fg = self._bg.num_samples(self.world_size), self._fg.num_samples(self.world_size)
-        if n_bg != n_fg:
-            raise RuntimeError(f"background sampler {self.background_kind!r} gives {n_bg} samples per rank but "
-                               f"foreground sampler {self.foreground_kind!r} gives {n_fg}; they must pair 1:1")
-        self.samples_per_rank = n_bg
-        self.steps_per_epoch = n_bg // self.batch_size
+        self.steps_per_epoch = steps_per_epoch(len(self.labels), self.batch_size, self.world_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size {self.batch_size} is larger than this rank's epoch of {n_bg} images "
-                             f"({len(self.labels)} images over world_size={self.world_size}); lower the batch size")
+            raise ValueError(f"batch_size {self.batch_size} per rank × {self.world_size} rank(s) is larger than the "
+                             f"epoch of {len(self.labels)} images; lower the batch size")
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(background, foreground) dataset indices of this rank for ``epoch``, cut to whole batches."""
+        """(background, foreground) dataset indices of this rank for ``epoch``: steps × B each,
+        sample i of step s at s·B + i."""
+        from fastlt.sampling import shard_step_major
+
         epoch = _check_nonneg_int("epoch", epoch)
         if self._cache is None or self._cache[0] != epoch:
-            n = self.steps_per_epoch * self.batch_size
-            bg = np.asarray(self._bg.epoch_indices(epoch, self.rank, self.world_size), dtype=np.int64)[:n]
-            fg = np.asarray(self._fg.epoch_indices(epoch, self.rank, self.world_size), dtype=np.int64)[:n]
+            bg, fg = (shard_step_major(s.epoch_indices(epoch), self.batch_size, self.rank, self.world_size)
+                      for s in (self._bg, self._fg))
             self._cache = (epoch, bg, fg)
         return self._cache[1], self._cache[2]
+
+    def position(self, step: int, i: int) -> int:
+        """Global position in the epoch of this rank's sample ``i`` of step ``step`` (the key of
+        its random choices)."""
+        return (step * self.world_size + self.rank) * self.batch_size + i
+
+    def positions(self, step: int) -> list[int]:
+        """Global positions of this rank's samples of step ``step``."""
+        first = self.position(step, 0)
+        return list(range(first, first + self.batch_size))
 
     def check_start_step(self, start_step: int) -> int:
         start_step = _check_nonneg_int("start_step", start_step)
@@ -120,34 +128,34 @@ class StreamPlan:
         return start_step
 
 
-def cutmix_boxes(seed: int, epoch: int, rank: int, step: int, batch_size: int, h: int, w: int, *, prob: float,
-                 per_sample: bool, alpha: float = 1.0, sample: int | None = None):
-    """The CutMix decisions of one step (ARCHITECTURE §1 "CutMix").
+def cutmix_boxes(seed: int, epoch: int, step: int, positions: Sequence[int], h: int, w: int, *, prob: float,
+                 per_sample: bool, alpha: float = 1.0):
+    """The CutMix decisions for the samples at global ``positions`` of global step ``step``
+    (ARCHITECTURE §1 "CutMix").
 
-    Per batch: one coin with probability ``prob`` and one box, keyed by (seed, epoch, rank,
-    step), for every sample of the batch (the reference behaviour). Per sample: a coin and a
-    box for each sample, keyed by its index in the batch as well. The box is drawn by
+    Per batch: one coin with probability ``prob`` and one box, keyed by (seed, epoch, step),
+    for every sample of the global step on every rank (the reference behaviour). Per sample:
+    a coin and a box for each sample, keyed by its global position. The box is drawn by
     :func:`fastlt.cutmix.sample_box` (λ0 ~ Beta(α, α), r = √(1−λ0), centre uniform, clipped)
     and λ = 1 − clipped area/(H·W) by :func:`fastlt.cutmix.area_lambda`.
 
     Returns ``(boxes, lam, applied)``: int64 (n, 4) rows ``(y0, x0, y1, x1)`` (all zero where
-    not applied), float32 (n,), bool (n,), for the whole batch, or for the one ``sample``
-    (n = 1) when it is given — what a per-sample source needs.
+    not applied), float32 (n,), bool (n,) for the n = len(positions) samples.
     """
-    rows = range(batch_size) if sample is None else (sample,)
-    boxes = np.zeros((len(rows), 4), dtype=np.int64)
-    lam = np.ones(len(rows), dtype=np.float32)
-    applied = np.zeros(len(rows), dtype=bool)
+    n = len(positions)
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    lam = np.ones(n, dtype=np.float32)
+    applied = np.zeros(n, dtype=bool)
     if not per_sample:
-        rng = keyed_rng(seed, epoch, rank, step, Stream.CUTMIX)
+        rng = keyed_rng(seed, epoch, step, Stream.CUTMIX)
         if rng.random() < prob:
             box = sample_box(h, w, alpha, rng)
             boxes[:] = box
             lam[:] = area_lambda(box, h, w)
             applied[:] = True
         return boxes, lam, applied
-    for k, i in enumerate(rows):
-        rng = keyed_rng(seed, epoch, rank, step, i, Stream.CUTMIX)
+    for k, p in enumerate(positions):
+        rng = keyed_rng(seed, epoch, p, Stream.CUTMIX_SAMPLE)
         if rng.random() < prob:
             box = sample_box(h, w, alpha, rng)
             boxes[k] = box

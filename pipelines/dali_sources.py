@@ -1,13 +1,13 @@
 """Per-sample sources of the DALI training graph: the background and foreground streams of
 ARCHITECTURE §1 ("Samplers", "Views", "CutMix"), each a pure function of
-(epoch, sample index) — issue 5's "stateless and keyed by (epoch, sample index)".
+(epoch, sample index), so that a rebuilt pipeline continues exactly where the last one stopped.
 
 DALI calls a source in its Python worker processes (``fn.external_source(parallel=True,
 batch=False)``) with a ``SampleInfo`` (``epoch_idx``, ``idx_in_epoch``). The source maps that
 to a sample position of one of our epochs, reads the encoded bytes of the stream's image
 there, checks the header (a corrupt, truncated or missing file is handled by
 ``on_error`` *here*, where the file name is known), and draws every random parameter of
-the sample's views from the sample's key (seed, epoch, rank, position, stream):
+the sample's views from the sample's key (seed, epoch, global position, stream):
 RandomResizedCrop windows, flips, colour jitter and grayscale, blur, RandAugment /
 AutoAugment choices, and — for the foreground — the CutMix box and λ. The DALI graph itself
 then contains no random operator, so the batches do not depend on DALI's threads, worker
@@ -227,7 +227,7 @@ class BackgroundSource(_Source):
         epoch, pos = self._locate(info)
         c = self.cfg
         bg, _ = c.plan.epoch_indices(epoch)
-        key = (c.seed, epoch, c.rank, pos, self.stream)
+        key = (c.seed, epoch, c.plan.position(*divmod(pos, c.plan.batch_size)), self.stream)
         data, hw, used, bad = self._load(int(bg[pos]), key)
         rng = keyed_rng(*key)
         crops, flips, colour, blur = self._view_params(rng, hw, 3, sim_from=1)
@@ -254,11 +254,12 @@ class ForegroundSource(_Source):
         c = self.cfg
         b, s = c.plan.batch_size, c.size
         step, i = divmod(pos, b)
-        boxes, lam, applied = cutmix_boxes(c.seed, epoch, c.rank, step, b, s, s, prob=c.cutmix_prob,
-                                           per_sample=c.cutmix_per_sample, alpha=c.cutmix_alpha, sample=i)
+        gpos = c.plan.position(step, i)
+        boxes, lam, applied = cutmix_boxes(c.seed, epoch, step, [gpos], s, s, prob=c.cutmix_prob,
+                                           per_sample=c.cutmix_per_sample, alpha=c.cutmix_alpha)
         mixed = bool(applied[0])
         _, fg = c.plan.epoch_indices(epoch)
-        key = (c.seed, epoch, c.rank, pos, self.stream)
+        key = (c.seed, epoch, gpos, self.stream)
         if mixed or c.with_foreground:
             data, hw, used, bad = self._load(int(fg[pos]), key)
         else:

@@ -64,7 +64,8 @@ def test_box_centres_cover_the_whole_image():
 def test_per_batch_decision_is_one_coin_and_one_box_per_step():
     mixed_steps = 0
     for step in range(60):
-        boxes, lam, applied = cutmix_boxes(0, 0, 0, step, 16, 24, 24, prob=0.5, per_sample=False)
+        boxes, lam, applied = cutmix_boxes(0, 0, step, range(step * 16, step * 16 + 16), 24, 24, prob=0.5,
+                                           per_sample=False)
         assert applied.all() or not applied.any()
         if applied.any():
             mixed_steps += 1
@@ -72,15 +73,19 @@ def test_per_batch_decision_is_one_coin_and_one_box_per_step():
             assert lam[0] == pytest.approx(area_lambda(tuple(boxes[0]), 24, 24))
         else:
             assert (lam == 1).all() and (boxes == 0).all()
+        # Every rank's share of the global step sees the same coin and box.
+        half = cutmix_boxes(0, 0, step, range(step * 16 + 8, step * 16 + 16), 24, 24, prob=0.5, per_sample=False)
+        assert (half[0] == boxes[8:]).all() and (half[2] == applied[8:]).all()
     assert 15 < mixed_steps < 45  # cutmix_prob 0.5
 
 
 def test_per_sample_decisions_and_one_sample_lookup_agree():
-    boxes, lam, applied = cutmix_boxes(3, 1, 0, 5, 32, 24, 24, prob=0.5, per_sample=True)
+    positions = range(160, 192)  # global step 5 of 32 samples
+    boxes, lam, applied = cutmix_boxes(3, 1, 5, positions, 24, 24, prob=0.5, per_sample=True)
     assert 4 < int(applied.sum()) < 28
     assert (lam[~applied] == 1).all()
-    for i in range(32):  # what a per-sample source computes for sample i alone
-        b1, l1, a1 = cutmix_boxes(3, 1, 0, 5, 32, 24, 24, prob=0.5, per_sample=True, sample=i)
+    for i, p in enumerate(positions):  # what a per-sample source computes for one sample alone
+        b1, l1, a1 = cutmix_boxes(3, 1, 5, [p], 24, 24, prob=0.5, per_sample=True)
         assert (b1[0] == boxes[i]).all() and l1[0] == lam[i] and a1[0] == applied[i]
         if applied[i]:
             assert lam[i] == pytest.approx(1 - _paste_count(tuple(boxes[i]), 24, 24) / 24 ** 2)

@@ -1,12 +1,13 @@
-"""fastlt.sampling (ARCHITECTURE §1 "Samplers") on the real Places-LT training labels:
-class frequencies by chi-square tests, exact uniform coverage across ranks, determinism."""
+"""fastlt.sampling (ARCHITECTURE §1 "Samplers", §3 "Distributed") on the real Places-LT training
+labels: class frequencies by chi-square tests, exact uniform coverage, determinism, and the
+step-major sharding that makes a global step the same samples for any number of ranks."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from fastlt.sampling import SAMPLER_KINDS, make_sampler
+from fastlt.sampling import SAMPLER_KINDS, global_position, make_sampler, shard_step_major, steps_per_epoch
 
 P_MIN = 1e-3  # fixed seeds: these p-values are deterministic, not flaky
 
@@ -23,17 +24,16 @@ def spec_class_probs(kind, counts):
     return w / w.sum()
 
 
-def draws(sampler, n_epochs, world_size=1):
-    return np.concatenate([sampler.epoch_indices(e, r, world_size)
-                           for e in range(n_epochs) for r in range(world_size)])
+def draws(sampler, n_epochs):
+    return np.concatenate([sampler.epoch_indices(e) for e in range(n_epochs)])
 
 
-@pytest.mark.parametrize("kind, n_epochs, world_size", [("balanced", 4, 1), ("sqrt", 4, 4), ("reverse", 16, 2)])
-def test_class_frequencies_chi_square(places_labels, places_train, kind, n_epochs, world_size):
-    # ≥ 250k draws, pooled over epochs and ranks (1M for reverse, so that every expected
-    # count is ≥ 5: the largest Places-LT class has frequency (1/4980)/Σ_j(1/N_j)).
+@pytest.mark.parametrize("kind, n_epochs", [("balanced", 4), ("sqrt", 4), ("reverse", 16)])
+def test_class_frequencies_chi_square(places_labels, places_train, kind, n_epochs):
+    # ≥ 250k draws, pooled over epochs (1M for reverse, so that every expected count is ≥ 5:
+    # the largest Places-LT class has frequency (1/4980)/Σ_j(1/N_j)).
     s = make_sampler(kind, places_labels, seed=0)
-    idx = draws(s, n_epochs, world_size)
+    idx = draws(s, n_epochs)
     assert idx.size >= 250_000 and idx.dtype == np.int64
     assert idx.min() >= 0 and idx.max() < places_labels.size
     observed = np.bincount(places_labels[idx], minlength=365)
@@ -69,29 +69,31 @@ def test_empty_class_never_drawn():
         assert got[1] == 0 and got[3] == 0 and got[0] > 0 and got[2] > 0 and got[4] > 0
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
-def test_uniform_exact_coverage(places_labels, world_size):
-    n = places_labels.size
+def test_uniform_exact_coverage(places_labels):
     s = make_sampler("uniform", places_labels, seed=3)
-    per_rank = -(-n // world_size)
-    shards = [s.epoch_indices(5, r, world_size) for r in range(world_size)]
-    assert all(x.shape == (per_rank,) and x.dtype == np.int64 for x in shards)
-    assert s.num_samples(world_size) == per_rank
-    # Reassemble the global order: rank r holds positions r, r+W, r+2W, ...
-    order = np.empty(per_rank * world_size, dtype=np.int64)
-    for r, x in enumerate(shards):
-        order[r::world_size] = x
-    pad = order.size - n
-    assert 0 <= pad <= world_size - 1
-    assert np.array_equal(np.sort(order[:n]), np.arange(n))  # exactly once, unpadded positions
-    assert np.array_equal(order[n:], order[:pad])  # padding wraps around
-    # The permutation is shared: it does not depend on the world size.
-    assert np.array_equal(order[:n], s.epoch_indices(5, 0, 1))
-    # Ranks overlap only through the padding duplicates.
-    seen = np.bincount(np.concatenate(shards), minlength=n)
-    assert seen.min() == 1 and (seen > 1).sum() == pad and seen.max() <= 2
-    if world_size == 8:
-        assert pad == 4  # 62,500 = 8 · 7,812 + 4
+    x = s.epoch_indices(5)
+    assert x.shape == (places_labels.size,) and x.dtype == np.int64
+    assert np.array_equal(np.sort(x), np.arange(places_labels.size))  # every image exactly once
+
+
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_step_major_shards_reassemble_the_one_process_sequence(places_labels, kind, world_size):
+    """Rank r of W takes samples r·B … r·B + B − 1 of every global step of G = B·W: the union
+    over ranks of a global step is the single process's step of batch G, in order."""
+    g = 64
+    b = g // world_size
+    seq = make_sampler(kind, places_labels, seed=3).epoch_indices(2)
+    steps = steps_per_epoch(seq.size, b, world_size)
+    assert steps == seq.size // g == steps_per_epoch(seq.size, g, 1)
+    one = shard_step_major(seq, g).reshape(steps, g)
+    shards = [shard_step_major(seq, b, r, world_size).reshape(steps, b) for r in range(world_size)]
+    assert np.array_equal(np.concatenate(shards, axis=1), one)
+    for r in range(world_size):  # global positions of a rank's samples index the sequence
+        step, i = 7, b - 1
+        assert shards[r][step, i] == seq[global_position(step, i, b, r, world_size)]
+    if kind == "uniform":  # no overlap between ranks: one permutation, disjoint slices
+        assert np.unique(np.concatenate(shards).ravel()).size == steps * g
 
 
 def test_uniform_epochs_and_seeds_shuffle_differently(places_labels):
@@ -104,24 +106,14 @@ def test_uniform_epochs_and_seeds_shuffle_differently(places_labels):
 
 
 @pytest.mark.parametrize("kind", SAMPLER_KINDS)
-def test_determinism_lengths_and_rank_difference(places_labels, kind):
+def test_determinism_lengths_and_independence(places_labels, kind):
     s = make_sampler(kind, places_labels, seed=11)
     again = make_sampler(kind, places_labels.copy(), seed=11)
-    for w in (1, 3, 8):
-        assert s.num_samples(w) == -(-places_labels.size // w)
-        for r in range(w):
-            x = s.epoch_indices(2, r, w)
-            assert x.shape == (s.num_samples(w),)
-            assert np.array_equal(x, again.epoch_indices(2, r, w))
-    r0, r1 = s.epoch_indices(4, 0, 2), s.epoch_indices(4, 1, 2)
-    assert not np.array_equal(r0, r1)
-    assert not np.array_equal(s.epoch_indices(4, 0, 2), s.epoch_indices(5, 0, 2))
-    assert not np.array_equal(r0, make_sampler(kind, places_labels, seed=12).epoch_indices(4, 0, 2))
-
-
-def test_all_kinds_pair_up_one_to_one(places_labels):
-    lengths = {k: make_sampler(k, places_labels, 0).epoch_indices(0, 1, 4).size for k in SAMPLER_KINDS}
-    assert len(set(lengths.values())) == 1, lengths
+    x = s.epoch_indices(2)
+    assert x.shape == (len(s),) == (places_labels.size,)
+    assert np.array_equal(x, again.epoch_indices(2))
+    assert not np.array_equal(x, s.epoch_indices(3))
+    assert not np.array_equal(x, make_sampler(kind, places_labels, seed=12).epoch_indices(2))
 
 
 def test_inaturalist_sized_epoch():
@@ -134,8 +126,8 @@ def test_inaturalist_sized_epoch():
     labels = rng.permutation(np.repeat(np.arange(c), counts))
     assert labels.size == 437_513
     for kind in SAMPLER_KINDS:
-        x = make_sampler(kind, labels, seed=0).epoch_indices(0, 3, 4)
-        assert x.size == 109_379 and x.min() >= 0 and x.max() < labels.size
+        x = shard_step_major(make_sampler(kind, labels, seed=0).epoch_indices(0), 32, 3, 8)
+        assert x.size == 437_513 // 256 * 32 and x.min() >= 0 and x.max() < labels.size
     bal = make_sampler("balanced", labels, seed=0).epoch_indices(0)
     # Balanced: the head class gets about 1/8142 of the draws, not its share of the images.
     assert counts[0] / labels.size > 20.0 / c and np.mean(labels[bal] == 0) < 5.0 / c
@@ -160,13 +152,12 @@ def test_bad_arguments():
         make_sampler("uniform", [0, 1], seed=-1)
     for kind in SAMPLER_KINDS:
         s = make_sampler(kind, [0, 1, 1, 2], seed=0)
-        with pytest.raises(ValueError, match="world_size"):
-            s.epoch_indices(0, 0, 0)
-        with pytest.raises(ValueError, match="world_size"):
-            s.num_samples(0)
-        with pytest.raises(ValueError, match=r"rank must be an integer in \[0, world_size=2\), got 2"):
-            s.epoch_indices(0, 2, 2)
-        with pytest.raises(ValueError, match="rank"):
-            s.epoch_indices(0, -1, 2)
         with pytest.raises(ValueError, match="epoch"):
             s.epoch_indices(-1)
+    seq = np.arange(16)
+    with pytest.raises(ValueError, match="world_size"):
+        shard_step_major(seq, 2, 0, 0)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, world_size=2\), got 2"):
+        shard_step_major(seq, 2, 2, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        steps_per_epoch(16, 0)
