@@ -208,14 +208,12 @@ class FastltStep:
     engine: object
     objective: object
     device: torch.device
-    input_dtype: torch.dtype | None
     engine_label: str
 
     def __call__(self, batch):
         from fastlt.objective import train_step
 
-        return train_step(self.engine, self.objective, batch, rectify=True,
-                          channels_last=self.cfg.model.channels_last, input_dtype=self.input_dtype)
+        return train_step(self.engine, self.objective, batch, rectify=True)
 
 
 def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
@@ -256,7 +254,7 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
         label = f"torch optimizer, no DeepSpeed ({cfg.deepspeed.precision}{' autocast' if precision.autocast_dtype else ''})"
     engine.train()
     objective = ConCutMixObjective(cfg.method, class_counts).to(device)
-    return FastltStep(cfg, engine, objective, torch.device(device), precision.input_dtype, label)
+    return FastltStep(cfg, engine, objective, torch.device(device), label)
 
 
 # --------------------------------------------------------------------------------------
@@ -265,14 +263,17 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
 
 
 def synthetic_batch(cfg: Config, num_classes: int, device):
-    """A TrainBatch of random tensors already on ``device``; every sample mixed (the label
-    rectification runs on all of them, as after the warm-up)."""
-    from fastlt.pipelines import TrainBatch
+    """A TrainBatch of random tensors already on ``device``, in the layout and dtype the pipelines
+    deliver for ``cfg``; every sample mixed (the label rectification runs on all of them, as after
+    the warm-up)."""
+    from fastlt.pipelines import TrainBatch, train_spec
+    from fastlt.pipelines.batch import image_layout
 
     g = torch.Generator().manual_seed(0)
     b, s = cfg.data.batch_size, cfg.data.image_size
-    images = [torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(3)]
-    return TrainBatch(image=images[0], view1=images[1], view2=images[2],
+    dtype, memory_format = image_layout(train_spec(cfg, None, batch_size=b))
+    images = torch.randn(3 * b, 3, s, s, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
+    return TrainBatch(images=images,
                       label_a=torch.randint(0, num_classes, (b,), generator=g).to(device),
                       label_b=torch.randint(0, num_classes, (b,), generator=g).to(device),
                       lam=torch.rand(b, generator=g).to(device), mixed=torch.ones(b, dtype=torch.bool).to(device))

@@ -140,11 +140,6 @@ class Config:
                               f"{self.data.image_size}. Set data.image_size=32 or data.augment_recipe=imagenet")
         if self.data.kind == "cifar" and self.data.augment_recipe != "cifar":
             raise ConfigError("data.augment_recipe: CIFAR data needs the cifar view recipe; set data.augment_recipe=cifar")
-        ds = self.deepspeed
-        if self.model.channels_last and (ds.zero_stage > 0 or ds.low_precision_weights):
-            raise ConfigError("model.channels_last: needs deepspeed.zero_stage 0 and fp32 or autocast precision "
-                              "(ZeRO and DeepSpeed's bf16/fp16 mode keep parameters in flat contiguous buffers); "
-                              f"got zero_stage {ds.zero_stage}, precision {ds.precision}, autocast {ds.autocast}")
 
     @property
     def num_classes(self) -> int:

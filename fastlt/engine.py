@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DeepSpeedSection", "PRECISIONS", "Precision", "ZERO_STAGES", "build_engine", "deepspeed_config",
-           "precision_of"]
+           "flat_parameters", "precision_of"]
 
 #: ``deepspeed.precision``: fp32, or bf16 / fp16 (autocast or DeepSpeed's low-precision weights).
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -116,6 +116,10 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # fastlt logs itself
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default, whatever wall_clock_breakdown says) calls
+        # the accelerator's synchronize() in every forward and step: the host would wait for
+        # the GPU every step. fastlt measures throughput at its log intervals instead.
+        "timers": {"throughput": {"enabled": False}},
     }
     if ds.precision != "fp32":
         dtype = "bfloat16" if ds.precision == "bf16" else "float16"
@@ -157,10 +161,17 @@ def build_engine(cfg, model, world_size: int):
     optimizer = build_optimizer(cfg.optim, model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     install_safe_checkpoint_engine(engine)
-    if cfg.model.channels_last:
+    if cfg.model.channels_last and not flat_parameters(cfg.deepspeed):
         # After initialize: DeepSpeed broadcasts parameters as byte views, which needs them
         # contiguous. Parameters keep their identity (only .data changes), so the optimizer
-        # still holds them; the config allows this only without ZeRO / DeepSpeed bf16-fp16 mode,
-        # whose flat buffers must stay contiguous.
+        # still holds them.
         engine.module.to(memory_format=torch.channels_last)
     return engine, ds_config
+
+
+def flat_parameters(ds: DeepSpeedSection) -> bool:
+    """Whether DeepSpeed keeps the parameters as views into flat contiguous buffers (ZeRO, or its
+    bf16/fp16 mode). Such parameters cannot be channels-last: with ``model.channels_last`` the
+    images and every activation still are (the pipelines deliver channels-last inputs and
+    convolutions keep their input's format), and cuDNN reads the NCHW weights as they are."""
+    return ds.zero_stage > 0 or ds.low_precision_weights

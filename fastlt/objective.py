@@ -64,21 +64,17 @@ class ConCutMixObjective(nn.Module):
         return loss, ce, scl
 
 
-def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool, channels_last: bool = False,
-               input_dtype: torch.dtype | None = None) -> Tensor:
+def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -> Tensor:
     """One training step (steps 1–4 of the module docstring) on a TrainBatch already on the device.
 
-    ``engine`` is the DeepSpeed engine, or anything with its three calls (``engine(x)``,
-    ``engine.backward(loss)``, ``engine.step()``: bench/bench_train_step.py runs the step on a
-    plain optimizer where DeepSpeed is not installed). Returns the detached (loss, ce, scl) as a
-    float32 (3,) tensor on the device; nothing here waits for the device.
+    ``batch.images`` goes to the model as it is: the pipelines deliver it as one (3B, 3, H, W)
+    tensor in the model's memory format and dtype. ``engine`` is the DeepSpeed engine, or
+    anything with its three calls (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``:
+    bench/bench_train_step.py runs the step on a plain optimizer where DeepSpeed is not
+    installed). Returns the detached (loss, ce, scl) as a float32 (3,) tensor on the device;
+    nothing here waits for the device.
     """
-    x = torch.cat([batch.image, batch.view1, batch.view2])
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if input_dtype is not None:
-        x = x.to(input_dtype)
-    out = engine(x)
+    out = engine(batch.images)
     loss, ce, scl = objective(out, batch, rectify=rectify)
     engine.backward(loss)
     engine.step()

@@ -15,7 +15,7 @@ import torch
 from .common import BadImageError, check_dataset, default_workers, image_source_name
 from .dali_sources import raise_from_worker
 
-__all__ = ["DaliPipelineBase", "cuda_index", "quiet_dali_build", "to_torch"]
+__all__ = ["DaliPipelineBase", "cuda_index", "feed_into", "quiet_dali_build", "to_torch"]
 
 _QUIET = re.compile(r"(WARNING: `nvidia\.dali\.fn\.experimental\.\w+` is now deprecated"
                     r"|The external source node .* produces \d+ outputs, but)")
@@ -41,17 +41,28 @@ def quiet_dali_build():
         yield
 
 
-def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """Copy a DALI batch (uniform shape) into a new torch tensor on ``device``.
+def _dense(tensor_list):
+    return tensor_list.as_tensor() if hasattr(tensor_list, "as_tensor") else tensor_list
 
-    The copy is needed: DALI reuses its output buffers on the next run."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-    t = tensor_list.as_tensor() if hasattr(tensor_list, "as_tensor") else tensor_list
-    out = torch.empty(tuple(t.shape()), dtype=to_torch_type[t.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(t, out, cuda_stream=stream)  # GPU: an async copy on the current stream
+def feed_into(tensor_list, out: torch.Tensor) -> torch.Tensor:
+    """Copy a DALI batch (uniform shape) into the contiguous torch tensor ``out`` (its device,
+    dtype and shape must match). The copy is needed: DALI reuses its output buffers."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    stream = torch.cuda.current_stream(out.device) if out.device.type == "cuda" else None
+    feed_ndarray(_dense(tensor_list), out, cuda_stream=stream)  # GPU: an async copy on the current stream
     return out
+
+
+def to_torch(tensor_list, device: torch.device, *, pin: bool = False) -> torch.Tensor:
+    """A DALI batch (uniform shape) copied into a new torch tensor on ``device`` (in pinned
+    host memory with ``pin``, so that a later copy to the GPU need not wait)."""
+    from nvidia.dali.plugin.pytorch import to_torch_type
+
+    t = _dense(tensor_list)
+    out = torch.empty(tuple(t.shape()), dtype=to_torch_type[t.dtype], device=device, pin_memory=pin)
+    return feed_into(t, out)
 
 
 def cuda_index(device: torch.device) -> int:

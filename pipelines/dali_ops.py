@@ -129,7 +129,7 @@ def keyed_augment(img, stage_augs: Sequence[Sequence], num_bins: int, ops, mags,
     return img
 
 
-def normalize(img, mean: Sequence[float], std: Sequence[float]):
-    """uint8 HWC -> float32 CHW, (x/255 − mean)/std."""
-    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=[255.0 * m for m in mean],
-                                    std=[255.0 * s for s in std])
+def normalize(img, mean: Sequence[float], std: Sequence[float], layout: str = "CHW", half: bool = False):
+    """uint8 HWC -> (x/255 − mean)/std as float32 (float16 with ``half``), CHW or HWC."""
+    return fn.crop_mirror_normalize(img, dtype=types.FLOAT16 if half else types.FLOAT, output_layout=layout,
+                                    mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])

@@ -15,9 +15,10 @@ Graph, per sample, top to bottom::
     else:      image = v0
     normalize(image, v1, v2) -> float CHW
 
-All random parameters come from the sources (``dali_sources``), keyed by (seed, epoch, rank,
+All random parameters come from the sources (``dali_sources``), keyed by (seed, epoch, global
 sample position, stream); the graph has no random operator. So a batch is a pure function
-of (spec, epoch, step): the same whatever DALI's thread or worker count, and
+of (spec, epoch, step): the same whatever DALI's thread or worker count or the number of
+ranks sharing the global step, and
 ``epoch(e, start_step)`` continues a stopped epoch exactly. The random-resized-crop
 windows are drawn in the source (torchvision's rule, from the header's image size) and
 applied by ``fn.resize`` with a region of interest after one full decode, which also flips
@@ -39,9 +40,9 @@ import torch
 from nvidia.dali import fn, pipeline_def
 
 from . import dali_ops as ops
-from .batch import TrainBatch
+from .batch import TrainBatch, image_layout
 from .common import LOG, StreamPlan, image_source_name
-from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, to_torch
+from .dali_base import DaliPipelineBase, cuda_index, feed_into, quiet_dali_build, to_torch
 from .dali_sources import BackgroundSource, ForegroundSource, SourceConfig
 from .spec import TrainPipelineSpec, check_extra
 
@@ -50,7 +51,7 @@ __all__ = ["DaliTrainPipeline"]
 
 @pipeline_def(enable_conditionals=True)
 def _train_graph(bg_source, fg_source, *, recipe, size, augment, stage_augs, num_bins, mean, std, device,
-                 with_foreground):
+                 with_foreground, layout, half):
     (bg_data, label_a, crops, flips, col, blur_sigma, aug_ops, aug_mags, aug_signs, bg_bad) = fn.external_source(
         bg_source, num_outputs=BackgroundSource.num_outputs, batch=False, parallel=True)
     (fg_data, label_b, fg_crops, fg_flips, fg_col, fg_ops, fg_mags, fg_signs, fg_bad, mixed, lam, paste_anchors,
@@ -101,8 +102,10 @@ def _train_graph(bg_source, fg_source, *, recipe, size, augment, stage_augs, num
     else:
         image = v0
 
-    outputs = [ops.normalize(image, mean, std), ops.normalize(v1, mean, std), ops.normalize(v2, mean, std),
-               label_a, label_b, lam, mixed, bg_bad, fg_bad]
+    # The model's layout (HWC = channels-last storage) and, for fp16 weights, dtype come out of
+    # the normalisation itself, so the trainer needs no conversion pass.
+    outputs = [ops.normalize(v, mean, std, layout, half) for v in (image, v1, v2)] + [
+        label_a, label_b, lam, mixed, bg_bad, fg_bad]
     if with_foreground:
         outputs.append(ops.normalize(fg_view, mean, std))
     return tuple(outputs)
@@ -135,6 +138,8 @@ class DaliTrainPipeline(DaliPipelineBase):
         self.tables, self.stage_augs, self.num_bins = ops.augment_tables(spec.recipe, spec.image_size,
                                                                          spec.augment and spec.randaugment)
         self.builds = 0  # DALI pipelines built so far (one per run, plus one per resume/jump or recovery)
+        self.dtype, memory_format = image_layout(spec)
+        self.channels_last = memory_format == torch.channels_last
 
     # -- pipeline lifetime -------------------------------------------------------------
     def _build(self, epoch: int, step: int) -> None:
@@ -159,6 +164,7 @@ class DaliTrainPipeline(DaliPipelineBase):
                             augment=s.augment, stage_augs=self.stage_augs, num_bins=self.num_bins, mean=list(s.mean),
                             std=list(s.std), device="gpu" if gpu else "cpu",
                             with_foreground=self.with_foreground,
+                            layout="HWC" if self.channels_last else "CHW", half=self.dtype == torch.float16,
                             batch_size=s.batch_size, num_threads=self.num_threads,
                             device_id=cuda_index(self._device) if gpu else None, seed=s.seed + s.rank,
                             py_num_workers=self.py_workers, py_start_method=start,
@@ -215,13 +221,24 @@ class DaliTrainPipeline(DaliPipelineBase):
 
     def _batch(self, outs) -> TrainBatch:
         dev = self._device
-        host = torch.device("cpu")
-        image, view1, view2 = (to_torch(o, dev) for o in outs[:3])
-        label_a = to_torch(outs[3], host).reshape(-1)
-        label_b = to_torch(outs[4], host).reshape(-1)
-        lam = to_torch(outs[5], host).reshape(-1)
-        mixed = to_torch(outs[6], host).reshape(-1).to(torch.bool)
-        for bad in (to_torch(outs[7], host), to_torch(outs[8], host)):
+        b, size = self.spec.batch_size, self.spec.image_size
+        # The step's one image tensor: each of DALI's three view outputs is copied into its rows
+        # (DALI reuses its own output buffers, so one copy is needed), in the model's layout.
+        shape = (3 * b, size, size, 3) if self.channels_last else (3 * b, 3, size, size)
+        # DALI has no bfloat16: such images come out as float32 and are cast in one more pass.
+        fed = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
+        images = torch.empty(shape, dtype=fed, device=dev)
+        for k in range(3):
+            feed_into(outs[k], images[k * b:(k + 1) * b])
+        if fed != self.dtype:
+            images = images.to(self.dtype)
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NCHW view of NHWC storage: channels-last
+        # The small per-sample outputs go to the device from pinned memory, without waiting.
+        pinned = dev.type == "cuda"
+        label_a, label_b, lam, mixed = (to_torch(o, torch.device("cpu"), pin=pinned).reshape(-1) for o in outs[3:7])
+        mixed = mixed.to(torch.bool)
+        for bad in (to_torch(outs[7], torch.device("cpu")), to_torch(outs[8], torch.device("cpu"))):
             n = int(bad[:, 1].sum())
             if n:
                 self._stats["skipped_images"] += n
@@ -230,8 +247,9 @@ class DaliTrainPipeline(DaliPipelineBase):
         label_b = torch.where(mixed, label_b, label_a)
         extra = {}
         if self.with_foreground:
-            extra["foreground"] = to_torch(outs[9], dev)
-        return TrainBatch(image=image, view1=view1, view2=view2, label_a=label_a.to(dev, non_blocking=True),
+            fg = to_torch(outs[9], dev)
+            extra["foreground"] = fg.permute(0, 3, 1, 2) if self.channels_last else fg
+        return TrainBatch(images=images, label_a=label_a.to(dev, non_blocking=True),
                           label_b=label_b.to(dev, non_blocking=True), lam=lam.to(dev, non_blocking=True),
                           mixed=mixed.to(dev, non_blocking=True), **extra)
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from fastlt.errors import ConfigError
 from fastlt.typed_config import one_of, positive
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN", "INAT_STD",
-           "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGE_DTYPES", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN",
+           "INAT_STD", "MEMORY_FORMATS", "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
            "ValPipelineSpec", "check_extra", "normalization", "train_spec", "val_spec"]
 
 # Normalisation constants of ARCHITECTURE §2.
@@ -36,6 +36,10 @@ RECIPES = ("imagenet", "cifar")
 ON_ERROR = ("raise", "skip")
 #: ``pipeline.backend``: "auto" (DALI when it imports, else torch), "dali" or "torch".
 PIPELINE_BACKENDS = ("auto", "dali", "torch")
+
+#: Memory formats and dtypes a pipeline can deliver the images in (the model's first layer's).
+MEMORY_FORMATS = ("contiguous", "channels_last")
+IMAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 #: ``pipeline.extra`` keys understood by some backend; both backends accept all of them, so
 #: switching ``pipeline.backend`` never breaks a config.
@@ -122,10 +126,19 @@ class TrainPipelineSpec:
     """"cpu" or "cuda": where the batches are produced/delivered."""
     on_error: str = "raise"
     """Corrupt/missing image: "raise" names the file; "skip" substitutes another image of the same class."""
+    memory_format: str = "contiguous"
+    """Layout of ``TrainBatch.images``: "contiguous" (NCHW) or "channels_last" (NHWC storage)."""
+    dtype: str = "float32"
+    """dtype of ``TrainBatch.images``: float32, or bfloat16 / float16 for models that hold
+    low-precision weights (DeepSpeed's bf16/fp16 mode)."""
     extra: dict = field(default_factory=dict)
     """Backend-specific options (EXTRA_KEYS, documented by each backend)."""
 
     def __post_init__(self):
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}; got {self.memory_format!r}")
+        if self.dtype not in IMAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {IMAGE_DTYPES}; got {self.dtype!r}")
         if self.recipe not in RECIPES:
             raise ValueError(f"pipeline recipe must be one of {RECIPES}; got {self.recipe!r}")
         if self.on_error not in ON_ERROR:
@@ -157,10 +170,13 @@ class ValPipelineSpec:
 
 def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
                device: str = "cpu") -> TrainPipelineSpec:
-    """The training pipeline spec of a :class:`fastlt.config.Config` for one rank (``batch_size`` per rank)."""
-    d, m = cfg.data, cfg.method
+    """The training pipeline spec of a :class:`fastlt.config.Config` for one rank (``batch_size`` per
+    rank), delivering the images in the layout and dtype the model's first layer takes."""
+    d, m, ds = cfg.data, cfg.method, cfg.deepspeed
     mean, std = normalization(d.normalization)
+    dtype = ({"bf16": "bfloat16", "fp16": "float16"}[ds.precision] if ds.low_precision_weights else "float32")
     return TrainPipelineSpec(
+        memory_format="channels_last" if cfg.model.channels_last else "contiguous", dtype=dtype,
         dataset=dataset, recipe=d.augment_recipe, image_size=d.image_size, batch_size=batch_size,
         background_sampler=d.background_sampler, foreground_sampler=d.foreground_sampler, seed=cfg.run.seed,
         rank=rank, world_size=world_size, cutmix_prob=m.cutmix_prob, cutmix_per_sample=m.cutmix_per_sample,

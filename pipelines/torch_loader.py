@@ -6,11 +6,11 @@ One DataLoader item is one whole step: a worker reads the step's background and 
 images (``LongTailedList.read_bytes`` + PIL decode, or the CIFAR arrays), makes the three
 background views and the foreground view of ARCHITECTURE §1 "Views" (``transforms.py``),
 and applies CutMix to the classification view with the step's keyed box (``common.py``).
-Every random choice is seeded from (seed, epoch, rank, sample position) — the augmentations
+Every random choice is seeded from (seed, epoch, global sample position) — the augmentations
 through torch's generator, re-seeded per sample inside ``torch.random.fork_rng`` so the
-caller's generator is untouched — and CutMix from (seed, epoch, rank, step): batches do not
-depend on the number of workers, and ``start_step`` resumes mid-epoch without decoding the
-skipped steps.
+caller's generator is untouched — and CutMix from (seed, epoch, global step): batches do not
+depend on the number of workers or of ranks, and ``start_step`` resumes mid-epoch without
+decoding the skipped steps.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .batch import TrainBatch
+from .batch import TrainBatch, image_layout
 from .common import (LOG, BadImageError, Stream, StreamPlan, Substitutes, check_dataset, cutmix_boxes, default_workers,
                      image_source_name, keyed_seed, load_with_policy)
 from .spec import TrainPipelineSpec, ValPipelineSpec, check_extra
@@ -54,27 +54,29 @@ def image_loader(dataset, recipe: str):
 class _StepDataset(Dataset):
     """Map-style dataset whose item ``step`` is the whole batch of that step of one epoch."""
 
-    def __init__(self, spec: TrainPipelineSpec, epoch: int, bg: np.ndarray, fg: np.ndarray):
+    def __init__(self, spec: TrainPipelineSpec, plan: StreamPlan, epoch: int):
         self.spec = spec
+        self.plan = plan
         self.epoch = epoch
-        self.bg, self.fg = bg, fg
+        self.bg, self.fg = plan.epoch_indices(epoch)
         self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
         self.view0, self.sim = train_view_transforms(spec.recipe, spec.image_size, spec.mean, spec.std,
                                                      augment=spec.augment, randaugment=spec.randaugment)
         self.load = image_loader(spec.dataset, spec.recipe)
         self.substitutes = Substitutes(self.labels)
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
+        self.dtype, self.memory_format = image_layout(spec)
 
     def __len__(self) -> int:
         return len(self.bg) // self.spec.batch_size
 
     def _sample(self, index: int, position: int, stream: int, views: int, skipped: list):
         s = self.spec
-        key = (s.seed, self.epoch, s.rank, position, stream)
+        key = (s.seed, self.epoch, position, stream)
         img, used, bad = load_with_policy(s.dataset, index, key, s.on_error, self.substitutes, self.load)
         skipped.extend(bad)
         # Re-seed torch's generator from the sample's key: the views are then a pure function of
-        # (seed, epoch, rank, position, stream). fork_rng restores the caller's state afterwards.
+        # (seed, epoch, global position, stream). fork_rng restores the caller's state afterwards.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(keyed_seed(*key))
             out = [self.view0(img)]
@@ -87,27 +89,32 @@ class _StepDataset(Dataset):
         b, size = s.batch_size, s.image_size
         # CutMix decisions first: a foreground image is only loaded and augmented where a box
         # is pasted (about half the samples at cutmix_prob 0.5), unless the caller asks for it.
-        boxes, lam, applied = cutmix_boxes(s.seed, self.epoch, s.rank, step, b, size, size, prob=s.cutmix_prob,
+        positions = self.plan.positions(step)
+        boxes, lam, applied = cutmix_boxes(s.seed, self.epoch, step, positions, size, size, prob=s.cutmix_prob,
                                            per_sample=s.cutmix_per_sample, alpha=s.cutmix_alpha)
+        # The step's one image tensor, in the model's layout and dtype: every view is written
+        # into its row once (the cast, if any, happens in that write).
+        images = torch.empty((3 * b, 3, size, size), dtype=self.dtype, memory_format=self.memory_format)
         skipped: list[str] = []
-        v0, v1, v2, la, lb = [], [], [], [], []
+        la, lb = [], []
         fgv = {}
         for i in range(b):
-            pos = step * b + i
-            (a0, a1, a2), ya = self._sample(int(self.bg[pos]), pos, Stream.BACKGROUND, 3, skipped)
-            v0.append(a0), v1.append(a1), v2.append(a2), la.append(ya)
+            pos, gpos = step * b + i, positions[i]
+            views, ya = self._sample(int(self.bg[pos]), gpos, Stream.BACKGROUND, 3, skipped)
+            for k, v in enumerate(views):
+                images[k * b + i].copy_(v)
+            la.append(ya)
             if applied[i] or self.with_foreground:
-                (fgv[i],), yb = self._sample(int(self.fg[pos]), pos, Stream.FOREGROUND, 1, skipped)
+                (fgv[i],), yb = self._sample(int(self.fg[pos]), gpos, Stream.FOREGROUND, 1, skipped)
             else:
                 yb = ya  # label_b equals label_a where nothing is pasted (the contract)
             lb.append(yb if applied[i] else ya)
-        image = torch.stack(v0)
         for i in np.flatnonzero(applied):
             y0, x0, y1, x1 = (int(v) for v in boxes[i])
-            image[i, :, y0:y1, x0:x1] = fgv[i][:, y0:y1, x0:x1]
-        batch = dict(image=image, view1=torch.stack(v1), view2=torch.stack(v2),
-                     label_a=torch.tensor(la, dtype=torch.int64), label_b=torch.tensor(lb, dtype=torch.int64),
-                     lam=torch.from_numpy(lam), mixed=torch.from_numpy(applied))
+            images[i, :, y0:y1, x0:x1] = fgv[i][:, y0:y1, x0:x1]
+        batch = dict(images=images, label_a=torch.tensor(la, dtype=torch.int64),
+                     label_b=torch.tensor(lb, dtype=torch.int64), lam=torch.from_numpy(lam),
+                     mixed=torch.from_numpy(applied))
         if self.with_foreground:
             batch["foreground"] = torch.stack([fgv[i] for i in range(b)])
         return batch, skipped
@@ -141,9 +148,8 @@ class TorchTrainPipeline:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         start_step = self.plan.check_start_step(start_step)
-        bg, fg = self.plan.epoch_indices(epoch)
         self._stats = {"skipped_images": 0, "skipped_files": []}
-        dataset = _StepDataset(self.spec, epoch, bg, fg)
+        dataset = _StepDataset(self.spec, self.plan, epoch)
         steps = range(start_step, self.steps_per_epoch)
         if len(steps) == 0:
             return
