@@ -7,8 +7,11 @@ and the evaluation need.
   launcher's environment (read only), and the environment DeepSpeed reads (a plain
   ``python -m fastlt.train`` is a world of one);
 * :func:`init_distributed` — DeepSpeed's process group (gloo on CPU, NCCL on GPUs);
-* :func:`barrier`, :func:`any_rank`, :func:`gather_variable`, :func:`average_buffers`,
-  :func:`replica_digests` — collectives that are no-ops in a world of one.
+* :func:`barrier`, :func:`any_rank`, :func:`mean_over_ranks`, :func:`gather_variable`,
+  :func:`average_buffers`, :func:`replica_digests` — collectives that are no-ops in a world of one;
+* :func:`all_gather_with_grad`, :func:`all_gather_tensor` — the global batch's features and
+  labels for the balanced contrastive loss (ARCHITECTURE §3: its contrast set is the global
+  batch plus the centers).
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ import torch
 
 from fastlt.errors import ConfigError
 
-__all__ = ["ProcessInfo", "any_rank", "average_buffers", "barrier", "gather_variable", "init_distributed",
-           "prepare_process_env", "process_info", "replica_digests", "resolve_device"]
+__all__ = ["ProcessInfo", "all_gather_tensor", "all_gather_with_grad", "any_rank", "average_buffers", "barrier",
+           "gather_variable", "init_distributed", "mean_over_ranks", "prepare_process_env", "process_info",
+           "replica_digests", "resolve_device"]
 
 
 def resolve_device(requested: str) -> str:
@@ -125,6 +129,59 @@ def any_rank(flags: list[bool], device) -> list[bool]:
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]  # host sync (epoch ends and log intervals only)
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``t`` over all ranks (a copy; ``t`` itself for a single process).
+    Per-rank means of equal-size shares average to the global mean: the logged losses are the
+    global batch's, whatever the number of ranks."""
+    world = _world()
+    if world == 1:
+        return t
+    out = t.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out.div_(world)
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on all ranks) concatenated along dim 0, in rank order, with
+    gradients flowing back to each rank's own rows: the gradient of rank r's rows is the sum over
+    all ranks of the gradient reaching them (a reduce-scatter), so that with data-parallel
+    gradient averaging a loss over the gathered tensor trains as one process on the whole batch.
+    A single process gets ``t`` back."""
+    if _world() == 1:
+        return t
+    return _GatherWithGrad.apply(t)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        ctx.rows, ctx.rank, ctx.world = t.shape[0], rank, world
+        parts = [torch.empty_like(t) for _ in range(world)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if torch.distributed.get_backend() == "nccl":
+            mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            torch.distributed.reduce_scatter_tensor(mine, grad)
+            return mine
+        # gloo has no reduce-scatter: sum everything, keep this rank's rows.
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape everywhere, no gradient) concatenated along dim 0."""
+    if _world() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def gather_variable(t: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,13 @@ __all__ = ["Trainer", "steps_per_epoch", "train"]
 
 
 def steps_per_epoch(cfg: Config, num_train: int, world_size: int) -> int:
-    """Steps of one epoch: ⌈N / W⌉ samples per rank in whole micro-batches, capped by
-    run.max_steps_per_epoch, in whole optimizer steps (a partial accumulation at the end of an
-    epoch would carry gradients into the next epoch and into no checkpoint)."""
-    micro = cfg.data.batch_size // world_size
-    steps = -(-num_train // world_size) // micro
+    """Steps of one epoch: whole global batches of data.batch_size samples (the sampling's
+    step-major shards), capped by run.max_steps_per_epoch, in whole optimizer steps (a partial
+    accumulation at the end of an epoch would carry gradients into the next epoch and into no
+    checkpoint)."""
+    from fastlt.sampling import steps_per_epoch as whole_steps
+
+    steps = whole_steps(num_train, cfg.data.batch_size // world_size, world_size)
     if cfg.run.max_steps_per_epoch:
         steps = min(steps, cfg.run.max_steps_per_epoch)
     steps -= steps % cfg.deepspeed.grad_accum_steps
@@ -62,6 +64,12 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.device = dist.resolve_device(cfg.run.device)
+        if cfg.model.sync_bn and self.device != "cuda":
+            from fastlt.errors import ConfigError
+
+            raise ConfigError("model.sync_bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on "
+                              f"{self.device}; set model.sync_bn=false (BatchNorm then normalises each rank's share, "
+                              "as the reference's DataParallel does)")
         self.proc = dist.process_info()
         self.rank, self.world_size = self.proc.rank, self.proc.world_size
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
@@ -189,7 +197,9 @@ class Trainer:
         This is the one host<->device sync of the interval. Returns True when any rank saw a
         non-finite loss or received a stop request (all ranks then stop at the same step).
         """
-        vals = buf[:n].cpu()  # host sync: the per-step (loss, ce, scl) of the whole interval in one copy
+        # The global batch's losses (the mean of the ranks' equal shares), then the one host sync:
+        # the per-step (loss, ce, scl) of the whole interval in one copy.
+        vals = dist.mean_over_ranks(buf[:n]).cpu()
         finite = torch.isfinite(vals).all(dim=1)
         local_bad = not bool(finite.all())
         if local_bad:
@@ -251,8 +261,7 @@ class Trainer:
                     raise RuntimeError(f"the {self.backend} pipeline ended epoch {epoch} after {step} steps; "
                                        f"expected {self.steps_per_epoch}") from None
                 wait += time.perf_counter() - t0
-                buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify,
-                                    channels_last=cfg.model.channels_last, input_dtype=self.precision.input_dtype)
+                buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
@@ -334,11 +343,15 @@ class Trainer:
                    "train_time_s": round(self.train_time, 2), "world_size": self.world_size,
                    "device": self.device, "num_classes": self.data.num_classes,
                    "train_class_counts": [int(c) for c in self.data.class_counts], "run_dir": str(self.run_dir),
+                   "eval_every": self.cfg.run.eval_every, "evaluated_epochs": [h["epoch"] for h in self.history],
                    "replica_digests": digests}
             write_text_atomic(self.run_dir / "metrics.json", json.dumps(out, indent=1, allow_nan=True))
+        evaluated = [h["epoch"] for h in self.history]
+        cadence = (f"best of {len(evaluated)} evaluation(s), every {self.cfg.run.eval_every} epoch(s) and after the "
+                   "last" if self.cfg.run.eval_every > 1 else f"best of {len(evaluated)} evaluations, one per epoch")
         self.log.event("done", f"final: {format_metrics(final)} | best epoch {self.best['epoch'] if self.best else '-'}"
-                       f" | training time {self.train_time:.1f} s | run directory {self.run_dir}",
-                       **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
+                       f" ({cadence}) | training time {self.train_time:.1f} s | run directory {self.run_dir}",
+                       evaluated_epochs=evaluated, **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
         dist.barrier()
         return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
 

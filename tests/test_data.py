@@ -414,3 +414,24 @@ def test_synthetic_refuses_foreign_directory_and_bad_args(tmp_path):
     with pytest.raises(ValueError, match="imb_type"):
         make_synthetic_lt(tmp_path / "x", imb_type="linear")
     assert not (tmp_path / "x").exists()
+
+
+def test_cifar_subset_is_concutmix_s_seed_10_and_independent_of_run_seed(fake_cifar_root):
+    """data.cifar_subset_seed (default 10, ConCutMix's dataset/cifar.py) picks the kept images;
+    run.seed, which seeds everything else, does not change them."""
+    from fastlt.config import config_from_dict
+    from fastlt.data.build import build_datasets
+
+    def subset(run_seed=0, **data):
+        cfg = config_from_dict({"data": {"kind": "cifar", "root": str(fake_cifar_root), "cifar": "cifar10",
+                                         "imb_factor": 0.1, "augment_recipe": "cifar", "image_size": 32, **data},
+                                "run": {"seed": run_seed}})
+        return _kept_index(build_datasets(cfg).train.images)
+
+    default = subset()
+    file_labels = _file_labels(fake_cifar_root, "cifar10")
+    counts = spec_counts(FAKE_CIFAR["cifar10"][1], 10, 0.1, "exp")
+    assert default.tolist() == _reference_selection(file_labels, counts, 10).tolist()
+    assert subset(run_seed=123).tolist() == default.tolist()
+    assert subset(cifar_subset_seed=0).tolist() == _reference_selection(file_labels, counts, 0).tolist()
+    assert subset(cifar_subset_seed=0).tolist() != default.tolist()

@@ -48,3 +48,48 @@ def test_bad_arguments():
         BCLModel(torch.nn.Linear(3, 4), 10)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         BCLModel("resnet32", 1)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
+def test_timm_resnets_keep_the_reference_initialisation(name):
+    """The reference's ResNeXt starts every block's last BatchNorm γ at 1; timm's default
+    (zero_init_last=True) would start it at 0."""
+    from timm.models.resnet import Bottleneck
+
+    from fastlt.models import build_backbone
+
+    net, _ = build_backbone(name)
+    blocks = [m for m in net.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 16
+    for b in blocks:
+        assert torch.equal(b.bn3.weight, torch.ones_like(b.bn3.weight))
+
+
+def test_freeze_bn_keeps_running_statistics_in_training():
+    from fastlt.models import BCLModel
+
+    model = BCLModel("resnet32", 5, feat_dim=8, use_norm=False, freeze_bn=True).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [b.running_mean.clone() for b in bns]
+    x = torch.randn(6, 3, 32, 32) * 3 + 1
+    out = model(x)
+    assert all(not b.training for b in bns) and model.training
+    assert all(torch.equal(b.running_mean, m) for b, m in zip(bns, before))
+    # Frozen statistics: a sample's output does not depend on the rest of its batch.
+    torch.testing.assert_close(model(x[:2]).logits, out.logits[:2])
+    out.logits.sum().backward()
+    assert bns[0].weight.grad is not None  # the affine weights still train
+
+
+def test_sync_bn_converts_every_batchnorm_and_needs_cuda(tmp_path, capsys):
+    from conftest import tiny_config, write_config
+    from fastlt.cli import train_main
+    from fastlt.config import config_from_dict
+    from fastlt.models import build_model
+
+    cfg = tiny_config(tmp_path / "data", tmp_path, model={"sync_bn": True}, run={"device": "cpu"})
+    model = build_model(config_from_dict(cfg), 6)
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == 33  # 31 backbone + 2 heads
+    assert train_main(["--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    assert "model.sync_bn: torch's SyncBatchNorm runs on CUDA devices only" in capsys.readouterr().err

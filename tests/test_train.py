@@ -58,7 +58,7 @@ def base_run(tmp_path_factory, data_root):
 
 def test_short_run_loss_falls_and_writes_the_run_directory(tmp_path, data_root):
     cfg = tiny_config(data_root, tmp_path,
-                      method={"l_d_warm": 1}, optim={"epochs": 4, "lr": 0.05},
+                      method={"l_d_warm": 1}, optim={"epochs": 4, "lr": 0.02},
                       pipeline={"num_workers": 2}, run={"name": "short", "eval_every": 2, "keep_last": 1})
     proc = fastlt("--config", write_config(tmp_path / "short.yaml", cfg))
     run = tmp_path / "short"
@@ -217,8 +217,9 @@ def test_demo_command_prints_the_four_accuracies_and_the_run_directory(tmp_path,
 
 def test_bf16_zero2_accumulation_and_clipping_run_end_to_end(tmp_path, data_root):
     """DeepSpeed's own bf16 mode (bf16 weights and BatchNorm buffers), ZeRO-2, 2 micro-steps per
-    optimizer step and gradient clipping; then a resume that reads the ZeRO shards back."""
-    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 2},
+    optimizer step, gradient clipping and channels-last bf16 inputs from the pipeline; then a
+    resume that reads the ZeRO shards back."""
+    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 2}, model={"channels_last": True},
                       deepspeed={"precision": "bf16", "autocast": False, "zero_stage": 2, "grad_accum_steps": 2,
                                  "grad_clip": 1.0},
                       run={"name": "bf16", "log_every": 1, "eval_every": 2, "max_steps_per_epoch": 4})
@@ -287,8 +288,7 @@ def _step_inputs(b=6, c=5, d=4, seed=0):
     mixed = torch.tensor([True, False, True, True, False, True])[:b]
     lb = torch.where(mixed, lb, la)
     lam = torch.where(mixed, torch.rand(b, generator=g), torch.ones(b))
-    batch = TrainBatch(image=torch.zeros(b, 3, 2, 2), view1=torch.zeros(b, 3, 2, 2), view2=torch.zeros(b, 3, 2, 2),
-                       label_a=la, label_b=lb, lam=lam.float(), mixed=mixed)
+    batch = TrainBatch(images=torch.zeros(3 * b, 3, 2, 2), label_a=la, label_b=lb, lam=lam.float(), mixed=mixed)
     logits = torch.randn(3 * b, c, generator=g, requires_grad=True)
     z_raw = torch.randn(3 * b, d, generator=g, requires_grad=True)
     centers_raw = torch.randn(c, d, generator=g, requires_grad=True)

@@ -79,8 +79,8 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
             raise DataError(f"data.root: {root} does not exist; it must hold the extracted "
                             f"{'cifar-10-batches-py' if d.cifar == 'cifar10' else 'cifar-100-python'} folder")
         try:
-            train = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=True, seed=cfg.run.seed)
-            val = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=False, seed=cfg.run.seed)
+            train = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=True, seed=d.cifar_subset_seed)
+            val = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=False, seed=d.cifar_subset_seed)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"data ({d.cifar}): {e}") from None
         _check_num_classes(cfg, train.num_classes, d.cifar)

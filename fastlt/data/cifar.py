@@ -84,7 +84,7 @@ def cifar_lt(
     imb_factor: float,
     imb_type: str = "exp",
     train: bool = True,
-    seed: int = 0,
+    seed: int = 10,
 ) -> ArrayDataset:
     """CIFAR-10-LT / CIFAR-100-LT from the python pickle batches under ``root`` (no download).
 
@@ -95,8 +95,9 @@ def cifar_lt(
     ``imb_factor`` = n_min/n_max (0.01 for IF 100), see the module docstring.
 
     Which images are kept: a seeded shuffle of each class's indices, taking the first N_c —
-    exactly the LDAM-DRW / BCL ``IMBALANCECIFAR`` selection (``np.random.seed(seed)`` then one
-    ``shuffle`` per class in class order), so ``seed=0`` reproduces the reference subsets.
+    exactly the ``IMBALANCECIFAR`` selection of LDAM-DRW, BCL and ConCutMix
+    (``np.random.seed(seed)`` then one ``shuffle`` per class in class order): ``seed=10``
+    reproduces ConCutMix's subsets (``data.cifar_subset_seed``, its default), ``seed=0`` BCL's.
     Kept images are ordered by class. ``train=False`` returns the whole balanced test split
     in file order (``imb_factor`` and ``imb_type`` are then only validated).
     """

@@ -80,6 +80,10 @@ class DataConfig:
     """n_min / n_max of the CIFAR-LT profile (0.01 = IF 100, 0.02 = IF 50, 0.1 = IF 10)."""
     imb_type: str = "exp"
     """CIFAR-LT profile: exp or step (ARCHITECTURE §2)."""
+    cifar_subset_seed: int = 10
+    """Seed of the per-class shuffle that picks which CIFAR images the long-tailed subset keeps
+    (kind "cifar"). 10 is ConCutMix's (its dataset/cifar.py); LDAM-DRW and BCL use 0. Only the
+    subset: run.seed seeds everything else."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Parameters of the synthetic dataset (kind "synthetic")."""
     augment_recipe: str = "imagenet"
@@ -113,6 +117,7 @@ class DataConfig:
         one_of("data.foreground_sampler", self.foreground_sampler, SAMPLER_KINDS)
         one_of("data.on_error", self.on_error, ON_ERROR)
         positive("data.num_classes", self.num_classes, allow_zero=True)
+        positive("data.cifar_subset_seed", self.cifar_subset_seed, allow_zero=True)
         if self.num_classes == 1:
             raise ConfigError("data.num_classes: must be >= 2 (or 0 to take it from the dataset); got 1")
         if not 0 < self.imb_factor <= 1:

@@ -43,6 +43,9 @@ def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
 
     timm backbones are built with ``pretrained=False`` (nothing is downloaded) and no
     classifier (``num_classes=0``); extra kwargs (e.g. ``img_size`` for ViT) go to timm.
+    The ResNet/ResNeXt backbones keep the reference initialisation: timm's default
+    ``zero_init_last=True`` would start the last BatchNorm γ of every residual block at 0,
+    the reference's torchvision-style ResNeXt keeps it at 1 (ARCHITECTURE §1 "Views").
     """
     if name == "resnet32":
         if kwargs:
@@ -52,6 +55,8 @@ def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
     if name in TIMM_BACKBONES:
         import timm  # imported lazily: timm is only needed for the ImageNet-size backbones
 
+        if name.startswith(("resnet", "resnext")):
+            kwargs.setdefault("zero_init_last", False)
         net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         return net, net.num_features
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -89,12 +94,17 @@ class BCLModel(nn.Module):
         feat_dim: D, the projection dimension (1024 ImageNet/iNat/Places, 128 CIFAR).
         use_norm: cosine NormedLinear classifier (True) or plain Linear (False, CIFAR).
         hidden_dim: m, the MLP hidden width; default 512 for ResNet-32 and h otherwise.
+        freeze_bn: BatchNorm layers normalise with their running statistics and never update
+            them, in training too (their affine weights still train): the usual choice when
+            fine-tuning pretrained weights, and it makes the output of a sample independent of
+            how the batch is split over ranks.
         **backbone_kwargs: passed to :func:`build_backbone` (e.g. ``img_size`` for ViT).
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, feat_dim: int = 1024, use_norm: bool = True,
-                 hidden_dim: int | None = None, **backbone_kwargs):
+                 hidden_dim: int | None = None, freeze_bn: bool = False, **backbone_kwargs):
         super().__init__()
+        self.freeze_bn = freeze_bn
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2; got {num_classes}")
         if feat_dim < 1:
@@ -117,6 +127,14 @@ class BCLModel(nn.Module):
         self.head = _mlp(h, hidden_dim, feat_dim)
         self.head_fc = _mlp(h, hidden_dim, feat_dim)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def class_weights(self) -> Tensor:
         """The classifier's per-class weight vectors (C, h), input of the center head."""
         return self.fc.class_weights() if self.use_norm else self.fc.weight
@@ -129,8 +147,12 @@ class BCLModel(nn.Module):
         return BCLOutput(logits, F.normalize(z_raw, dim=1), z_raw, F.normalize(centers_raw, dim=1), centers_raw)
 
 
-def build_model(cfg, num_classes: int) -> BCLModel:
-    """The BCL model of a :class:`fastlt.config.Config` (its ``model`` section) for C classes."""
+def build_model(cfg, num_classes: int) -> nn.Module:
+    """The BCL model of a :class:`fastlt.config.Config` (its ``model`` section) for C classes;
+    with ``model.sync_bn`` its BatchNorm layers synchronise their statistics over the ranks."""
     m = cfg.model
-    return BCLModel(m.backbone, num_classes, feat_dim=m.feat_dim, use_norm=m.use_norm, hidden_dim=m.hidden_dim,
-                    **m.backbone_kwargs)
+    model = BCLModel(m.backbone, num_classes, feat_dim=m.feat_dim, use_norm=m.use_norm, hidden_dim=m.hidden_dim,
+                     freeze_bn=m.freeze_bn, **m.backbone_kwargs)
+    if m.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

@@ -35,12 +35,21 @@ class ModelConfig:
     """Extra keyword arguments for the timm backbone (e.g. {img_size: 224} for ViT)."""
     channels_last: bool = False
     """Run convolutions in channels-last memory format (faster on recent GPUs)."""
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics over all ranks (torch SyncBatchNorm; CUDA only). Off by
+    default: the reference trains with nn.DataParallel, whose BatchNorm sees each GPU's share."""
+    freeze_bn: bool = False
+    """BatchNorm uses its running statistics and never updates them (affine weights still train):
+    for fine-tuning pretrained weights; the model's outputs then do not depend on the batch split."""
 
     def __post_init__(self):
         one_of("model.backbone", self.backbone, BACKBONES)
         positive("model.feat_dim", self.feat_dim)
         if self.hidden_dim is not None:
             positive("model.hidden_dim", self.hidden_dim)
+        if self.sync_bn and self.freeze_bn:
+            raise ConfigError("model.sync_bn and model.freeze_bn: frozen statistics are never synchronised; "
+                              "choose one")
         if self.backbone == "resnet32" and self.backbone_kwargs:
             raise ConfigError(f"model.backbone_kwargs: resnet32 takes no options; got {self.backbone_kwargs!r}. "
                               "Remove model.backbone_kwargs.")
