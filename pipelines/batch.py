@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .randaugment import check_randaugment
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN", "INAT_STD", "CIFAR_MEAN", "CIFAR_STD", "RECIPES",
            "ON_ERROR", "TrainBatch", "TrainPipelineSpec", "ValPipelineSpec"]
 
@@ -114,7 +116,16 @@ class TrainPipelineSpec:
     augment: bool = True
     """False is the deterministic test mode: resize only, no random crop/flip/colour."""
     randaugment: bool = True
-    """RandAugment n=2 m=10 on view 0 (imagenet recipe)."""
+    """View 0's automatic augmentation: timm RandAugment (imagenet recipe; ``randaugment_*``
+    below) or the reference's CIFAR10Policy (cifar recipe). False: none."""
+    randaugment_n: int = 2
+    """RandAugment ops per image (timm's ``n``; the reference's ``--randaug_n``), imagenet recipe."""
+    randaugment_m: int = 10
+    """RandAugment magnitude on timm's 0–10 scale (10 = full strength: rotate ±30°, shear ±0.3,
+    translate ±45 %; the reference's ``--randaug_m``), imagenet recipe."""
+    randaugment_mstd: float = 0.5
+    """Standard deviation of the per-op magnitude noise, N(m, mstd) clipped to [0, 10]
+    (timm's ``mstd``; > 100 means uniform in [0, m]), imagenet recipe."""
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
     num_workers: int = 2
@@ -136,6 +147,7 @@ class TrainPipelineSpec:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
         if not 0.0 <= self.cutmix_prob <= 1.0:
             raise ValueError(f"cutmix_prob must be in [0, 1]; got {self.cutmix_prob}")
+        check_randaugment(self.randaugment_n, self.randaugment_m, self.randaugment_mstd)
 
 
 @dataclass(kw_only=True)
