@@ -5,28 +5,32 @@ GaussianBlur on the CIFAR sim views), written to give PIL's pixels.
 Every stage's op and arguments come per sample from the keyed source; :func:`apply_stages`
 dispatches on the stage kind with DALI conditionals, so each op only runs on the samples that
 drew it. Must be called inside ``@pipeline_def(enable_conditionals=True)``; input and output
-are uint8 HWC images of one size.
+are uint8 HWC images of one size. Only device-agnostic operators are used (arithmetic, slices,
+reductions, ``warp_perspective``, ``equalize``): on the GPU the per-sample numbers stay host
+tensors, which DALI's arithmetic copies over. That path is not run without a GPU.
 
-How each op meets PIL (measured tolerances in ``tests/test_augment_parity.py``):
+How each op meets PIL (tolerances asserted in ``tests/test_augment_parity.py``, on decoded
+JPEGs; grey levels):
 
-- point ops (Invert, Solarize, SolarizeAdd, Posterize): integer arithmetic, exact;
-- Brightness, Color, Contrast, Sharpness: PIL's blend ``deg + f·(img − deg)`` in float32,
-  truncated, with PIL's degenerate images (ITU-R 601 luma in PIL's 16-bit fixed point; the
-  mean luma rounded as ``ImageStat``; the SMOOTH 3×3 filter leaving the 1-pixel border as is):
-  exact up to float rounding (|Δ| ≤ 1 on a few pixels);
-- AutoContrast: per-channel min/max and PIL's float64 LUT formula: exact;
-- Equalize: DALI has no histogram or per-sample gather on the CPU (written with dense
-  256-level comparisons, an exact version cost ~80 ms per 224² image there), and its
-  ``fn.equalize`` is OpenCV's rule, several grey levels from PIL's; :func:`_equalize` recovers
-  PIL's LUT from ``fn.equalize`` of the mirrored image, |Δ| ≤ 1;
-- affine ops: ``warp_perspective`` with PIL's pixel-centre convention on float pixels, edges
-  replicated, points outside the input filled (decided in float64 with PIL's expression),
-  truncated like PIL. Nearest and bilinear match PIL to
-  |Δ| ≤ 1; DALI's bicubic is OpenCV's (a = −0.75) where PIL's transform uses a = −1, so
-  bicubic differs by a fraction of a grey level on average;
+- point ops (Invert, Solarize, SolarizeAdd, Posterize): integer arithmetic: identical;
+- Brightness, Color, Contrast, Sharpness: PIL's blend ``deg + f·(img − deg)`` with a float32
+  factor, truncated, and PIL's degenerate images (ITU-R 601 luma in PIL's 16-bit fixed point;
+  the mean luma rounded as ``ImageStat`` does; the SMOOTH 3×3 filter, border pixels kept):
+  identical in every case measured;
+- AutoContrast: per-channel min/max and PIL's float64 LUT formula: identical;
+- Equalize: DALI has no histogram or per-sample gather on the CPU (with dense 256-level
+  comparisons an exact version cost ~80 ms per 224² image there) and its ``fn.equalize`` is
+  OpenCV's rule, 2–5 levels from PIL's on average; :func:`_equalize` recovers PIL's LUT from
+  ``fn.equalize`` of the mirrored image: |Δ| ≤ 1 (about a third of the pixels one level off);
+- affine ops: ``warp_perspective`` in PIL's pixel-centre convention on float pixels, edges
+  replicated, points outside the input filled (decided in float64 by PIL's expression),
+  truncated like PIL. Bilinear: |Δ| ≤ 1 (float32 against PIL's double at the truncation, a
+  few % of the pixels). Nearest: identical for translations; rotations differ on ~0.1 % of
+  the pixels, where PIL's 16.16 fixed point picks the neighbour. Bicubic: DALI's is OpenCV's
+  (a = −0.75), PIL's transform uses a = −1: mean |Δ| ≈ 0.3, max ≈ 8 near sharp edges;
 - Gaussian blur: PIL's own algorithm — three passes of its extended box filter (fixed-point
   weights computed by the source, ``dali_sources.pil_blur_taps``) horizontally, then three
-  vertically, edges repeated, rounded between passes, in integer arithmetic: exact.
+  vertically, edges repeated, rounded between passes, in integer arithmetic: identical.
 """
 from __future__ import annotations
 
