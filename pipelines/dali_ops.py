@@ -1,12 +1,13 @@
 """DALI graph helpers shared by the training and validation pipelines (ARCHITECTURE §1
 "Views", §3 pipeline contract): decode, crop-and-resize, flip, colour, blur, RandAugment /
-AutoAugment with externally drawn (keyed) choices, and normalisation to NCHW float.
+CIFAR10Policy with externally drawn (keyed) choices, and normalisation to NCHW float.
 
 Every helper takes its random parameters as per-sample tensors drawn by the keyed sources
 (``dali_sources``), never from DALI's own random operators; that is what keeps the graph
 deterministic under rebuilds and resume. The functions must be called inside a
-``@pipeline_def(enable_conditionals=True)`` function: the blur and the augmentation choice
-use DALI conditionals.
+``@pipeline_def(enable_conditionals=True)`` function: the blur and the augmentation stages
+use DALI conditionals. The augmentation ops themselves, written to give PIL's pixels, are in
+``dali_augment``.
 
 Where data lives: with ``device="gpu"`` the decoder runs as ``mixed`` (nvJPEG; the bytes
 come from the host sources and the decoded images land on the GPU) and every image
@@ -17,60 +18,42 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import augmentations as _aug
-from nvidia.dali.auto_aug.auto_augment import get_reduced_cifar10_policy
-from nvidia.dali.auto_aug.core import select, signed_bin
-from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
 
+from . import dali_augment
+from .spec import IMAGENET_MEAN
+from .cifar_policy import CIFAR_FILL
 from .dali_sources import AugmentTables
+from .randaugment import fill_colour
 
-__all__ = ["AUG_FILL", "augment_tables", "colour", "crop_resize", "decode", "keyed_augment", "normalize",
-           "translate_px"]
-
-#: Fill of the geometric augmentations (DALI auto_aug's default; torch backend uses the same).
-AUG_FILL = 128
-RA_N, RA_M, RA_BINS = 2, 10, 31
+__all__ = ["AugmentGraph", "augment_tables", "blur", "colour", "crop_resize", "decode", "keyed_augment",
+           "normalize"]
 
 
-def translate_px(size: int) -> int:
-    """Largest RandAugment/AutoAugment shift: 150/331 of the image side, as torchvision."""
-    return max(1, int(round(size * 150 / 331)))
+class AugmentGraph:
+    """What the graph needs to apply view 0's keyed stages: how many, the geometric fill
+    colour (0–255 per channel) and the view size."""
+
+    def __init__(self, stages: int, fill: Sequence[int], size: int):
+        self.stages, self.fill, self.size = int(stages), tuple(int(f) for f in fill), int(size)
 
 
-def augment_tables(recipe: str, size: int, enabled: bool):
-    """(AugmentTables for the sources, per-stage lists of DALI augmentations, number of bins).
+def augment_tables(recipe: str, size: int, enabled: bool, *, n: int = 2, m: int = 10, mstd: float = 0.5,
+                   mean: Sequence[float] = IMAGENET_MEAN) -> tuple[AugmentTables, AugmentGraph]:
+    """(AugmentTables for the sources, AugmentGraph for the graph) of view 0.
 
-    imagenet: RandAugment n=2 m=10 over DALI's RandAugment suite; cifar: the CIFAR-10
-    AutoAugment policy (DALI's reduced-CIFAR-10 policy, the paper's 25 sub-policies)."""
+    imagenet: timm's RandAugment n, m, mstd with the mean colour as fill (the reference's
+    ``img_mean``); cifar: the reference's CIFAR10Policy with its grey fill."""
     if not enabled:
-        return AugmentTables("none"), [], 0
-    if recipe == "imagenet":
-        suite = get_rand_augment_suite(use_shape=False, max_translate_abs=translate_px(size))
-        return AugmentTables("rand", n=RA_N, m=RA_M, num_ops=len(suite)), [suite] * RA_N, RA_BINS
-    policy = get_reduced_cifar10_policy(use_shape=False, max_translate_abs=translate_px(size))
-    subs = policy.sub_policies
-    n_stages = max(len(sp) for sp in subs)
-    # Per stage: the distinct augmentations used there, plus identity for "stage does not run".
-    stage_augs = []
-    for s in range(n_stages):
-        seen = []
-        for sp in subs:
-            if s < len(sp) and sp[s][0] not in seen:
-                seen.append(sp[s][0])
-        stage_augs.append(seen + [_aug.identity])
-    identity = np.array([len(a) - 1 for a in stage_augs], np.int32)
-    ops = np.tile(identity, (len(subs), 1))
-    prob = np.zeros((len(subs), n_stages), np.float64)
-    mag = np.zeros((len(subs), n_stages), np.int32)
-    for r, sp in enumerate(subs):
-        for s, (aug, p, m) in enumerate(sp):
-            ops[r, s] = stage_augs[s].index(aug)
-            prob[r, s] = p
-            mag[r, s] = 0 if m is None else m
-    tables = AugmentTables("auto", aa_ops=ops, aa_prob=prob, aa_mag=mag, aa_identity=identity)
-    return tables, stage_augs, policy.num_magnitude_bins
+        tables = AugmentTables("none")
+        fill = CIFAR_FILL
+    elif recipe == "imagenet":
+        tables = AugmentTables("rand", size=size, n=n, m=m, mstd=mstd)
+        fill = fill_colour(mean)
+    else:
+        tables = AugmentTables("cifar", size=size)
+        fill = CIFAR_FILL
+    return tables, AugmentGraph(tables.stages, fill, size)
 
 
 def decode(data, recipe: str, device: str):
@@ -108,25 +91,15 @@ def flip(img, flag):
     return fn.flip(img, horizontal=flag)
 
 
-def blur(img, sigma):
-    """Gaussian blur 3×3 with σ > 0, nothing where σ = 0 (the p = 0.5 coin was drawn by the source)."""
-    if sigma > 0.0:
-        img = fn.gaussian_blur(img, sigma=sigma, window_size=3)
-    return img
+def blur(img, taps):
+    """PIL's GaussianBlur where the source drew one (taps of its box passes; all zero: none)."""
+    return dali_augment.pil_gaussian_blur(img, taps)
 
 
-def keyed_augment(img, stage_augs: Sequence[Sequence], num_bins: int, ops, mags, signs):
-    """RandAugment / AutoAugment with the op, magnitude bin and sign of every stage given per
-    sample (drawn by the source), applied with DALI's augmentation suite via ``select``.
-
-    Geometric ops sample with nearest-neighbour interpolation, torchvision's default for
-    RandAugment/AutoAugment (and the torch backend's); on DALI's CPU operators it is also
-    about 5× cheaper than bilinear warping."""
-    for s, augs in enumerate(stage_augs):
-        bin_ = signed_bin(mags[s], random_sign=signs[s])
-        img = select(augs, ops[s], data=img, magnitude_bin=bin_, num_magnitude_bins=num_bins, fill_value=AUG_FILL,
-                     interp_type=types.INTERP_NN)
-    return img
+def keyed_augment(img, graph: AugmentGraph, kinds, interps, params):
+    """View 0's RandAugment / CIFAR10Policy stages, as drawn per sample by the source."""
+    return dali_augment.apply_stages(img, kinds, interps, params, stages=graph.stages, fill=graph.fill,
+                                     size=graph.size)
 
 
 def normalize(img, mean: Sequence[float], std: Sequence[float], layout: str = "CHW", half: bool = False):

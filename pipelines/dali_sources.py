@@ -8,9 +8,10 @@ to a sample position of one of our epochs, reads the encoded bytes of the stream
 there, checks the header (a corrupt, truncated or missing file is handled by
 ``on_error`` *here*, where the file name is known), and draws every random parameter of
 the sample's views from the sample's key (seed, epoch, global position, stream):
-RandomResizedCrop windows, flips, colour jitter and grayscale, blur, RandAugment /
-AutoAugment choices, and — for the foreground — the CutMix box and λ. The DALI graph itself
-then contains no random operator, so the batches do not depend on DALI's threads, worker
+RandomResizedCrop windows, flips, colour jitter and grayscale, blur, the RandAugment /
+CIFAR10Policy stages of view 0 (op, apply coin, magnitude, sign, interpolation: see
+``randaugment``, ``cifar_policy``), and — for the foreground — the CutMix box and λ. The DALI
+graph itself then contains no random operator, so the batches do not depend on DALI's threads, worker
 count, prefetching or on the pipeline having been rebuilt, and a resumed epoch
 (``start_step``) continues exactly where the original one was.
 
@@ -22,10 +23,13 @@ import math
 
 import numpy as np
 
+from .augment_stages import stack_stages
+from .cifar_policy import CIFAR10PolicyDraw
 from .common import (BadImageError, Stream, StreamPlan, Substitutes, check_encoded_image, cutmix_boxes, keyed_rng,
                      load_with_policy)
+from .randaugment import RandAugmentDraw
 
-__all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "rrc_window"]
+__all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "pil_blur_taps", "rrc_window"]
 
 #: RandomResizedCrop defaults (torchvision / ARCHITECTURE §1): area scale and aspect ratio ranges.
 RRC_SCALE = (0.08, 1.0)
@@ -37,7 +41,8 @@ SIM_HUE = 0.1         # hue shift of the sim views, a fraction of the colour whe
 SIM_JITTER_P = 0.8
 SIM_GRAY_P = 0.2
 CIFAR_BLUR_P = 0.5
-BLUR_SIGMA = (0.1, 2.0)
+BLUR_SIGMA = (0.1, 2.0)   # PIL GaussianBlur radius σ ~ U(0.1, 2) (the reference's SimCLR blur)
+BLUR_TAPS = 5             # one PIL box pass for σ <= 2 spans offsets −2 … 2
 
 
 def rrc_window(rng: np.random.Generator, h: int, w: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
@@ -66,45 +71,65 @@ def rrc_window(rng: np.random.Generator, h: int, w: int, scale=RRC_SCALE, ratio=
     return y0, x0, y0 + ch, x0 + cw
 
 
+def pil_box_radius(sigma: float, passes: int = 3) -> np.float32:
+    """The extended-box radius PIL's ``GaussianBlur(radius=σ)`` uses for each of its ``passes``
+    box passes (``BoxBlur.c``: Gwosdek et al.'s formula), in PIL's float32 arithmetic."""
+    f = np.float32
+    r = f(sigma)
+    sigma2 = r * r / f(passes)
+    length = f(math.sqrt(12.0 * float(sigma2) + 1.0))
+    whole = f(math.floor((float(length) - 1.0) / 2.0))
+    frac = (f(2) * whole + f(1)) * (whole * (whole + f(1)) - f(3) * sigma2)
+    frac = frac / (f(6) * (sigma2 - (whole + f(1)) * (whole + f(1))))
+    return f(whole + frac)
+
+
+def pil_blur_taps(sigma: float) -> np.ndarray:
+    """One pass of PIL's box blur for σ as integer weights in 2^-24 units for offsets −2 … 2:
+    2R+1 inner taps of ``ww`` and two outer taps of ``fw``, as ``ImagingHorizontalBoxBlur``
+    computes them (R = ⌊radius⌋ ≤ 1 for σ ≤ 2; all zero for σ = 0, meaning no blur)."""
+    if sigma <= 0:
+        return np.zeros(BLUR_TAPS, np.int64)
+    radius = pil_box_radius(sigma)
+    whole = int(radius)
+    if whole > BLUR_TAPS // 2 - 1:
+        raise ValueError(f"blur sigma {sigma} needs a box radius of {radius:.3f}; the DALI blur supports sigma <= "
+                         f"{BLUR_SIGMA[1]} (box radius < {BLUR_TAPS // 2})")
+    ww = int(np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1)))
+    fw = ((1 << 24) - (2 * whole + 1) * ww) // 2
+    taps = np.zeros(BLUR_TAPS, np.int64)
+    mid = BLUR_TAPS // 2
+    taps[mid - whole:mid + whole + 1] = ww
+    taps[mid - whole - 1] = taps[mid + whole + 1] = fw
+    return taps
+
+
 class AugmentTables:
-    """The numbers a source needs to draw RandAugment or AutoAugment choices (the DALI
-    augmentation objects stay in the graph; these are plain arrays, cheap to pickle).
+    """What a source needs to draw view 0's automatic augmentation (picklable, no DALI):
+    ``"rand"`` timm's RandAugment (``randaugment.RandAugmentDraw``), ``"cifar"`` the reference's
+    CIFAR10Policy (``cifar_policy.CIFAR10PolicyDraw``), ``"none"``. :meth:`draw` returns the
+    per-sample stage arrays of ``augment_stages`` that the graph applies."""
 
-    RandAugment: ``n`` stages, each an op index uniform in [0, num_ops) and a random sign,
-    magnitude bin ``m``. AutoAugment: a sub-policy uniform among the rows of ``aa_ops``; stage
-    s runs with probability ``aa_prob[row, s]`` (otherwise the stage's identity op,
-    ``aa_identity[s]``), with magnitude bin ``aa_mag[row, s]`` and a random sign.
-    """
-
-    def __init__(self, kind: str, *, n: int = 0, m: int = 0, num_ops: int = 0, aa_ops=None, aa_prob=None,
-                 aa_mag=None, aa_identity=None):
+    def __init__(self, kind: str, *, size: int = 224, n: int = 2, m: int = 10, mstd: float = 0.5):
+        if kind == "rand":
+            self._draw = RandAugmentDraw(size, n, m, mstd)
+        elif kind == "cifar":
+            self._draw = CIFAR10PolicyDraw(size)
+        elif kind == "none":
+            self._draw = None
+        else:
+            raise ValueError(f"augmentation kind must be 'rand', 'cifar' or 'none'; got {kind!r}")
         self.kind = kind
-        self.n, self.m, self.num_ops = n, m, num_ops
-        self.aa_ops, self.aa_prob, self.aa_mag, self.aa_identity = aa_ops, aa_prob, aa_mag, aa_identity
 
     @property
     def stages(self) -> int:
-        if self.kind == "rand":
-            return self.n
-        if self.kind == "auto":
-            return self.aa_ops.shape[1]
-        return 0
+        return 0 if self._draw is None else self._draw.stages
 
     def draw(self, rng: np.random.Generator):
-        """(ops, magnitude bins, signs), int32 arrays of length ``stages``."""
-        s = self.stages
-        if self.kind == "rand":
-            ops = rng.integers(0, self.num_ops, size=s).astype(np.int32)
-            mags = np.full(s, self.m, dtype=np.int32)
-        elif self.kind == "auto":
-            row = int(rng.integers(0, self.aa_ops.shape[0]))
-            run = rng.random(s) < self.aa_prob[row]
-            ops = np.where(run, self.aa_ops[row], self.aa_identity).astype(np.int32)
-            mags = self.aa_mag[row].astype(np.int32)
-        else:
-            return (np.zeros(0, np.int32),) * 3
-        signs = rng.integers(0, 2, size=s).astype(np.int32)
-        return ops, mags, signs
+        """(kinds int32 (S,), interps int32 (S,), params float64 (S, NUM_PARAMS))."""
+        if self._draw is None:
+            return stack_stages([])
+        return self._draw.draw(rng)
 
 
 class SourceConfig:
@@ -172,14 +197,15 @@ class _Source:
     def _view_params(self, rng, hw, views: int, sim_from: int):
         """Crop windows (views, 4) float32 as (y0, x0, y1, x1) — x0 > x1 where the view is mirrored,
         except for the CIFAR pad-crop view, which uses the flip flag — flips (views,) int32, colour
-        (views, 4) float32 as (brightness, contrast, saturation, hue in degrees), blur σ (views,)
-        float32 (0 = none). View v < sim_from uses the classification recipe, others "sim"."""
+        (views, 4) float32 as (brightness, contrast, saturation, hue in degrees), blur (views, 5)
+        int64: PIL's box-pass taps for the view's σ (:func:`pil_blur_taps`; all zero = no blur).
+        View v < sim_from uses the classification recipe, others "sim"."""
         c = self.cfg
         h, w = hw
         crops = np.zeros((views, 4), np.float32)
         flips = np.zeros(views, np.int32)
         colour = np.tile(np.array([1.0, 1.0, 1.0, 0.0], np.float32), (views, 1))
-        blur = np.zeros(views, np.float32)
+        blur = np.zeros((views, BLUR_TAPS), np.int64)
         for v in range(views):
             if not c.augment:
                 crops[v] = (0, 0, h, w)
@@ -208,7 +234,7 @@ class _Source:
             if rng.random() < SIM_GRAY_P:  # RandomGrayscale(p = 0.2): no saturation left
                 colour[v, 2] = 0.0
             if c.recipe == "cifar" and rng.random() < CIFAR_BLUR_P:
-                blur[v] = rng.uniform(*BLUR_SIGMA)
+                blur[v] = pil_blur_taps(rng.uniform(*BLUR_SIGMA))
         return crops, flips, colour, blur
 
 
@@ -216,8 +242,9 @@ class BackgroundSource(_Source):
     """The background (canvas) stream: image, label and the parameters of its three views.
 
     Outputs: data (encoded bytes, or the HWC array for CIFAR), label int64 (), crops (3, 4),
-    flips (3,), colour (3, 4), blur (3,), aug ops/mags/signs (stages,) for view 0, and the
-    bad-input record int64 (2,) = (first replaced dataset index or −1, number of replacements).
+    flips (3,), colour (3, 4), blur taps (3, 5), view 0's augmentation stages — kinds (S,),
+    interps (S,), params (S, 9) (``augment_stages``) — and the bad-input record int64 (2,) =
+    (first replaced dataset index or −1, number of replacements).
     """
 
     stream = Stream.BACKGROUND
@@ -231,16 +258,17 @@ class BackgroundSource(_Source):
         data, hw, used, bad = self._load(int(bg[pos]), key)
         rng = keyed_rng(*key)
         crops, flips, colour, blur = self._view_params(rng, hw, 3, sim_from=1)
-        ops, mags, signs = c.tables.draw(rng)
+        kinds, interps, params = c.tables.draw(rng)
         label = np.array(c.plan.labels[used], dtype=np.int64)
-        return data, label, crops, flips, colour, blur, ops, mags, signs, bad
+        return data, label, crops, flips, colour, blur, kinds, interps, params, bad
 
 
 class ForegroundSource(_Source):
     """The foreground (patch) stream and the CutMix decision of its sample.
 
-    Outputs: data, label int64 (), crops (1, 4), flips (1,), colour (1, 4), aug ops/mags/signs,
-    bad (2,), then mixed bool (), λ float32 (), and the ``fn.multi_paste`` regions: anchors
+    Outputs: data, label int64 (), crops (1, 4), flips (1,), colour (1, 4), augmentation stages
+    (kinds, interps, params, as the background's), bad (2,), then mixed bool (), λ float32 (),
+    and the ``fn.multi_paste`` regions: anchors
     int32 (2, 2) and shapes int32 (2, 2) — region 0 is the whole background canvas, region 1
     the box (y0, x0, h, w) taken from the foreground at the same place.
     Where no box is pasted the image is not read (the graph does not decode it).
@@ -269,12 +297,12 @@ class ForegroundSource(_Source):
             hw, used, bad = (1, 1), int(fg[pos]), np.array([-1, 0], np.int64)
         rng = keyed_rng(*key)
         crops, flips, colour, _ = self._view_params(rng, hw, 1, sim_from=1)
-        ops, mags, signs = c.tables.draw(rng)
+        kinds, interps, params = c.tables.draw(rng)
         y0, x0, y1, x1 = (int(v) for v in boxes[0])
         anchors = np.array([[0, 0], [y0, x0]], np.int32)
         shapes = np.array([[s, s], [y1 - y0, x1 - x0]], np.int32)
         label = np.array(c.plan.labels[used], dtype=np.int64)
-        return (data, label, crops, flips, colour, ops, mags, signs, bad, np.array(mixed),
+        return (data, label, crops, flips, colour, kinds, interps, params, bad, np.array(mixed),
                 np.array(lam[0], np.float32), anchors, shapes)
 
 

@@ -9,7 +9,7 @@ Graph, per sample, top to bottom::
     background source -> bytes, label, windows, flips, colour, blur, aug choices, bad record
     foreground source -> bytes, label, window, flip, colour, aug choices, bad, mixed, λ, paste regions
     bg  = decode(bytes)                                  # cpu, or mixed (nvJPEG) on the GPU
-    v0  = crop_resize_flip(bg, w0) -> colour -> RandAugment / AutoAugment
+    v0  = crop_resize_flip(bg, w0) -> colour -> RandAugment / CIFAR10Policy
     v1,2= crop_resize_flip(bg, w1,2) -> colour (jitter p .8, gray p .2) [-> blur, CIFAR]
     if mixed:  fg = same as v0 on the foreground;  image = multi_paste(v0, fg)   # CutMix
     else:      image = v0
@@ -50,45 +50,46 @@ __all__ = ["DaliTrainPipeline"]
 
 
 @pipeline_def(enable_conditionals=True)
-def _train_graph(bg_source, fg_source, *, recipe, size, augment, stage_augs, num_bins, mean, std, device,
-                 with_foreground, layout, half):
-    (bg_data, label_a, crops, flips, col, blur_sigma, aug_ops, aug_mags, aug_signs, bg_bad) = fn.external_source(
-        bg_source, num_outputs=BackgroundSource.num_outputs, batch=False, parallel=True)
-    (fg_data, label_b, fg_crops, fg_flips, fg_col, fg_ops, fg_mags, fg_signs, fg_bad, mixed, lam, paste_anchors,
+def _train_graph(bg_source, fg_source, *, recipe, size, augment, aug_graph, mean, std, device, with_foreground,
+                 layout, half):
+    (bg_data, label_a, crops, flips, col, blur_taps, aug_kinds, aug_interps, aug_params, bg_bad) = \
+        fn.external_source(bg_source, num_outputs=BackgroundSource.num_outputs, batch=False, parallel=True)
+    (fg_data, label_b, fg_crops, fg_flips, fg_col, fg_kinds, fg_interps, fg_params, fg_bad, mixed, lam, paste_anchors,
      paste_shapes) = fn.external_source(fg_source, num_outputs=ForegroundSource.num_outputs, batch=False,
                                         parallel=True)
 
-    def classification_view(img, window, flag, params, a_ops, a_mags, a_signs):
+    def classification_view(img, window, flag, params, a_kinds, a_interps, a_params):
         # View 0 (and the foreground's view): crop-resize-flip (pad-crop + flip for CIFAR),
-        # colour jitter, then RandAugment (imagenet) / AutoAugment (cifar).
+        # colour jitter, then RandAugment (imagenet) / the reference's CIFAR10Policy (cifar),
+        # every choice drawn by the source.
         if recipe == "cifar":
             img = ops.flip(ops.pad_crop(img, window, size), flag)
         else:
             img = ops.crop_resize(img, window, size)
         img = ops.colour(img, params)
-        if stage_augs:
-            img = ops.keyed_augment(img, stage_augs, num_bins, a_ops, a_mags, a_signs)
+        if aug_graph.stages:
+            img = ops.keyed_augment(img, aug_graph, a_kinds, a_interps, a_params)
         return img
 
-    def sim_view(img, window, params, sigma):
+    def sim_view(img, window, params, taps):
         # Views 1, 2: crop-resize-flip, jitter (p .8) and grayscale (p .2) in one colour twist,
-        # blur (p .5) for CIFAR.
+        # PIL's Gaussian blur (p .5) for CIFAR.
         img = ops.colour(ops.crop_resize(img, window, size), params)
         if recipe == "cifar":
-            img = ops.blur(img, sigma)
+            img = ops.blur(img, taps)
         return img
 
     def foreground_view():
         fg = ops.decode(fg_data, recipe, device)
         if not augment:
             return ops.resize_full(fg, size)
-        return classification_view(fg, fg_crops[0], fg_flips[0], fg_col[0], fg_ops, fg_mags, fg_signs)
+        return classification_view(fg, fg_crops[0], fg_flips[0], fg_col[0], fg_kinds, fg_interps, fg_params)
 
     bg = ops.decode(bg_data, recipe, device)
     if augment:
-        v0 = classification_view(bg, crops[0], flips[0], col[0], aug_ops, aug_mags, aug_signs)
-        v1 = sim_view(bg, crops[1], col[1], blur_sigma[1])
-        v2 = sim_view(bg, crops[2], col[2], blur_sigma[2])
+        v0 = classification_view(bg, crops[0], flips[0], col[0], aug_kinds, aug_interps, aug_params)
+        v1 = sim_view(bg, crops[1], col[1], blur_taps[1])
+        v2 = sim_view(bg, crops[2], col[2], blur_taps[2])
     else:
         # Deterministic test mode: every view is the whole image resized to size × size.
         v0 = v1 = v2 = ops.resize_full(bg, size)
@@ -135,8 +136,9 @@ class DaliTrainPipeline(DaliPipelineBase):
         self.py_workers = max(1, int(spec.extra.get("py_num_workers", default_readers)))
         self.prefetch = int(spec.extra.get("prefetch_queue_depth", 2))
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
-        self.tables, self.stage_augs, self.num_bins = ops.augment_tables(spec.recipe, spec.image_size,
-                                                                         spec.augment and spec.randaugment)
+        self.tables, self.aug_graph = ops.augment_tables(
+            spec.recipe, spec.image_size, spec.augment and spec.randaugment, n=spec.randaugment_n,
+            m=spec.randaugment_m, mstd=spec.randaugment_mstd, mean=spec.mean)
         self.builds = 0  # DALI pipelines built so far (one per run, plus one per resume/jump or recovery)
         self.dtype, memory_format = image_layout(spec)
         self.channels_last = memory_format == torch.channels_last
@@ -161,7 +163,7 @@ class DaliTrainPipeline(DaliPipelineBase):
     def _make(self, cfg, gpu: bool, start: str):
         s = self.spec
         pipe = _train_graph(BackgroundSource(cfg), ForegroundSource(cfg), recipe=s.recipe, size=s.image_size,
-                            augment=s.augment, stage_augs=self.stage_augs, num_bins=self.num_bins, mean=list(s.mean),
+                            augment=s.augment, aug_graph=self.aug_graph, mean=list(s.mean),
                             std=list(s.std), device="gpu" if gpu else "cpu",
                             with_foreground=self.with_foreground,
                             layout="HWC" if self.channels_last else "CHW", half=self.dtype == torch.float16,

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 from fastlt.errors import ConfigError
 from fastlt.typed_config import one_of, positive
 
+from .randaugment import check_randaugment
+
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGE_DTYPES", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN",
            "INAT_STD", "MEMORY_FORMATS", "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
            "ValPipelineSpec", "check_extra", "normalization", "train_spec", "val_spec"]
@@ -118,7 +120,16 @@ class TrainPipelineSpec:
     augment: bool = True
     """False is the deterministic test mode: resize only, no random crop/flip/colour."""
     randaugment: bool = True
-    """RandAugment n=2 m=10 on view 0 (imagenet recipe)."""
+    """View 0's automatic augmentation: timm RandAugment (imagenet recipe; ``randaugment_*``
+    below) or the reference's CIFAR10Policy (cifar recipe). False: none."""
+    randaugment_n: int = 2
+    """RandAugment ops per image (timm's ``n``; the reference's ``--randaug_n``), imagenet recipe."""
+    randaugment_m: int = 10
+    """RandAugment magnitude on timm's 0–10 scale (10 = full strength: rotate ±30°, shear ±0.3,
+    translate ±45 %; the reference's ``--randaug_m``), imagenet recipe."""
+    randaugment_mstd: float = 0.5
+    """Standard deviation of the per-op magnitude noise, N(m, mstd) clipped to [0, 10]
+    (timm's ``mstd``; > 100 means uniform in [0, m]), imagenet recipe."""
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
     num_workers: int = 2
@@ -149,6 +160,7 @@ class TrainPipelineSpec:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
         if not 0.0 <= self.cutmix_prob <= 1.0:
             raise ValueError(f"cutmix_prob must be in [0, 1]; got {self.cutmix_prob}")
+        check_randaugment(self.randaugment_n, self.randaugment_m, self.randaugment_mstd)
 
 
 @dataclass(kw_only=True)
@@ -180,7 +192,8 @@ def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int 
         dataset=dataset, recipe=d.augment_recipe, image_size=d.image_size, batch_size=batch_size,
         background_sampler=d.background_sampler, foreground_sampler=d.foreground_sampler, seed=cfg.run.seed,
         rank=rank, world_size=world_size, cutmix_prob=m.cutmix_prob, cutmix_per_sample=m.cutmix_per_sample,
-        cutmix_alpha=m.cutmix_alpha, randaugment=d.randaugment, mean=mean, std=std,
+        cutmix_alpha=m.cutmix_alpha, randaugment=d.randaugment, randaugment_n=d.randaugment_n,
+        randaugment_m=d.randaugment_m, randaugment_mstd=d.randaugment_mstd, mean=mean, std=std,
         num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error, extra=dict(cfg.pipeline.extra))
 
 

@@ -61,7 +61,10 @@ class _StepDataset(Dataset):
         self.bg, self.fg = plan.epoch_indices(epoch)
         self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
         self.view0, self.sim = train_view_transforms(spec.recipe, spec.image_size, spec.mean, spec.std,
-                                                     augment=spec.augment, randaugment=spec.randaugment)
+                                                     augment=spec.augment, randaugment=spec.randaugment,
+                                                     randaugment_n=spec.randaugment_n,
+                                                     randaugment_m=spec.randaugment_m,
+                                                     randaugment_mstd=spec.randaugment_mstd)
         self.load = image_loader(spec.dataset, spec.recipe)
         self.substitutes = Substitutes(self.labels)
         self.with_foreground = bool(spec.extra.get("with_foreground", False))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastlt.errors import ConfigError
+from fastlt.pipelines.randaugment import check_randaugment
 from fastlt.pipelines.spec import NORMALIZATIONS, ON_ERROR, RECIPES
 from fastlt.sampling import SAMPLER_KINDS
 from fastlt.typed_config import one_of, positive
@@ -103,7 +104,15 @@ class DataConfig:
     foreground_sampler: str = "balanced"
     """Foreground (patch) stream: balanced, reverse, uniform or sqrt."""
     randaugment: bool = True
-    """RandAugment n=2 m=10 on the classification view (imagenet recipe)."""
+    """The classification view's automatic augmentation: timm's RandAugment with the reference's
+    'rand-n2-m10-mstd0.5' (imagenet recipe) or the reference's CIFAR10Policy (cifar recipe)."""
+    randaugment_n: int = 2
+    """RandAugment ops per image (the reference's --randaug_n)."""
+    randaugment_m: int = 10
+    """RandAugment magnitude on timm's 0–10 scale; 10 is full strength (rotate ±30°, shear ±0.3,
+    translate ±45 %), the reference's --randaug_m."""
+    randaugment_mstd: float = 0.5
+    """Standard deviation of the per-op magnitude, N(m, mstd) clipped to [0, 10] (timm's mstd)."""
     on_error: str = "raise"
     """A missing or corrupt image: raise (name the file) or skip (use another image of its class)."""
 
@@ -124,6 +133,10 @@ class DataConfig:
             raise ConfigError(f"data.imb_factor: must be in (0, 1] (n_min / n_max); got {self.imb_factor!r}")
         if self.image_size < 8:
             raise ConfigError(f"data.image_size: must be >= 8; got {self.image_size!r}")
+        try:
+            check_randaugment(self.randaugment_n, self.randaugment_m, self.randaugment_mstd)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
         positive("data.batch_size", self.batch_size)
         positive("data.eval_batch_size", self.eval_batch_size)
         if self.kind == "list":

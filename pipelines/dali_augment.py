@@ -1,0 +1,235 @@
+"""DALI operators for the augmentation stages of ``augment_stages`` (ARCHITECTURE §1 "Views":
+timm's RandAugment on the classification view, the reference's CIFAR10Policy, and PIL's
+GaussianBlur on the CIFAR sim views), written to give PIL's pixels.
+
+Every stage's op and arguments come per sample from the keyed source; :func:`apply_stages`
+dispatches on the stage kind with DALI conditionals, so each op only runs on the samples that
+drew it. Must be called inside ``@pipeline_def(enable_conditionals=True)``; input and output
+are uint8 HWC images of one size. Only device-agnostic operators are used (arithmetic, slices,
+reductions, ``warp_perspective``, ``equalize``): on the GPU the per-sample numbers stay host
+tensors, which DALI's arithmetic copies over. That path is not run without a GPU.
+
+How each op meets PIL (tolerances asserted in ``tests/test_augment_parity.py``, on decoded
+JPEGs; grey levels):
+
+- point ops (Invert, Solarize, SolarizeAdd, Posterize): integer arithmetic: identical;
+- Brightness, Color, Contrast, Sharpness: PIL's blend ``deg + f·(img − deg)`` with a float32
+  factor, truncated, and PIL's degenerate images (ITU-R 601 luma in PIL's 16-bit fixed point;
+  the mean luma rounded as ``ImageStat`` does; the SMOOTH 3×3 filter, border pixels kept):
+  identical in every case measured;
+- AutoContrast: per-channel min/max and PIL's float64 LUT formula: identical;
+- Equalize: DALI has no histogram or per-sample gather on the CPU (with dense 256-level
+  comparisons an exact version cost ~80 ms per 224² image there) and its ``fn.equalize`` is
+  OpenCV's rule, 2–5 levels from PIL's on average; :func:`_equalize` recovers PIL's LUT from
+  ``fn.equalize`` of the mirrored image: |Δ| ≤ 1 (about a third of the pixels one level off);
+- affine ops: ``warp_perspective`` in PIL's pixel-centre convention on float pixels, edges
+  replicated, points outside the input filled (decided in float64 by PIL's expression),
+  truncated like PIL. Bilinear: |Δ| ≤ 1 (float32 against PIL's double at the truncation, a
+  few % of the pixels). Nearest: identical for translations; rotations differ on ~0.1 % of
+  the pixels, where PIL's 16.16 fixed point picks the neighbour. Bicubic: DALI's is OpenCV's
+  (a = −0.75), PIL's transform uses a = −1: mean |Δ| ≈ 0.3, max ≈ 8 near sharp edges;
+- Gaussian blur: PIL's own algorithm — three passes of its extended box filter (fixed-point
+  weights computed by the source, ``dali_sources.pil_blur_taps``) horizontally, then three
+  vertically, edges repeated, rounded between passes, in integer arithmetic: identical.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from nvidia.dali import fn, math as dmath, types
+
+from . import augment_stages as st
+
+__all__ = ["apply_stages", "pil_gaussian_blur"]
+
+def _to_u8(v):
+    """PIL's float -> uint8: truncate, clip to [0, 255] (``fn.cast`` saturates).
+
+    DALI does not fuse arithmetic: every operator below is one pass over the image, so the
+    ops are written with as few of them as PIL's formulas allow."""
+    return fn.cast(dmath.floor(v), dtype=types.UINT8)
+
+
+def _int(img):
+    return fn.cast(img, dtype=types.INT32)
+
+
+def _point(img, p):
+    x = _int(img)
+    t, add, inv, keep = (fn.cast(p[i], dtype=types.INT32) for i in range(4))
+    low = dmath.min(x + add, 255)
+    high = x + inv * (255 - 2 * x)
+    return fn.cast((high + (x < t) * (low - high)) & keep, dtype=types.UINT8)
+
+
+def _warp(img, matrix, interp, border: str, fill=None):
+    kw = {} if fill is None else {"fill_value": [float(f) for f in fill]}
+    return fn.experimental.warp_perspective(img, matrix=matrix, interp_type=interp, border_mode=border, **kw)
+
+
+def _inside(p, size: int):
+    """1 where the output pixel centre maps into the input, uint8 (size, size, 1): PIL's test
+    ``0 <= x < w`` on the float64 point ``(a·x + b·y) + c`` of its ``affine_transform``, in the
+    same order (the x and y terms are a row and a column, broadcast in one pass)."""
+    centre = np.arange(size, dtype=np.float64) + 0.5
+    x = types.Constant(centre.reshape(1, size, 1))
+    y = types.Constant(centre.reshape(size, 1, 1))
+    sx = (p[0] * x + p[1] * y) + p[2]
+    sy = (p[3] * x + p[4] * y) + p[5]
+    return fn.cast((sx >= 0.0) & (sx < float(size)) & (sy >= 0.0) & (sy < float(size)), dtype=types.UINT8)
+
+
+def _affine(img, interp, p, fill, size: int):
+    matrix = fn.cast(fn.reshape(p, shape=[3, 3]), dtype=types.FLOAT)
+    if interp == st.INTERP_NEAREST:
+        out = _warp(img, matrix, types.INTERP_NN, "constant", fill)
+    else:
+        # Resample with the edge replicated (PIL clamps the taps of a point inside the image),
+        # then fill where the point itself falls outside, decided exactly as PIL does.
+        x = fn.cast(img, dtype=types.FLOAT)
+        if interp == st.INTERP_BICUBIC:
+            v = _warp(x, matrix, types.INTERP_CUBIC, "replicate")
+        else:
+            v = _warp(x, matrix, types.INTERP_LINEAR, "replicate")
+        inside = _inside(p, size)
+        colour = types.Constant(np.asarray(fill, np.float32))
+        out = _to_u8(v * inside + colour * (1 - inside))
+    return out
+
+
+def _blend(degenerate, img, factor):
+    """PIL's ``Image.blend(degenerate, img, factor)``: deg + factor·(img − deg) with a float32
+    factor and float32 arithmetic, as PIL's C code, truncated. ``degenerate`` None is black."""
+    factor = fn.cast(factor, dtype=types.FLOAT)
+    if degenerate is None:
+        return _to_u8(factor * img)
+    return _to_u8(degenerate + factor * (img - degenerate))
+
+
+def _luma(x):
+    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16, as int32 (H, W, 1)."""
+    return (x[:, :, 0:1] * 19595 + x[:, :, 1:2] * 38470 + x[:, :, 2:3] * 7471 + 32768) // 65536
+
+
+def _contrast_degenerate(x):
+    luma = _luma(x)
+    total = fn.cast(fn.reductions.sum(luma, dtype=types.INT64), dtype=types.FLOAT64)
+    count = fn.cast(luma.shape(dtype=types.INT64)[0] * luma.shape(dtype=types.INT64)[1],
+                    dtype=types.FLOAT64)
+    return fn.cast(dmath.floor(total / count + 0.5), dtype=types.INT32)
+
+
+def _sharpness_degenerate(x):
+    """PIL's ``ImageFilter.SMOOTH`` (3×3, centre 5, others 1, /13) of int32 ``x``: inner pixels
+    get round(S / 13) — PIL's float sum can never sit near .5 because S / 13 has a fraction
+    k/13 — and the 1-pixel border is left as is, as PIL's 3×3 filter does."""
+    core = None
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            tap = x[dy:dy - 2 if dy < 2 else None, dx:dx - 2 if dx < 2 else None, :]
+            tap = tap * 5 if (dy, dx) == (1, 1) else tap
+            core = tap if core is None else core + tap
+    change = (2 * core + 13) // 26 - x[1:-1, 1:-1, :]
+    return x + fn.slice(change, start=[-1, -1], shape=x.shape(dtype=types.INT32)[0:2], axes=[0, 1],
+                        out_of_bounds_policy="pad", fill_values=0)
+
+
+def _autocontrast(img):
+    """PIL's ``ImageOps.autocontrast``: per channel ⌊i·scale + offset⌋ in float64 with
+    scale = 255/(hi − lo), offset = −lo·scale; a channel of one grey level stays as it is
+    (scale 1, offset 0, folded into the (3,) coefficients)."""
+    lo = fn.cast(fn.reductions.min(img, axes=[0, 1]), dtype=types.FLOAT64)
+    hi = fn.cast(fn.reductions.max(img, axes=[0, 1]), dtype=types.FLOAT64)
+    flat = hi <= lo
+    scale = 255.0 / dmath.max(hi - lo, 1.0)
+    scale = scale + flat * (1.0 - scale)
+    offset = (flat == 0) * (-lo * scale)
+    return _to_u8(img * scale + offset)
+
+
+def _equalize(img):
+    """PIL's ``ImageOps.equalize`` per channel, to |Δ| ≤ 1.
+
+    PIL maps level i to ⌊(c + s//2) / s⌋ (at most 255), with c the count of pixels below i,
+    N' the count below the top level and s = N' // 255 (s = 0 or a single level: unchanged).
+    DALI's ``fn.equalize`` (OpenCV's rule) on the mirrored image 255 − x returns
+    255 − round(255·(N' − c)/N'), i.e. c ≈ v·N'/255 within ±N'/510 ≈ ±s/2 for the returned v;
+    PIL's formula on that c is one level off where c sat within s/2 of a step."""
+    white = types.Constant(255, dtype=types.UINT8)
+    v = white - fn.equalize(white - img)
+    hi = fn.reductions.max(img, axes=[0, 1])
+    lo = fn.reductions.min(img, axes=[0, 1])
+    top = fn.reductions.sum(fn.cast(img == hi, dtype=types.UINT8), axes=[0, 1])
+    shape = img.shape(dtype=types.INT64)
+    below = shape[0] * shape[1] - fn.cast(top, dtype=types.INT64)
+    step = below // 255
+    keep = (step == 0) | (hi == lo)
+    # Per channel (3,): out = ⌊v·gain + bias⌋, or x where PIL leaves the channel unchanged.
+    divisor = fn.cast(dmath.max(step, 1), dtype=types.FLOAT64)
+    gain = (keep == 0) * fn.cast(below, dtype=types.FLOAT64) / (255.0 * divisor)
+    bias = (keep == 0) * fn.cast(step // 2, dtype=types.FLOAT64) / divisor
+    return _to_u8(v * gain + (img * keep + bias))
+
+
+def _stage(img, kind, interp, p, fill, size):
+    if kind == st.KIND_AFFINE:
+        img = _affine(img, interp, p, fill, size)
+    elif kind == st.KIND_POINT:
+        img = _point(img, p)
+    elif kind == st.KIND_BRIGHTNESS:
+        img = _blend(None, img, p[0])
+    elif kind == st.KIND_COLOR:
+        img = _blend(_luma(_int(img)), img, p[0])
+    elif kind == st.KIND_CONTRAST:
+        img = _blend(_contrast_degenerate(_int(img)), img, p[0])
+    elif kind == st.KIND_SHARPNESS:
+        img = _blend(_sharpness_degenerate(_int(img)), img, p[0])
+    elif kind == st.KIND_AUTOCONTRAST:
+        img = _autocontrast(img)
+    elif kind == st.KIND_EQUALIZE:
+        img = _equalize(img)
+    return img
+
+
+def apply_stages(img, kinds, interps, params, *, stages: int, fill: Sequence[int], size: int):
+    """Apply ``stages`` keyed stages (kinds (S,), interps (S,), params (S, NUM_PARAMS) float64
+    per sample, from the source) in order to size × size images; ``fill`` is the geometric fill
+    colour (0–255 per channel)."""
+    for s in range(stages):
+        img = _stage(img, kinds[s], interps[s], params[s], fill, size)
+    return img
+
+
+def _shifted(x, d: int, axis: int):
+    """``x`` moved by ``d`` pixels along ``axis`` with the edge repeated: out[i] = x[clamp(i + d)]."""
+    sl = [slice(None)] * 3
+
+    def part(a, b):
+        sl[axis] = slice(a, b)
+        return x[tuple(sl)]
+
+    if d > 0:
+        return fn.cat(part(d, None), *([part(-1, None)] * d), axis=axis)
+    return fn.cat(*([part(0, 1)] * -d), part(0, d), axis=axis)
+
+
+def _box_pass(x, taps, axis: int):
+    """One pass of PIL's extended box filter: Σ_d taps[d]·x[i + d] in 2^-24 fixed point, rounded
+    half up (``(acc + 2^23) >> 24``), taps for d = −2 … 2, edges repeated."""
+    acc = taps[2] * x
+    for d in (-2, -1, 1, 2):
+        acc = acc + taps[d + 2] * _shifted(x, d, axis)
+    return (acc + (1 << 23)) // (1 << 24)
+
+
+def pil_gaussian_blur(img, taps):
+    """PIL's ``GaussianBlur``: ``taps`` (5,) int64 per sample is one pass of PIL's extended box
+    filter in 2^-24 units (all zero: no blur; ``dali_sources.pil_blur_taps``); three horizontal
+    passes, then three vertical, in exact integer arithmetic as PIL's ``BoxBlur.c``."""
+    if taps[2] > 0:
+        x = fn.cast(img, dtype=types.INT64)
+        for axis in (1, 1, 1, 0, 0, 0):
+            x = _box_pass(x, taps, axis)
+        img = fn.cast(x, dtype=types.UINT8)
+    return img
