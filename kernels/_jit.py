@@ -6,23 +6,50 @@ decorated when ``triton.language`` was first imported. If the variable changed i
 a kernel decorated by ``triton.jit`` would run in one mode and call library functions built
 for the other, and fail with an obscure error. :func:`jit` follows the library's mode, and
 ``fastlt.kernels.dispatch`` refuses CPU tensors unless that mode is the interpreter.
+
+While a ``torch.profiler`` window is open, every launch of a fastlt kernel is recorded as a
+``triton::<kernel name>`` range, so that profiler traces (and
+``fastlt.kernels.testing.count_launches``) see the launches on the CPU too, where the
+interpreter runs them; outside a profiler window the launch path is unchanged but for one
+flag test.
 """
 from __future__ import annotations
 
+import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from .dispatch import interpreter_active
 
-__all__ = ["jit", "INTERPRETED"]
+__all__ = ["jit", "INTERPRETED", "LAUNCH_RANGE_PREFIX"]
 
 INTERPRETED = interpreter_active()
+LAUNCH_RANGE_PREFIX = "triton::"
+
+
+class _RecordedLaunch:
+    """Mixin for the two triton function classes: a profiler range around each launch."""
+
+    def run(self, *args, **kwargs):
+        # A module-level bool of torch's profiler: cheap enough for every launch.
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.profiler.record_function(LAUNCH_RANGE_PREFIX + self.__name__):
+                return super().run(*args, **kwargs)
+        return super().run(*args, **kwargs)
+
+
+class _Interpreted(_RecordedLaunch, InterpretedFunction):
+    pass
+
+
+class _Compiled(_RecordedLaunch, JITFunction):
+    pass
 
 
 def jit(fn):
     """``triton.jit`` in the mode triton's standard library was built for."""
-    return InterpretedFunction(fn) if INTERPRETED else JITFunction(fn)
+    return _Interpreted(fn) if INTERPRETED else _Compiled(fn)
 
 
 def cdiv(a: int, b: int) -> int:
