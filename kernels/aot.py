@@ -54,9 +54,12 @@ def kernel_configs():
         for softmax in (False, True):
             for dense, compact in ((True, False), (False, True)):
                 types = dict(s_ptr="*fp32", out_ptr="*fp32", la_ptr="*i64", lb_ptr="*i64", lam_ptr="*fp32",
-                             counts_ptr="*i64", idx_ptr="*i64", w_ptr="*fp32", gamma_ptr="*fp32", C="i32",
-                             K="i32", stride_sb="i32", stride_ob="i32", omega="fp32", inv_temp="fp32")
-                consts = dict(SOFTMAX=softmax, WRITE_DENSE=dense, WRITE_COMPACT=compact,
+                             counts_ptr="*i64", logsum_ptr="*fp64", idx_ptr="*i64", w_ptr="*fp32",
+                             gamma_ptr="*fp32", C="i32", K="i32", stride_sb="i32", stride_ob="i32", omega="fp32",
+                             inv_temp="fp32")
+                # Σ log N precomputed in the dense variants, summed per row in the compact ones,
+                # so that both branches are compiled.
+                consts = dict(SOFTMAX=softmax, WRITE_DENSE=dense, WRITE_COMPACT=compact, HAS_LOG_SUM=dense,
                               **{k: v for k, v in cfg.items() if k.isupper()})
                 out.append((f"select C={c} softmax={softmax} dense={dense}", r._select_kernel, types, consts,
                             dict(num_warps=cfg["num_warps"])))

@@ -105,10 +105,11 @@ def _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, S
 
 
 @jit
-def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
+def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, logsum_ptr,
                    idx_ptr, w_ptr, gamma_ptr,
                    C, K, stride_sb, stride_ob, omega, inv_temp,
                    SOFTMAX: tl.constexpr, WRITE_DENSE: tl.constexpr, WRITE_COMPACT: tl.constexpr,
+                   HAS_LOG_SUM: tl.constexpr,
                    BLOCK_C: tl.constexpr, NUM_TILES: tl.constexpr, BLOCK_P: tl.constexpr,
                    NUM_P_TILES: tl.constexpr):
     """Top-K (lower index wins ties), normalisation, γ and the blend, one row per program.
@@ -116,10 +117,11 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
     Pointers: s_ptr (B, C) fp32 similarities (may alias out_ptr: every tile is read before it
     is overwritten in the last pass); out_ptr (B, C) fp32 dense ŷ (used if WRITE_DENSE);
     la_ptr, lb_ptr (B,) int64 label_a / label_b; lam_ptr (B,) fp32 λ; counts_ptr (C,) N_j,
-    int32/int64/fp32/fp64; idx_ptr (B, K) int64, w_ptr (B, K) fp32, gamma_ptr (B,) fp32: the
+    int32/int64/fp32/fp64; logsum_ptr (1,) fp64 Σ log N_i (read if HAS_LOG_SUM); idx_ptr (B, K) int64, w_ptr (B, K) fp32, gamma_ptr (B,) fp32: the
     compact label (used if WRITE_COMPACT). Scalars: C, K (1 ≤ K ≤ C); stride_sb, stride_ob the
     row strides (unit stride along C); omega = ω; inv_temp = 1/T.
-    Constexprs: SOFTMAX (else L1); WRITE_DENSE, WRITE_COMPACT; BLOCK_C, the tile of a row in
+    Constexprs: SOFTMAX (else L1); WRITE_DENSE, WRITE_COMPACT; HAS_LOG_SUM (else each row sums
+    the C logs itself); BLOCK_C, the tile of a row in
     the threshold search; NUM_TILES = ⌈C / BLOCK_C⌉ (1: the row is searched in registers);
     BLOCK_P, NUM_P_TILES, the same for the passes after the search.
     """
@@ -193,15 +195,18 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr,
         keep, v, ties_before = _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX)
         total += tl.sum(tl.where(keep, v, 0.0), axis=0)
 
-    # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Every row sums
-    # the C logs itself: C loads and logs per row cost less than the extra launches of
-    # computing the sum beforehand. Labels outside [0, C) are not read (masked loads); they
-    # make γ NaN, which poisons the row visibly.
-    log_sum = tl.zeros([], dtype=tl.float64)
-    for t in range(NUM_P_TILES):
-        cols = t * BLOCK_P + offs_p
-        n = tl.load(counts_ptr + cols, mask=cols < C, other=1).to(tl.float64)
-        log_sum += tl.sum(tl.log(n), axis=0)
+    # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Σ log N_i is
+    # computed once per run by the caller (fastlt.labels.sum_log_counts); without it every row
+    # sums the C logs itself. Labels outside [0, C) are not read (masked loads); they make γ
+    # NaN, which poisons the row visibly.
+    if HAS_LOG_SUM:
+        log_sum = tl.load(logsum_ptr).to(tl.float64)
+    else:
+        log_sum = tl.zeros([], dtype=tl.float64)
+        for t in range(NUM_P_TILES):
+            cols = t * BLOCK_P + offs_p
+            n = tl.load(counts_ptr + cols, mask=cols < C, other=1).to(tl.float64)
+            log_sum += tl.sum(tl.log(n), axis=0)
     a = tl.load(la_ptr + row)
     b = tl.load(lb_ptr + row)
     lam = tl.load(lam_ptr + row)
@@ -272,9 +277,10 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
     return INTERPRETED and dtype == torch.bfloat16
 
 
-def _prepare(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature):
+def _prepare(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature, log_count_sum):
     class_counts = torch.as_tensor(class_counts, device=z.device)
-    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
+    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature,
+                          log_count_sum)
     if z.device != centers.device:
         raise ValueError(f"rectify_labels: z is on {z.device} but centers are on {centers.device}")
     for name, t in (("z", z), ("centers", centers)):
@@ -299,12 +305,14 @@ def _prepare(z, centers, label_a, label_b, lam, class_counts, topk, normalize, t
     if counts.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
         counts = counts.double()
     counts = counts.contiguous()
+    if log_count_sum is not None:  # a no-op for the float64 device tensor of sum_log_counts
+        log_count_sum = torch.as_tensor(log_count_sum, dtype=torch.float64, device=z.device).reshape(1)
     return (z, centers, label_a.to(z.device, torch.int64).contiguous(), label_b.to(z.device, torch.int64).contiguous(),
-            lam.to(z.device, torch.float32).contiguous(), counts)
+            lam.to(z.device, torch.float32).contiguous(), counts, log_count_sum)
 
 
-def _launch(z, centers, label_a, label_b, lam, counts, omega, k, softmax, temperature, write_dense, write_compact,
-            block_c_select=None):
+def _launch(z, centers, label_a, label_b, lam, counts, log_sum, omega, k, softmax, temperature, write_dense,
+            write_compact, block_c_select=None):
     b, d = z.shape
     c = centers.shape[0]
     out = torch.empty(b, c, device=z.device, dtype=torch.float32)
@@ -319,36 +327,38 @@ def _launch(z, centers, label_a, label_b, lam, counts, omega, k, softmax, temper
                              centers.stride(1), out.stride(0), MIN_SQ=_MIN_SQ_DIST,
                              INPUT_PRECISION=_fp32_input_precision(), UPCAST_DOT=_upcast_dot(z.dtype), **sim_cfg)
     sel_cfg = _select_config(c, block_c_select)
-    _select_kernel[(b,)](out, out, label_a, label_b, lam, counts, idx, w, gamma, c, k, out.stride(0),
-                         out.stride(0), omega, 1.0 / temperature, SOFTMAX=softmax, WRITE_DENSE=write_dense,
-                         WRITE_COMPACT=write_compact, **sel_cfg)
+    _select_kernel[(b,)](out, out, label_a, label_b, lam, counts, log_sum if log_sum is not None else counts, idx, w,
+                         gamma, c, k, out.stride(0), out.stride(0), omega, 1.0 / temperature, SOFTMAX=softmax,
+                         WRITE_DENSE=write_dense, WRITE_COMPACT=write_compact, HAS_LOG_SUM=log_sum is not None,
+                         **sel_cfg)
     return out, idx, w, gamma
 
 
 @torch.library.custom_op("fastlt::rectify_labels", mutates_args=())
 def _rectify_op(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, counts: Tensor,
-                topk: int, omega: float, softmax: bool, temperature: float, block_c_select: int) -> Tensor:
-    out, _, _, _ = _launch(z, centers, label_a, label_b, lam, counts, omega, topk, softmax, temperature,
+                log_sum: Tensor | None, topk: int, omega: float, softmax: bool, temperature: float,
+                block_c_select: int) -> Tensor:
+    out, _, _, _ = _launch(z, centers, label_a, label_b, lam, counts, log_sum, omega, topk, softmax, temperature,
                            True, False, block_c_select or None)
     return out
 
 
 @_rectify_op.register_fake
-def _(z, centers, label_a, label_b, lam, counts, topk, omega, softmax, temperature, block_c_select):
+def _(z, centers, label_a, label_b, lam, counts, log_sum, topk, omega, softmax, temperature, block_c_select):
     return z.new_empty((z.shape[0], centers.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlt::rectify_labels_compact", mutates_args=())
 def _rectify_compact_op(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
-                        counts: Tensor, topk: int, omega: float, softmax: bool, temperature: float,
-                        block_c_select: int) -> tuple[Tensor, Tensor, Tensor]:
-    _, idx, w, gamma = _launch(z, centers, label_a, label_b, lam, counts, omega, topk, softmax, temperature,
+                        counts: Tensor, log_sum: Tensor | None, topk: int, omega: float, softmax: bool,
+                        temperature: float, block_c_select: int) -> tuple[Tensor, Tensor, Tensor]:
+    _, idx, w, gamma = _launch(z, centers, label_a, label_b, lam, counts, log_sum, omega, topk, softmax, temperature,
                                False, True, block_c_select or None)
     return idx, w, gamma
 
 
 @_rectify_compact_op.register_fake
-def _(z, centers, label_a, label_b, lam, counts, topk, omega, softmax, temperature, block_c_select):
+def _(z, centers, label_a, label_b, lam, counts, log_sum, topk, omega, softmax, temperature, block_c_select):
     b = z.shape[0]
     return (z.new_empty((b, topk), dtype=torch.int64), z.new_empty((b, topk), dtype=torch.float32),
             z.new_empty((b,), dtype=torch.float32))
@@ -356,32 +366,35 @@ def _(z, centers, label_a, label_b, lam, counts, topk, omega, softmax, temperatu
 
 def rectify_labels_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                           class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
-                          temperature: float = 1.0, _block_c_select: int | None = None) -> Tensor:
+                          temperature: float = 1.0, log_count_sum: Tensor | float | None = None,
+                          _block_c_select: int | None = None) -> Tensor:
     """Dense (B, C) float32 ŷ from the fused kernels; same contract as ``reference_rectify_labels``.
 
-    ``_block_c_select`` (tests only) forces the row tile of the selection kernel, to exercise
-    rows spanning several tiles at small C.
+    ``log_count_sum``: Σ log N_i (``fastlt.labels.sum_log_counts``), computed once per run;
+    None: every row of the selection kernel sums the C logs itself. ``_block_c_select`` (tests
+    only) forces the row tile of the selection kernel, to exercise rows spanning several tiles
+    at small C.
     """
-    z, centers, label_a, label_b, lam, counts = _prepare(z, centers, label_a, label_b, lam, class_counts, topk,
-                                                         normalize, temperature)
+    z, centers, label_a, label_b, lam, counts, log_sum = _prepare(z, centers, label_a, label_b, lam, class_counts,
+                                                                  topk, normalize, temperature, log_count_sum)
     k = min(topk, centers.shape[0])
     if torch.compiler.is_compiling():
-        return _rectify_op(z, centers, label_a, label_b, lam, counts, k, float(omega), normalize == "softmax",
-                           float(temperature), int(_block_c_select or 0))
-    return _launch(z, centers, label_a, label_b, lam, counts, float(omega), k, normalize == "softmax",
+        return _rectify_op(z, centers, label_a, label_b, lam, counts, log_sum, k, float(omega),
+                           normalize == "softmax", float(temperature), int(_block_c_select or 0))
+    return _launch(z, centers, label_a, label_b, lam, counts, log_sum, float(omega), k, normalize == "softmax",
                    float(temperature), True, False, _block_c_select)[0]
 
 
 def rectify_labels_compact_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                                   class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
-                                  temperature: float = 1.0,
+                                  temperature: float = 1.0, log_count_sum: Tensor | float | None = None,
                                   _block_c_select: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(indices (B, K') int64 ascending, weights ŝ (B, K') fp32, γ (B,) fp32) with K' = min(K, C)."""
-    z, centers, label_a, label_b, lam, counts = _prepare(z, centers, label_a, label_b, lam, class_counts, topk,
-                                                         normalize, temperature)
+    z, centers, label_a, label_b, lam, counts, log_sum = _prepare(z, centers, label_a, label_b, lam, class_counts,
+                                                                  topk, normalize, temperature, log_count_sum)
     k = min(topk, centers.shape[0])
     if torch.compiler.is_compiling():
-        return _rectify_compact_op(z, centers, label_a, label_b, lam, counts, k, float(omega),
+        return _rectify_compact_op(z, centers, label_a, label_b, lam, counts, log_sum, k, float(omega),
                                    normalize == "softmax", float(temperature), int(_block_c_select or 0))
-    return _launch(z, centers, label_a, label_b, lam, counts, float(omega), k, normalize == "softmax",
+    return _launch(z, centers, label_a, label_b, lam, counts, log_sum, float(omega), k, normalize == "softmax",
                    float(temperature), False, True, _block_c_select)[1:]
