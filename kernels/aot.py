@@ -34,6 +34,7 @@ def _signature(kernel, types: dict, constexprs: dict) -> dict:
 def kernel_configs():
     """(label, kernel, types, constexprs, options) for each compiled variant."""
     from . import rectify as r
+    from . import select as sel
     from . import soft_ce as s
 
     out = []
@@ -50,7 +51,7 @@ def kernel_configs():
                 opts = {k: v for k, v in cfg.items() if not k.isupper()}
                 out.append((f"similarity {t} B={b} {precision}", r._similarity_kernel, types, consts, opts))
     for c in (1000, 8142, 20000):  # ImageNet-LT, iNaturalist (one register tile), streamed tiles
-        cfg = r._select_config(c, None)
+        cfg = sel.select_config(c, None)
         for softmax in (False, True):
             for dense, compact in ((True, False), (False, True)):
                 types = dict(s_ptr="*fp32", out_ptr="*fp32", la_ptr="*i64", lb_ptr="*i64", lam_ptr="*fp32",
@@ -61,7 +62,7 @@ def kernel_configs():
                 # so that both branches are compiled.
                 consts = dict(SOFTMAX=softmax, WRITE_DENSE=dense, WRITE_COMPACT=compact, HAS_LOG_SUM=dense,
                               **{k: v for k, v in cfg.items() if k.isupper()})
-                out.append((f"select C={c} softmax={softmax} dense={dense}", r._select_kernel, types, consts,
+                out.append((f"select C={c} softmax={softmax} dense={dense}", sel._select_kernel, types, consts,
                             dict(num_warps=cfg["num_warps"])))
     for c in (1000, 8142):
         row = s._row_config(c)

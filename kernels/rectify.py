@@ -8,17 +8,13 @@ dense output itself, or, for the compact form, a scratch buffer freed on return:
    whatever the input dtype), the squared norms ‖z‖², ‖c_j‖² from the same loaded chunks, and
    writes s = rsqrt(max(‖z‖² + ‖c_j‖² − 2 z·c_j, 1e-12)) (step 1) into the output buffer,
    which serves as scratch.
-2. ``_select_kernel`` — grid (B,). One program per row finds the K-th largest similarity
-   exactly by bisection on the fp32 bit patterns (for s ≥ 0 the int32 view of the bits is
-   monotone in the value), which works for any K ≤ C and any C: a row of up to 8192 classes
-   is searched in registers, longer rows are streamed in BLOCK_C tiles at every step, and K
-   may exceed a tile either way. Ties at the threshold are broken towards the lower
-   class index with a running exclusive prefix count of the tied entries across tiles, the
-   rule of ``fastlt.labels.reference_rectify_labels`` (step 2). It then normalises over the
-   kept entries (L1, or softmax with temperature; step 3), computes γ from the class counts
-   of label_a and label_b (step 4) and writes ŷ = γ·ŝ + (1 − γ)·y with the area label y
-   built from (label_a, label_b, λ) on the fly (step 5). Optionally it also writes the compact
-   label: the K kept class indices (ascending), their weights ŝ and γ.
+2. ``_select_kernel`` (:mod:`fastlt.kernels.select`) — grid (B,). One program per row finds
+   the K-th largest similarity exactly by a radix select on the fp32 bit patterns (four
+   8-bit passes), keeps the K largest with ties to the lower class index (step 2),
+   normalises them (L1, or softmax with temperature; step 3), computes γ from the class
+   counts of label_a and label_b (step 4) and writes ŷ = γ·ŝ + (1 − γ)·y with the area label
+   built on the fly (step 5). Optionally it also writes the compact label: the K kept class
+   indices (ascending), their weights ŝ and γ.
 
 In eager mode the entry points launch the kernels directly (a custom op's Python overhead
 per call is comparable to the kernels' run time at these sizes); under ``torch.compile`` they
@@ -36,11 +32,11 @@ from torch import Tensor
 from fastlt.labels import validate_rectify_args
 
 from ._jit import INTERPRETED, cdiv, jit, next_pow2
+from .select import launch_select
 
 __all__ = ["rectify_labels_compact_triton", "rectify_labels_triton"]
 
 _MIN_SQ_DIST = 1e-12  # same clamp as fastlt.labels (a sample on a center stays finite)
-_INT32_MAX = tl.constexpr(2147483647)
 
 
 @jit
@@ -88,156 +84,6 @@ def _similarity_kernel(z_ptr, c_ptr, s_ptr, B, C, D,
     tl.store(s_ptr + rows[:, None] * stride_sb + cols[None, :], s, mask=rmask[:, None] & cmask[None, :])
 
 
-@jit
-def _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX: tl.constexpr):
-    """One tile of a row: which similarities are kept (above the K-th value, or equal to it and
-    among the first ``need`` such in index order) and their unnormalised weights (s, or
-    exp((s − max)/T) for softmax). Returns (keep, weights, ties seen up to this tile's end)."""
-    s = tl.load(s_row + cols, mask=pmask, other=-1.0)
-    bits = s.to(tl.int32, bitcast=True)
-    tie = (bits == thresh).to(tl.int32)
-    keep = (bits > thresh) | ((tie != 0) & (ties_before + tl.cumsum(tie, axis=0) - tie < need))
-    if SOFTMAX:
-        v = tl.exp((s - s_max) * inv_temp)
-    else:
-        v = s
-    return keep, v, ties_before + tl.sum(tie, axis=0)
-
-
-@jit
-def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, logsum_ptr,
-                   idx_ptr, w_ptr, gamma_ptr,
-                   C, K, stride_sb, stride_ob, omega, inv_temp,
-                   SOFTMAX: tl.constexpr, WRITE_DENSE: tl.constexpr, WRITE_COMPACT: tl.constexpr,
-                   HAS_LOG_SUM: tl.constexpr,
-                   BLOCK_C: tl.constexpr, NUM_TILES: tl.constexpr, BLOCK_P: tl.constexpr,
-                   NUM_P_TILES: tl.constexpr):
-    """Top-K (lower index wins ties), normalisation, γ and the blend, one row per program.
-
-    Pointers: s_ptr (B, C) fp32 similarities (may alias out_ptr: every tile is read before it
-    is overwritten in the last pass); out_ptr (B, C) fp32 dense ŷ (used if WRITE_DENSE);
-    la_ptr, lb_ptr (B,) int64 label_a / label_b; lam_ptr (B,) fp32 λ; counts_ptr (C,) N_j,
-    int32/int64/fp32/fp64; logsum_ptr (1,) fp64 Σ log N_i (read if HAS_LOG_SUM); idx_ptr (B, K) int64, w_ptr (B, K) fp32, gamma_ptr (B,) fp32: the
-    compact label (used if WRITE_COMPACT). Scalars: C, K (1 ≤ K ≤ C); stride_sb, stride_ob the
-    row strides (unit stride along C); omega = ω; inv_temp = 1/T.
-    Constexprs: SOFTMAX (else L1); WRITE_DENSE, WRITE_COMPACT; HAS_LOG_SUM (else each row sums
-    the C logs itself); BLOCK_C, the tile of a row in
-    the threshold search; NUM_TILES = ⌈C / BLOCK_C⌉ (1: the row is searched in registers);
-    BLOCK_P, NUM_P_TILES, the same for the passes after the search.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * stride_sb
-    offs = tl.arange(0, BLOCK_C)
-
-    # Bracket the K-th largest bit pattern: count(bits >= lo) >= K > count(bits >= hi), then
-    # bisect (≤ 31 steps, ~25 for typical rows). Padding loads -1.0, whose bit pattern is a
-    # negative int32, below every similarity.
-    if NUM_TILES == 1:
-        # The row fits one tile (C ≤ 8192 by default): it stays in registers for the search,
-        # whose steps then cost no memory traffic.
-        cmask = offs < C
-        row_bits = tl.load(s_row + offs, mask=cmask, other=-1.0).to(tl.int32, bitcast=True)
-        lo = tl.min(tl.where(cmask, row_bits, _INT32_MAX), axis=0)
-        hi = tl.max(row_bits, axis=0)
-        s_max = hi.to(tl.float32, bitcast=True)  # the row maximum, for a stable softmax
-        hi = hi + 1
-        if K >= C:  # every entry is kept: the threshold is the minimum, no search needed
-            hi = lo + 1
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            take = tl.sum((row_bits >= mid).to(tl.int32), axis=0) >= K
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid)
-    else:
-        # Longer rows are streamed tile by tile at every step.
-        lo = _INT32_MAX
-        hi = -1
-        for t in range(NUM_TILES):
-            cols = t * BLOCK_C + offs
-            cmask = cols < C
-            bits = tl.load(s_row + cols, mask=cmask, other=-1.0).to(tl.int32, bitcast=True)
-            lo = tl.minimum(lo, tl.min(tl.where(cmask, bits, _INT32_MAX), axis=0))
-            hi = tl.maximum(hi, tl.max(bits, axis=0))
-        s_max = hi.to(tl.float32, bitcast=True)
-        hi = hi + 1
-        if K >= C:
-            hi = lo + 1
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            count = 0
-            for t in range(NUM_TILES):
-                cols = t * BLOCK_C + offs
-                bits = tl.load(s_row + cols, mask=cols < C, other=-1.0).to(tl.int32, bitcast=True)
-                count += tl.sum((bits >= mid).to(tl.int32), axis=0)
-            take = count >= K
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid)
-    thresh = lo  # bit pattern of the K-th largest similarity
-
-    # The passes below stream the row in BLOCK_P tiles (narrower than a register-resident
-    # row), which keeps their register use low.
-    offs_p = tl.arange(0, BLOCK_P)
-
-    # Entries above the threshold are all kept; `need` of the tied ones, lowest index first.
-    n_above = 0
-    for t in range(NUM_P_TILES):
-        cols = t * BLOCK_P + offs_p
-        bits = tl.load(s_row + cols, mask=cols < C, other=-1.0).to(tl.int32, bitcast=True)
-        n_above += tl.sum((bits > thresh).to(tl.int32), axis=0)
-    need = K - n_above
-
-    # Normaliser over the kept entries.
-    total = 0.0
-    ties_before = 0
-    for t in range(NUM_P_TILES):
-        cols = t * BLOCK_P + offs_p
-        pmask = cols < C
-        keep, v, ties_before = _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX)
-        total += tl.sum(tl.where(keep, v, 0.0), axis=0)
-
-    # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Σ log N_i is
-    # computed once per run by the caller (fastlt.labels.sum_log_counts); without it every row
-    # sums the C logs itself. Labels outside [0, C) are not read (masked loads); they make γ
-    # NaN, which poisons the row visibly.
-    if HAS_LOG_SUM:
-        log_sum = tl.load(logsum_ptr).to(tl.float64)
-    else:
-        log_sum = tl.zeros([], dtype=tl.float64)
-        for t in range(NUM_P_TILES):
-            cols = t * BLOCK_P + offs_p
-            n = tl.load(counts_ptr + cols, mask=cols < C, other=1).to(tl.float64)
-            log_sum += tl.sum(tl.log(n), axis=0)
-    a = tl.load(la_ptr + row)
-    b = tl.load(lb_ptr + row)
-    lam = tl.load(lam_ptr + row)
-    one_minus = 1.0 - lam
-    valid = (a >= 0) & (a < C) & (b >= 0) & (b < C)
-    n_a = tl.load(counts_ptr + a, mask=valid, other=1).to(tl.float64)
-    n_b = tl.load(counts_ptr + b, mask=valid, other=1).to(tl.float64)
-    mixed = lam.to(tl.float64) * n_a + one_minus.to(tl.float64) * n_b
-    mixed = tl.where(valid, mixed, -1.0)  # log(-1) = NaN
-    gamma = (omega * tl.log(mixed) / log_sum).to(tl.float32)
-    if WRITE_COMPACT:
-        tl.store(gamma_ptr + row, gamma)
-
-    ties_before = 0
-    kept_before = 0
-    for t in range(NUM_P_TILES):
-        cols = t * BLOCK_P + offs_p
-        pmask = cols < C
-        keep, v, ties_before = _kept_tile(s_row, cols, pmask, thresh, need, ties_before, s_max, inv_temp, SOFTMAX)
-        w = tl.where(keep, v / total, 0.0)
-        if WRITE_DENSE:
-            y = tl.where(cols == a, lam, 0.0) + tl.where(cols == b, one_minus, 0.0)
-            tl.store(out_ptr + row * stride_ob + cols, gamma * w + (1.0 - gamma) * y, mask=pmask)
-        if WRITE_COMPACT:
-            keep_i = keep.to(tl.int32)
-            pos = kept_before + tl.cumsum(keep_i, axis=0) - keep_i
-            tl.store(idx_ptr + row * K + pos, cols.to(tl.int64), mask=keep)
-            tl.store(w_ptr + row * K + pos, w, mask=keep)
-            kept_before += tl.sum(keep_i, axis=0)
-
-
 def _similarity_config(b: int, dtype: torch.dtype) -> dict:
     """Tile sizes for the similarity kernel (tl.dot needs every dimension ≥ 16).
 
@@ -249,17 +95,6 @@ def _similarity_config(b: int, dtype: torch.dtype) -> dict:
     del dtype
     block_b = 64 if b > 32 else max(16, next_pow2(b))
     return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=32, num_warps=8 if block_b == 64 else 4, num_stages=3)
-
-
-def _select_config(c: int, block_c: int | None) -> dict:
-    """Row tiles of the selection kernel: the whole row up to 8192 classes (iNaturalist's
-    8142 included) so that the search runs in registers (≤ 16 values per thread at 16 warps),
-    2048-wide streamed tiles beyond; the passes after the search use tiles of ≤ 2048."""
-    block = block_c if block_c is not None else (next_pow2(c) if c <= 8192 else 2048)
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    block_p = min(block, 2048)
-    return dict(BLOCK_C=block, NUM_TILES=cdiv(c, block), BLOCK_P=block_p, NUM_P_TILES=cdiv(c, block_p),
-                num_warps=num_warps)
 
 
 def _fp32_input_precision() -> str:
@@ -326,11 +161,8 @@ def _launch(z, centers, label_a, label_b, lam, counts, log_sum, omega, k, softma
     _similarity_kernel[grid](z, centers, out, b, c, d, z.stride(0), z.stride(1), centers.stride(0),
                              centers.stride(1), out.stride(0), MIN_SQ=_MIN_SQ_DIST,
                              INPUT_PRECISION=_fp32_input_precision(), UPCAST_DOT=_upcast_dot(z.dtype), **sim_cfg)
-    sel_cfg = _select_config(c, block_c_select)
-    _select_kernel[(b,)](out, out, label_a, label_b, lam, counts, log_sum if log_sum is not None else counts, idx, w,
-                         gamma, c, k, out.stride(0), out.stride(0), omega, 1.0 / temperature, SOFTMAX=softmax,
-                         WRITE_DENSE=write_dense, WRITE_COMPACT=write_compact, HAS_LOG_SUM=log_sum is not None,
-                         **sel_cfg)
+    launch_select(out, out, label_a, label_b, lam, counts, log_sum, idx, w, gamma, k, omega, 1.0 / temperature,
+                  softmax, write_dense, write_compact, block_c_select)
     return out, idx, w, gamma
 
 
