@@ -2,7 +2,7 @@
 
 ``python -m fastlt.kernels.aot --arch 90`` runs the full Triton pipeline (TTIR → TTGIR →
 LLVM → PTX → cubin, with the ptxas bundled in triton) for each kernel in the configurations
-the launchers of :mod:`fastlt.kernels.rectify` and :mod:`fastlt.kernels.soft_ce` choose at
+the launchers of :mod:`fastlt.kernels.rectify`, :mod:`fastlt.kernels.soft_ce` (and the others) choose at
 the benchmark shapes of ARCHITECTURE §1 (C = 1000 and 8142, fp32/bf16/fp16), and reports
 registers and spill (stack) bytes per thread from the cubin. The CPU CI runs it
 (tests/test_kernels_rectify.py) so that a kernel which only works in the interpreter, or
@@ -36,6 +36,7 @@ def kernel_configs():
     from . import rectify as r
     from . import select as sel
     from . import soft_ce as s
+    from . import soft_ce_compact as sc
 
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -71,24 +72,18 @@ def kernel_configs():
         opts = dict(num_warps=row["num_warps"])
         for dtype in (torch.float32, torch.bfloat16):
             t = _TL_DTYPE[dtype]
-            types = dict(x_ptr=f"*{t}", t_ptr="*fp32", bias_ptr="*fp32", loss_ptr="*fp32", lse_ptr="*fp32",
-                         tsum_ptr="*fp32", C="i32", stride_xb="i32", stride_tb="i32")
-            out.append((f"soft_ce fwd {t} C={c}", s._soft_ce_fwd_kernel, types, dict(HAS_BIAS=True, **row_consts),
-                        opts))
-            types = dict(g_ptr="*fp32", x_ptr=f"*{t}", t_ptr="*fp32", bias_ptr="*fp32", lse_ptr="*fp32",
-                         tsum_ptr="*fp32", gx_ptr=f"*{t}", gt_ptr="*fp32", C="i32", inv_b="fp32",
-                         stride_xb="i32", stride_tb="i32", stride_gxb="i32", stride_gtb="i32")
-            for write_gt in (False, True):
-                out.append((f"soft_ce bwd {t} C={c} target_grad={write_gt}", s._soft_ce_bwd_kernel, types,
-                            dict(HAS_BIAS=True, WRITE_GT=write_gt, **row_consts), opts))
-            common = dict(x_ptr=f"*{t}", bias_ptr="*fp32", idx_ptr="*i64", w_ptr="*fp32", gamma_ptr="*fp32",
-                          la_ptr="*i64", lb_ptr="*i64", lam_ptr="*fp32", lse_ptr="*fp32", tsum_ptr="*fp32",
-                          C="i32", K="i32", stride_xb="i32")
-            consts = dict(HAS_BIAS=True, **row_consts, **kcfg)
-            out.append((f"soft_ce compact fwd {t} C={c}", s._soft_ce_compact_fwd_kernel,
-                        dict(common, loss_ptr="*fp32"), consts, opts))
-            out.append((f"soft_ce compact bwd {t} C={c}", s._soft_ce_compact_bwd_kernel,
-                        dict(common, g_ptr="*fp32", gx_ptr=f"*{t}", inv_b="fp32", stride_gxb="i32"), consts, opts))
+            types = dict(x_ptr=f"*{t}", t_ptr="*fp32", bias_ptr="*fp32", loss_ptr="*fp32", gx_ptr=f"*{t}",
+                         gt_ptr="*fp32", C="i32", inv_b="fp32", stride_xb="i32", stride_tb="i32", stride_gxb="i32",
+                         stride_gtb="i32")
+            for write_gx, write_gt in ((False, False), (True, False), (True, True)):
+                out.append((f"soft_ce {t} C={c} grad={write_gx} target_grad={write_gt}", s._soft_ce_kernel, types,
+                            dict(HAS_BIAS=True, WRITE_GX=write_gx, WRITE_GT=write_gt, **row_consts), opts))
+            types = dict(x_ptr=f"*{t}", bias_ptr="*fp32", idx_ptr="*i64", w_ptr="*fp32", gamma_ptr="*fp32",
+                         la_ptr="*i64", lb_ptr="*i64", lam_ptr="*fp32", loss_ptr="*fp32", gx_ptr=f"*{t}", C="i32",
+                         K="i32", inv_b="fp32", stride_xb="i32", stride_gxb="i32")
+            for write_gx in (False, True):
+                out.append((f"soft_ce compact {t} C={c} grad={write_gx}", sc._soft_ce_compact_kernel, types,
+                            dict(HAS_BIAS=True, WRITE_GX=write_gx, **row_consts, **kcfg), opts))
     return out
 
 

@@ -143,7 +143,7 @@ def soft_cross_entropy_compact(logits: Tensor, label: CompactLabel, bias: Tensor
     """
     _validate_compact(logits, label)
     if select_backend(logits.device) == "triton":
-        from .soft_ce import soft_cross_entropy_compact_triton
+        from .soft_ce_compact import soft_cross_entropy_compact_triton
 
         return soft_cross_entropy_compact_triton(logits, label.index, label.weight, label.gamma, label.label_a,
                                                  label.label_b, label.lam, bias)
