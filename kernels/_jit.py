@@ -22,7 +22,7 @@ from triton.runtime.jit import JITFunction
 
 from .dispatch import interpreter_active
 
-__all__ = ["jit", "INTERPRETED", "LAUNCH_RANGE_PREFIX"]
+__all__ = ["INTERPRETED", "LAUNCH_RANGE_PREFIX", "fp32_dot_precision", "jit", "upcast_dot"]
 
 INTERPRETED = interpreter_active()
 LAUNCH_RANGE_PREFIX = "triton::"
@@ -58,3 +58,24 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot``'s input precision for fp32 operands, following torch's fp32 matmul setting.
+
+    Plain TF32 only if the user allowed it for torch's own matmuls; otherwise ("highest",
+    torch's default) 3xTF32, which splits each operand into a TF32 head and tail and keeps
+    close to fp32 accuracy (about 2^-22 relative) on tensor cores, instead of the much slower
+    FMA path of "ieee".
+    """
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether kernels must feed ``tl.dot`` fp32 copies of their ``dtype`` tiles.
+
+    Triton 3.8's interpreter returns wrong values for tl.dot on bfloat16 operands (compiled
+    kernels are fine). bf16 → fp32 is exact and so are bf16 products in fp32, so feeding it
+    fp32 tiles gives the result the GPU computes, up to summation order.
+    """
+    return INTERPRETED and dtype == torch.bfloat16

@@ -33,6 +33,7 @@ def _signature(kernel, types: dict, constexprs: dict) -> dict:
 
 def kernel_configs():
     """(label, kernel, types, constexprs, options) for each compiled variant."""
+    from . import balscl as bs
     from . import rectify as r
     from . import select as sel
     from . import soft_ce as s
@@ -84,6 +85,32 @@ def kernel_configs():
             for write_gx in (False, True):
                 out.append((f"soft_ce compact {t} C={c} grad={write_gx}", sc._soft_ce_compact_kernel, types,
                             dict(HAS_BIAS=True, WRITE_GX=write_gx, **row_consts, **kcfg), opts))
+    # BalSCL at the per-GPU ImageNet-LT shape (32 samples per GPU of a 256 batch: 64 anchors,
+    # 512 views + 1000 centers, D 1024); the shapes are runtime arguments, only D and the
+    # dtype choose the variant.
+    for n, m in ((1512, 64),):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            t = _TL_DTYPE[dtype]
+            fwd = bs.forward_config(n, m, dtype)
+            meta = dict(fwd["meta"])
+            opts = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            prec = "tf32x3" if dtype == torch.float32 else "ieee"
+            types = dict(x_ptr=f"*{t}", y_ptr="*i64", cnt_ptr="*fp32", part_ptr="*fp32", N="i32", D="i32",
+                         anchor_start="i32", M="i32", num_classes="i32", S="i32", tiles_per_split="i32",
+                         stride_xn="i32", stride_xd="i32", scale="fp32")
+            out.append((f"balscl fwd {t} N={n} M={m}", bs._balscl_fwd_kernel, types,
+                        dict(INPUT_PRECISION=prec, UPCAST_DOT=False, **meta), opts))
+            bwd = bs.backward_config(n, 1024, dtype)
+            meta = dict(bwd["meta"])
+            opts = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            types = dict(x_ptr=f"*{t}", y_ptr="*i64", cnt_ptr="*fp32", lse_ptr="*fp32", invp_ptr="*fp32",
+                         g_ptr="*fp32", gx_ptr=f"*{t}", N="i32", D="i32", anchor_start="i32", M="i32",
+                         stride_xn="i32", stride_xd="i32", stride_gn="i32", scale="fp32", inv_m="fp32")
+            out.append((f"balscl bwd {t} N={n} M={m}", bs._balscl_bwd_kernel, types,
+                        dict(INPUT_PRECISION=prec, UPCAST_DOT=False, **meta), opts))
+    out.append(("balscl combine", bs._balscl_combine_kernel,
+                dict(part_ptr="*fp32", lse_ptr="*fp32", invp_ptr="*fp32", loss_ptr="*fp32", M="i32", S="i32",
+                     inv_m="fp32"), dict(BLOCK_A=64, BLOCK_S=32), dict(num_warps=4)))
     return out
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastlt.labels import validate_rectify_args
 
-from ._jit import INTERPRETED, cdiv, jit, next_pow2
+from ._jit import cdiv, fp32_dot_precision, jit, next_pow2, upcast_dot
 from .select import launch_select
 
 __all__ = ["rectify_labels_compact_triton", "rectify_labels_triton"]
@@ -51,7 +51,7 @@ def _similarity_kernel(z_ptr, c_ptr, s_ptr, B, C, D,
     stride_sb, the row stride of s. Constexprs: MIN_SQ, the clamp of the squared distance;
     BLOCK_B × BLOCK_C, the output tile (each ≥ 16 for tl.dot); BLOCK_D, the chunk of D per
     step; INPUT_PRECISION, tl.dot's precision for fp32 inputs ("tf32x3" or "tf32"); UPCAST_DOT,
-    feed tl.dot fp32 copies of the tiles (interpreter only, see ``_launch``).
+    feed tl.dot fp32 copies of the tiles (interpreter only, see ``_jit.upcast_dot``).
     """
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -95,21 +95,6 @@ def _similarity_config(b: int, dtype: torch.dtype) -> dict:
     del dtype
     block_b = 64 if b > 32 else max(16, next_pow2(b))
     return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=32, num_warps=8 if block_b == 64 else 4, num_stages=3)
-
-
-def _fp32_input_precision() -> str:
-    # Follow the user's torch setting for fp32 matmuls: plain TF32 only if they allowed it
-    # for torch's own matmuls. Otherwise ("highest", torch's default) 3xTF32, which splits
-    # each operand into a TF32 head and tail and keeps close to fp32 accuracy (about 2^-22
-    # relative) on tensor cores, instead of the much slower FMA path of "ieee".
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    # Triton 3.8's interpreter returns wrong values for tl.dot on bfloat16 operands (compiled
-    # kernels are fine). bf16 → fp32 is exact and so are bf16 products in fp32, so feeding it
-    # fp32 tiles gives the result the GPU computes, up to summation order.
-    return INTERPRETED and dtype == torch.bfloat16
 
 
 def _prepare(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature, log_count_sum):
@@ -160,7 +145,7 @@ def _launch(z, centers, label_a, label_b, lam, counts, log_sum, omega, k, softma
     grid = (cdiv(b, sim_cfg["BLOCK_B"]), cdiv(c, sim_cfg["BLOCK_C"]))
     _similarity_kernel[grid](z, centers, out, b, c, d, z.stride(0), z.stride(1), centers.stride(0),
                              centers.stride(1), out.stride(0), MIN_SQ=_MIN_SQ_DIST,
-                             INPUT_PRECISION=_fp32_input_precision(), UPCAST_DOT=_upcast_dot(z.dtype), **sim_cfg)
+                             INPUT_PRECISION=fp32_dot_precision(), UPCAST_DOT=upcast_dot(z.dtype), **sim_cfg)
     launch_select(out, out, label_a, label_b, lam, counts, log_sum, idx, w, gamma, k, omega, 1.0 / temperature,
                   softmax, write_dense, write_compact, block_c_select)
     return out, idx, w, gamma

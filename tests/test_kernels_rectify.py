@@ -408,7 +408,7 @@ def test_every_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = json.loads(proc.stdout)
     kernels = {r["kernel"].split()[0] for r in records}
-    assert kernels == {"similarity", "select", "soft_ce"}, kernels
+    assert kernels == {"similarity", "select", "soft_ce", "balscl"}, kernels
     assert all(r["cubin_bytes"] > 0 and r["arch"] == 90 for r in records)
     # Spilled registers (local-memory stack) would be a performance regression of a config.
     spills = [(r["kernel"], r["stack_bytes"]) for r in records if r.get("stack_bytes")]
