@@ -228,13 +228,21 @@ def test_custom_ops_are_registered_for_torch_compile(triton_backend):
 
 
 @needs_kernels
-def test_fp64_items_are_computed_in_fp32(triton_backend):
+def test_fp64_and_strided_items(triton_backend):
+    """fp64 items are computed in fp32 (gradient cast back); items with any strides (here
+    column-major) are read through their strides."""
     items, labels = _contrast_set(12, 4, 16, seed=7, dtype=torch.float64)
     loss, grad = _loss_and_grad(balanced_supcon_loss, items, labels, 4, 0.1, 0, None, 1.0)
     want, want_grad = _loss_and_grad(reference_balanced_supcon_loss, items, labels, 4, 0.1, 0, None, 1.0)
     assert grad.dtype == torch.float64
     _check(loss, want, "fp64 loss", **LOSS_TOL[torch.float32])
     _check(grad, want_grad, "fp64 ∂L/∂items", **GRAD_TOL[torch.float32])
+    column_major = items.float().t().contiguous().t()
+    assert column_major.stride() == (1, items.shape[0])
+    loss, grad = _loss_and_grad(balanced_supcon_loss, column_major, labels, 4, 0.1, 3, 6, 1.0)
+    want, want_grad = _loss_and_grad(reference_balanced_supcon_loss, column_major, labels, 4, 0.1, 3, 6, 1.0)
+    _check(loss, want, "strided loss", **LOSS_TOL[torch.float32])
+    _check(grad, want_grad, "strided ∂L/∂items", **GRAD_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
