@@ -86,8 +86,8 @@ run_step nvidia_smi 30 nvidia-smi
 #    backward, every dtype (label, soft CE dense and compact, BalSCL); the launch counter
 #    (CUDA kernel events); the dispatch rules.
 run_step kernel_tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_kernels_rectify.py tests/test_kernels_soft_ce.py tests/test_kernels_balscl.py \
-    tests/test_kernels_launches.py tests/test_dispatch.py \
+    tests/test_kernels_rectify.py tests/test_kernels_select.py tests/test_kernels_soft_ce.py \
+    tests/test_kernels_balscl.py tests/test_kernels_launches.py tests/test_dispatch.py \
     --junitxml="$OUT/kernel_tests.xml"
 
 # 3. Kernel benchmarks at the per-GPU shapes (B 16/32/256, C 1000/8142, D 1024, bf16 and fp32):

@@ -271,59 +271,6 @@ def test_ties_go_to_the_lower_class_index(triton_backend, b, c, d, k, select_blo
         assert torch.equal(idx.cpu(), torch.arange(k).repeat(b, 1))
 
 
-def _bit_pattern_rows(pattern, b, c, seed):
-    """Similarity rows (≥ 0) built from their fp32 bit patterns, to drive the radix select
-    through each of its four 8-bit digits."""
-    g = torch.Generator().manual_seed(seed)
-    if pattern == "low_byte":  # the top three bytes equal, many exact ties: the 4th pass decides
-        bits = 0x3F800000 + torch.randint(0, 256, (b, c), generator=g)
-    elif pattern == "spread":  # floats from 0 to ~1e35 (their sum stays finite): the 1st pass decides
-        bits = torch.randint(0, 0x7A000000, (b, c), generator=g)
-        bits[:, :3] = 0
-    elif pattern == "nested":  # few values per byte: each pass narrows the candidates
-        bytes_ = [torch.randint(0, 3, (b, c), generator=g) * step + off for step, off in
-                  ((20, 60), (40, 0), (40, 7), (40, 100))]  # top byte ≤ 100: positive floats
-        bits = (bytes_[0] << 24) | (bytes_[1] << 16) | (bytes_[2] << 8) | bytes_[3]
-    else:
-        raise ValueError(pattern)
-    return bits.to(torch.int32).view(torch.float32)
-
-
-# (bit pattern, C, K, search tile): rows in registers (None) or streamed over tiles (128).
-RADIX_CASES = [
-    ("low_byte", 1000, 30, None),
-    ("low_byte", 1000, 30, 128),
-    ("spread", 1000, 1, None),
-    ("spread", 1000, 999, 128),
-    ("nested", 1000, 30, None),
-    ("nested", 300, 150, 64),
-]
-
-
-@needs_kernels
-@pytest.mark.parametrize("pattern,c,k,block", RADIX_CASES)
-def test_radix_select_keeps_exactly_the_top_k(pattern, c, k, block):
-    """The selection kernel on hand-made similarity rows keeps exactly the classes of
-    fastlt.labels.topk_mask (the K largest, ties to the lower index)."""
-    from fastlt.kernels.select import launch_select
-    from fastlt.labels import topk_mask
-
-    b = 5
-    s = _bit_pattern_rows(pattern, b, c, seed=c + k).to(DEVICE)
-    assert bool((s >= 0).all()) and bool(s.isfinite().all())
-    idx = torch.empty(b, k, dtype=torch.int64, device=DEVICE)
-    w = torch.empty(b, k, device=DEVICE)
-    gamma = torch.empty(b, device=DEVICE)
-    zeros = torch.zeros(b, dtype=torch.int64, device=DEVICE)
-    launch_select(s, s, zeros, zeros, torch.ones(b, device=DEVICE), torch.full((c,), 2, device=DEVICE), None, idx, w,
-                  gamma, k, 1.0, 1.0, False, False, True, block)
-    keep = topk_mask(s, k)
-    want = torch.nonzero(keep)[:, 1].view(b, k)
-    bad_rows = torch.nonzero((idx != want).any(1)).flatten().tolist()
-    assert not bad_rows, f"kept classes differ from topk_mask's in rows {bad_rows}"
-    _check(w, s.gather(1, want) / s.gather(1, want).sum(1, keepdim=True), f"weights {pattern}")
-
-
 @needs_kernels
 def test_strided_mixed_dtype_and_fp64_inputs(triton_backend):
     """Non-contiguous z and centers (strides passed to the kernel), bf16 z with fp32 centers
