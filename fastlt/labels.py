@@ -179,8 +179,9 @@ def rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor,
                    temperature: float = 1.0, log_count_sum: Tensor | float | None = None) -> Tensor:
     """The ConCutMix rectified label ŷ (B, C), float32; see :func:`reference_rectify_labels`.
 
-    Pass ``log_count_sum=sum_log_counts(class_counts)``, computed once per run, so that γ's
-    denominator is not recomputed on every call.
+    Pass ``log_count_sum=sum_log_counts(class_counts)``, computed once per run on the device of
+    the embeddings, so that γ's denominator is not recomputed on every call (a Python number
+    is accepted too, but is copied to the device on every call).
 
     This is the one dispatch point for the label step: the backend (Triton for CUDA tensors,
     PyTorch otherwise, ``FASTLT_KERNELS`` to override) is chosen by ``fastlt.kernels``.

@@ -18,6 +18,8 @@ dispatch points for the fused Triton kernels of ``fastlt.kernels``.
 """
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -106,11 +108,11 @@ def resolve_supcon_args(items: Tensor, item_labels: Tensor, num_classes: int, te
                          f"got shape {tuple(item_labels.shape)} and dtype {item_labels.dtype}")
     if item_labels.device != items.device:
         raise ValueError(f"{what}: item_labels are on {item_labels.device} but items on {items.device}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
         raise ValueError(f"{what}: num_classes must be a positive int; got {num_classes!r}")
     if not temperature > 0:
         raise ValueError(f"{what}: temperature must be > 0; got {temperature!r}")
-    if isinstance(anchor_start, bool) or not isinstance(anchor_start, int) or anchor_start < 0:
+    if isinstance(anchor_start, bool) or not isinstance(anchor_start, Integral) or anchor_start < 0:
         raise ValueError(f"{what}: anchor_start must be an int >= 0; got {anchor_start!r}")
     if num_anchors is None:
         num_anchors = n - num_classes - anchor_start
@@ -118,7 +120,7 @@ def resolve_supcon_args(items: Tensor, item_labels: Tensor, num_classes: int, te
             raise ValueError(f"{what}: with num_anchors=None the anchors are rows anchor_start={anchor_start} up to "
                              f"the {num_classes} center rows at the end, but items has only {n} rows; pass "
                              "num_anchors explicitly")
-    elif isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+    elif isinstance(num_anchors, bool) or not isinstance(num_anchors, Integral) or num_anchors < 1:
         raise ValueError(f"{what}: num_anchors must be a positive int (or None); got {num_anchors!r}")
     if anchor_start + num_anchors > n:
         raise ValueError(f"{what}: anchors items[{anchor_start}:{anchor_start + num_anchors}] run past the {n} "
@@ -131,7 +133,7 @@ def resolve_supcon_args(items: Tensor, item_labels: Tensor, num_classes: int, te
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{what}: item_labels has values in [{lo}, {hi}], outside the {num_classes} classes "
                              f"[0, {num_classes})")
-    return num_anchors
+    return int(num_anchors)
 
 
 def reference_balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
