@@ -83,14 +83,18 @@ run_step environment 120 "$PY" -c "$ENV_PY" "$OUT/environment.json"
 run_step nvidia_smi 30 nvidia-smi
 
 # 2. Kernel parity tests on the GPU: compiled kernels vs the PyTorch references, forward and
-#    backward, every dtype; plus the dispatch rules.
+#    backward, every dtype (label, soft CE dense and compact, BalSCL); the launch counter
+#    (CUDA kernel events); the dispatch rules.
 run_step kernel_tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_kernels_rectify.py tests/test_kernels_soft_ce.py tests/test_dispatch.py \
+    tests/test_kernels_rectify.py tests/test_kernels_select.py tests/test_kernels_soft_ce.py \
+    tests/test_kernels_balscl.py tests/test_kernels_launches.py tests/test_dispatch.py \
     --junitxml="$OUT/kernel_tests.xml"
 
-# 3. Kernel benchmarks: Triton vs eager vs torch.compile vs the dense B×C×D label at the
-#    three recipe shapes, soft CE forward+backward, label+loss with the compact label;
-#    time and peak memory. Ratios (and the targets) in kernels_summary.json.
+# 3. Kernel benchmarks at the per-GPU shapes (B 16/32/256, C 1000/8142, D 1024, bf16 and fp32):
+#    label (vs reference, torch.compile at B=32 C=1000, and the dense B×C×D label), soft CE
+#    forward+backward, BalSCL forward+backward (global form: 256-sample global batch), label+loss
+#    with the compact label; time, kernel launches per call (CUDA kernel events) and peak
+#    memory. Ratios (and the targets) and launches in kernels_summary.json.
 run_step kernel_bench 300 env FASTLT_BENCH_SUMMARY="$OUT/kernels_summary.json" \
     "$PY" -m pytest -q -s -p no:cacheprovider bench/bench_kernels.py \
     --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=min,median,rounds

@@ -10,6 +10,9 @@ between the mixed sample's (unnormalised, detached) contrastive embedding z and 
 4. γ = ω · log(Σ_j N_j y_j) / Σ_i log N_i;
 5. ŷ = γ·ŝ + (1 − γ)·y.
 
+Σ_i log N_i depends on the class counts only: :func:`sum_log_counts` computes it once per run,
+and every entry point takes it as ``log_count_sum`` (None: computed on each call).
+
 :func:`reference_rectify_labels` is the pure-PyTorch specification;
 :func:`rectify_labels` is the public entry point and the single dispatch point where the
 Triton kernel of ``fastlt.kernels`` plugs in.
@@ -27,6 +30,7 @@ __all__ = [
     "confidence",
     "rectify_labels",
     "reference_rectify_labels",
+    "sum_log_counts",
     "topk_mask",
     "validate_rectify_args",
 ]
@@ -50,16 +54,37 @@ def area_label(label_a: Tensor, label_b: Tensor, lam: Tensor, num_classes: int) 
     return y
 
 
-def confidence(y: Tensor, class_counts: Tensor, omega: float) -> Tensor:
-    """γ = ω · log(Σ_j N_j y_j) / Σ_{i=1..C} log N_i for each row of the label y (B, C)."""
+def sum_log_counts(class_counts) -> Tensor:
+    """Σ_{i=1..C} log N_i, γ's denominator (step 4), as a float64 0-d tensor on the counts' device.
+
+    It depends on the class counts only, so compute it once per run and pass it to
+    :func:`rectify_labels` (or ``fastlt.kernels.rectify_labels_compact``) as ``log_count_sum``.
+    """
+    counts = torch.as_tensor(class_counts)
+    return torch.log(counts.to(torch.float64)).sum()
+
+
+def _log_count_sum(log_count_sum, class_counts: Tensor, device) -> Tensor:
+    """The float64 0-d Σ log N_i on ``device``: the precomputed value, or computed now."""
+    if log_count_sum is None:
+        return sum_log_counts(class_counts.to(device))
+    return torch.as_tensor(log_count_sum, dtype=torch.float64, device=device).reshape(())
+
+
+def confidence(y: Tensor, class_counts: Tensor, omega: float, log_count_sum: Tensor | float | None = None) -> Tensor:
+    """γ = ω · log(Σ_j N_j y_j) / Σ_{i=1..C} log N_i for each row of the label y (B, C).
+
+    ``log_count_sum``: Σ log N_i precomputed with :func:`sum_log_counts` (None: computed here).
+    """
     counts = class_counts.to(device=y.device, dtype=torch.float64)
     mixed_count = y.to(torch.float64) @ counts
-    gamma = omega * torch.log(mixed_count) / torch.log(counts).sum()
+    gamma = omega * torch.log(mixed_count) / _log_count_sum(log_count_sum, counts, y.device)
     return gamma.to(torch.float32)
 
 
 def validate_rectify_args(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
-                          class_counts: Tensor, topk: int, normalize: str, temperature: float) -> None:
+                          class_counts: Tensor, topk: int, normalize: str, temperature: float,
+                          log_count_sum: Tensor | float | None = None) -> None:
     """Raise ValueError, saying how to fix it, for arguments that do not fit together."""
     if z.dim() != 2 or centers.dim() != 2:
         raise ValueError(f"rectify_labels: z must be (B, D) and centers (C, D); got z {tuple(z.shape)} "
@@ -80,6 +105,15 @@ def validate_rectify_args(z: Tensor, centers: Tensor, label_a: Tensor, label_b: 
         raise ValueError(f"rectify_labels: normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
     if normalize == "softmax" and not temperature > 0:
         raise ValueError(f"rectify_labels: temperature must be > 0 for softmax normalisation; got {temperature!r}")
+    if log_count_sum is not None:
+        if isinstance(log_count_sum, Tensor):
+            if log_count_sum.numel() != 1 or not log_count_sum.is_floating_point():
+                raise ValueError("rectify_labels: log_count_sum must be one floating-point value, "
+                                 "fastlt.labels.sum_log_counts(class_counts); got a tensor of shape "
+                                 f"{tuple(log_count_sum.shape)} and dtype {log_count_sum.dtype}")
+        elif isinstance(log_count_sum, bool) or not isinstance(log_count_sum, (int, float)):
+            raise ValueError("rectify_labels: log_count_sum must be a tensor or a number "
+                             f"(fastlt.labels.sum_log_counts(class_counts)); got {type(log_count_sum).__name__}")
 
 
 def topk_mask(s: Tensor, k: int) -> Tensor:
@@ -100,7 +134,7 @@ def topk_mask(s: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                              class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
-                             temperature: float = 1.0) -> Tensor:
+                             temperature: float = 1.0, log_count_sum: Tensor | float | None = None) -> Tensor:
     """Pure-PyTorch specification of the ConCutMix label (ARCHITECTURE §1, steps 1–5).
 
     Args:
@@ -112,12 +146,15 @@ def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_
         topk: K, the number of similarities kept (K ≥ C keeps all of them).
         omega: ω = scaling_factor[0] / scaling_factor[1].
         normalize: ``"l1"`` (reference behaviour) or ``"softmax"`` (with ``temperature``).
+        log_count_sum: Σ_i log N_i from :func:`sum_log_counts`, computed once per run (None:
+            computed from ``class_counts`` on every call).
 
     Returns:
         (B, C) float32 rectified label ŷ; each row sums to 1. No gradient flows to z or centers.
     """
     class_counts = torch.as_tensor(class_counts, device=z.device)
-    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
+    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature,
+                          log_count_sum)
     z = z.detach().float()
     c = centers.detach().float()
     # ||z||^2 + ||c||^2 - 2 z.c in one fused addmm: no (B, C, D) tensor.
@@ -133,14 +170,18 @@ def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_
         s_hat = torch.exp(logits - logits.max(1, keepdim=True).values) * keep
     s_hat = s_hat / s_hat.sum(1, keepdim=True)
     y = area_label(label_a, label_b, lam, c.shape[0])
-    gamma = confidence(y, class_counts, omega).unsqueeze(1)
+    gamma = confidence(y, class_counts, omega, log_count_sum).unsqueeze(1)
     return gamma * s_hat + (1.0 - gamma) * y
 
 
 def rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                    class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
-                   temperature: float = 1.0) -> Tensor:
+                   temperature: float = 1.0, log_count_sum: Tensor | float | None = None) -> Tensor:
     """The ConCutMix rectified label ŷ (B, C), float32; see :func:`reference_rectify_labels`.
+
+    Pass ``log_count_sum=sum_log_counts(class_counts)``, computed once per run on the device of
+    the embeddings, so that γ's denominator is not recomputed on every call (a Python number
+    is accepted too, but is copied to the device on every call).
 
     This is the one dispatch point for the label step: the backend (Triton for CUDA tensors,
     PyTorch otherwise, ``FASTLT_KERNELS`` to override) is chosen by ``fastlt.kernels``.
@@ -152,6 +193,6 @@ def rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor,
         from fastlt.kernels.rectify import rectify_labels_triton
 
         return rectify_labels_triton(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
-                                     normalize=normalize, temperature=temperature)
+                                     normalize=normalize, temperature=temperature, log_count_sum=log_count_sum)
     return reference_rectify_labels(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
-                                    normalize=normalize, temperature=temperature)
+                                    normalize=normalize, temperature=temperature, log_count_sum=log_count_sum)

@@ -7,18 +7,25 @@
   centers, positives share the class (self excluded), every denominator term is divided
   by the number of items of its class in the anchor's contrast set (class-averaging),
   logits are divided by the temperature, and the loss is the mean over anchors.
+* :func:`balanced_supcon_loss` — the same loss as a function of one contrast set of N
+  items and a range of its rows as anchors, which is what the distributed ("global") form
+  needs: the items are every rank's views followed by the centers, the anchors this rank's
+  views. The module is a thin wrapper over it.
 
-:func:`reference_soft_cross_entropy` is the pure-PyTorch spec of the soft-target term and
-the dispatch point for the fused Triton kernel of ``fastlt.kernels``.
+:func:`reference_soft_cross_entropy` and :func:`reference_balanced_supcon_loss` are the
+pure-PyTorch specs; :func:`soft_cross_entropy` and :func:`balanced_supcon_loss` are the
+dispatch points for the fused Triton kernels of ``fastlt.kernels``.
 """
 from __future__ import annotations
+
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BalancedSupConLoss", "LogitAdjustedCrossEntropy", "log_prior", "reference_soft_cross_entropy",
-           "soft_cross_entropy"]
+__all__ = ["BalancedSupConLoss", "LogitAdjustedCrossEntropy", "balanced_supcon_loss", "log_prior",
+           "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "soft_cross_entropy"]
 
 
 def _counts_tensor(class_counts, what: str) -> Tensor:
@@ -86,11 +93,125 @@ class LogitAdjustedCrossEntropy(nn.Module):
                          f"of dtype {target.dtype}")
 
 
+def resolve_supcon_args(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
+                        anchor_start: int, num_anchors: int | None) -> int:
+    """Check the arguments of :func:`balanced_supcon_loss` (ValueError saying how to fix them)
+    and return the number of anchors (``num_anchors``, or all rows from ``anchor_start`` up to
+    the C center rows at the end)."""
+    what = "balanced_supcon_loss"
+    if items.dim() != 2 or not items.is_floating_point():
+        raise ValueError(f"{what}: items must be a floating-point (N, D) tensor of L2-normalised views and "
+                         f"centers; got shape {tuple(items.shape)} and dtype {items.dtype}")
+    n = items.shape[0]
+    if item_labels.shape != (n,) or item_labels.is_floating_point() or item_labels.dtype == torch.bool:
+        raise ValueError(f"{what}: item_labels must be an integer tensor of shape ({n},), one class per item; "
+                         f"got shape {tuple(item_labels.shape)} and dtype {item_labels.dtype}")
+    if item_labels.device != items.device:
+        raise ValueError(f"{what}: item_labels are on {item_labels.device} but items on {items.device}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
+        raise ValueError(f"{what}: num_classes must be a positive int; got {num_classes!r}")
+    if not temperature > 0:
+        raise ValueError(f"{what}: temperature must be > 0; got {temperature!r}")
+    if isinstance(anchor_start, bool) or not isinstance(anchor_start, Integral) or anchor_start < 0:
+        raise ValueError(f"{what}: anchor_start must be an int >= 0; got {anchor_start!r}")
+    if num_anchors is None:
+        num_anchors = n - num_classes - anchor_start
+        if num_anchors < 1:
+            raise ValueError(f"{what}: with num_anchors=None the anchors are rows anchor_start={anchor_start} up to "
+                             f"the {num_classes} center rows at the end, but items has only {n} rows; pass "
+                             "num_anchors explicitly")
+    elif isinstance(num_anchors, bool) or not isinstance(num_anchors, Integral) or num_anchors < 1:
+        raise ValueError(f"{what}: num_anchors must be a positive int (or None); got {num_anchors!r}")
+    if anchor_start + num_anchors > n:
+        raise ValueError(f"{what}: anchors items[{anchor_start}:{anchor_start + num_anchors}] run past the {n} "
+                         "items; lower anchor_start or num_anchors")
+    # Checking the label range costs a host sync on CUDA, so only CPU tensors are checked (not
+    # while Dynamo traces); on CUDA an out-of-range label makes the loss NaN (Triton path) or
+    # trips a device assertion (PyTorch path).
+    if items.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(item_labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{what}: item_labels has values in [{lo}, {hi}], outside the {num_classes} classes "
+                             f"[0, {num_classes})")
+    return int(num_anchors)
+
+
+def reference_balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
+                                   anchor_start: int = 0, num_anchors: int | None = None) -> Tensor:
+    """Pure-PyTorch specification of :func:`balanced_supcon_loss` (vectorised, no host sync).
+
+    Materialises the (M, N) logits and masks; fp32 math at least (bf16/fp16 items are upcast,
+    fp64 kept), the loss in that dtype.
+    """
+    m = resolve_supcon_args(items, item_labels, num_classes, temperature, anchor_start, num_anchors)
+    device = items.device
+    dtype = torch.promote_types(items.dtype, torch.float32)
+    x = items.to(dtype)
+    labels = item_labels.long()
+    anchors = x[anchor_start: anchor_start + m]
+    logits = anchors @ x.t() / temperature  # (M, N)
+    # Subtracting the row max changes nothing mathematically and keeps exp() finite.
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    self_index = torch.arange(anchor_start, anchor_start + m, device=device)
+    not_self = torch.arange(x.shape[0], device=device)[None, :] != self_index[:, None]
+    same_class = labels[anchor_start: anchor_start + m, None] == labels[None, :]
+    positive = same_class & not_self
+    # Items per class in the full set, via scatter_add rather than bincount so that no
+    # device-to-host sync is needed on CUDA.
+    class_size = torch.zeros(num_classes, device=device, dtype=dtype)
+    class_size.scatter_add_(0, labels, torch.ones_like(labels, dtype=dtype))
+    # The anchor is not in its own contrast set, so its class counts one item fewer there
+    # (the self entry itself is masked out of the sum).
+    per_item_count = class_size[labels].unsqueeze(0) - same_class.to(dtype)
+    exp_logits = torch.exp(logits) * not_self
+    denom = (exp_logits / per_item_count.masked_fill(~not_self, 1.0)).sum(dim=1, keepdim=True)
+    log_prob = logits - torch.log(denom)
+    mean_log_prob_pos = (positive * log_prob).sum(1) / positive.sum(1)
+    return -mean_log_prob_pos.mean()
+
+
+def balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
+                         anchor_start: int = 0, num_anchors: int | None = None) -> Tensor:
+    """BCL's balanced supervised contrastive loss over one contrast set (ARCHITECTURE §1, L_BalSCL).
+
+    Args:
+        items: (N, D) L2-normalised contrast items: the 2·B·W views of all W ranks (or the 2B
+            views of one process), then the C class centers.
+        item_labels: (N,) int class of each item.
+        num_classes: C (labels are in [0, C)).
+        temperature: T > 0; logits are anchor·itemᵀ / T.
+        anchor_start, num_anchors: the anchors are ``items[anchor_start:anchor_start + num_anchors]``
+            (this rank's 2B views); ``num_anchors=None``: every row from ``anchor_start`` up to
+            the C center rows at the end.
+
+    For each anchor i: the contrast set is every item but i itself; each denominator term
+    exp(l_ik) is divided by the number of items of class y_k in that set (the class size over
+    all N items, minus one when y_k = y_i); the positives are the other items of class y_i;
+    loss_i = −mean over positives of (l_ik − log Σ_k exp(l_ik)/n_ik). Returns the mean of
+    loss_i over the given anchors, a 0-d fp32 tensor (fp64 for fp64 items). Gradients flow to
+    all of ``items`` (as anchors and as contrast items). An anchor with no positive makes the
+    loss NaN.
+
+    The one dispatch point for this loss: the fused Triton kernel of ``fastlt.kernels.balscl``
+    for CUDA tensors, the PyTorch reference otherwise (``FASTLT_KERNELS`` to override).
+    """
+    # Imported here: fastlt.kernels imports this module.
+    from fastlt.kernels.dispatch import select_backend
+
+    if select_backend(items.device) == "triton":
+        from fastlt.kernels.balscl import balanced_supcon_loss_triton
+
+        return balanced_supcon_loss_triton(items, item_labels, num_classes, temperature, anchor_start, num_anchors)
+    return reference_balanced_supcon_loss(items, item_labels, num_classes, temperature, anchor_start, num_anchors)
+
+
 class BalancedSupConLoss(nn.Module):
-    """BCL's balanced supervised contrastive loss, vectorised (no Python loop, no host sync).
+    """BCL's balanced supervised contrastive loss in one process (no Python loop, no host sync).
 
     Called as ``loss(centers, features, labels)`` with L2-normalised ``centers`` (C, D),
-    L2-normalised ``features`` (B, 2, D) of the two contrastive views and ``labels`` (B,).
+    L2-normalised ``features`` (B, 2, D) of the two contrastive views and ``labels`` (B,):
+    :func:`balanced_supcon_loss` over items = [view 1s, view 2s, centers] with the 2B views as
+    anchors.
     """
 
     def __init__(self, class_counts, temperature: float = 0.1):
@@ -99,6 +220,7 @@ class BalancedSupConLoss(nn.Module):
             raise ValueError(f"BalancedSupConLoss: temperature must be > 0; got {temperature!r}")
         self.num_classes = int(_counts_tensor(class_counts, "BalancedSupConLoss").numel())
         self.temperature = float(temperature)
+        self.register_buffer("center_labels", torch.arange(self.num_classes), persistent=False)
 
     def forward(self, centers: Tensor, features: Tensor, labels: Tensor) -> Tensor:
         if features.dim() != 3 or features.shape[1] != 2:
@@ -109,30 +231,13 @@ class BalancedSupConLoss(nn.Module):
         if labels.shape != (features.shape[0],):
             raise ValueError(f"BalancedSupConLoss: labels must be ({features.shape[0]},); got {tuple(labels.shape)}")
         b, c = features.shape[0], self.num_classes
-        device = features.device
         # Contrast set: view 1 of every sample, view 2 of every sample, then the C centers.
-        # fp32 at least (bf16/fp16 inputs under autocast), fp64 kept when given.
-        dtype = torch.promote_types(features.dtype, torch.float32)
-        items = torch.cat([features[:, 0], features[:, 1], centers], dim=0).to(dtype)
-        item_labels = torch.cat([labels, labels, torch.arange(c, device=device)]).long()
-        anchors = items[: 2 * b]
-        logits = anchors @ items.t() / self.temperature  # (2B, 2B + C)
-        # Subtracting the row max changes nothing mathematically and keeps exp() finite.
-        logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-
-        not_self = torch.ones_like(logits, dtype=torch.bool)
-        not_self[:, : 2 * b].fill_diagonal_(False)
-        same_class = item_labels[: 2 * b, None] == item_labels[None, :]
-        positive = same_class & not_self
-        # Items per class in the full set (2 views per sample + one center), via scatter_add
-        # rather than bincount so that no device-to-host sync is needed on CUDA.
-        class_size = torch.zeros(c, device=device, dtype=dtype)
-        class_size.scatter_add_(0, item_labels, torch.ones_like(item_labels, dtype=dtype))
-        # The anchor is not in its own contrast set, so its class counts one item fewer there
-        # (the self entry itself is masked out of the sum).
-        per_item_count = class_size[item_labels].unsqueeze(0) - same_class.to(dtype)
-        exp_logits = torch.exp(logits) * not_self
-        denom = (exp_logits / per_item_count.masked_fill(~not_self, 1.0)).sum(dim=1, keepdim=True)
-        log_prob = logits - torch.log(denom)
-        mean_log_prob_pos = (positive * log_prob).sum(1) / positive.sum(1)
-        return -mean_log_prob_pos.mean()
+        # (transpose + reshape: one copy forward, views backward, where two selects would
+        # cost a zero-filled buffer and a copy each in the backward.) Mixed dtypes compute in
+        # the wider of the features' dtype and fp32, as before this was a wrapper.
+        dtype = features.dtype if centers.dtype == features.dtype else torch.promote_types(features.dtype,
+                                                                                           torch.float32)
+        views = features.transpose(0, 1).reshape(2 * b, features.shape[2]).to(dtype)
+        items = torch.cat([views, centers.to(dtype)], dim=0)
+        item_labels = torch.cat([labels, labels, self.center_labels.to(labels.device)]).long()
+        return balanced_supcon_loss(items, item_labels, c, self.temperature, 0, 2 * b)

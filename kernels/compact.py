@@ -64,11 +64,13 @@ class CompactLabel(NamedTuple):
 @torch.no_grad()
 def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                                      class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
-                                     temperature: float = 1.0) -> CompactLabel:
+                                     temperature: float = 1.0,
+                                     log_count_sum: Tensor | float | None = None) -> CompactLabel:
     """PyTorch path: the steps of ``fastlt.labels.reference_rectify_labels`` (same selection,
     ``topk_mask``), stopping short of the (B, C) label. ``index`` is ascending in each row."""
     class_counts = torch.as_tensor(class_counts, device=z.device)
-    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature)
+    validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature,
+                          log_count_sum)
     zf = z.detach().float()
     c = centers.detach().float()
     num_classes = c.shape[0]
@@ -87,24 +89,26 @@ def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor
         weight = torch.exp((vals - vals.max(1, keepdim=True).values) / temperature)
         weight = weight / weight.sum(1, keepdim=True)
     # γ exactly as the spec computes it; the dense area label is fine on this reference path.
-    gamma = confidence(area_label(label_a, label_b, lam, c.shape[0]), class_counts, omega)
+    gamma = confidence(area_label(label_a, label_b, lam, c.shape[0]), class_counts, omega, log_count_sum)
     return CompactLabel(idx, weight, gamma, label_a.long(), label_b.long(), lam.float(), num_classes)
 
 
 def rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                            class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
-                           temperature: float = 1.0) -> CompactLabel:
-    """The rectified label ŷ as a :class:`CompactLabel`; arguments as ``fastlt.labels.rectify_labels``."""
+                           temperature: float = 1.0, log_count_sum: Tensor | float | None = None) -> CompactLabel:
+    """The rectified label ŷ as a :class:`CompactLabel`; arguments as ``fastlt.labels.rectify_labels``
+    (``log_count_sum``: Σ log N_i from ``fastlt.labels.sum_log_counts``, computed once per run)."""
     if select_backend(z.device) == "triton":
         from .rectify import rectify_labels_compact_triton
 
         index, weight, gamma = rectify_labels_compact_triton(z, centers, label_a, label_b, lam, class_counts,
                                                              topk=topk, omega=omega, normalize=normalize,
-                                                             temperature=temperature)
+                                                             temperature=temperature, log_count_sum=log_count_sum)
         return CompactLabel(index, weight, gamma, label_a.to(z.device, torch.int64),
                             label_b.to(z.device, torch.int64), lam.to(z.device, torch.float32), centers.shape[0])
     return reference_rectify_labels_compact(z, centers, label_a, label_b, lam, class_counts, topk=topk, omega=omega,
-                                            normalize=normalize, temperature=temperature)
+                                            normalize=normalize, temperature=temperature,
+                                            log_count_sum=log_count_sum)
 
 
 def _validate_compact(logits: Tensor, label: CompactLabel) -> None:
@@ -139,7 +143,7 @@ def soft_cross_entropy_compact(logits: Tensor, label: CompactLabel, bias: Tensor
     """
     _validate_compact(logits, label)
     if select_backend(logits.device) == "triton":
-        from .soft_ce import soft_cross_entropy_compact_triton
+        from .soft_ce_compact import soft_cross_entropy_compact_triton
 
         return soft_cross_entropy_compact_triton(logits, label.index, label.weight, label.gamma, label.label_a,
                                                  label.label_b, label.lam, bias)

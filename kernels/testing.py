@@ -8,9 +8,14 @@ mode of ``tl.sum``, ``tl.max``, ... at import time). A test module calls
 session imported triton first (torchvision and timm do), the in-process cases cannot run
 and :func:`run_module_in_fresh_interpreter` re-runs the module in a new Python process with
 the variable set from the start. Exactly one of the two paths runs.
+
+:func:`count_launches` counts the kernel launches (and host reads) of one call, for the
+benchmarks: CUDA kernel events on a GPU, dispatched PyTorch operators plus fastlt's Triton
+launches on the CPU.
 """
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["describe_mismatch", "in_child_process", "kernel_device", "prepare_interpreter",
+__all__ = ["count_launches", "describe_mismatch", "in_child_process", "kernel_device", "prepare_interpreter",
            "run_module_in_fresh_interpreter", "skip_reason_in_process"]
 
 _CHILD_FLAG = "FASTLT_KERNEL_TESTS_CHILD"
@@ -86,3 +91,85 @@ def describe_mismatch(got: torch.Tensor, want: torch.Tensor, *, atol: float, rto
                       for i in idx)
     return (f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
             f"max abs diff {float((g - w).abs().nan_to_num(float('inf')).max()):.3g}; first: {pairs}")
+
+
+# Operators that only make a view, allocate, or answer a question about metadata: they
+# launch no kernel on a GPU, so the CPU count leaves them out.
+_NO_KERNEL_OPS = frozenset(f"aten::{name}" for name in (
+    "alias", "as_strided", "detach", "empty", "empty_like", "empty_strided", "expand", "expand_as", "lift_fresh",
+    "narrow", "permute", "promote_types", "reshape", "resolve_conj", "resolve_neg", "result_type", "select", "slice",
+    "split", "squeeze", "t", "transpose", "unbind", "unflatten", "unsqueeze", "view", "view_as", "_reshape_alias",
+    "_unsafe_view", "chunk", "flatten", "contiguous", "to", "type_as", "new_empty", "new_empty_strided",
+    "is_nonzero", "size", "stride", "numel", "dim", "requires_grad_", "set_", "resize_"))
+_HOST_READS = frozenset(("aten::_local_scalar_dense", "aten::item"))
+
+
+def count_launches(fn, device: str | torch.device) -> dict:
+    """Kernel launches of one call of ``fn()`` on ``device``, counted with ``torch.profiler``.
+
+    Run ``fn`` once beforehand (compilation, caches): the count is of a warm call.
+
+    * CUDA: ``launches`` is the number of kernel events the profiler saw on the device (every
+      PyTorch and Triton kernel), ``memory_ops`` the memset/memcpy events; ``host_syncs``
+      counts ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` calls and scalar reads
+      (``.item()``, ``bool(t)``) made by ``fn``.
+    * CPU: ``launches`` = ``torch_ops`` + ``triton``. ``torch_ops`` counts the outermost
+      ``aten::`` operators (not nested in another operator or in a Triton launch) that do any
+      work: views, allocations and metadata queries are left out, since they launch nothing on
+      a GPU. An operator launches one kernel on a GPU in most cases (some launch two), so this
+      is a proxy, not a measurement of a GPU. ``triton`` counts fastlt's Triton launches
+      (``triton::<kernel>`` ranges recorded by ``fastlt.kernels._jit``; in the interpreter on
+      CPU). ``host_syncs`` counts scalar reads, each of which would be a sync on a GPU. Code
+      compiled by ``torch.compile``'s C++ backend is invisible to this count: only its calls
+      into ``aten`` (e.g. matrix products) are seen.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"count_launches: device must be a cpu or cuda device; got {device}")
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        with record_function("fastlt::count_launches"):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    window = [e for e in events if e.name == "fastlt::count_launches"]
+    if len(window) != 1:
+        raise RuntimeError(f"count_launches: expected one profiler range around the call, found {len(window)}")
+    start, end = window[0].time_range.start, window[0].time_range.end
+
+    def inside(e):
+        return e.device_type == DeviceType.CPU and start <= e.time_range.start and e.time_range.end <= end
+
+    def nested(e):
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::") or parent.name.startswith("triton::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    def does_work(e):  # a scalar read is a copy to the host, counted as a sync, not a launch
+        return e.name not in _NO_KERNEL_OPS and e.name not in _HOST_READS or any(
+            does_work(child) for child in e.cpu_children if child.name.startswith("aten::"))
+
+    cpu_events = [e for e in events if inside(e)]
+    triton = sum(1 for e in cpu_events if e.name.startswith("triton::") and not nested(e))
+    host_reads = sum(1 for e in cpu_events if e.name in _HOST_READS and not nested(e))
+    if cuda:
+        device_events = [e for e in events if e.device_type == DeviceType.CUDA]
+        memory = sum(1 for e in device_events if e.name.lower().startswith(("memcpy", "memset")))
+        syncs = sum(1 for e in cpu_events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        return dict(launches=len(device_events) - memory, memory_ops=memory, triton=triton,
+                    host_syncs=syncs + host_reads, method="cuda kernel events")
+    counted = [e.name for e in cpu_events if (e.name.startswith("aten::") and does_work(e) or
+                                              e.name.startswith("triton::")) and not nested(e)]
+    return dict(launches=len(counted), torch_ops=len(counted) - triton, triton=triton, host_syncs=host_reads,
+                method="cpu: outermost working aten ops + fastlt triton launches",
+                ops=dict(collections.Counter(counted)))

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from fastlt.kernels import dispatch  # noqa: E402
 from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
                                     run_module_in_fresh_interpreter, skip_reason_in_process)
-from fastlt.labels import rectify_labels, reference_rectify_labels  # noqa: E402
+from fastlt.kernels import rectify_labels_compact, reference_rectify_labels_compact  # noqa: E402
+from fastlt.labels import rectify_labels, reference_rectify_labels, sum_log_counts  # noqa: E402
 from spec_formulas import dense_rectify_labels  # noqa: E402
 
 DEVICE = kernel_device()
@@ -160,6 +161,65 @@ def test_lambda_extremes_and_gamma_formula(triton_backend, lam):
     _check(got.sum(1), torch.ones(7, device=DEVICE), "row sums")
 
 
+# (B, C, K, normalize, select_block): the branch each case hits with Σ log N precomputed.
+LOG_SUM_CASES = [
+    (7, 100, 30, "l1", None),       # row in registers (one tile)
+    (7, 1000, 3, "softmax", 128),   # streamed row tiles
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,c,k,normalize,select_block", LOG_SUM_CASES)
+def test_precomputed_log_count_sum_gives_the_same_label(triton_backend, b, c, k, normalize, select_block):
+    """Σ log N_i computed once (sum_log_counts) and passed in: the same ŷ and compact label as
+    when each call computes it, from both entry points and both backends."""
+    from fastlt.kernels.rectify import rectify_labels_compact_triton, rectify_labels_triton
+
+    z, centers, a, bb, lam, counts = _inputs(b, c, 16, k, seed=b + c + k)
+    log_sum = sum_log_counts(counts)
+    assert log_sum.dtype == torch.float64 and log_sum.shape == () and log_sum.device.type == DEVICE
+    kw = dict(topk=k, omega=OMEGA, normalize=normalize, temperature=0.5)
+    want = reference_rectify_labels(z, centers, a, bb, lam, counts, **kw)
+    _check(reference_rectify_labels(z, centers, a, bb, lam, counts, **kw, log_count_sum=log_sum), want,
+           "reference, precomputed Σ log N")
+    got = rectify_labels_triton(z, centers, a, bb, lam, counts, **kw, log_count_sum=log_sum,
+                                _block_c_select=select_block)
+    _check(got, want, "triton dense, precomputed Σ log N")
+    _check(rectify_labels(z, centers, a, bb, lam, counts, **kw, log_count_sum=float(log_sum)), want,
+           "public entry point, Σ log N as a float")
+    ref_c = reference_rectify_labels_compact(z, centers, a, bb, lam, counts, **kw)
+    for label in (rectify_labels_compact(z, centers, a, bb, lam, counts, **kw, log_count_sum=log_sum),
+                  reference_rectify_labels_compact(z, centers, a, bb, lam, counts, **kw, log_count_sum=log_sum)):
+        assert torch.equal(label.index, ref_c.index)
+        _check(label.gamma, ref_c.gamma, "compact γ, precomputed Σ log N")
+        _check(label.to_dense(), want, "compact label, precomputed Σ log N")
+    _, _, gamma = rectify_labels_compact_triton(z, centers, a, bb, lam, counts, **kw, log_count_sum=log_sum,
+                                                _block_c_select=select_block)
+    _check(gamma, ref_c.gamma, "triton compact γ, precomputed Σ log N")
+
+
+@needs_kernels
+def test_precomputed_log_count_sum_is_used(triton_backend):
+    """The kernel reads the value passed in (here twice the true sum: γ halves), rather than
+    recomputing it."""
+    from fastlt.kernels.rectify import rectify_labels_compact_triton
+
+    z, centers, a, bb, lam, counts = _inputs(7, 10, 16, 3, seed=29)
+    log_sum = sum_log_counts(counts)
+    _, _, gamma = rectify_labels_compact_triton(z, centers, a, bb, lam, counts, topk=3, omega=OMEGA)
+    _, _, halved = rectify_labels_compact_triton(z, centers, a, bb, lam, counts, topk=3, omega=OMEGA,
+                                                 log_count_sum=2 * log_sum)
+    _check(halved, gamma / 2, "γ with a doubled Σ log N")
+
+
+def test_bad_log_count_sum_raises():
+    z, centers, a, bb, lam, counts = _inputs(7, 10, 16, 3, seed=31)
+    with pytest.raises(ValueError, match=r"log_count_sum must be one floating-point value.*shape \(10,\)"):
+        rectify_labels(z, centers, a, bb, lam, counts, topk=3, omega=OMEGA, log_count_sum=torch.log(counts.double()))
+    with pytest.raises(ValueError, match="log_count_sum must be a tensor or a number"):
+        rectify_labels_compact(z, centers, a, bb, lam, counts, topk=3, omega=OMEGA, log_count_sum="5.0")
+
+
 @needs_kernels
 def test_same_background_and_foreground_class(triton_backend):
     z, centers, a, _, lam, counts = _inputs(7, 10, 16, 3, seed=13)
@@ -260,15 +320,16 @@ def test_custom_op_is_registered_for_torch_compile(triton_backend):
     from fastlt.kernels import rectify  # noqa: F401  (registers the fastlt:: ops)
 
     z, centers, a, b, lam, counts = _inputs(7, 10, 16, 3, seed=23)
+    log_sum = sum_log_counts(counts).reshape(1)
     torch.library.opcheck(torch.ops.fastlt.rectify_labels_compact.default,
-                          (z, centers, a, b, lam, counts, 3, OMEGA, True, 0.5, 0),
+                          (z, centers, a, b, lam, counts, None, 3, OMEGA, True, 0.5, 0),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastlt.rectify_labels.default,
-                          (z, centers, a, b, lam, counts, 3, OMEGA, False, 1.0, 0),
+                          (z, centers, a, b, lam, counts, log_sum, 3, OMEGA, False, 1.0, 0),
                           test_utils=("test_schema", "test_faketensor"))
     # The public entry point, as a training step would call it, in one graph.
-    out = torch.compile(lambda *t: rectify_labels(*t, topk=3, omega=OMEGA), backend="aot_eager",
-                        fullgraph=True)(z, centers, a, b, lam, counts)
+    out = torch.compile(lambda *t: rectify_labels(*t[:6], topk=3, omega=OMEGA, log_count_sum=t[6]),
+                        backend="aot_eager", fullgraph=True)(z, centers, a, b, lam, counts, log_sum[0])
     _check(out, reference_rectify_labels(z, centers, a, b, lam, counts, topk=3, omega=OMEGA), "compiled")
 
 
@@ -295,7 +356,7 @@ def test_every_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = json.loads(proc.stdout)
     kernels = {r["kernel"].split()[0] for r in records}
-    assert kernels == {"similarity", "select", "soft_ce"}, kernels
+    assert kernels == {"similarity", "select", "soft_ce", "balscl"}, kernels
     assert all(r["cubin_bytes"] > 0 and r["arch"] == 90 for r in records)
     # Spilled registers (local-memory stack) would be a performance regression of a config.
     spills = [(r["kernel"], r["stack_bytes"]) for r in records if r.get("stack_bytes")]

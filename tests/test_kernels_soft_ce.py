@@ -33,6 +33,17 @@ needs_kernels = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 LOSS_TOL = dict(atol=1e-6, rtol=1e-5)
 GRAD_TOL = {torch.float32: dict(atol=1e-7, rtol=1e-5), torch.bfloat16: dict(atol=1e-6, rtol=8e-3),
             torch.float16: dict(atol=1e-7, rtol=1e-3)}
+# With grad_output g ≠ 1 the kernel's gradient is rounded twice (written for g = 1 in the
+# logits' dtype, then scaled by g), so low-precision gradients may be two units in the last
+# place away (bf16: 2·2^-7 relative at most; fp16: 2·2^-10, and two subnormal steps of 6e-8
+# for gradients below 6e-5). Absolute errors scale with |g|.
+SCALED_GRAD_TOL = {**GRAD_TOL, torch.bfloat16: dict(atol=1e-6, rtol=1.6e-2),
+                   torch.float16: dict(atol=1.2e-7, rtol=2e-3)}
+
+
+def _grad_tol(dtype, grad_out):
+    tol = (GRAD_TOL if grad_out == 1.0 else SCALED_GRAD_TOL)[dtype]
+    return dict(tol, atol=tol["atol"] * max(1.0, abs(grad_out)))
 
 
 @pytest.fixture
@@ -65,21 +76,23 @@ def _target(kind, b, c, g):
     raise ValueError(kind)
 
 
-# (B, C, logits dtype, bias?, target kind, logits scale, grads to target/bias?): branch hit.
+# (B, C, logits dtype, bias?, target kind, logits scale, grads to target/bias?, grad_output): branch hit.
+# The gradient is written by the forward launch for grad_output = 1 and scaled by the
+# backward: grad_output ≠ 1 (β of the recipes, a negative value) checks the scaling.
 CASES = [
-    (1, 3, torch.float32, True, "softmax", 1.0, True),        # C < tile (padding); one row; ∂L/∂t and ∂L/∂bias
-    (7, 10, torch.bfloat16, True, "rectified", 1.0, False),   # bf16 logits; the real ConCutMix target
-    (64, 1000, torch.float16, True, "onehot", 1.0, False),    # fp16; one 1024-wide tile; hard label as soft
-    (7, 8142, torch.float32, True, "softmax", 1.0, False),    # iNaturalist C: two 4096-wide tiles, ragged
-    (7, 100, torch.float32, False, "unnormalised", 1.0, True),  # no bias; Σ t ≠ 1; ∂L/∂t
-    (7, 5000, torch.bfloat16, True, "softmax", 50.0, False),  # large logits: online max rescaled across tiles
+    (1, 3, torch.float32, True, "softmax", 1.0, True, 1.0),       # C < tile (padding); one row; ∂L/∂t, ∂L/∂bias
+    (7, 10, torch.bfloat16, True, "rectified", 1.0, False, 0.35),  # bf16 logits; the real ConCutMix target
+    (64, 1000, torch.float16, True, "onehot", 1.0, False, -2.5),   # fp16; one 1024-wide tile; hard label as soft
+    (7, 8142, torch.float32, True, "softmax", 1.0, False, 0.35),   # iNaturalist C: two 4096-wide tiles, ragged
+    (7, 100, torch.float32, False, "unnormalised", 1.0, True, -2.5),  # no bias; Σ t ≠ 1; ∂L/∂t scaled
+    (7, 5000, torch.bfloat16, True, "softmax", 50.0, False, 1.0),  # large logits: online max rescaled across tiles
 ]
 
 
 @needs_kernels
-@pytest.mark.parametrize("b,c,dtype,with_bias,kind,scale,other_grads", CASES)
+@pytest.mark.parametrize("b,c,dtype,with_bias,kind,scale,other_grads,grad_out", CASES)
 def test_forward_and_gradients_match_autograd_on_reference(triton_backend, b, c, dtype, with_bias, kind, scale,
-                                                           other_grads):
+                                                           other_grads, grad_out):
     g = torch.Generator().manual_seed(b * 31 + c)
     logits = (torch.randn(b, c, generator=g) * scale).to(dtype).to(DEVICE)
     target = _target(kind, b, c, g).to(DEVICE)
@@ -91,20 +104,61 @@ def test_forward_and_gradients_match_autograd_on_reference(triton_backend, b, c,
         bb = bias.clone().requires_grad_(other_grads) if bias is not None else None
         return x, t, bb
 
+    g_out = torch.tensor(grad_out, device=DEVICE)
     x, t, bb = leaves()
     loss = soft_cross_entropy(x, t, bb)
-    loss.backward()
+    loss.backward(g_out)
     xr, tr, bbr = leaves()
     want = reference_soft_cross_entropy(xr, tr, bbr)
-    want.backward()
+    want.backward(g_out)
     assert loss.dtype == torch.float32 and loss.shape == ()
     _check(loss, want, f"loss B={b} C={c} {dtype} {kind}", **LOSS_TOL)
     assert x.grad.dtype == dtype
-    _check(x.grad, xr.grad, f"∂L/∂logits B={b} C={c} {dtype} {kind}", **GRAD_TOL[dtype])
+    _check(x.grad, xr.grad, f"∂L/∂logits B={b} C={c} {dtype} {kind}", **_grad_tol(dtype, grad_out))
     if other_grads:
         _check(t.grad, tr.grad, "∂L/∂target", **GRAD_TOL[torch.float32])
         if bb is not None:
             _check(bb.grad, bbr.grad, "∂L/∂bias", atol=1e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_forward_writes_the_gradient_and_backward_only_scales_it(triton_backend):
+    """One Triton launch per forward + backward (the gradient is written by the forward), the
+    scaling by grad_output is a device op, no host read; no gradient pass without grad."""
+    from fastlt.kernels.testing import count_launches
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(7, 100, generator=g).to(DEVICE).requires_grad_()
+    target = _target("softmax", 7, 100, g).to(DEVICE)
+    bias = torch.randn(100, generator=g).to(DEVICE)
+    beta = torch.tensor(0.35, device=DEVICE)
+
+    def step():
+        logits.grad = None
+        (beta * soft_cross_entropy(logits, target, bias)).backward()
+
+    step()
+    got = count_launches(step, DEVICE)
+    assert got["triton"] == 1 and got["host_syncs"] == 0, got
+    if DEVICE == "cpu":
+        assert got["ops"].get("aten::mul_", 0) == 1, got  # the backward scales the stored gradient in place
+    xr = logits.detach().clone().requires_grad_()
+    (beta * reference_soft_cross_entropy(xr, target, bias)).backward()
+    _check(logits.grad, xr.grad, "β·L gradient", **GRAD_TOL[torch.float32])
+    with torch.no_grad():
+        assert count_launches(lambda: soft_cross_entropy(logits, target, bias), DEVICE)["triton"] == 1
+
+
+@needs_kernels
+def test_second_backward_through_the_same_graph_is_refused(triton_backend):
+    """The forward's gradient is scaled in place by the first backward: a second one through
+    a retained graph must fail loudly rather than scale it twice."""
+    logits = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    target = torch.softmax(torch.randn(4, 10, device=DEVICE), 1)
+    loss = soft_cross_entropy(logits, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can run only once per forward"):
+        loss.backward()
 
 
 @needs_kernels
@@ -146,17 +200,22 @@ def test_custom_ops_are_registered_for_torch_compile(triton_backend):
     logits = torch.randn(7, 10, generator=g).to(DEVICE).requires_grad_()
     target = _target("softmax", 7, 10, g).to(DEVICE)
     bias = torch.randn(10, generator=g).to(DEVICE)
-    from fastlt.kernels import soft_ce  # noqa: F401  (registers the fastlt:: ops)
+    from fastlt.kernels import soft_ce, soft_ce_compact  # noqa: F401  (registers the fastlt:: ops)
 
-    torch.library.opcheck(torch.ops.fastlt.soft_ce_forward.default, (logits, target, bias),
+    torch.library.opcheck(torch.ops.fastlt.soft_ce.default, (logits, target, bias, True, False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    label = reference_rectify_labels_compact(*_compact_inputs(7, 10, 3, seed=7), topk=3, omega=1.0)
+    torch.library.opcheck(torch.ops.fastlt.soft_ce_compact.default,
+                          (logits, bias, label.index, label.weight, label.gamma, label.label_a, label.label_b,
+                           label.lam, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
     # Forward compiled as one graph (AOTAutograd builds the backward from the registration).
     loss = torch.compile(soft_cross_entropy, backend="aot_eager", fullgraph=True)(logits, target, bias)
-    loss.backward()
+    loss.backward(torch.tensor(-1.5))
     x = logits.detach().clone().requires_grad_()
     want_loss = reference_soft_cross_entropy(x, target, bias)
-    want_loss.backward()
+    want_loss.backward(torch.tensor(-1.5))
     _check(loss, want_loss, "compiled loss", **LOSS_TOL)
     _check(logits.grad, x.grad, "compiled ∂L/∂logits", **GRAD_TOL[torch.float32])
 
@@ -190,19 +249,20 @@ def _compact_inputs(b, c, k, seed, lam=None, same_classes=False):
     return [t.to(DEVICE) for t in (z, centers, a, bb, lam_t, counts)]
 
 
-# (B, C, K, logits dtype, label from, λ, a == b): branch hit.
+# (B, C, K, logits dtype, label from, λ, a == b, grad_output): branch hit.
 COMPACT_CASES = [
-    (7, 10, 3, torch.float32, "kernel", None, False),     # label straight from the rectification kernel
-    (64, 1000, 30, torch.bfloat16, "kernel", None, False),  # ImageNet-LT C and K; bf16 logits
-    (7, 3000, 1, torch.float32, "torch", 1.0, False),     # K = 1; λ = 1; C over one 4096 tile, ragged
-    (7, 3000, 3000, torch.float32, "torch", 0.0, False),  # K = C: 3 chunks of the 1024-wide K loop; λ = 0
-    (7, 100, 30, torch.float16, "torch", None, True),     # a == b; label from the PyTorch path
+    (7, 10, 3, torch.float32, "kernel", None, False, 1.0),     # label straight from the rectification kernel
+    (64, 1000, 30, torch.bfloat16, "kernel", None, False, 0.35),  # ImageNet-LT C and K; bf16 logits
+    (7, 3000, 1, torch.float32, "torch", 1.0, False, -2.5),    # K = 1; λ = 1; C over one 4096 tile, ragged
+    (7, 3000, 3000, torch.float32, "torch", 0.0, False, 1.0),  # K = C: 3 chunks of the 1024-wide K loop; λ = 0
+    (7, 100, 30, torch.float16, "torch", None, True, 0.35),    # a == b; label from the PyTorch path
+    (7, 9000, 30, torch.float32, "torch", None, False, 2.0),   # C > 4096: three streamed tiles in both passes
 ]
 
 
 @needs_kernels
-@pytest.mark.parametrize("b,c,k,dtype,source,lam,same", COMPACT_CASES)
-def test_compact_label_loss_matches_dense_reference(triton_backend, b, c, k, dtype, source, lam, same):
+@pytest.mark.parametrize("b,c,k,dtype,source,lam,same,grad_out", COMPACT_CASES)
+def test_compact_label_loss_matches_dense_reference(triton_backend, b, c, k, dtype, source, lam, same, grad_out):
     z, centers, a, bb, lam_t, counts = _compact_inputs(b, c, k, seed=c + k, lam=lam, same_classes=same)
     kw = dict(topk=k, omega=1628 / 255)
     if source == "kernel":
@@ -215,14 +275,15 @@ def test_compact_label_loss_matches_dense_reference(triton_backend, b, c, k, dty
     assert label.nbytes() == b * (min(k, c) * 12 + 24)
     bias = log_prior(counts.cpu(), 0.99).to(DEVICE)
     logits = torch.randn(b, c, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEVICE)
+    g_out = torch.tensor(grad_out, device=DEVICE)
     x = logits.clone().requires_grad_()
     loss = soft_cross_entropy_compact(x, label, bias)
-    loss.backward()
+    loss.backward(g_out)
     xr = logits.clone().requires_grad_()
     want = reference_soft_cross_entropy(xr, dense, bias)
-    want.backward()
+    want.backward(g_out)
     _check(loss, want, f"compact loss B={b} C={c} K={k}", **LOSS_TOL)
-    _check(x.grad, xr.grad, f"compact ∂L/∂logits B={b} C={c} K={k}", **GRAD_TOL[dtype])
+    _check(x.grad, xr.grad, f"compact ∂L/∂logits B={b} C={c} K={k}", **_grad_tol(dtype, grad_out))
 
 
 @needs_kernels

@@ -1,0 +1,91 @@
+"""The selection kernel (fastlt.kernels.select) on hand-made similarity rows, ARCHITECTURE §1 step 2.
+
+The radix select finds the K-th largest similarity digit by digit on its fp32 bit pattern
+(four 8-bit passes): rows built from their bit patterns drive each pass — the top three bytes
+equal (the fourth pass decides), values spread over the whole range (the first decides), few
+values per byte (each pass narrows the candidates) — in registers and streamed over tiles. The
+kept classes must be exactly those of ``fastlt.labels.topk_mask`` (ties to the lower index).
+The whole label against the reference is in tests/test_kernels_rectify.py.
+"""
+from fastlt.kernels.testing import prepare_interpreter
+
+prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
+                                    run_module_in_fresh_interpreter, skip_reason_in_process)
+from fastlt.labels import topk_mask  # noqa: E402
+
+DEVICE = kernel_device()
+_SKIP = skip_reason_in_process()
+needs_kernels = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+
+def _check(got, want, what):
+    msg = describe_mismatch(got, want, what=what, atol=1e-6, rtol=1e-5)
+    if msg:
+        pytest.fail(msg)
+
+
+def _bit_pattern_rows(pattern, b, c, seed):
+    """Similarity rows (≥ 0) built from their fp32 bit patterns, to drive the radix select
+    through each of its four 8-bit digits."""
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "low_byte":  # the top three bytes equal, many exact ties: the 4th pass decides
+        bits = 0x3F800000 + torch.randint(0, 256, (b, c), generator=g)
+    elif pattern == "spread":  # floats from 0 to ~1e35 (their sum stays finite): the 1st pass decides
+        bits = torch.randint(0, 0x7A000000, (b, c), generator=g)
+        bits[:, :3] = 0
+    elif pattern == "nested":  # few values per byte: each pass narrows the candidates
+        bytes_ = [torch.randint(0, 3, (b, c), generator=g) * step + off for step, off in
+                  ((20, 60), (40, 0), (40, 7), (40, 100))]  # top byte ≤ 100: positive floats
+        bits = (bytes_[0] << 24) | (bytes_[1] << 16) | (bytes_[2] << 8) | bytes_[3]
+    else:
+        raise ValueError(pattern)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+# (bit pattern, C, K, search tile): rows in registers (None) or streamed over tiles (128).
+RADIX_CASES = [
+    ("low_byte", 1000, 30, None),
+    ("low_byte", 1000, 30, 128),
+    ("spread", 1000, 1, None),
+    ("spread", 1000, 999, 128),
+    ("nested", 1000, 30, None),
+    ("nested", 300, 150, 64),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern,c,k,block", RADIX_CASES)
+def test_radix_select_keeps_exactly_the_top_k(pattern, c, k, block):
+    """The selection kernel on hand-made similarity rows keeps exactly the classes of
+    fastlt.labels.topk_mask (the K largest, ties to the lower index)."""
+    from fastlt.kernels.select import launch_select
+
+    b = 5
+    s = _bit_pattern_rows(pattern, b, c, seed=c + k).to(DEVICE)
+    assert bool((s >= 0).all()) and bool(s.isfinite().all())
+    idx = torch.empty(b, k, dtype=torch.int64, device=DEVICE)
+    w = torch.empty(b, k, device=DEVICE)
+    gamma = torch.empty(b, device=DEVICE)
+    zeros = torch.zeros(b, dtype=torch.int64, device=DEVICE)
+    launch_select(s, s, zeros, zeros, torch.ones(b, device=DEVICE), torch.full((c,), 2, device=DEVICE), None, idx, w,
+                  gamma, k, 1.0, 1.0, False, False, True, block)
+    keep = topk_mask(s, k)
+    want = torch.nonzero(keep)[:, 1].view(b, k)
+    bad_rows = torch.nonzero((idx != want).any(1)).flatten().tolist()
+    assert not bad_rows, f"kept classes differ from topk_mask's in rows {bad_rows}"
+    _check(w, s.gather(1, want) / s.gather(1, want).sum(1, keepdim=True), f"weights {pattern}")
+
+
+@pytest.mark.skipif(_SKIP is None or in_child_process() or DEVICE == "cuda",
+                    reason="the kernel tests ran in this process")
+def test_in_fresh_interpreter_process():
+    """Re-run this module with TRITON_INTERPRET=1 set before triton's first import."""
+    proc = run_module_in_fresh_interpreter(__file__)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"kernel tests failed in the interpreter process:\n{tail}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
