@@ -111,10 +111,14 @@ def init_distributed(device: str, proc: ProcessInfo) -> None:
         torch.set_num_threads(max(1, cores // proc.local_world_size))
 
 
-def _world() -> int:
+def world_size() -> int:
+    """Ranks of the initialised process group (1 without one)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return 1
     return torch.distributed.get_world_size()
+
+
+_world = world_size
 
 
 def barrier() -> None:

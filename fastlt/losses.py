@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastlt.method import SCL_SCOPES
+
 __all__ = ["BalancedSupConLoss", "LogitAdjustedCrossEntropy", "balanced_supcon_loss", "log_prior",
            "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "soft_cross_entropy"]
 
@@ -206,23 +208,36 @@ def balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, t
 
 
 class BalancedSupConLoss(nn.Module):
-    """BCL's balanced supervised contrastive loss in one process (no Python loop, no host sync).
+    """BCL's balanced supervised contrastive loss (no Python loop, no host sync).
 
     Called as ``loss(centers, features, labels)`` with L2-normalised ``centers`` (C, D),
     L2-normalised ``features`` (B, 2, D) of the two contrastive views and ``labels`` (B,):
-    :func:`balanced_supcon_loss` over items = [view 1s, view 2s, centers] with the 2B views as
-    anchors.
+    :func:`balanced_supcon_loss` over items = [view 1s, view 2s, centers] with this process's
+    2B views as anchors.
+
+    ``scope="global"`` (the default; ``method.scl_scope``): when ``torch.distributed`` runs with
+    W > 1 ranks, every rank's features and labels are gathered (with gradients) and the contrast
+    set is all 2B·W views plus the C centers, class-averaged over that whole set, as the
+    reference's ``nn.DataParallel`` computes it on the whole batch; the loss is the mean over
+    this rank's anchors. With data-parallel gradient averaging this is exactly the full-batch
+    loss and gradient. ``scope="local"`` contrasts each rank's own batch only. In one process
+    the two are the same.
     """
 
-    def __init__(self, class_counts, temperature: float = 0.1):
+    def __init__(self, class_counts, temperature: float = 0.1, scope: str = "global"):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"BalancedSupConLoss: temperature must be > 0; got {temperature!r}")
+        if scope not in SCL_SCOPES:
+            raise ValueError(f"BalancedSupConLoss: scope must be one of {SCL_SCOPES}; got {scope!r}")
         self.num_classes = int(_counts_tensor(class_counts, "BalancedSupConLoss").numel())
         self.temperature = float(temperature)
+        self.scope = scope
         self.register_buffer("center_labels", torch.arange(self.num_classes), persistent=False)
 
     def forward(self, centers: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+        from fastlt import distributed as dist
+
         if features.dim() != 3 or features.shape[1] != 2:
             raise ValueError(f"BalancedSupConLoss: features must be (B, 2, D); got {tuple(features.shape)}")
         if centers.shape != (self.num_classes, features.shape[2]):
@@ -230,14 +245,20 @@ class BalancedSupConLoss(nn.Module):
                              f"got {tuple(centers.shape)}")
         if labels.shape != (features.shape[0],):
             raise ValueError(f"BalancedSupConLoss: labels must be ({features.shape[0]},); got {tuple(labels.shape)}")
-        b, c = features.shape[0], self.num_classes
-        # Contrast set: view 1 of every sample, view 2 of every sample, then the C centers.
-        # (transpose + reshape: one copy forward, views backward, where two selects would
-        # cost a zero-filled buffer and a copy each in the backward.) Mixed dtypes compute in
-        # the wider of the features' dtype and fp32, as before this was a wrapper.
+        b, d, c = features.shape[0], features.shape[2], self.num_classes
+        # Mixed dtypes compute in the wider of the features' dtype and fp32.
         dtype = features.dtype if centers.dtype == features.dtype else torch.promote_types(features.dtype,
                                                                                            torch.float32)
-        views = features.transpose(0, 1).reshape(2 * b, features.shape[2]).to(dtype)
+        rank, world = 0, 1
+        if self.scope == "global" and dist.world_size() > 1:
+            rank, world = torch.distributed.get_rank(), dist.world_size()
+            features = dist.all_gather_with_grad(features)
+            labels = dist.all_gather_tensor(labels)
+        # Contrast set: per rank, its view 1s then its view 2s (so this rank's 2B anchors are one
+        # contiguous range), then the C centers. transpose + reshape: one copy forward, views
+        # backward, where two selects would cost a zero-filled buffer and a copy each.
+        views = features.reshape(world, b, 2, d).transpose(1, 2).reshape(world * 2 * b, d).to(dtype)
         items = torch.cat([views, centers.to(dtype)], dim=0)
-        item_labels = torch.cat([labels, labels, self.center_labels.to(labels.device)]).long()
-        return balanced_supcon_loss(items, item_labels, c, self.temperature, 0, 2 * b)
+        item_labels = torch.cat([labels.reshape(world, 1, b).expand(world, 2, b).reshape(-1),
+                                 self.center_labels.to(labels.device)]).long()
+        return balanced_supcon_loss(items, item_labels, c, self.temperature, rank * 2 * b, 2 * b)

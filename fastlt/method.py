@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from fastlt.errors import ConfigError
 from fastlt.typed_config import one_of, positive
 
-__all__ = ["LABEL_NORMALIZATIONS", "MethodConfig"]
+__all__ = ["LABEL_NORMALIZATIONS", "MethodConfig", "SCL_SCOPES"]
 
 #: Normalisation of the top-K similarities: "l1" (ŝ = s / Σ_topK s, the reference) or "softmax".
 LABEL_NORMALIZATIONS = ("l1", "softmax")
+#: Contrast set of the balanced contrastive loss across ranks: "global" (the whole global batch,
+#: as the reference's DataParallel) or "local" (each rank's share).
+SCL_SCOPES = ("global", "local")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +37,10 @@ class MethodConfig:
     """K, the number of class similarities kept in the rectified label."""
     temperature: float = 0.07
     """Temperature of the balanced contrastive loss (0.07 ImageNet, 0.1 CIFAR)."""
+    scl_scope: str = "global"
+    """Contrast set of the balanced contrastive loss with several ranks: global (every rank's views
+    gathered with gradients plus the centers: the reference's whole-batch loss) or local (each
+    rank's own views only)."""
     label_normalize: str = "l1"
     """Normalisation of the top-K similarities: l1 (reference) or softmax."""
     label_temperature: float = 1.0
@@ -60,6 +67,7 @@ class MethodConfig:
         positive("method.topk", self.topk)
         positive("method.temperature", self.temperature)
         one_of("method.label_normalize", self.label_normalize, LABEL_NORMALIZATIONS)
+        one_of("method.scl_scope", self.scl_scope, SCL_SCOPES)
         positive("method.label_temperature", self.label_temperature)
         if not 0 <= self.cutmix_prob <= 1:
             raise ConfigError(f"method.cutmix_prob: must be in [0, 1]; got {self.cutmix_prob!r}")

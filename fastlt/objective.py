@@ -36,7 +36,7 @@ class ConCutMixObjective(nn.Module):
         super().__init__()
         self.method = method
         self.ce = LogitAdjustedCrossEntropy(class_counts, method.tau)
-        self.scl = BalancedSupConLoss(class_counts, method.temperature)
+        self.scl = BalancedSupConLoss(class_counts, method.temperature, method.scl_scope)
         self.register_buffer("class_counts", torch.as_tensor(np.asarray(class_counts), dtype=torch.float64),
                              persistent=False)
 
