@@ -108,6 +108,10 @@ class Trainer:
         dist.barrier()
         self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar)
         self._save_resolved_config()
+        if self.rank == 0 and self.data.class_names is not None:
+            from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
+
+            write_class_map(self.run_dir / CLASS_MAP_FILE, self.data.class_names, self.data.class_counts)
         if cfg.data.kind == "synthetic":
             self.log.info(f"synthetic dataset in {cfg.data.root} (generated on first use, then reused from there)")
 
