@@ -71,6 +71,10 @@ class Trainer:
         deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
         self.data = build_datasets(cfg)
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
+        if cfg.model.pretrained:
+            from fastlt.models.pretrained import check_pretrained_path
+
+            check_pretrained_path(cfg.model.pretrained)
         self.precision = precision_of(cfg.deepspeed)
         self.stop = StopFlag()
 
@@ -117,6 +121,10 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
         model = build_model(cfg, self.data.num_classes)
+        if cfg.model.pretrained:
+            from fastlt.models.pretrained import load_pretrained
+
+            self.log.info(load_pretrained(model, cfg.model.pretrained, cfg.model.pretrained_scope))
         self.signature = model_signature(model, cfg)
         self.engine, self.ds_config = build_engine(cfg, model, self.world_size)
         self.dev = torch.device(self.device, self.proc.local_rank) if self.device == "cuda" else torch.device("cpu")
