@@ -30,6 +30,7 @@ from fastlt.checkpoint import CheckpointManager, model_signature, save_weights
 from fastlt.config import Config, config_diff, config_to_dict, save_config
 from fastlt.errors import CheckpointError, DataError, NonFiniteLossError, TrainingInterrupted
 from fastlt.files import write_text_atomic
+from fastlt.label_stats import interval_fields
 from fastlt.logger import RunLogger, format_metrics
 from fastlt.signals import StopFlag
 
@@ -110,7 +111,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar)
+        self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar,
+                             tensorboard=cfg.run.tensorboard)
         self._save_resolved_config()
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
@@ -189,7 +191,7 @@ class Trainer:
                 save_weights(self.run_dir / "best.pt", self.engine.module,
                              {"epoch": epoch, "metrics": summary, "signature": self.signature})
         self.log.event("eval", f"eval epoch {epoch}: {format_metrics(summary)}" + ("  (best)" if improved else ""),
-                       epoch=epoch, **summary)
+                       epoch=epoch, global_step=int(self.engine.global_steps), **summary)
         return metrics
 
     # -- training --------------------------------------------------------------------
@@ -201,7 +203,9 @@ class Trainer:
         This is the one host<->device sync of the interval. Returns True when any rank saw a
         non-finite loss or received a stop request (all ranks then stop at the same step).
         """
-        vals = buf[:n].cpu()  # host sync: the per-step (loss, ce, scl) of the whole interval in one copy
+        # host sync: the per-step (loss, ce, scl) and label diagnostics of the whole interval in one copy
+        stats = buf[:n].cpu()
+        vals = stats[:, :3]
         finite = torch.isfinite(vals).all(dim=1)
         local_bad = not bool(finite.all())
         if local_bad:
@@ -213,7 +217,8 @@ class Trainer:
             self.log.train({"epoch": epoch, "epochs": self.cfg.optim.epochs, "step": step + 1,
                             "steps": self.steps_per_epoch, "global_step": int(self.engine.global_steps),
                             "loss": mean[0], "ce": mean[1], "scl": mean[2], "lr": float(self.engine.get_lr()[0]),
-                            "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed})
+                            "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed,
+                            **interval_fields(stats[:, 3:])})
         bad, stop = dist.any_rank([local_bad, self.stop.requested], self.dev)
         if bad and self.nonfinite is None:  # another rank saw it first
             self.nonfinite = (epoch, step, None)
@@ -234,7 +239,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, start_step: int) -> int:
         """Train one epoch from start_step; returns the step reached (== steps_per_epoch if complete)."""
-        from fastlt.objective import train_step
+        from fastlt.objective import STEP_COLUMNS, train_step
 
         cfg = self.cfg
         rectify = epoch > cfg.method.l_d_warm
@@ -248,7 +253,7 @@ class Trainer:
                        f"{'rectified' if rectify else 'area'} labels", epoch=epoch, lr=lr, rectify=rectify)
         self.engine.train()
         log_every = cfg.run.log_every
-        buf = torch.zeros(log_every, 3, device=self.dev)
+        buf = torch.zeros(log_every, len(STEP_COLUMNS), device=self.dev)
         n, wait, samples = 0, 0.0, 0
         t_start = time.perf_counter()
         step = start_step - 1
