@@ -27,6 +27,7 @@ setup(
         "nvidia-dali-cuda130>=1.50,<3",
         "safetensors>=0.4,<1",
         "tensorboard>=2.14,<3",
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6,<7", "scipy>=1.10,<2"],

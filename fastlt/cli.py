@@ -2,7 +2,7 @@
 ``fastlt=fastlt.cli:main``). All argument parsing lives here.
 
     fastlt train --config configs/X.yaml [--set key=value ...] [--resume auto|PATH]
-    fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F]
+    fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
 
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best.pt / last.pt of a run, a checkpoint directory, or a run directory (its latest)")
     e.add_argument("--split", default="val", choices=("val", "test"))
     e.add_argument("--out", default=None, help="also write the metrics (with per-class accuracy) to this JSON file")
+    e.add_argument("--report-dir", default=None,
+                   help="where the plots and per_class.csv go (default: eval_<split>/ in the checkpoint's "
+                        "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
     return p
@@ -114,14 +117,18 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     def go():
-        from fastlt.evaluate import run_eval, write_metrics
+        from fastlt.evaluate import checkpoint_run_dir, run_eval, write_metrics
         from fastlt.logger import format_metrics
+        from fastlt.plots import write_eval_report
 
         m = run_eval(_load(args), args.checkpoint, args.split)
         print(f"{args.split} ({m['n']} images): {format_metrics(m)}")
         if args.out:
             write_metrics(m, args.out)
             print(f"metrics written to {args.out}")
+        run_dir = checkpoint_run_dir(args.checkpoint)
+        paths = write_eval_report(args.report_dir or run_dir / f"eval_{args.split}", m, run_dir / "log.jsonl")
+        print(f"plots and per-class CSV: {', '.join(str(p) for p in paths)}")
 
     return run_cli(go)
 

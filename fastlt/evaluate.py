@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fastlt.distributed import gather_variable
 from fastlt.engine import Precision
 
-__all__ = ["evaluate_model", "predict", "run_eval", "write_metrics"]
+__all__ = ["checkpoint_run_dir", "evaluate_model", "predict", "run_eval", "write_metrics"]
 
 
 @torch.no_grad()
@@ -57,13 +57,16 @@ def predict(model: nn.Module, batches, *, device, precision: Precision | None = 
 
 def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, precision: Precision | None = None,
                    channels_last: bool = False) -> dict:
-    """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n."""
+    """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n
+    and per_class_n (evaluated images per class)."""
     from fastlt.metrics import shot_accuracy
 
     preds, labels = predict(model, batches, device=device, precision=precision, channels_last=channels_last)
     preds, labels = gather_variable(preds), gather_variable(labels)
-    out = shot_accuracy(preds.cpu(), labels.cpu(), np.asarray(train_class_counts))
+    counts = np.asarray(train_class_counts)
+    out = shot_accuracy(preds.cpu(), labels.cpu(), counts)
     out["n"] = int(labels.numel())
+    out["per_class_n"] = np.bincount(labels.cpu().numpy(), minlength=counts.size).tolist()
     return out
 
 
@@ -110,8 +113,20 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
     batches = build_val_pipeline(val_spec(cfg, dataset, device=device), backend)
     metrics = evaluate_model(model, batches, data.class_counts, device=device, precision=precision,
                              channels_last=cfg.model.channels_last)
-    metrics.update(split=split, checkpoint=str(checkpoint))
+    metrics.update(split=split, checkpoint=str(checkpoint), train_class_counts=[int(c) for c in data.class_counts],
+                   class_names=data.class_names)
     return metrics
+
+
+def checkpoint_run_dir(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint argument belongs to: best.pt / last.pt -> its folder; a
+    checkpoint directory (run_dir/checkpoints/<tag>) -> run_dir; a run directory -> itself."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path.parent
+    if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:

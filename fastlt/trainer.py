@@ -183,6 +183,7 @@ class Trainer:
         metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
                                  precision=self.precision, channels_last=self.cfg.model.channels_last)
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
+        self.last_eval = metrics
         self.history.append({"epoch": epoch, **summary})
         improved = self.best is None or summary["overall"] > self.best["overall"]
         if improved:
@@ -353,11 +354,25 @@ class Trainer:
                    "train_class_counts": [int(c) for c in self.data.class_counts], "run_dir": str(self.run_dir),
                    "replica_digests": digests}
             write_text_atomic(self.run_dir / "metrics.json", json.dumps(out, indent=1, allow_nan=True))
+            self._plots()
         self.log.event("done", f"final: {format_metrics(final)} | best epoch {self.best['epoch'] if self.best else '-'}"
                        f" | training time {self.train_time:.1f} s | run directory {self.run_dir}",
                        **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
         dist.barrier()
         return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
+
+    def _plots(self) -> None:
+        """The run's PNG plots and per-class CSV (fastlt.plots). A plot that fails is reported, and
+        the finished run (weights, metrics.json) stays as it is."""
+        from fastlt.plots import write_run_report
+
+        try:
+            paths = write_run_report(self.run_dir, self.last_eval, self.data.class_counts, self.data.class_names)
+        except Exception as e:  # noqa: BLE001 - plotting must not turn a finished run into a failed one
+            self.log.event("plots", f"plots not written: {type(e).__name__}: {e}", error=str(e))
+            return
+        self.log.event("plots", f"plots: {', '.join(p.name for p in paths)} in {self.run_dir}",
+                       files=[str(p) for p in paths])
 
     def close(self) -> None:
         for name in ("pipeline", "val_pipeline"):

@@ -1,5 +1,6 @@
-"""What a run leaves for a person to look at: TensorBoard event files and the label diagnostics
-of every log interval — from one short real run (folder dataset, pretrained backbone, area labels in
+"""What a run leaves for a person to look at: TensorBoard event files, the label diagnostics of
+every log interval, the PNG plots and per-class CSV (end of a run and ``fastlt eval``), the
+class map of a folder dataset and the pretrained start in the log — all from one short real run (folder dataset, pretrained backbone, area labels in
 epoch 0 and ConCutMix labels in epoch 1), read back with the readers people use (tensorboard's
 event reader, PIL, csv).
 """
@@ -137,6 +138,63 @@ def test_step_stats_match_the_formulas():
     # Area labels: the label columns stay zero and the fields are None.
     area = step_stats(logits, y, y, None, batch, counts, omega)
     assert interval_fields(area[None])["gamma"] is None and area[2:].abs().sum() == 0
+
+
+def _png_size(path):
+    with Image.open(path) as im:
+        im.load()
+        pixels = np.asarray(im.convert("L"))
+        return im.size, len(np.unique(pixels))
+
+
+def test_run_writes_plots_csv_class_map_and_the_pretrained_start(run):
+    from fastlt.plots import SIZES
+
+    d = run["dir"]
+    for name in ("per_class_accuracy.png", "shot_groups.png", "training_curves.png"):
+        size, levels = _png_size(d / name)
+        assert size == SIZES[name] and levels > 20, name
+    rows = list(csv.DictReader(open(d / "per_class.csv")))
+    final = json.loads((d / "metrics.json").read_text())["final"]
+    assert [r["name"] for r in rows] == NAMES
+    assert [int(r["train_images"]) for r in rows] == list(run["counts"])
+    assert [int(r["eval_images"]) for r in rows] == [4] * TINY_CLASSES
+    per_class = [float(r["accuracy"]) for r in rows]
+    few = [a for a, r in zip(per_class, rows) if r["group"] == "few"]
+    assert np.mean(few) == pytest.approx(final["few"], abs=1e-3)
+    classes = json.loads((d / "classes.json").read_text())
+    assert [c["name"] for c in classes] == NAMES and [c["train_images"] for c in classes] == list(run["counts"])
+    (msg,) = [r["msg"] for r in events(d, "info") if r["msg"].startswith("pretrained:")]
+    assert re.match(r"pretrained: \d+ tensors from .*backbone.safetensors into the resnet32 backbone; missing none",
+                    msg)
+    plots = events(d, "plots")
+    assert plots and plots[-1]["msg"].startswith("plots: per_class_accuracy.png")
+
+
+def _cli(capsys, *args) -> str:
+    """``fastlt args...`` in this process (the command-line entry point, without another interpreter start)."""
+    from fastlt.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    return out.out
+
+
+def test_eval_writes_per_class_csv_and_plots(run, tmp_path, capsys):
+    from fastlt.plots import SIZES
+
+    d = run["dir"]
+    out = _cli(capsys, "eval", "--config", d / "config.yaml", "--checkpoint", d / "last.pt", "--out",
+               tmp_path / "m.json", "--report-dir", tmp_path / "report")
+    assert "plots and per-class CSV:" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "report" / "per_class.csv")))
+    assert [r["name"] for r in rows] == NAMES
+    assert [float(r["accuracy"]) for r in rows] == pytest.approx(metrics["per_class"], abs=1e-4)
+    for name in ("per_class_accuracy.png", "shot_groups.png", "training_curves.png"):
+        assert _png_size(tmp_path / "report" / name)[0] == SIZES[name]
 
 
 def test_tensorboard_can_be_turned_off(tmp_path):
