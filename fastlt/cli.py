@@ -4,7 +4,10 @@
     fastlt train --config configs/X.yaml [--set key=value ...] [--resume auto|PATH]
     fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
+    fastlt recipes                                                        # the shipped recipes, published top-1
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
+
+``--config`` takes a YAML path or the name of a shipped recipe (``fastlt recipes``); a path wins.
 
 Expected failures (``fastlt.errors``) end in one ``fastlt: error: ...`` line on rank 0 and an
 exit code (2 config/data/checkpoint, 3 non-finite loss, 130 stopped by a signal).
@@ -26,7 +29,8 @@ __all__ = ["build_parser", "main", "run_cli", "train_main"]
 
 def _add_config_args(p: argparse.ArgumentParser, *, default_config: str | None = None) -> None:
     if default_config is None:
-        p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+        p.add_argument("--config", required=True,
+                       help="YAML recipe path, or a shipped recipe's name (fastlt recipes), e.g. cifar100_lt_if100")
     else:
         p.add_argument("--config", default=default_config, help=f"YAML recipe (default: {default_config})")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
+    sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
     return p
 
 
@@ -74,8 +79,9 @@ def _overrides(args) -> list[str]:
 
 def _load(args):
     from fastlt.config import load_config
+    from fastlt.recipes import resolve_config
 
-    return load_config(args.config, _overrides(args))
+    return load_config(resolve_config(args.config), _overrides(args))
 
 
 def run_cli(fn: Callable[[], None]) -> int:
@@ -143,6 +149,15 @@ def _demo(args) -> int:
     return run_cli(go)
 
 
+def _recipes(args) -> int:
+    def go():
+        from fastlt.recipes import format_recipes
+
+        print(format_recipes(), flush=True)
+
+    return run_cli(go)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastlt.train`` / ``deepspeed --module fastlt.train``."""
     return _train(_train_parser().parse_args(argv))
@@ -151,7 +166,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+    return {"train": _train, "eval": _eval, "demo": _demo, "recipes": _recipes}[args.command](args)
 
 
 if __name__ == "__main__":
