@@ -4,6 +4,7 @@
     fastlt train --config configs/X.yaml [--set key=value ...] [--resume auto|PATH]
     fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
+    fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
     fastlt recipes                                                        # the shipped recipes, published top-1
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
 
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
+    a = sub.add_parser("data", help="class histogram (text + PNG), shot groups and unreadable files of a dataset",
+                       description="Exit code 1 when unreadable files were found.")
+    a.add_argument("target", help="an image folder (root/train/<class>/... or root/<class>/...), a list file, "
+                                  "or a config path / recipe name")
+    a.add_argument("--root", default=None,
+                   help="list files: the folder the paths are relative to (default: the list's)")
+    a.add_argument("--num-classes", type=int, default=None, help="list files: C (default: max label + 1)")
+    a.add_argument("--class-names", default=None, help="list files: a file with one class name per line")
+    a.add_argument("--out", default=None, help="report folder (default: runs/data-<name>)")
+    a.add_argument("--no-check", dest="check", action="store_false", help="skip the header check of every image")
+    a.add_argument("--decode", action="store_true", help="decode every image fully, not just its header (slower)")
+    a.add_argument("--workers", type=int, default=8, help="threads reading the images (default 8)")
+    a.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="configs: override a value, as for train")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
     return p
 
@@ -149,6 +164,24 @@ def _demo(args) -> int:
     return run_cli(go)
 
 
+def _data(args) -> int:
+    found = []
+
+    def go():
+        from fastlt.dataset_report import load_target, write_report
+
+        t = load_target(args.target, root=args.root, num_classes=args.num_classes, class_names=args.class_names,
+                        overrides=_overrides(args))
+        text, files, bad = write_report(t, args.out or os.path.join("runs", f"data-{t.name}"), check=args.check,
+                                        decode=args.decode, workers=args.workers)
+        print(text)
+        print(f"written: {', '.join(str(f) for f in files)}", flush=True)
+        found.append(bad)
+
+    rc = run_cli(go)
+    return 1 if rc == 0 and found and found[0] else rc
+
+
 def _recipes(args) -> int:
     def go():
         from fastlt.recipes import format_recipes
@@ -166,7 +199,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "demo": _demo, "recipes": _recipes}[args.command](args)
+    return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "recipes": _recipes}[args.command](args)
 
 
 if __name__ == "__main__":

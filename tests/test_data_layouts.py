@@ -133,3 +133,69 @@ def test_class_names_file_for_a_list_dataset(lt, tmp_path):
     blank.write_text("a\n\nb\n")
     with pytest.raises(DataError, match="line 2 is blank"):
         build_datasets(config_from_dict({"data": {**base, "class_names": str(blank)}}))
+
+
+# --------------------------------------------------------------------------------------
+# fastlt data
+# --------------------------------------------------------------------------------------
+
+
+def _fastlt(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "fastlt.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env=child_env())
+
+
+def test_data_command_counts_classes_and_finds_the_bad_files(lt, tmp_path):
+    made, _ = lt
+    root = tmp_path / "ds"
+    shutil.copytree(made.root / "train", root / "train")
+    shutil.copytree(made.root / "val", root / "val")
+    good = root / "train" / "001" / "00000.jpg"
+    (root / "train" / "001" / "truncated.jpg").write_bytes(good.read_bytes()[:200])
+    (root / "val" / "002" / "empty.jpg").write_bytes(b"")
+    proc = _fastlt("data", root, "--out", tmp_path / "report")
+    assert proc.returncode == 1, proc.stderr  # unreadable files were found
+    out = proc.stdout
+    counts = list(made.class_counts)
+    counts[1] += 1  # the truncated file is listed under class 001
+    counts[3] += 1  # and the corrupt one under 003
+    n = sum(counts)
+    assert f"{n} training images in 7 classes" in out
+    assert f"max {max(counts)}, median {float(np.median(counts)):g}, min {min(counts)}" in out
+    assert f"imbalance factor {max(counts) / min(counts):.1f} (max / min)" in out
+    few = [c for c in counts if c < 20]
+    medium = [c for c in counts if 20 <= c <= 100]
+    assert f"few-shot    (  < 20 images): {len(few):>5} classes, {sum(few):>7} images" in out
+    assert f"medium-shot (20-100 images): {len(medium):>5} classes, {sum(medium):>7} images" in out
+    assert "val: 22 images in 7 classes" in out
+    assert f"header check (train {n}, val 22 files): 3 unreadable:" in out
+    assert "train/003/zz_corrupt.jpg: not a readable image" in out
+    assert "train/001/truncated.jpg: truncated JPEG" in out or "train/001/truncated.jpg: not a readable" in out
+    assert "val/002/empty.jpg: the file is empty" in out
+    report = tmp_path / "report"
+    bad = (report / "unreadable.txt").read_text().splitlines()
+    assert len(bad) == 3
+    rows = (report / "class_counts.csv").read_text().splitlines()
+    assert rows[0] == "index,name,train_images,group"
+    assert rows[2] == f"1,001,{counts[1]},{'medium' if counts[1] >= 20 else 'few'}"
+    with Image.open(report / "class_histogram.png") as im:
+        from fastlt.plots import SIZES
+
+        assert im.size == SIZES["class_histogram.png"]
+        assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 20  # a drawn plot, not a blank canvas
+
+
+def test_data_command_on_a_list_file_and_a_config(lt, tmp_path):
+    made, _ = lt
+    proc = _fastlt("data", made.train_list, "--out", tmp_path / "list")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{int(made.class_counts.sum())} training images in 7 classes" in proc.stdout
+    assert "0 unreadable" in proc.stdout
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{kind: folder, root: {made.root}}}\nrun: {{name: mine}}\n")
+    proc = _fastlt("data", cfg, "--no-check", "--out", tmp_path / "cfg")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("dataset mine: config") and "header check: skipped" in proc.stdout
+    assert f"{int(made.class_counts.sum()) + 1} training images in 7 classes" in proc.stdout
+    proc = _fastlt("data", tmp_path / "no-such-thing")
+    assert proc.returncode == 2 and "no such file, and no shipped recipe of that name" in proc.stderr
