@@ -5,6 +5,7 @@
     fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
     fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
+    fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
     fastlt recipes                                                        # the shipped recipes, published top-1
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
 
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--workers", type=int, default=8, help="threads reading the images (default 8)")
     a.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="configs: override a value, as for train")
+    i = sub.add_parser("inspect", help="render the ConCutMix label of mixed samples from the training pipeline "
+                                       "(PNG grid + HTML page)")
+    _add_config_args(i)
+    i.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
+    i.add_argument("--out", default=None, help="output folder (default: inspect/ in the checkpoint's run directory)")
+    i.add_argument("--samples", type=int, default=16, help="mixed samples to show (default 16)")
+    i.add_argument("--epoch", type=int, default=None, help="epoch of the sample sequence (default: the checkpoint's)")
+    i.add_argument("--topk", type=int, default=3, help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
     return p
 
@@ -182,6 +191,19 @@ def _data(args) -> int:
     return 1 if rc == 0 and found and found[0] else rc
 
 
+def _inspect(args) -> int:
+    def go():
+        from fastlt.evaluate import checkpoint_run_dir
+        from fastlt.label_inspect import inspect_labels
+
+        out = args.out or checkpoint_run_dir(args.checkpoint) / "inspect"
+        paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples, epoch=args.epoch,
+                                     show_topk=args.topk)
+        print(f"{len(rows)} mixed samples: {', '.join(str(p) for p in paths)}", flush=True)
+
+    return run_cli(go)
+
+
 def _recipes(args) -> int:
     def go():
         from fastlt.recipes import format_recipes
@@ -199,7 +221,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "recipes": _recipes}[args.command](args)
+    return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "inspect": _inspect,
+            "recipes": _recipes}[args.command](args)
 
 
 if __name__ == "__main__":

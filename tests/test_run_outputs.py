@@ -1,6 +1,7 @@
 """What a run leaves for a person to look at: TensorBoard event files, the label diagnostics of
 every log interval, the PNG plots and per-class CSV (end of a run and ``fastlt eval``), the
-class map of a folder dataset and the pretrained start in the log — all from one short real run (folder dataset, pretrained backbone, area labels in
+class map of a folder dataset, the pretrained start in the log, and ``fastlt inspect``'s grid
+and page — all from one short real run (folder dataset, pretrained backbone, area labels in
 epoch 0 and ConCutMix labels in epoch 1), read back with the readers people use (tensorboard's
 event reader, PIL, csv).
 """
@@ -195,6 +196,29 @@ def test_eval_writes_per_class_csv_and_plots(run, tmp_path, capsys):
     assert [float(r["accuracy"]) for r in rows] == pytest.approx(metrics["per_class"], abs=1e-4)
     for name in ("per_class_accuracy.png", "shot_groups.png", "training_curves.png"):
         assert _png_size(tmp_path / "report" / name)[0] == SIZES[name]
+
+
+def test_inspect_renders_the_labels_of_real_batches(run, tmp_path, capsys):
+    from fastlt.label_inspect import CELL, COLUMNS, HEADER
+
+    d = run["dir"]
+    out = _cli(capsys, "inspect", "--config", d / "config.yaml", "--checkpoint", d / "best.pt", "--samples", "6",
+               "--out", tmp_path / "ins")
+    assert out.strip().startswith("6 mixed samples:")
+    out = tmp_path / "ins"
+    size, levels = _png_size(out / "labels.png")
+    assert size == (COLUMNS * CELL[0], HEADER + 2 * CELL[1]) and levels > 20
+    page = (out / "labels.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 6
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)  # self-contained: nothing loaded from elsewhere
+    info = json.loads((out / "labels.json").read_text())
+    samples = info["samples"]
+    assert len(samples) == 6
+    for s in samples:
+        assert s["a_name"] in NAMES and s["b_name"] in NAMES and 0.0 < s["lam"] < 1.0
+        assert s["gamma"] > 0 and s["label_l1"] <= 2 * s["gamma"] * (1 + 1e-6)
+        assert len(s["top"]) == 3 and sum(v for _, v in s["top"]) <= 1.0 + 1e-5
+        assert s["a_name"] in page and f"{s['lam']:.3f}" in page
 
 
 def test_tensorboard_can_be_turned_off(tmp_path):
