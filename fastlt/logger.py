@@ -87,10 +87,7 @@ class RunLogger:
             self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1, encoding="utf-8")
             self._text = open(self.run_dir / "train.log", "a", buffering=1, encoding="utf-8")
         self._tb = None
-        if tensorboard and self.enabled and self.run_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir), flush_secs=30)
+        self._want_tb = tensorboard and self.enabled and self.run_dir is not None
 
     # -- output ----------------------------------------------------------------------
 
@@ -103,9 +100,15 @@ class RunLogger:
             self._text.write(line + "\n")
 
     def _scalars(self, kind: str, fields: dict) -> None:
-        if self._tb is None or "global_step" not in fields:
+        if not self._want_tb or "global_step" not in fields:
             return
         step = int(fields["global_step"])
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Opened at the first scalar: a resumed run replays the steps after its checkpoint, and
+            # purge_step hides what an earlier launch of this run wrote from that step on.
+            self._tb = SummaryWriter(log_dir=str(self.run_dir), flush_secs=30, purge_step=step)
         for key, tag in TB_TAGS[kind].items():
             v = fields.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v):
@@ -173,3 +176,4 @@ class RunLogger:
             if f is not None:
                 f.close()
         self._jsonl = self._text = self._tb = None
+        self._want_tb = False

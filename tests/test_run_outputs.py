@@ -237,3 +237,28 @@ def test_tensorboard_can_be_turned_off(tmp_path):
         log.train(rec)
         log.close()
         assert bool(list((tmp_path / str(on)).glob("events.out.tfevents.*"))) is on
+
+
+def test_a_resumed_run_replaces_the_steps_it_replays_in_tensorboard(tmp_path):
+    """A run resumed from a checkpoint logs the steps after it again; TensorBoard shows the new values."""
+    import io
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastlt.logger import RunLogger
+
+    def launch(steps, offset):
+        log = RunLogger(tmp_path, stream=io.StringIO(), tensorboard=True)
+        for s in steps:
+            log.train({"epoch": 0, "epochs": 1, "step": s, "steps": 10, "global_step": s, "ce": 1.0, "scl": 1.0,
+                       "loss": offset + s, "lr": 0.1, "img_per_s": 10.0, "data_wait": 0.0})
+        log.close()
+
+    launch(range(1, 9), 0.0)  # stopped after step 8, last checkpoint at step 4
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    launch(range(5, 11), 100.0)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(s, float(s)) for s in range(1, 5)] + [(s, 100.0 + s) for s in range(5, 11)]
