@@ -220,12 +220,13 @@ def plot_training_curves(path: str | os.PathLike, log_jsonl: str | os.PathLike, 
     ax.set_title("rectified label: mixed samples (%)")
     ax = axes[1, 2]
     ax.plot(*_series(train, "img_per_s"), color="#4c9a5a", label="img/s")
+    ax.set_ylabel("img/s", fontsize=8, color="#4c9a5a")
     ax.set_title("throughput (img/s) and data wait")
     twin = ax.twinx()
     xs, ys = _series(train, "data_wait")
     twin.plot(xs, 100 * ys, color="#d9a227", lw=1, label="data wait (%)")
     twin.set_ylim(0, 100)
-    twin.set_ylabel("data wait (%)", fontsize=8)
+    twin.set_ylabel("data wait (%)", fontsize=8, color="#d9a227")
     steps = [r["global_step"] for r in train]
     for a in axes.flat:
         a.set_xlabel("global step", fontsize=8)
