@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,14 @@ def installed_wheel(tmp_path_factory):
     """The project built as a wheel and installed (no dependencies: they are this environment's)
     into a folder outside the repository; built once per test session."""
     base = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the sources, so no build/ folder of an earlier build (which setuptools
+    # would reuse, stale files included) and nothing of this environment gets into the wheel.
+    src = base / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "runs",
+                                                             "data_cache", "__pycache__", ".pytest_cache",
+                                                             ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(base / "dist"), str(REPO)], check=True, capture_output=True, timeout=300, cwd=base)
+                    str(base / "dist"), str(src)], check=True, capture_output=True, timeout=300, cwd=base)
     (wheel,) = (base / "dist").glob("fastlt-*.whl")
     target = base / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
