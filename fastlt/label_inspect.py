@@ -176,7 +176,7 @@ def render_html(path: str | os.PathLike, rows: list[dict], names, *, title: str,
         for i, v in r["top"]:
             role, area = lab.get(i, ("", 0.0))
             trs.append(f"<tr><td>{e(_name(names, i))}</td><td>{e(role)}</td><td>{area:.4f}</td><td>{v:.4f}</td>"
-                       f"<td>{v - area:+.2e}</td></tr>")
+                       f"<td>{v - area:+.1e}</td></tr>")
         changed = "<b class=chg>arg-max changed</b>" if r["argmax_changed"] else "arg-max unchanged"
         cards.append(
             f"<div class=card><img src='{_png_data_uri(r['image'], scale)}' alt='mixed sample {j + 1}'>"
@@ -190,7 +190,7 @@ def render_html(path: str | os.PathLike, rows: list[dict], names, *, title: str,
             + "".join(trs) + "</table></div>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + e(title) + "</title><style>"
             "body{font-family:sans-serif;margin:1.5em;color:#222}.grid{display:flex;flex-wrap:wrap;gap:14px}"
-            ".card{border:1px solid #ccc;border-radius:6px;padding:10px;width:360px;font-size:13px}"
+            ".card{border:1px solid #ccc;border-radius:6px;padding:10px;width:400px;font-size:13px}"
             ".card img{image-rendering:pixelated;display:block;margin:0 auto}table{border-collapse:collapse;"
             "width:100%}td,th{border-bottom:1px solid #eee;padding:2px 4px;text-align:left}.chg{color:#b00}"
             "</style></head><body><h1>" + e(title) + "</h1><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes)
