@@ -3,6 +3,8 @@
 `kernels/` and `pipelines/` live at the top of the repository (ARCHITECTURE §3) but are
 installed only as `fastlt.kernels` and `fastlt.pipelines` through `package_dir`: both
 top-level names are taken on PyPI, so they must never be installed as top-level packages.
+The recipes of `configs/` are installed as package data in `fastlt/configs/` (fastlt.recipes
+finds them there, or in the source tree).
 """
 from setuptools import setup
 
@@ -13,8 +15,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastlt", "fastlt.data", "fastlt.models", "fastlt.kernels", "fastlt.pipelines"],
-    package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines"},
+    packages=["fastlt", "fastlt.data", "fastlt.models", "fastlt.kernels", "fastlt.pipelines", "fastlt.configs"],
+    package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines",
+                 "fastlt.configs": "configs"},
+    package_data={"fastlt.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",
@@ -25,6 +29,9 @@ setup(
         "pillow>=10,<13",
         "deepspeed>=0.15,<0.20",
         "nvidia-dali-cuda130>=1.50,<3",
+        "safetensors>=0.4,<1",
+        "tensorboard>=2.14,<3",
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6,<7", "scipy>=1.10,<2"],

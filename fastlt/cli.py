@@ -2,9 +2,14 @@
 ``fastlt=fastlt.cli:main``). All argument parsing lives here.
 
     fastlt train --config configs/X.yaml [--set key=value ...] [--resume auto|PATH]
-    fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F]
+    fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
+    fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
+    fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
+    fastlt recipes                                                        # the shipped recipes, published top-1
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
+
+``--config`` takes a YAML path or the name of a shipped recipe (``fastlt recipes``); a path wins.
 
 Expected failures (``fastlt.errors``) end in one ``fastlt: error: ...`` line on rank 0 and an
 exit code (2 config/data/checkpoint, 3 non-finite loss, 130 stopped by a signal).
@@ -26,7 +31,8 @@ __all__ = ["build_parser", "main", "run_cli", "train_main"]
 
 def _add_config_args(p: argparse.ArgumentParser, *, default_config: str | None = None) -> None:
     if default_config is None:
-        p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+        p.add_argument("--config", required=True,
+                       help="YAML recipe path, or a shipped recipe's name (fastlt recipes), e.g. cifar100_lt_if100")
     else:
         p.add_argument("--config", default=default_config, help=f"YAML recipe (default: {default_config})")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -52,8 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best.pt / last.pt of a run, a checkpoint directory, or a run directory (its latest)")
     e.add_argument("--split", default="val", choices=("val", "test"))
     e.add_argument("--out", default=None, help="also write the metrics (with per-class accuracy) to this JSON file")
+    e.add_argument("--report-dir", default=None,
+                   help="where the plots and per_class.csv go (default: eval_<split>/ in the checkpoint's "
+                        "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
+    a = sub.add_parser("data", help="class histogram (text + PNG), shot groups and unreadable files of a dataset",
+                       description="Exit code 1 when unreadable files were found.")
+    a.add_argument("target", help="an image folder (root/train/<class>/... or root/<class>/...), a list file, "
+                                  "or a config path / recipe name")
+    a.add_argument("--root", default=None,
+                   help="list files: the folder the paths are relative to (default: the list's)")
+    a.add_argument("--num-classes", type=int, default=None, help="list files: C (default: max label + 1)")
+    a.add_argument("--class-names", default=None, help="list files: a file with one class name per line")
+    a.add_argument("--out", default=None, help="report folder (default: runs/data-<name>)")
+    a.add_argument("--no-check", dest="check", action="store_false", help="skip the header check of every image")
+    a.add_argument("--decode", action="store_true", help="decode every image fully, not just its header (slower)")
+    a.add_argument("--workers", type=int, default=8, help="threads reading the images (default 8)")
+    a.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="configs: override a value, as for train")
+    i = sub.add_parser("inspect", help="render the ConCutMix label of mixed samples from the training pipeline "
+                                       "(PNG grid + HTML page)")
+    _add_config_args(i)
+    i.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
+    i.add_argument("--out", default=None, help="output folder (default: inspect/ in the checkpoint's run directory)")
+    i.add_argument("--samples", type=int, default=16, help="mixed samples to show (default 16)")
+    i.add_argument("--epoch", type=int, default=None, help="epoch of the sample sequence (default: the checkpoint's)")
+    i.add_argument("--topk", type=int, default=3, help="classes of the rectified label to list per sample (default 3)")
+    sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
     return p
 
 
@@ -71,8 +103,9 @@ def _overrides(args) -> list[str]:
 
 def _load(args):
     from fastlt.config import load_config
+    from fastlt.recipes import resolve_config
 
-    return load_config(args.config, _overrides(args))
+    return load_config(resolve_config(args.config), _overrides(args))
 
 
 def run_cli(fn: Callable[[], None]) -> int:
@@ -114,14 +147,18 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     def go():
-        from fastlt.evaluate import run_eval, write_metrics
+        from fastlt.evaluate import checkpoint_run_dir, run_eval, write_metrics
         from fastlt.logger import format_metrics
+        from fastlt.plots import write_eval_report
 
         m = run_eval(_load(args), args.checkpoint, args.split)
         print(f"{args.split} ({m['n']} images): {format_metrics(m)}")
         if args.out:
             write_metrics(m, args.out)
             print(f"metrics written to {args.out}")
+        run_dir = checkpoint_run_dir(args.checkpoint)
+        paths = write_eval_report(args.report_dir or run_dir / f"eval_{args.split}", m, run_dir / "log.jsonl")
+        print(f"plots and per-class CSV: {', '.join(str(p) for p in paths)}")
 
     return run_cli(go)
 
@@ -136,6 +173,46 @@ def _demo(args) -> int:
     return run_cli(go)
 
 
+def _data(args) -> int:
+    found = []
+
+    def go():
+        from fastlt.dataset_report import load_target, write_report
+
+        t = load_target(args.target, root=args.root, num_classes=args.num_classes, class_names=args.class_names,
+                        overrides=_overrides(args))
+        text, files, bad = write_report(t, args.out or os.path.join("runs", f"data-{t.name}"), check=args.check,
+                                        decode=args.decode, workers=args.workers)
+        print(text)
+        print(f"written: {', '.join(str(f) for f in files)}", flush=True)
+        found.append(bad)
+
+    rc = run_cli(go)
+    return 1 if rc == 0 and found and found[0] else rc
+
+
+def _inspect(args) -> int:
+    def go():
+        from fastlt.evaluate import checkpoint_run_dir
+        from fastlt.label_inspect import inspect_labels
+
+        out = args.out or checkpoint_run_dir(args.checkpoint) / "inspect"
+        paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples, epoch=args.epoch,
+                                     show_topk=args.topk)
+        print(f"{len(rows)} mixed samples: {', '.join(str(p) for p in paths)}", flush=True)
+
+    return run_cli(go)
+
+
+def _recipes(args) -> int:
+    def go():
+        from fastlt.recipes import format_recipes
+
+        print(format_recipes(), flush=True)
+
+    return run_cli(go)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastlt.train`` / ``deepspeed --module fastlt.train``."""
     return _train(_train_parser().parse_args(argv))
@@ -144,7 +221,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+    return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "inspect": _inspect,
+            "recipes": _recipes}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ class RunConfig:
     """Cap on steps per epoch (smoke tests and quick experiments); 0 = the full epoch."""
     progress_bar: bool = True
     """tqdm bar on rank 0, only when stdout is a terminal."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory (rank 0): losses, lr, throughput,
+    training accuracy, label diagnostics and evaluation; false turns them off."""
 
     def __post_init__(self):
         one_of("run.device", self.device, DEVICES)

@@ -1,5 +1,6 @@
-"""``fastlt demo``: ConCutMix on the cached synthetic long-tailed set of ``configs/demo.yaml``,
-ending with one summary of overall / many / medium / few-shot accuracy against chance.
+"""``fastlt demo``: ConCutMix on the cached synthetic long-tailed set of the ``demo`` recipe
+(``configs/demo.yaml``, shipped with the package: ``fastlt.recipes``), ending with one summary
+of overall / many / medium / few-shot accuracy against chance.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from fastlt.logger import format_metrics
 
 __all__ = ["DEMO_CONFIG", "demo_summary", "run_demo"]
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+#: The demo's recipe, by name (``fastlt.recipes.resolve_config``): found in an installed package too.
+DEMO_CONFIG = "demo"
 
 
 def demo_summary(result: dict, metrics: dict, wall: float) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fastlt.distributed import gather_variable
 from fastlt.engine import Precision
 
-__all__ = ["evaluate_model", "predict", "run_eval", "write_metrics"]
+__all__ = ["checkpoint_run_dir", "evaluate_model", "load_checkpoint_model", "predict", "run_eval", "write_metrics"]
 
 
 @torch.no_grad()
@@ -57,40 +57,27 @@ def predict(model: nn.Module, batches, *, device, precision: Precision | None = 
 
 def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, precision: Precision | None = None,
                    channels_last: bool = False) -> dict:
-    """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n."""
+    """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n
+    and per_class_n (evaluated images per class)."""
     from fastlt.metrics import shot_accuracy
 
     preds, labels = predict(model, batches, device=device, precision=precision, channels_last=channels_last)
     preds, labels = gather_variable(preds), gather_variable(labels)
-    out = shot_accuracy(preds.cpu(), labels.cpu(), np.asarray(train_class_counts))
+    counts = np.asarray(train_class_counts)
+    out = shot_accuracy(preds.cpu(), labels.cpu(), counts)
     out["n"] = int(labels.numel())
+    out["per_class_n"] = np.bincount(labels.cpu().numpy(), minlength=counts.size).tolist()
     return out
 
 
-def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
-    """``fastlt eval``: evaluate a checkpoint of ``cfg``'s model on its val or test list, one process.
-
-    The many/medium/few groups come from the training class counts, so the training list
-    (or CIFAR/synthetic data) of the config must be readable too.
-    """
+def load_checkpoint_model(cfg, checkpoint: str | Path, num_classes: int) -> tuple[nn.Module, dict]:
+    """(the config's model with the checkpoint's weights, on the CPU; the checkpoint's meta).
+    Raises CheckpointError when the checkpoint belongs to another model."""
     from fastlt.checkpoint import load_weights, model_signature
-    from fastlt.data.build import build_datasets
-    from fastlt.distributed import resolve_device
-    from fastlt.engine import precision_of
-    from fastlt.errors import CheckpointError, ConfigError, DataError
+    from fastlt.errors import CheckpointError
     from fastlt.models import build_model
-    from fastlt.pipelines import build_val_pipeline, select_backend, val_spec
 
-    if split not in ("val", "test"):
-        raise ConfigError(f"--split must be val or test; got {split!r}")
-    device = resolve_device(cfg.run.device)
-    if device == "cpu":  # the safe loader imports DeepSpeed's checkpoint classes; no accelerator probing
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    data = build_datasets(cfg)
-    dataset = data.val if split == "val" else data.test
-    if dataset is None:
-        raise DataError("--split test: the config has no test list; set data.test_list (list datasets only)")
-    model = build_model(cfg, data.num_classes)
+    model = build_model(cfg, num_classes)
     state, meta = load_weights(checkpoint)
     expected = model_signature(model, cfg)
     saved = meta.get("signature")
@@ -102,6 +89,32 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint} does not fit the model of this config: {str(e).splitlines()[0]}") from None
+    return model, meta
+
+
+def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
+    """``fastlt eval``: evaluate a checkpoint of ``cfg``'s model on its val or test list, one process.
+
+    The many/medium/few groups come from the training class counts, so the training list
+    (or CIFAR/synthetic data) of the config must be readable too.
+    """
+    from fastlt.data.build import build_datasets
+    from fastlt.distributed import resolve_device
+    from fastlt.engine import precision_of
+    from fastlt.errors import ConfigError, DataError
+    from fastlt.pipelines import build_val_pipeline, select_backend, val_spec
+
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split must be val or test; got {split!r}")
+    device = resolve_device(cfg.run.device)
+    if device == "cpu":  # the safe loader imports DeepSpeed's checkpoint classes; no accelerator probing
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    data = build_datasets(cfg)
+    dataset = data.val if split == "val" else data.test
+    if dataset is None:
+        raise DataError("--split test: the config has no test split; set data.test_list (list datasets) or "
+                        "data.test_dir (folder datasets)")
+    model, _ = load_checkpoint_model(cfg, checkpoint, data.num_classes)
     precision = precision_of(cfg.deepspeed)
     model.to(torch.device(device), dtype=precision.weight_dtype)
     if cfg.model.channels_last:
@@ -110,8 +123,20 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
     batches = build_val_pipeline(val_spec(cfg, dataset, device=device), backend)
     metrics = evaluate_model(model, batches, data.class_counts, device=device, precision=precision,
                              channels_last=cfg.model.channels_last)
-    metrics.update(split=split, checkpoint=str(checkpoint))
+    metrics.update(split=split, checkpoint=str(checkpoint), train_class_counts=[int(c) for c in data.class_counts],
+                   class_names=data.class_names)
     return metrics
+
+
+def checkpoint_run_dir(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint argument belongs to: best.pt / last.pt -> its folder; a
+    checkpoint directory (run_dir/checkpoints/<tag>) -> run_dir; a run directory -> itself."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path.parent
+    if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:

@@ -11,7 +11,10 @@ import math
 
 import numpy as np
 
-__all__ = ["shot_accuracy"]
+__all__ = ["FEW_SHOT", "MANY_SHOT", "shot_accuracy"]
+
+#: Many-shot classes have more than MANY_SHOT training images, few-shot ones fewer than FEW_SHOT.
+MANY_SHOT, FEW_SHOT = 100, 20
 
 
 def _as_int_array(x, name: str) -> np.ndarray:
@@ -25,7 +28,7 @@ def _as_int_array(x, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def shot_accuracy(preds, labels, train_class_counts, many: int = 100, few: int = 20) -> dict:
+def shot_accuracy(preds, labels, train_class_counts, many: int = MANY_SHOT, few: int = FEW_SHOT) -> dict:
     """Top-1 accuracy overall and per shot group, in percent.
 
     Args:

@@ -18,10 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastlt.label_stats import STAT_COLUMNS, step_stats
 from fastlt.labels import area_label, rectify_labels
 from fastlt.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
 
-__all__ = ["ConCutMixObjective", "train_step"]
+__all__ = ["STEP_COLUMNS", "ConCutMixObjective", "train_step"]
+
+#: What :func:`train_step` returns, column by column.
+STEP_COLUMNS = ("loss", "ce", "scl") + STAT_COLUMNS
 
 
 class ConCutMixObjective(nn.Module):
@@ -45,13 +49,18 @@ class ConCutMixObjective(nn.Module):
         return int(self.class_counts.numel())
 
     def forward(self, out, batch, *, rectify: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, ce, scl) for a model output over cat[image, view1, view2] and its TrainBatch."""
+        """(loss, ce, scl) for a model output over cat[image, view1, view2] and its TrainBatch.
+
+        Also leaves the step's label diagnostics (``fastlt.label_stats.step_stats``, on the
+        device) in ``self.stats``.
+        """
         m = self.method
         b = batch.label_a.shape[0]
         logits = out.logits[:b]
         features = torch.stack([out.z[b:2 * b], out.z[2 * b:]], dim=1).float()
         scl = self.scl(out.centers.float(), features, batch.label_a)
         target = area_label(batch.label_a, batch.label_b, batch.lam, self.num_classes)
+        area, rect = target, None
         if rectify:
             rect = rectify_labels(out.z_raw[:b].detach(), out.centers_raw.detach(), batch.label_a, batch.label_b,
                                   batch.lam, self.class_counts, topk=m.topk, omega=m.omega,
@@ -59,6 +68,7 @@ class ConCutMixObjective(nn.Module):
             # Only mixed samples get the ConCutMix label; an unmixed one keeps its one-hot label
             # (torch.where, not boolean indexing: no host sync).
             target = torch.where(batch.mixed[:, None], rect, target)
+        self.stats = step_stats(logits, target, area, rect, batch, self.class_counts, m.omega)
         ce = self.ce(logits, target)
         loss = m.alpha * ce + m.beta * scl
         return loss, ce, scl
@@ -71,11 +81,12 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
     tensor in the model's memory format and dtype. ``engine`` is the DeepSpeed engine, or
     anything with its three calls (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``:
     bench/bench_train_step.py runs the step on a plain optimizer where DeepSpeed is not
-    installed). Returns the detached (loss, ce, scl) as a float32 (3,) tensor on the device;
-    nothing here waits for the device.
+    installed). Returns the detached (loss, ce, scl) followed by the label diagnostics
+    (``fastlt.label_stats.STAT_COLUMNS``) as one float32 tensor on the device
+    (:data:`STEP_COLUMNS`); nothing here waits for the device.
     """
     out = engine(batch.images)
     loss, ce, scl = objective(out, batch, rectify=rectify)
     engine.backward(loss)
     engine.step()
-    return torch.stack([loss.detach(), ce.detach(), scl.detach()]).float()
+    return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), objective.stats])

@@ -30,6 +30,7 @@ from fastlt.checkpoint import CheckpointManager, model_signature, save_weights
 from fastlt.config import Config, config_diff, config_to_dict, save_config
 from fastlt.errors import CheckpointError, DataError, NonFiniteLossError, TrainingInterrupted
 from fastlt.files import write_text_atomic
+from fastlt.label_stats import interval_fields
 from fastlt.logger import RunLogger, format_metrics
 from fastlt.signals import StopFlag
 
@@ -79,6 +80,10 @@ class Trainer:
         deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
         self.data = build_datasets(cfg)
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
+        if cfg.model.pretrained:
+            from fastlt.models.pretrained import check_pretrained_path
+
+            check_pretrained_path(cfg.model.pretrained)
         self.precision = precision_of(cfg.deepspeed)
         self.stop = StopFlag()
 
@@ -114,13 +119,22 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar)
+        self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar,
+                             tensorboard=cfg.run.tensorboard)
         self._save_resolved_config()
+        if self.rank == 0 and self.data.class_names is not None:
+            from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
+
+            write_class_map(self.run_dir / CLASS_MAP_FILE, self.data.class_names, self.data.class_counts)
         if cfg.data.kind == "synthetic":
             self.log.info(f"synthetic dataset in {cfg.data.root} (generated on first use, then reused from there)")
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
         model = build_model(cfg, self.data.num_classes)
+        if cfg.model.pretrained:
+            from fastlt.models.pretrained import load_pretrained
+
+            self.log.info(load_pretrained(model, cfg.model.pretrained, cfg.model.pretrained_scope))
         self.signature = model_signature(model, cfg)
         self.engine, self.ds_config = build_engine(cfg, model, self.world_size)
         self.dev = torch.device(self.device, self.proc.local_rank) if self.device == "cuda" else torch.device("cpu")
@@ -177,6 +191,7 @@ class Trainer:
         metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
                                  precision=self.precision, channels_last=self.cfg.model.channels_last)
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
+        self.last_eval = metrics
         self.history.append({"epoch": epoch, **summary})
         improved = self.best is None or summary["overall"] > self.best["overall"]
         if improved:
@@ -185,7 +200,7 @@ class Trainer:
                 save_weights(self.run_dir / "best.pt", self.engine.module,
                              {"epoch": epoch, "metrics": summary, "signature": self.signature})
         self.log.event("eval", f"eval epoch {epoch}: {format_metrics(summary)}" + ("  (best)" if improved else ""),
-                       epoch=epoch, **summary)
+                       epoch=epoch, global_step=int(self.engine.global_steps), **summary)
         return metrics
 
     # -- training --------------------------------------------------------------------
@@ -197,9 +212,10 @@ class Trainer:
         This is the one host<->device sync of the interval. Returns True when any rank saw a
         non-finite loss or received a stop request (all ranks then stop at the same step).
         """
-        # The global batch's losses (the mean of the ranks' equal shares), then the one host sync:
-        # the per-step (loss, ce, scl) of the whole interval in one copy.
-        vals = dist.mean_over_ranks(buf[:n]).cpu()
+        # The global batch's values (the mean of the ranks' equal shares), then the one host sync:
+        # the per-step (loss, ce, scl) and label diagnostics of the whole interval in one copy.
+        stats = dist.mean_over_ranks(buf[:n]).cpu()
+        vals = stats[:, :3]
         finite = torch.isfinite(vals).all(dim=1)
         local_bad = not bool(finite.all())
         if local_bad:
@@ -211,7 +227,8 @@ class Trainer:
             self.log.train({"epoch": epoch, "epochs": self.cfg.optim.epochs, "step": step + 1,
                             "steps": self.steps_per_epoch, "global_step": int(self.engine.global_steps),
                             "loss": mean[0], "ce": mean[1], "scl": mean[2], "lr": float(self.engine.get_lr()[0]),
-                            "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed})
+                            "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed,
+                            **interval_fields(stats[:, 3:])})
         bad, stop = dist.any_rank([local_bad, self.stop.requested], self.dev)
         if bad and self.nonfinite is None:  # another rank saw it first
             self.nonfinite = (epoch, step, None)
@@ -232,7 +249,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, start_step: int) -> int:
         """Train one epoch from start_step; returns the step reached (== steps_per_epoch if complete)."""
-        from fastlt.objective import train_step
+        from fastlt.objective import STEP_COLUMNS, train_step
 
         cfg = self.cfg
         rectify = epoch > cfg.method.l_d_warm
@@ -246,7 +263,7 @@ class Trainer:
                        f"{'rectified' if rectify else 'area'} labels", epoch=epoch, lr=lr, rectify=rectify)
         self.engine.train()
         log_every = cfg.run.log_every
-        buf = torch.zeros(log_every, 3, device=self.dev)
+        buf = torch.zeros(log_every, len(STEP_COLUMNS), device=self.dev)
         n, wait, samples = 0, 0.0, 0
         t_start = time.perf_counter()
         step = start_step - 1
@@ -346,6 +363,7 @@ class Trainer:
                    "eval_every": self.cfg.run.eval_every, "evaluated_epochs": [h["epoch"] for h in self.history],
                    "replica_digests": digests}
             write_text_atomic(self.run_dir / "metrics.json", json.dumps(out, indent=1, allow_nan=True))
+            self._plots()
         evaluated = [h["epoch"] for h in self.history]
         cadence = (f"best of {len(evaluated)} evaluation(s), every {self.cfg.run.eval_every} epoch(s) and after the "
                    "last" if self.cfg.run.eval_every > 1 else f"best of {len(evaluated)} evaluations, one per epoch")
@@ -354,6 +372,19 @@ class Trainer:
                        evaluated_epochs=evaluated, **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
         dist.barrier()
         return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
+
+    def _plots(self) -> None:
+        """The run's PNG plots and per-class CSV (fastlt.plots). A plot that fails is reported, and
+        the finished run (weights, metrics.json) stays as it is."""
+        from fastlt.plots import write_run_report
+
+        try:
+            paths = write_run_report(self.run_dir, self.last_eval, self.data.class_counts, self.data.class_names)
+        except Exception as e:  # noqa: BLE001 - plotting must not turn a finished run into a failed one
+            self.log.event("plots", f"plots not written: {type(e).__name__}: {e}", error=str(e))
+            return
+        self.log.event("plots", f"plots: {', '.join(p.name for p in paths)} in {self.run_dir}",
+                       files=[str(p) for p in paths])
 
     def close(self) -> None:
         for name in ("pipeline", "val_pipeline"):

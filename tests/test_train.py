@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The exponential profile of ARCHITECTURE §2 for n_max 40, imb_factor 0.2 (IF 5), 6 classes.
 TRAIN_COUNTS = [math.floor(40 * 0.2 ** (c / 5)) for c in range(NUM_CLASSES)]
 TRAIN_LINE = re.compile(r"^epoch +\d+/\d+ step +\d+/\d+ \| ce -?[\d.]+ \| scl -?[\d.]+ \| loss -?[\d.]+ \| "
-                        r"lr [\d.e+-]+ \| +[\d.]+ img/s \| data wait +[\d.]+%$")
+                        r"lr [\d.e+-]+ \| +[\d.]+ img/s \| data wait +[\d.]+%"
+                        r"( \| acc +[\d.]+%)?( \| γ .* top-K outside \{a,b\} [\d.]+%)?$")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
-"""Long-tailed datasets: list files, CIFAR-LT and a synthetic long-tailed image set.
+"""Long-tailed datasets: list files, image folders, CIFAR-LT and a synthetic long-tailed image set.
 
-Three sources feed the samplers (``fastlt.sampling``) and the pipelines
+Four sources feed the samplers (``fastlt.sampling``) and the pipelines
 (``fastlt.pipelines``); each exposes ``labels`` (int64), ``class_counts`` (the N_j of
 ARCHITECTURE §1) and ``num_classes``:
 
 - :mod:`~fastlt.data.lists` — :class:`LongTailedList`, the ImageNet-LT / iNaturalist 2018 /
   Places-LT list format (``relative/path.jpg label`` per line);
+- :mod:`~fastlt.data.folder` — :class:`ImageFolderLT`, one sub-folder per class (the same
+  interface as :class:`LongTailedList`), and the class-name files;
 - :mod:`~fastlt.data.cifar` — :func:`cifar_lt`, CIFAR-10-LT / CIFAR-100-LT from the python
   pickle batches, into an in-memory :class:`ArrayDataset`;
 - :mod:`~fastlt.data.synthetic` — :func:`make_synthetic_lt`, a small long-tailed JPEG set with
@@ -17,9 +19,10 @@ ARCHITECTURE §1) and ``num_classes``:
 Nothing here imports torch.
 """
 from .cifar import CIFAR_NAMES, ArrayDataset, cifar_lt
+from .folder import ImageFolderLT
 from .lists import LongTailedList
 from .profile import IMB_TYPES, long_tail_counts
 from .synthetic import MAX_SYNTHETIC_CLASSES, SyntheticLT, make_synthetic_lt
 
-__all__ = ["ArrayDataset", "CIFAR_NAMES", "IMB_TYPES", "LongTailedList", "MAX_SYNTHETIC_CLASSES", "SyntheticLT",
-           "cifar_lt", "long_tail_counts", "make_synthetic_lt"]
+__all__ = ["ArrayDataset", "CIFAR_NAMES", "IMB_TYPES", "ImageFolderLT", "LongTailedList", "MAX_SYNTHETIC_CLASSES",
+           "SyntheticLT", "cifar_lt", "long_tail_counts", "make_synthetic_lt"]

@@ -14,6 +14,7 @@ import numpy as np
 from fastlt.errors import DataError
 
 from .cifar import cifar_lt
+from .folder import ImageFolderLT, read_class_names
 from .lists import LongTailedList
 from .synthetic import make_synthetic_lt
 
@@ -29,6 +30,8 @@ class Datasets:
     test: object | None
     num_classes: int
     class_counts: np.ndarray
+    class_names: list[str] | None = None
+    """Names of the classes in index order (folder datasets, or data.class_names), else None."""
 
 
 def _check_num_classes(cfg, found: int, source: str) -> None:
@@ -46,6 +49,36 @@ def _list_dataset(cfg, key: str, *, train: bool) -> LongTailedList:
         return LongTailedList(cfg.data.root, path, cfg.data.num_classes, require_all_classes=train)
     except ValueError as e:
         raise DataError(f"data.{key}: {e}") from None
+
+
+def _folder_dataset(cfg, key: str, *, train: bool, class_names: list[str] | None = None) -> ImageFolderLT:
+    path = cfg.data.path(key)
+    if not path.is_dir():
+        raise DataError(f"data.{key}: image folder {path} does not exist (data.root={cfg.data.root!r}); point "
+                        f"data.root at the dataset and data.{key} at the folder with one sub-folder per class")
+    try:
+        return ImageFolderLT(path, class_names, require_all_classes=train)
+    except ValueError as e:
+        raise DataError(f"data.{key}: {e}") from None
+
+
+def _folder_datasets(cfg, need_train: bool) -> Datasets:
+    d = cfg.data
+    train = _folder_dataset(cfg, "train_dir", train=True)
+    _check_num_classes(cfg, train.num_classes, f"the image folder {cfg.data.path('train_dir')}")
+    val = _folder_dataset(cfg, "val_dir", train=False, class_names=train.class_names)
+    test = _folder_dataset(cfg, "test_dir", train=False, class_names=train.class_names) if d.test_dir else None
+    return Datasets(train if need_train else None, val, test, train.num_classes, np.asarray(train.class_counts),
+                    list(train.class_names))
+
+
+def _class_names(cfg, num_classes: int) -> list[str] | None:
+    if not cfg.data.class_names:
+        return None
+    try:
+        return read_class_names(cfg.data.path("class_names"), num_classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"data.class_names: {e}") from None
 
 
 @contextmanager
@@ -85,6 +118,11 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
             raise DataError(f"data ({d.cifar}): {e}") from None
         _check_num_classes(cfg, train.num_classes, d.cifar)
         return Datasets(train, val, None, train.num_classes, np.asarray(train.class_counts))
+    if d.kind == "folder":
+        if not root.is_dir():
+            raise DataError(f"data.root: {root} does not exist; point it at the folder that holds "
+                            f"{d.train_dir}/ and {d.val_dir}/ (one sub-folder per class in each)")
+        return _folder_datasets(cfg, need_train)
     # kind == "list"
     if not root.is_dir():
         raise DataError(f"data.root: {root} does not exist; point it at the folder the paths in "
@@ -92,6 +130,7 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
     train = _list_dataset(cfg, "train_list", train=True) if need_train else None
     val = _list_dataset(cfg, "val_list", train=False)
     test = _list_dataset(cfg, "test_list", train=False) if d.test_list else None
+    names = _class_names(cfg, d.num_classes)
     if train is None:
-        return Datasets(None, val, test, d.num_classes, np.zeros(d.num_classes, dtype=np.int64))
-    return Datasets(train, val, test, train.num_classes, np.asarray(train.class_counts))
+        return Datasets(None, val, test, d.num_classes, np.zeros(d.num_classes, dtype=np.int64), names)
+    return Datasets(train, val, test, train.num_classes, np.asarray(train.class_counts), names)

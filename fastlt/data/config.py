@@ -20,8 +20,9 @@ from .synthetic import MAX_SYNTHETIC_CLASSES
 
 __all__ = ["DATA_KINDS", "DataConfig", "SyntheticConfig"]
 
-#: Where the images come from: list files, CIFAR pickle batches, or the generated synthetic set.
-DATA_KINDS = ("list", "cifar", "synthetic")
+#: Where the images come from: list files, CIFAR pickle batches, the generated synthetic set, or
+#: class sub-folders (fastlt.data.folder).
+DATA_KINDS = ("list", "cifar", "synthetic", "folder")
 
 
 @dataclass(kw_only=True)
@@ -61,7 +62,8 @@ class DataConfig:
 
     kind: str = "list"
     """"list" (ImageNet-LT / iNat18 / Places-LT list files), "cifar" (CIFAR-LT from the python
-    pickle batches) or "synthetic" (generated once and cached under data.root)."""
+    pickle batches), "synthetic" (generated once and cached under data.root) or "folder" (one
+    sub-folder per class under data.root/data.train_dir, class index by sorted folder name)."""
     root: str = ""
     """Dataset root: list paths are relative to it; the folder holding cifar-10-batches-py /
     cifar-100-python; or the cache folder of the synthetic dataset. Relative paths are
@@ -72,6 +74,15 @@ class DataConfig:
     """Validation list file (kind "list"), evaluated every run.eval_every epochs."""
     test_list: str = ""
     """Optional test list file (kind "list"), used by `fastlt eval --split test`."""
+    train_dir: str = "train"
+    """Training image folder (kind "folder"), relative to data.root unless absolute; one sub-folder per class."""
+    val_dir: str = "val"
+    """Validation image folder (kind "folder"); its class folders must be among the training ones."""
+    test_dir: str = ""
+    """Optional test image folder (kind "folder"), used by `fastlt eval --split test`."""
+    class_names: str = ""
+    """Optional text file naming the classes of a list dataset, one name per line in index
+    order (relative to data.root unless absolute); folder datasets take the folder names."""
     num_classes: int = 0
     """C. Must match the dataset: training labels must lie in [0, C) and every class needs a
     training image. 0 = take it from the dataset (synthetic and CIFAR only)."""
@@ -148,6 +159,13 @@ class DataConfig:
             if self.num_classes == 0:
                 raise ConfigError("data.num_classes: required when data.kind is 'list' (e.g. 1000 for ImageNet-LT, "
                                   "8142 for iNaturalist 2018, 365 for Places-LT)")
+        if self.kind == "folder" and not (self.root and self.train_dir and self.val_dir):
+            raise ConfigError("data.root, data.train_dir and data.val_dir: required when data.kind is 'folder'. "
+                              "Example: --set data.root=/datasets/birds (holding train/<class>/*.jpg and "
+                              "val/<class>/*.jpg)")
+        if self.class_names and self.kind != "list":
+            raise ConfigError(f"data.class_names: only list datasets take a class-name file; data.kind is "
+                              f"{self.kind!r} (folder datasets are named by their folders). Remove data.class_names")
         if self.kind in ("cifar", "synthetic") and not self.root:
             raise ConfigError(f"data.root: required when data.kind is {self.kind!r}; "
                               + ("the folder that holds cifar-10-batches-py / cifar-100-python"

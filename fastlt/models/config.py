@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from fastlt.errors import ConfigError
 from fastlt.typed_config import one_of, positive
 
-__all__ = ["BACKBONES", "TIMM_BACKBONES", "ModelConfig"]
+__all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig"]
 
 #: Backbones built through timm (no pretrained download).
 TIMM_BACKBONES = ("resnet50", "resnext50_32x4d", "resnext101_32x4d", "vit_small_patch16_224", "vit_base_patch16_224")
 #: Every backbone name ``model.backbone`` accepts: the CIFAR ResNet-32 written here, then timm's.
 BACKBONES = ("resnet32",) + TIMM_BACKBONES
+#: What ``model.pretrained`` initialises (fastlt.models.pretrained): the backbone only, or the
+#: whole BCL model (backbone, classifier and both heads; a fastlt best.pt / last.pt only).
+PRETRAINED_SCOPES = ("backbone", "all")
 
 
 @dataclass(kw_only=True)
@@ -41,10 +44,17 @@ class ModelConfig:
     freeze_bn: bool = False
     """BatchNorm uses its running statistics and never updates them (affine weights still train):
     for fine-tuning pretrained weights; the model's outputs then do not depend on the batch split."""
+    pretrained: str = ""
+    """Local weights to start from (nothing is downloaded): a timm / torchvision state dict
+    (.pth, .pt, .bin or .safetensors) for the backbone, or a fastlt best.pt / last.pt /
+    checkpoint directory. Empty = random initialisation."""
+    pretrained_scope: str = "backbone"
+    """What model.pretrained initialises: backbone, or all (the whole model; fastlt weights only)."""
 
     def __post_init__(self):
         one_of("model.backbone", self.backbone, BACKBONES)
         positive("model.feat_dim", self.feat_dim)
+        one_of("model.pretrained_scope", self.pretrained_scope, PRETRAINED_SCOPES)
         if self.hidden_dim is not None:
             positive("model.hidden_dim", self.hidden_dim)
         if self.sync_bn and self.freeze_bn:

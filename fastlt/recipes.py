@@ -1,0 +1,96 @@
+"""The recipes shipped with fastlt: the YAML files of ``configs/``, installed with the package
+as ``fastlt/configs/`` (setup.py ``package_data``), so that an installed fastlt can name them.
+
+* :func:`recipe_dir` — where they are: ``fastlt/configs`` in an installed package, the
+  repository's ``configs/`` in a source checkout (editable installs included);
+* :func:`resolve_config` — what ``--config`` accepts: a path (it wins), or a recipe name
+  (``imagenet_lt_resnext50_90ep``, with or without ``.yaml``);
+* :func:`list_recipes` / :func:`format_recipes` — ``fastlt recipes``: each recipe with its
+  description and published top-1, read from the recipe's first line
+  (``# <description> — published top-1 59.76``).
+
+No torch here.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastlt.errors import ConfigError
+
+__all__ = ["Recipe", "format_recipes", "list_recipes", "recipe_dir", "resolve_config"]
+
+_TOP1 = re.compile(r"\s*[—-]+\s*published top-1 ([\d.]+)(\s*\(unconfirmed\))?\s*$")
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe file: its name (the file stem), path, first-line description and published top-1."""
+
+    name: str
+    path: Path
+    description: str
+    top1: float | None
+    unconfirmed: bool = False
+
+
+def recipe_dir() -> Path:
+    """The folder of the shipped recipes (installed package first, then the source checkout)."""
+    for candidate in (_PACKAGE / "configs", _PACKAGE.parent / "configs"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    raise ConfigError(f"no recipes found: neither {_PACKAGE / 'configs'} (installed package) nor "
+                      f"{_PACKAGE.parent / 'configs'} (source checkout) holds YAML files; reinstall fastlt")
+
+
+def _read(path: Path) -> Recipe:
+    first = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            first = line.lstrip("#").strip()
+        break
+    m = _TOP1.search(first)
+    top1 = float(m.group(1)) if m else None
+    desc = first[: m.start()] if m else first
+    return Recipe(path.stem, path, desc.strip().rstrip("."), top1, bool(m and m.group(2)))
+
+
+def list_recipes() -> list[Recipe]:
+    """Every shipped recipe, sorted by name."""
+    return [_read(p) for p in sorted(recipe_dir().glob("*.yaml"))]
+
+
+def resolve_config(arg: str) -> Path:
+    """The recipe file ``--config arg`` means: an existing path, else a shipped recipe of that name.
+
+    A missing path of the form ``configs/<name>.yaml`` (the README's commands, run outside the
+    source tree) also resolves to the shipped recipe ``<name>``.
+    """
+    path = Path(arg)
+    if path.is_file():
+        return path
+    names = {p.stem: p for p in recipe_dir().glob("*.yaml")}
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if (path.parent == Path(".") or path.parent.name == "configs") and stem in names:
+        return names[stem]
+    close = difflib.get_close_matches(stem, list(names), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"--config {arg}: no such file, and no shipped recipe of that name{hint}. Pass a YAML path or "
+                      f"one of: {', '.join(sorted(names))} (`fastlt recipes` lists them)")
+
+
+def format_recipes(recipes: list[Recipe] | None = None) -> str:
+    """The ``fastlt recipes`` table: name, published top-1, description; then where they live."""
+    recipes = list_recipes() if recipes is None else recipes
+    width = max(len(r.name) for r in recipes)
+    lines = [f"{'recipe':<{width}}  top-1   description", f"{'-' * width}  ------  {'-' * 40}"]
+    for r in recipes:
+        top1 = f"{'-':>6} " if r.top1 is None else f"{r.top1:6.2f}" + ("*" if r.unconfirmed else " ")
+        lines.append(f"{r.name:<{width}}  {top1} {r.description}")
+    lines.append("")
+    lines.append("top-1: the published result of the recipe (ARCHITECTURE §2; * unconfirmed), - where none is.")
+    lines.append(f"recipes in {recipe_dir()}; train one with `fastlt train --config NAME` (a path also works).")
+    return "\n".join(lines)
