@@ -49,6 +49,7 @@ from fastlt.typed_config import build_section, flat_keys as _flat_keys, one_of, 
 
 __all__ = [
     "BASE_KEY",
+    "COMPILE_MODES",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -71,6 +72,8 @@ __all__ = [
 
 #: ``run.device``: auto (CUDA when available), cpu or cuda.
 DEVICES = ("auto", "cpu", "cuda")
+#: ``run.compile``: off, or a torch.compile mode ("reduce-overhead" = CUDA graphs).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The key of a recipe file that names the recipe it extends.
 BASE_KEY = "base"
 
@@ -101,12 +104,20 @@ class RunConfig:
     """Cap on steps per epoch (smoke tests and quick experiments); 0 = the full epoch."""
     progress_bar: bool = True
     """tqdm bar on rank 0, only when stdout is a terminal."""
+    compile: str = "off"
+    """torch.compile the model and the objective: off, default, reduce-overhead (CUDA graphs;
+    the shapes are static, the last partial batch being dropped), max-autotune or
+    max-autotune-no-cudagraphs. The first steps pay the compilation."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor generates kernels; aot_eager traces the graphs without
+    generating code, for checking that a step compiles)."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory (rank 0): losses, lr, throughput,
     training accuracy, label diagnostics and evaluation; false turns them off."""
 
     def __post_init__(self):
         one_of("run.device", self.device, DEVICES)
+        one_of("run.compile", self.compile, COMPILE_MODES)
         positive("run.seed", self.seed, allow_zero=True)
         positive("run.log_every", self.log_every)
         positive("run.eval_every", self.eval_every)

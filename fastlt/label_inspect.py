@@ -50,8 +50,9 @@ def _name(names, i: int) -> str:
 def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: int, show_topk: int,
                     max_batches: int, device, precision=None, mean, std) -> list[dict]:
     """Up to ``samples`` mixed samples of ``pipeline``'s epoch with their labels (see the module docstring)."""
+    from fastlt.kernels import rectify_labels_compact
     from fastlt.label_stats import per_sample_stats
-    from fastlt.labels import area_label, rectify_labels
+    from fastlt.labels import area_label
 
     m = cfg.method
     counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64, device=device)
@@ -74,11 +75,12 @@ def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: 
             else:
                 out = model(x)
             b = len(batch)
-            y = area_label(batch.label_a, batch.label_b, batch.lam, counts.numel())
-            y_hat = rectify_labels(out.z_raw[:b].float(), out.centers_raw.float(), batch.label_a, batch.label_b,
-                                   batch.lam, counts, topk=m.topk, omega=m.omega, normalize=m.label_normalize,
-                                   temperature=m.label_temperature)
-            st = per_sample_stats(y, y_hat, batch.label_a, batch.label_b, counts, m.omega)
+            label = rectify_labels_compact(out.z_raw[:b].float(), out.centers_raw.float(), batch.label_a,
+                                           batch.label_b, batch.lam, counts, topk=m.topk, omega=m.omega,
+                                           normalize=m.label_normalize, temperature=m.label_temperature)
+            st = per_sample_stats(label)
+            # The page shows whole label rows, so here (B, C) labels are built, for display only.
+            y, y_hat = area_label(batch.label_a, batch.label_b, batch.lam, counts.numel()), label.to_dense()
             pred = out.logits[:b].float().argmax(1)
             top_v, top_i = y_hat.topk(min(show_topk, y_hat.shape[1]), dim=1)
             for k in torch.nonzero(batch.mixed).flatten().tolist():

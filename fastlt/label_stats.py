@@ -9,8 +9,8 @@ a percent. These statistics make that visible per log interval, over the mixed s
 * ``label_l1``       — mean ‖ŷ − y‖₁ (= γ·‖ŝ − y‖₁, at most 2γ);
 * ``argmax_changed`` — share of mixed samples whose arg-max class differs between ŷ and y;
 * ``topk_outside``   — mean share of the normalised top-K similarity ŝ on classes other than
-  a and b (the background and foreground classes), recovered as Σ_{j∉{a,b}} ŷ_j / γ: how much
-  the embedding disagrees with the area label, whatever the size of γ;
+  a and b (the background and foreground classes): how much the embedding disagrees with the
+  area label, whatever the size of γ;
 
 and, for every sample of the classification view, ``train_acc``: top-1 of the logits against
 the arg-max of the label the sample trains on.
@@ -18,14 +18,14 @@ the arg-max of the label the sample trains on.
 :func:`step_stats` returns per-step *sums* as one small device tensor, so the trainer stacks
 them into its per-interval buffer next to the losses and reads everything back in the one
 host copy of the interval (:func:`interval_fields`); nothing here synchronises.
-:func:`per_sample_stats` gives the same quantities per sample (``fastlt inspect``).
+:func:`per_sample_stats` gives the same quantities per sample (``fastlt inspect``). Both read
+the label in its compact form (``fastlt.kernels.CompactLabel``: K kept classes and their
+weights, γ, a, b, λ), the form the training step keeps it in.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from fastlt.labels import confidence
 
 __all__ = ["STAT_COLUMNS", "interval_fields", "per_sample_stats", "step_stats"]
 
@@ -33,35 +33,34 @@ __all__ = ["STAT_COLUMNS", "interval_fields", "per_sample_stats", "step_stats"]
 STAT_COLUMNS = ("correct", "samples", "mixed", "gamma", "label_l1", "argmax_changed", "topk_outside")
 
 
-def per_sample_stats(y: Tensor, y_hat: Tensor, label_a: Tensor, label_b: Tensor, class_counts: Tensor,
-                     omega: float) -> dict[str, Tensor]:
-    """γ, ‖ŷ − y‖₁, arg-max changed (bool) and top-K share outside {a, b}, each (B,), for area
-    labels ``y`` and rectified labels ``y_hat`` (B, C) of the same samples."""
-    gamma = confidence(y, class_counts, omega)
-    diff = (y_hat - y).abs().sum(1)
-    changed = y_hat.argmax(1) != y.argmax(1)
-    ab = torch.zeros_like(y_hat, dtype=torch.bool)
-    ab.scatter_(1, label_a.view(-1, 1).long(), True)
-    ab.scatter_(1, label_b.view(-1, 1).long(), True)
-    outside = torch.where(ab, torch.zeros_like(y_hat), y_hat).sum(1)
-    # ŷ_j = γ·ŝ_j wherever y_j = 0, so ŝ's mass outside {a, b} is that of ŷ divided by γ.
-    share = torch.where(gamma > 0, outside / gamma.clamp_min(torch.finfo(gamma.dtype).tiny), torch.zeros_like(gamma))
-    return {"gamma": gamma, "label_l1": diff, "argmax_changed": changed, "topk_outside": share}
+def per_sample_stats(label) -> dict[str, Tensor]:
+    """γ, ‖ŷ − y‖₁, arg-max changed (bool) and top-K share outside {a, b}, each (B,), of a
+    ``fastlt.kernels.CompactLabel`` — from its K + 2 candidate classes, no (B, C) tensor."""
+    gamma = label.gamma.float()
+    cls_, s_hat, y = label.candidates()
+    k = label.index.shape[1]
+    # ‖ŷ − y‖₁ = γ·‖ŝ − y‖₁: over the kept classes, plus y's mass on a / b where they were not
+    # kept (a class listed twice among the candidates is counted once).
+    kept_ab = (cls_[:, k:].unsqueeze(2) == label.index.long().unsqueeze(1)).any(2)  # (B, 2)
+    same = label.label_a == label.label_b
+    y_ab = y[:, k:] * torch.stack([torch.ones_like(same), ~same], dim=1)
+    l1 = (s_hat[:, :k] - y[:, :k]).abs().sum(1) + (y_ab * ~kept_ab).sum(1)
+    outside = (label.index.long() != label.label_a.view(-1, 1)) & (label.index.long() != label.label_b.view(-1, 1))
+    return {"gamma": gamma, "label_l1": gamma * l1, "argmax_changed": label.argmax() != label.argmax(rectified=False),
+            "topk_outside": (label.weight.float() * outside).sum(1)}
 
 
-def step_stats(logits: Tensor, target: Tensor, y: Tensor, y_hat: Tensor | None, batch, class_counts: Tensor,
-               omega: float) -> Tensor:
+def step_stats(logits: Tensor, label, batch, *, rectified: bool) -> Tensor:
     """The (len(STAT_COLUMNS),) float32 sums of one step, on the device (no host sync).
 
-    ``target`` is the label the step trains on, ``y`` the area label and ``y_hat`` the rectified
-    label (None while area labels are used: the label columns are then zero).
+    ``label`` is the ``CompactLabel`` the step trains on (γ = 0 on the rows that keep their
+    area label); while area labels are used (``rectified`` false) the label columns are zero.
     """
-    correct = (logits.detach().argmax(1) == target.argmax(1)).sum().float()
-    samples = torch.full((), float(target.shape[0]), device=target.device)
-    if y_hat is None:
-        zero = torch.zeros(5, device=target.device)
-        return torch.cat([torch.stack([correct, samples]), zero])
-    s = per_sample_stats(y, y_hat, batch.label_a, batch.label_b, class_counts, omega)
+    correct = (logits.detach().argmax(1) == label.argmax()).sum().float()
+    samples = torch.full((), float(logits.shape[0]), device=logits.device)
+    if not rectified:
+        return torch.cat([torch.stack([correct, samples]), torch.zeros(5, device=logits.device)])
+    s = per_sample_stats(label)
     m = batch.mixed.float()
     sums = [m.sum()] + [(s[k].float() * m).sum() for k in ("gamma", "label_l1", "argmax_changed", "topk_outside")]
     return torch.cat([torch.stack([correct, samples]), torch.stack(sums)])

@@ -68,7 +68,8 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, bias: Tensor | None = Non
 
 
 class LogitAdjustedCrossEntropy(nn.Module):
-    """CE(x + τ·log π, target) for a hard target (B,) of class indices or a soft target (B, C)."""
+    """CE(x + τ·log π, target) for a hard target (B,) of class indices, a soft target (B, C), or a
+    ``fastlt.kernels.CompactLabel`` (the soft target in compact form)."""
 
     def __init__(self, class_counts, tau: float = 1.0):
         super().__init__()
@@ -79,10 +80,16 @@ class LogitAdjustedCrossEntropy(nn.Module):
     def num_classes(self) -> int:
         return self.bias.numel()
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target) -> Tensor:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"LogitAdjustedCrossEntropy: logits must be (B, {self.num_classes}); "
                              f"got {tuple(logits.shape)}")
+        from fastlt.kernels.compact import CompactLabel  # imported here: fastlt.kernels imports this module
+
+        if isinstance(target, CompactLabel):  # the ConCutMix label in compact form: no (B, C) label
+            from fastlt.kernels.compact import soft_cross_entropy_compact
+
+            return soft_cross_entropy_compact(logits, target, self.bias)
         if target.dim() == 1 and not target.is_floating_point():
             if target.shape[0] != logits.shape[0]:
                 raise ValueError(f"LogitAdjustedCrossEntropy: hard target must be ({logits.shape[0]},); "
@@ -90,9 +97,9 @@ class LogitAdjustedCrossEntropy(nn.Module):
             return F.cross_entropy(logits.float() + self.bias, target)
         if target.shape == logits.shape:
             return soft_cross_entropy(logits, target, self.bias)
-        raise ValueError("LogitAdjustedCrossEntropy: target must be class indices (B,) of an integer dtype or "
-                         f"a soft label (B, C) = {tuple(logits.shape)}; got {tuple(target.shape)} "
-                         f"of dtype {target.dtype}")
+        raise ValueError("LogitAdjustedCrossEntropy: target must be class indices (B,) of an integer dtype, "
+                         f"a soft label (B, C) = {tuple(logits.shape)} or a fastlt.kernels.CompactLabel; got "
+                         f"{tuple(target.shape)} of dtype {target.dtype}")
 
 
 def resolve_supcon_args(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,

@@ -3,26 +3,35 @@
 
 One step:
 
-1. one forward pass over cat[view 0 (CutMix applied), view 1, view 2] (3B images);
+1. one forward pass over the step's images — view 0 (CutMix applied), view 1, view 2 — as the
+   pipeline delivered them (``TrainBatch.images``, 3B images);
 2. L_BalSCL on the normalised z of views 1 and 2, stacked (B, 2, D), with the background
-   labels and the normalised class centers;
+   labels and the normalised class centers (the whole global batch with ``scl_scope: global``);
 3. L_cls = logit-adjusted CE on the logits of the first B images, with the area label
    λ·onehot(a) + (1−λ)·onehot(b) while epoch ≤ l_d_warm (the same as λ·CE(a) + (1−λ)·CE(b)),
    and with the rectified ConCutMix label of the mixed samples after that, computed from the
    detached unnormalised z and centers;
 4. L = α·L_cls + β·L_BalSCL, backward and optimizer step through the engine.
+
+The label is kept in compact form throughout (``fastlt.kernels.CompactLabel``: the K kept
+classes and weights, γ, a, b, λ; γ = 0 on the rows that keep their area label): with the Triton
+kernels the (B, C) label never exists, and the PyTorch path builds it once, inside the loss.
 """
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastlt.config import COMPILE_MODES
+from fastlt.kernels import CompactLabel, rectify_labels_compact
 from fastlt.label_stats import STAT_COLUMNS, step_stats
-from fastlt.labels import area_label, rectify_labels
+from fastlt.labels import sum_log_counts
 from fastlt.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
 
-__all__ = ["STEP_COLUMNS", "ConCutMixObjective", "train_step"]
+__all__ = ["STEP_COLUMNS", "ConCutMixObjective", "compile_step", "train_step"]
 
 #: What :func:`train_step` returns, column by column.
 STEP_COLUMNS = ("loss", "ce", "scl") + STAT_COLUMNS
@@ -41,37 +50,58 @@ class ConCutMixObjective(nn.Module):
         self.method = method
         self.ce = LogitAdjustedCrossEntropy(class_counts, method.tau)
         self.scl = BalancedSupConLoss(class_counts, method.temperature, method.scl_scope)
-        self.register_buffer("class_counts", torch.as_tensor(np.asarray(class_counts), dtype=torch.float64),
-                             persistent=False)
+        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
+        self.register_buffer("class_counts", counts, persistent=False)
+        # γ's denominator Σ_i log N_i, a constant of the run: computed once, not in every step.
+        self.register_buffer("log_count_sum", sum_log_counts(counts), persistent=False)
 
     @property
     def num_classes(self) -> int:
         return int(self.class_counts.numel())
 
-    def forward(self, out, batch, *, rectify: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, ce, scl) for a model output over cat[image, view1, view2] and its TrainBatch.
+    def label(self, out, batch, *, rectify: bool) -> CompactLabel:
+        """The label the step trains on: the area label, or after the warm-up the ConCutMix label
+        of the mixed samples (an unmixed sample keeps its one-hot label: γ = 0 on its row)."""
+        b = batch.label_a.shape[0]
+        if not rectify:
+            return CompactLabel.area(batch.label_a, batch.label_b, batch.lam, self.num_classes)
+        m = self.method
+        label = rectify_labels_compact(out.z_raw[:b].detach(), out.centers_raw.detach(), batch.label_a,
+                                       batch.label_b, batch.lam, self.class_counts, topk=m.topk, omega=m.omega,
+                                       normalize=m.label_normalize, temperature=m.label_temperature,
+                                       log_count_sum=self.log_count_sum)
+        # torch.where inside, not boolean indexing: no host sync.
+        return label.keep_area_where(~batch.mixed)
 
-        Also leaves the step's label diagnostics (``fastlt.label_stats.step_stats``, on the
-        device) in ``self.stats``.
-        """
+    def forward(self, out, batch, *, rectify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(loss, ce, scl, label diagnostics) for a model output over the step's images and its
+        TrainBatch; the diagnostics are ``fastlt.label_stats.step_stats`` sums, on the device."""
         m = self.method
         b = batch.label_a.shape[0]
         logits = out.logits[:b]
         features = torch.stack([out.z[b:2 * b], out.z[2 * b:]], dim=1).float()
         scl = self.scl(out.centers.float(), features, batch.label_a)
-        target = area_label(batch.label_a, batch.label_b, batch.lam, self.num_classes)
-        area, rect = target, None
-        if rectify:
-            rect = rectify_labels(out.z_raw[:b].detach(), out.centers_raw.detach(), batch.label_a, batch.label_b,
-                                  batch.lam, self.class_counts, topk=m.topk, omega=m.omega,
-                                  normalize=m.label_normalize, temperature=m.label_temperature)
-            # Only mixed samples get the ConCutMix label; an unmixed one keeps its one-hot label
-            # (torch.where, not boolean indexing: no host sync).
-            target = torch.where(batch.mixed[:, None], rect, target)
-        self.stats = step_stats(logits, target, area, rect, batch, self.class_counts, m.omega)
-        ce = self.ce(logits, target)
+        label = self.label(out, batch, rectify=rectify)
+        ce = self.ce(logits, label)
         loss = m.alpha * ce + m.beta * scl
-        return loss, ce, scl
+        return loss, ce, scl, step_stats(logits, label, batch, rectified=rectify)
+
+
+def compile_step(engine, objective: ConCutMixObjective, mode: str, backend: str = "inductor") -> None:
+    """Compile the model (through the engine: DeepSpeed's ``engine.compile``, else the module's
+    own ``compile``) and the objective with ``torch.compile`` (``run.compile`` /
+    ``run.compile_backend``). The custom ops of ``fastlt.kernels`` have fake implementations,
+    so the label and loss kernels stay inside the graphs. ``mode="off"`` does nothing."""
+    if mode == "off":
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"run.compile must be one of {COMPILE_MODES}; got {mode!r}")
+    kwargs = {} if mode == "default" else {"mode": mode}
+    if "compile_kwargs" in inspect.signature(getattr(engine, "compile", lambda: None)).parameters:
+        engine.compile(backend=backend, compile_kwargs=kwargs)  # DeepSpeed's: its hooks stay outside the graph
+    else:
+        getattr(engine, "module", engine).compile(backend=backend, **kwargs)
+    objective.compile(backend=backend, **kwargs)
 
 
 def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -> Tensor:
@@ -85,8 +115,12 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
     (``fastlt.label_stats.STAT_COLUMNS``) as one float32 tensor on the device
     (:data:`STEP_COLUMNS`); nothing here waits for the device.
     """
-    out = engine(batch.images)
-    loss, ce, scl = objective(out, batch, rectify=rectify)
-    engine.backward(loss)
-    engine.step()
-    return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), objective.stats])
+    with torch.profiler.record_function("fastlt::forward"):
+        out = engine(batch.images)
+    with torch.profiler.record_function("fastlt::objective"):
+        loss, ce, scl, stats = objective(out, batch, rectify=rectify)
+    with torch.profiler.record_function("fastlt::backward"):
+        engine.backward(loss)
+    with torch.profiler.record_function("fastlt::optimizer_step"):
+        engine.step()
+    return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), stats])

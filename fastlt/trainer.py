@@ -102,7 +102,7 @@ class Trainer:
     def _setup(self) -> None:
         from fastlt.engine import build_engine
         from fastlt.models import build_model
-        from fastlt.objective import ConCutMixObjective
+        from fastlt.objective import ConCutMixObjective, compile_step
         from fastlt.pipelines import build_train_pipeline, build_val_pipeline, select_backend, train_spec, val_spec
         from fastlt.schedule import EpochLR
 
@@ -139,6 +139,7 @@ class Trainer:
         self.engine, self.ds_config = build_engine(cfg, model, self.world_size)
         self.dev = torch.device(self.device, self.proc.local_rank) if self.device == "cuda" else torch.device("cpu")
         self.objective = ConCutMixObjective(cfg.method, self.data.class_counts).to(self.dev)
+        compile_step(self.engine, self.objective, cfg.run.compile, cfg.run.compile_backend)
         self.schedule = EpochLR(cfg.optim)
         self.backend = select_backend(cfg.pipeline.backend)
         micro = self.ds_config["train_micro_batch_size_per_gpu"]

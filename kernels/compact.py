@@ -60,6 +60,35 @@ class CompactLabel(NamedTuple):
         """Bytes held by the label's tensors (the dense label takes B·C·4)."""
         return sum(t.numel() * t.element_size() for t in self[:6])
 
+    @classmethod
+    def area(cls, label_a: Tensor, label_b: Tensor, lam: Tensor, num_classes: int) -> "CompactLabel":
+        """The CutMix area label λ·onehot(a) + (1−λ)·onehot(b) itself (γ = 0), in compact form."""
+        b = label_a.shape[0]
+        return cls(label_a.long().view(b, 1), torch.ones(b, 1, device=label_a.device), lam.new_zeros(b).float(),
+                   label_a.long(), label_b.long(), lam.float(), num_classes)
+
+    def keep_area_where(self, keep: Tensor) -> "CompactLabel":
+        """The same label with γ = 0 where ``keep`` (B,) is set: those rows are their area label."""
+        return self._replace(gamma=torch.where(keep, torch.zeros_like(self.gamma), self.gamma))
+
+    def candidates(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(classes, ŝ, y) at the only classes where ŷ can be non-zero — the K kept ones, then a
+        and b — each (B, K + 2): ŷ = γ·ŝ + (1−γ)·y there and 0 elsewhere."""
+        cls_ = torch.cat([self.index.long(), self.label_a.view(-1, 1), self.label_b.view(-1, 1)], dim=1)
+        s_hat = ((cls_.unsqueeze(2) == self.index.long().unsqueeze(1)) * self.weight.float().unsqueeze(1)).sum(2)
+        lam = self.lam.float().view(-1, 1)
+        y = lam * (cls_ == self.label_a.view(-1, 1)) + (1.0 - lam) * (cls_ == self.label_b.view(-1, 1))
+        return cls_, s_hat, y
+
+    def argmax(self, rectified: bool = True) -> Tensor:
+        """(B,) arg-max class of ŷ (of the area label y if not ``rectified``), the lower class
+        index on ties — what ``to_dense().argmax(1)`` gives, without the (B, C) tensor."""
+        cls_, s_hat, y = self.candidates()
+        g = self.gamma.float().view(-1, 1) if rectified else torch.zeros_like(self.gamma).float().view(-1, 1)
+        value = g * s_hat + (1.0 - g) * y
+        best = value == value.max(1, keepdim=True).values
+        return torch.where(best, cls_, torch.full_like(cls_, self.num_classes)).min(1).values
+
 
 @torch.no_grad()
 def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,

@@ -93,6 +93,7 @@ def test_label_diagnostics_are_logged_per_interval(run):
 
 def test_step_stats_match_the_formulas():
     """fastlt.label_stats against ARCHITECTURE §1 written out sample by sample."""
+    from fastlt.kernels import CompactLabel, reference_rectify_labels_compact
     from fastlt.label_stats import STAT_COLUMNS, interval_fields, step_stats
     from fastlt.labels import area_label, reference_rectify_labels
     from fastlt.pipelines import TrainBatch
@@ -111,7 +112,11 @@ def test_step_stats_match_the_formulas():
     y = area_label(la, lb, lam, c)
     y_hat = reference_rectify_labels(z, centers, la, lb, lam, counts, topk=3, omega=omega)
     target = torch.where(mixed[:, None], y_hat, y)
-    got = step_stats(logits, target, y, y_hat, batch, counts, omega)
+    # The step's label in the form the objective keeps it: compact, area label kept on unmixed rows.
+    label = reference_rectify_labels_compact(z, centers, la, lb, lam, counts, topk=3, omega=omega)
+    label = label.keep_area_where(~mixed)
+    torch.testing.assert_close(label.to_dense(), target)
+    got = step_stats(logits, label, batch, rectified=True)
     assert got.shape == (len(STAT_COLUMNS),)
 
     dense = dense_rectify_labels(z, centers, la, lb, lam, counts, topk=3, omega=omega)
@@ -136,7 +141,7 @@ def test_step_stats_match_the_formulas():
     assert fields["gamma"] == pytest.approx(want["gamma"] / want["mixed"], rel=1e-5)
     assert fields["rectified_share"] == pytest.approx(5 / 7)
     # Area labels: the label columns stay zero and the fields are None.
-    area = step_stats(logits, y, y, None, batch, counts, omega)
+    area = step_stats(logits, CompactLabel.area(la, lb, lam, c), batch, rectified=False)
     assert interval_fields(area[None])["gamma"] is None and area[2:].abs().sum() == 0
 
 

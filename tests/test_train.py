@@ -306,8 +306,8 @@ def test_objective_matches_the_spec(tmp_path, data_root, rectify):
                                                                      "scaling_factor": [200, 255]}))
     batch, counts, logits, z_raw, centers_raw = _step_inputs()
     b, c = len(batch), counts.numel()
-    loss, ce, scl = (t.detach() for t in ConCutMixObjective(cfg.method, counts.numpy())(_Out(logits, z_raw, centers_raw),
-                                                                                 batch, rectify=rectify))
+    loss, ce, scl, _ = (t.detach() for t in ConCutMixObjective(cfg.method, counts.numpy())(
+        _Out(logits, z_raw, centers_raw), batch, rectify=rectify))
 
     # L_cls: logit-adjusted CE on the first B logits. Area label: λ·CE(a) + (1−λ)·CE(b).
     adj = logits[:b] + 0.8 * torch.log(counts.double() / counts.sum()).float()
@@ -336,7 +336,8 @@ def test_rectified_label_sends_no_gradient_into_z_or_centers(tmp_path, data_root
 
     cfg = config_from_dict(tiny_config(data_root, tmp_path, method={"beta": 0.0, "topk": 2}))
     batch, counts, logits, z_raw, centers_raw = _step_inputs()
-    loss, _, _ = ConCutMixObjective(cfg.method, counts.numpy())(_Out(logits, z_raw, centers_raw), batch, rectify=True)
+    loss, _, _, _ = ConCutMixObjective(cfg.method, counts.numpy())(_Out(logits, z_raw, centers_raw), batch,
+                                                                   rectify=True)
     loss.backward()
     assert z_raw.grad is None or torch.count_nonzero(z_raw.grad) == 0
     assert centers_raw.grad is None or torch.count_nonzero(centers_raw.grad) == 0
