@@ -19,6 +19,13 @@ replaced (temp file + ``os.replace``). A crash or Ctrl-C at any moment leaves ``
 pointing at a complete checkpoint. Every file DeepSpeed writes also goes through temp file +
 ``os.replace``.
 
+Never a non-finite checkpoint: the trainer asks :func:`nonfinite_state` before every save, so
+pruning (``keep_last``) only ever deletes finite checkpoints in favour of finite ones.
+
+Checked before use: :meth:`CheckpointManager.verify` reads ``meta.json`` and looks at every
+file of a checkpoint (present, not truncated) before DeepSpeed starts, and names the newest
+earlier checkpoint that is intact when one is not.
+
 Safe loading: every ``torch.load`` here and inside DeepSpeed (``fastlt.files``) uses
 ``weights_only=True``; the only non-tensor classes allowed are the few DeepSpeed bookkeeping
 types listed in ``fastlt.files.deepspeed_safe_globals``. A checkpoint can therefore not run
@@ -40,10 +47,11 @@ import numpy as np
 import torch
 
 from fastlt.distributed import barrier
-from fastlt.errors import CheckpointError
-from fastlt.files import safe_load, torch_save_atomic, write_text_atomic
+from fastlt.errors import CheckpointError, OutputError
+from fastlt.files import damage, safe_load, torch_save_atomic, write_text_atomic
 
-__all__ = ["CheckpointManager", "load_weights", "model_signature", "save_weights", "tag_for", "weights_digest"]
+__all__ = ["CheckpointManager", "load_weights", "model_signature", "nonfinite_state", "read_meta", "save_weights",
+           "tag_for", "weights_digest"]
 
 LATEST = "latest"
 META = "meta.json"
@@ -59,6 +67,52 @@ def tag_for(epoch: int, step: int) -> str:
 def _parse_tag(tag: str) -> tuple[int, int] | None:
     m = _TAG_RE.match(tag)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The ``meta.json`` of checkpoint ``path``; CheckpointError if it is missing or damaged."""
+    meta_file = Path(path) / META
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete fastlt checkpoint (no {META})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{meta_file} is damaged (not valid JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is damaged (expected a JSON object, got {type(meta).__name__})")
+    return meta
+
+
+# --------------------------------------------------------------------------------------
+# Finiteness: never save a diverged state
+# --------------------------------------------------------------------------------------
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """The tensors of the torch optimizer inside DeepSpeed's wrappers: its parameters (the fp32
+    master copies under ZeRO / bf16 mode) and its state (momentum)."""
+    seen = set()
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return []
+    out = [p for group in optimizer.param_groups for p in group["params"]]
+    out += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def nonfinite_state(engine) -> int:
+    """How many of the engine's floating-point tensors (weights, buffers, optimizer parameters and
+    state) hold a nan or inf. One reduction per device and one host sync: call it at epoch ends,
+    before a checkpoint, never per step."""
+    tensors = [t for t in (*engine.module.parameters(), *engine.module.buffers(),
+                           *_optimizer_tensors(getattr(engine, "optimizer", None))) if t.is_floating_point()]
+    by_device: dict = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach())
+    return sum(int(torch.stack([~torch.isfinite(t).all() for t in ts]).sum())  # host sync
+               for ts in by_device.values())
 
 
 # --------------------------------------------------------------------------------------
@@ -159,6 +213,42 @@ class CheckpointManager:
                                   f"{', '.join(str(p) for p in self.complete()) or 'none found'}")
         return path
 
+    @staticmethod
+    def _intact(path: Path, world_size: int | None) -> tuple[dict, list[str]]:
+        meta = read_meta(path)
+        ranks = range(int(meta.get("world_size") or world_size or 1))
+        files = [path / _DS_MODEL_FILE]
+        if any(path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO / bf16 mode: a shard per rank
+            files += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
+        rngs = [path / f"rng_rank{r:05d}.pt" for r in ranks]
+        missing_rng = [f.name for f in rngs if not f.is_file()]  # not fatal: see fastlt.preflight
+        for f in files + [f for f in rngs if f.is_file()]:
+            if (why := damage(f)) is not None:
+                raise CheckpointError(f"checkpoint {path} cannot be used: {f.name}: {why}")
+        return meta, missing_rng
+
+    def verify(self, path: Path, *, world_size: int | None = None) -> tuple[dict, list[str]]:
+        """Check checkpoint ``path`` without loading it: meta.json parses, DeepSpeed's model file
+        and every optimizer shard are present and not truncated. Returns (meta, names of missing
+        per-rank RNG files); raises CheckpointError naming the damaged file and the newest
+        earlier checkpoint of the same folder that is intact."""
+        path = Path(path)
+        try:
+            return self._intact(path, world_size)
+        except CheckpointError as e:
+            prev = next((c for c in reversed(CheckpointManager(path.parent).complete())
+                         if _parse_tag(c.name) < (_parse_tag(path.name) or (0, 0)) and self._ok(c, world_size)), None)
+            fix = (f"resume from the previous complete checkpoint with --resume {prev}" if prev is not None
+                   else "no earlier intact checkpoint exists: start a new run (another run.name)")
+            raise CheckpointError(f"{e}; it cannot be resumed. {fix}") from None
+
+    def _ok(self, path: Path, world_size: int | None) -> bool:
+        try:
+            self._intact(path, world_size)
+        except CheckpointError:
+            return False
+        return True
+
     def complete(self) -> list[Path]:
         """Complete checkpoints in position order (oldest first)."""
         if not self.dir.is_dir():
@@ -200,11 +290,21 @@ class CheckpointManager:
             if partial.exists():  # left over by a crash during an earlier save
                 shutil.rmtree(partial)
         barrier()
-        engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
-        torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
-        if self.rank == 0:
-            info = dict(meta, tag=tag, epoch=epoch, step=step, world_size=self.world_size, time=time.time())
-            write_text_atomic(partial / META, json.dumps(info, indent=1))
+        try:
+            engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
+            torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+            if self.rank == 0:
+                info = dict(meta, tag=tag, epoch=epoch, step=step, world_size=self.world_size, time=time.time())
+                write_text_atomic(partial / META, json.dumps(info, indent=1))
+        except OutputError as e:  # a full disk, a read-only folder: free what was written, keep the rest
+            shutil.rmtree(partial, ignore_errors=True)
+            pointer = self.dir / LATEST
+            last = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+            kept = (f"the last complete checkpoint {self.dir / last} is untouched" if last
+                    else "no earlier checkpoint exists")
+            raise OutputError(f"{e}. Checkpoint {tag} was not written (its partial files were removed) and {kept}; "
+                              "make room (or move run.output_dir to another disk), then continue with --resume auto"
+                              ) from None
         barrier()
         if self.rank == 0:
             self._publish(partial, final)
@@ -239,17 +339,8 @@ class CheckpointManager:
 
     # -- loading ---------------------------------------------------------------------
 
-    def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
-        """Restore engine (module, optimizer) and this rank's RNG from ``path``.
-
-        Returns (client_state["fastlt"], meta). Raises CheckpointError, before touching the
-        engine, when the checkpoint is incomplete or belongs to another model or world size.
-        """
-        path = Path(path)
-        meta_file = path / META
-        if not meta_file.is_file():
-            raise CheckpointError(f"{path} is not a complete fastlt checkpoint (no {META})")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    def check_compatible(self, path: Path, meta: dict, signature: dict, *, zero_stage: int = 0) -> None:
+        """CheckpointError unless checkpoint ``path`` (its ``meta``) fits this model and world size."""
         diff = _signature_diff(meta.get("signature", {}), signature)
         if diff:
             raise CheckpointError(f"checkpoint {path} belongs to a different model ({'; '.join(diff)}). Resume it "
@@ -259,6 +350,16 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} ranks with ZeRO; "
                                   f"this run has {self.world_size}. ZeRO optimizer shards need the same number of "
                                   "ranks: relaunch with that many, or resume with deepspeed.zero_stage=0")
+
+    def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
+        """Restore engine (module, optimizer) and this rank's RNG from ``path``.
+
+        Returns (client_state["fastlt"], meta). Raises CheckpointError, before touching the
+        engine, when the checkpoint is incomplete or belongs to another model or world size.
+        """
+        path = Path(path)
+        meta = read_meta(path)
+        self.check_compatible(path, meta, signature, zero_stage=zero_stage)
         load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None or client is None or "fastlt" not in client:
@@ -294,7 +395,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
             if latest is None:
                 raise CheckpointError(f"{path} holds no checkpoint")
             path = latest
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        meta = read_meta(path)
         obj = safe_load(path / _DS_MODEL_FILE)
         return obj["module"], meta
     raise CheckpointError(f"checkpoint {path} does not exist; pass best.pt / last.pt of a run directory, "

@@ -12,7 +12,7 @@
 ``--config`` takes a YAML path or the name of a shipped recipe (``fastlt recipes``); a path wins.
 
 Expected failures (``fastlt.errors``) end in one ``fastlt: error: ...`` line on rank 0 and an
-exit code (2 config/data/checkpoint, 3 non-finite loss, 130 stopped by a signal).
+exit code (2 config/data/checkpoint/output, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM).
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def _load(args):
 
 def run_cli(fn: Callable[[], None]) -> int:
     """Run fn() and turn the expected failures into one clear message and an exit code."""
-    from fastlt.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
+    from fastlt.errors import FastltError, TrainingInterrupted, exit_code
+    from fastlt.signals import SecondInterrupt
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
 
@@ -121,18 +122,21 @@ def run_cli(fn: Callable[[], None]) -> int:
     try:
         fn()
         return 0
-    except (ConfigError, DataError, CheckpointError) as e:
-        say(str(e))
-        return 2
-    except NonFiniteLossError as e:
-        say(str(e))
-        return 3
     except TrainingInterrupted as e:
         if is_rank0:
             print(f"fastlt: {e}", file=sys.stderr, flush=True)
-        return 130
-    except KeyboardInterrupt:
+        return exit_code(e)
+    except FastltError as e:
+        say(str(e))
+        return exit_code(e)
+    except SecondInterrupt:
         say("aborted by a second Ctrl-C; checkpoints already written are complete (resume with --resume auto)")
+        return 130
+    except KeyboardInterrupt:  # outside a training loop (setup, evaluation at the end): nothing was being saved
+        if is_rank0:
+            print("fastlt: interrupted by Ctrl-C before a training step could finish (during setup or outside the "
+                  "training loop); checkpoints already written are complete: continue with --resume auto",
+                  file=sys.stderr, flush=True)
         return 130
 
 
@@ -148,9 +152,12 @@ def _train(args) -> int:
 def _eval(args) -> int:
     def go():
         from fastlt.evaluate import checkpoint_run_dir, run_eval, write_metrics
+        from fastlt.files import check_output_file
         from fastlt.logger import format_metrics
         from fastlt.plots import write_eval_report
 
+        if args.out:  # before the evaluation, not after it
+            check_output_file(args.out, "--out")
         m = run_eval(_load(args), args.checkpoint, args.split)
         print(f"{args.split} ({m['n']} images): {format_metrics(m)}")
         if args.out:

@@ -42,10 +42,10 @@ from fastlt.data.config import DataConfig, SyntheticConfig
 from fastlt.engine import DeepSpeedSection
 from fastlt.errors import ConfigError
 from fastlt.method import MethodConfig
-from fastlt.models.config import ModelConfig
+from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig
 from fastlt.schedule import OptimConfig
-from fastlt.typed_config import build_section, flat_keys as _flat_keys, one_of, positive, set_dotted
+from fastlt.typed_config import build_section, flat_keys as _flat_keys, load_yaml, one_of, positive, set_dotted
 
 __all__ = [
     "BASE_KEY",
@@ -154,6 +154,7 @@ class Config:
                               f"{self.data.image_size}. Set data.image_size=32 or data.augment_recipe=imagenet")
         if self.data.kind == "cifar" and self.data.augment_recipe != "cifar":
             raise ConfigError("data.augment_recipe: CIFAR data needs the cifar view recipe; set data.augment_recipe=cifar")
+        check_input_size(self.model, self.data.image_size)
 
     @property
     def num_classes(self) -> int:
@@ -213,10 +214,7 @@ def _merge_tree(base: dict, top: dict) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; recipes live in configs/, e.g. configs/demo.yaml")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    tree = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
     return tree

@@ -6,7 +6,8 @@
 * :func:`precision_of` — the one mapping precision → weight dtype / autocast dtype / input
   dtype, used by the training step, the trainer's evaluation and ``fastlt eval`` alike;
 * :func:`build_engine` — SGD + ``deepspeed.initialize`` + safe checkpoint I/O + memory format,
-  as the trainer and the train-step benchmark use it.
+  as the trainer and the train-step benchmark use it;
+* :func:`deepspeed_extra_warning` — the ``deepspeed.extra`` keys DeepSpeed's config never reads.
 
 Importing this module does not import torch or DeepSpeed.
 """
@@ -21,13 +22,17 @@ from fastlt.typed_config import one_of, positive
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DeepSpeedSection", "PRECISIONS", "Precision", "ZERO_STAGES", "build_engine", "deepspeed_config",
-           "flat_parameters", "precision_of"]
+__all__ = ["DeepSpeedSection", "OWN_KEYS", "PRECISIONS", "Precision", "ZERO_STAGES", "build_engine",
+           "deepspeed_config", "deepspeed_extra_warning", "flat_parameters", "precision_of"]
 
 #: ``deepspeed.precision``: fp32, or bf16 / fp16 (autocast or DeepSpeed's low-precision weights).
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: ZeRO stages fastlt supports (optimizer state / gradient partitioning).
 ZERO_STAGES = (0, 1, 2)
+#: DeepSpeed settings fastlt derives from its own keys; in ``deepspeed.extra`` they could only
+#: contradict them (DeepSpeed would stop at start-up with a bare assertion).
+OWN_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
+            "gradient_accumulation_steps": "deepspeed.grad_accum_steps", "gradient_clipping": "deepspeed.grad_clip"}
 
 
 @dataclass(kw_only=True)
@@ -56,6 +61,14 @@ class DeepSpeedSection:
         positive("deepspeed.grad_accum_steps", self.grad_accum_steps)
         positive("deepspeed.grad_clip", self.grad_clip, allow_zero=True)
         positive("deepspeed.loss_scale_power", self.loss_scale_power, allow_zero=True)
+        own = {f"deepspeed.extra.{k}": v for k, v in OWN_KEYS.items() if k in self.extra}
+        if isinstance(self.extra.get("zero_optimization"), dict) and "stage" in self.extra["zero_optimization"]:
+            own["deepspeed.extra.zero_optimization.stage"] = "deepspeed.zero_stage"
+        if own:
+            key, use = next(iter(own.items()))
+            raise ConfigError(f"{key}: fastlt sets this DeepSpeed setting from {use} (the global batch is "
+                              "data.batch_size × deepspeed.grad_accum_steps, split over the ranks); remove it from "
+                              f"deepspeed.extra and set {use} instead")
 
     @property
     def low_precision_weights(self) -> bool:
@@ -175,3 +188,64 @@ def flat_parameters(ds: DeepSpeedSection) -> bool:
     images and every activation still are (the pipelines deliver channels-last inputs and
     convolutions keep their input's format), and cuDNN reads the NCHW weights as they are."""
     return ds.zero_stage > 0 or ds.low_precision_weights
+
+
+class _ReadKeys(dict):
+    """A config dict that notes the top-level keys looked up in it (copy.copy shares the record)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.looked_up: set = set()
+
+    def __getitem__(self, key):
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+    def keys(self):  # `KEY in d.keys()` is how DeepSpeed asks for several sections
+        return _ReadKeysView(self)
+
+
+class _ReadKeysView:
+    def __init__(self, owner: _ReadKeys):
+        self.owner = owner
+
+    def __contains__(self, key):
+        return key in self.owner
+
+    def __iter__(self):
+        return iter(dict.keys(self.owner))
+
+    def __len__(self):
+        return len(self.owner)
+
+
+def deepspeed_extra_warning(ds_config: dict, extra: dict) -> str | None:
+    """One warning line naming the ``deepspeed.extra`` keys that DeepSpeed's config parser never
+    reads (a misspelt section is otherwise ignored without a word), or None.
+
+    DeepSpeed has no list of its keys; its parser looks each one up, so the keys it asks for are
+    recorded while it parses a copy of the config (after the process group is up)."""
+    import difflib
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = _ReadKeys(ds_config)
+    try:
+        DeepSpeedConfig(probe)
+    except Exception:  # DeepSpeed's own validation already ran in deepspeed.initialize
+        return None
+    unread = [k for k in extra if k not in probe.looked_up]
+    if not unread:
+        return None
+    hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, probe.looked_up, 1))
+             else repr(k) for k in unread]
+    return (f"warning: deepspeed.extra: DeepSpeed's config does not know {', '.join(hints)}; "
+            "it has no effect: fix or remove it")

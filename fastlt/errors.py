@@ -9,15 +9,18 @@ error                  raised when                                              
 =====================  =========================================================  ====
 ConfigError            a config key or value is wrong, or two keys disagree       2
 DataError              the data the config points at is missing or does not fit   2
+BadImageError          an image cannot be read or decoded (``on_error: raise``)   2
 CheckpointError        a checkpoint is missing, damaged or from another run       2
+OutputError            the run directory or an output file cannot be written      2
+PipelineError          a data-pipeline worker process died (e.g. killed for OOM)  2
 NonFiniteLossError     the loss (or the weights) became nan/inf                   3
 TrainingInterrupted    Ctrl-C / SIGTERM: a checkpoint was written, then a stop    130/143
 =====================  =========================================================  ====
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "FastltError", "NonFiniteLossError",
-           "TrainingInterrupted"]
+__all__ = ["BadImageError", "CheckpointError", "ConfigError", "DataError", "FastltError", "NonFiniteLossError",
+           "OutputError", "PipelineError", "TrainingInterrupted", "exit_code"]
 
 
 class FastltError(Exception):
@@ -32,12 +35,25 @@ class DataError(FastltError, ValueError):
     """The data the config points at is missing or does not fit the config."""
 
 
+class BadImageError(FastltError, RuntimeError):
+    """An image that cannot be read or decoded; the message names the file (and its list line)."""
+
+
 class CheckpointError(FastltError, RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, damaged, or from another model or setup)."""
 
 
+class OutputError(FastltError, RuntimeError):
+    """A file of the run cannot be written (read-only folder, a file in the way, a full disk); the
+    message names the path and the cause. What was already saved is untouched."""
+
+
+class PipelineError(FastltError, RuntimeError):
+    """A worker process of the data pipeline died (killed by a signal, e.g. by the out-of-memory killer)."""
+
+
 class NonFiniteLossError(FastltError, RuntimeError):
-    """The loss became nan/inf; training stopped before anything was saved from that state."""
+    """The loss or the weights became nan/inf; training stopped before anything was saved from that state."""
 
 
 class TrainingInterrupted(FastltError, RuntimeError):
@@ -46,3 +62,12 @@ class TrainingInterrupted(FastltError, RuntimeError):
     def __init__(self, message: str, signal_name: str = ""):
         super().__init__(message)
         self.signal_name = signal_name
+
+
+def exit_code(err: FastltError) -> int:
+    """The exit code of an expected failure (the table in the module docstring)."""
+    if isinstance(err, NonFiniteLossError):
+        return 3
+    if isinstance(err, TrainingInterrupted):
+        return 143 if err.signal_name == "SIGTERM" else 130
+    return 2

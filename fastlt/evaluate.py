@@ -12,7 +12,6 @@ class counts).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -140,7 +139,7 @@ def checkpoint_run_dir(checkpoint: str | Path) -> Path:
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
-    """Write an evaluation result as JSON (atomically)."""
-    from fastlt.files import write_text_atomic
+    """Write an evaluation result as JSON (atomically; an empty shot group's nan becomes null)."""
+    from fastlt.files import json_text, write_text_atomic
 
-    write_text_atomic(path, json.dumps(metrics, indent=1))
+    write_text_atomic(path, json_text(metrics))

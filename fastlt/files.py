@@ -5,21 +5,79 @@
 * :func:`safe_load` — ``torch.load`` with ``weights_only=True``; the only non-tensor classes
   allowed are the few DeepSpeed bookkeeping types of :func:`deepspeed_safe_globals`;
 * :func:`install_safe_checkpoint_engine` — the same two rules for every file DeepSpeed's
-  engine reads or writes.
+  engine reads or writes;
+* :func:`json_text` — strict JSON (nan/inf become null), so every JSON file fastlt writes parses;
+* :func:`damage` — why a ``torch.save`` file cannot be complete (a cheap look at its zip
+  directory), and :func:`check_writable_dir` / :func:`check_output_file` — whether a run
+  directory or an output file can be written, asked before any work is done.
+
+A failed write raises :class:`~fastlt.errors.OutputError` naming the path and the cause (a full
+disk, a read-only folder, a file size limit) and leaves no temporary file behind.
 """
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
+import pickle
+import shutil
 import uuid
+import zipfile
 from pathlib import Path
 
 import torch
 
-from fastlt.errors import CheckpointError
+from fastlt.errors import CheckpointError, OutputError
 
-__all__ = ["deepspeed_safe_globals", "install_safe_checkpoint_engine", "safe_load", "torch_save_atomic",
+__all__ = ["check_output_file", "check_writable_dir", "damage", "deepspeed_safe_globals",
+           "install_safe_checkpoint_engine", "json_text", "safe_load", "torch_save_atomic", "write_failure",
            "write_text_atomic"]
 
+_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted (read-only or immutable folder)",
+            errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+            errno.EISDIR: "it is a directory", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.ENOENT: "its folder does not exist"}
+
+
+def _existing_dir(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path if path.is_dir() else path.parent
+
+
+def write_failure(path: str | os.PathLike, err: BaseException) -> OutputError:
+    """The OutputError for a failed write of ``path``: the cause, the free space there and, when
+    one applies, the process's file size limit (torch's own writer reports only "unexpected pos")."""
+    try:
+        free = shutil.disk_usage(_existing_dir(Path(path))).free
+    except OSError:
+        free = None
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = _REASONS.get(err.errno, err.strerror or str(err))
+    elif free is not None and free < 64 * 2**20:  # a short write on a (nearly) full file system
+        reason = "the disk is full"
+    else:
+        reason = "the write stopped short (fewer bytes reached the file than were written)"
+    notes = [] if free is None else [f"{free / 2**20:.0f} MiB free on that file system"]
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            notes.append(f"this process may not write files over {limit} bytes (ulimit -f)")
+    except (ImportError, ValueError, OSError):
+        pass
+    return OutputError(f"cannot write {path}: {reason}" + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def _is_write_error(err: BaseException) -> bool:
+    # torch's zip writer turns a short write into a RuntimeError from inline_container.cc.
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and
+                                        ("inline_container" in str(err) or "PytorchStreamWriter" in str(err)))
 
 
 
@@ -31,22 +89,114 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that readers see the old or the new content, never a mix."""
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def torch_save_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_failure(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def torch_save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary sibling, flushed to disk, then renamed over ``path``."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        # Through a Python file object: a full disk then surfaces as OSError(ENOSPC) rather than
+        # torch's "enforce fail at inline_container.cc"; fsync so that the rename never publishes
+        # a file whose data is still in the page cache.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not _is_write_error(e):
+            raise
+        raise write_failure(path, e) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def json_text(obj, indent: int | None = 1) -> str:
+    """``json.dumps`` that is valid JSON: nan/inf (e.g. the accuracy of an empty shot group) become null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+def damage(path: str | os.PathLike) -> str | None:
+    """Why the ``torch.save`` file ``path`` cannot be complete (missing, empty, truncated), or None.
+
+    Reads only the zip directory at the end of the file, so it costs the same for any size: a
+    file cut short by a crash or a full disk has lost that directory."""
+    path = Path(path)
+    if not path.is_file():
+        return "the file is missing"
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"truncated or corrupt: {e}"
+    return None
+
+
+def _probe(folder: Path) -> OSError | None:
+    """Create and remove a file in ``folder``: the only check that also holds for root, read-only
+    mounts, ACLs and network file systems (os.access does not)."""
+    try:
+        tmp = folder / f".fastlt-write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.write_bytes(b"")
+        tmp.unlink()
+    except OSError as e:
+        return e
+    return None
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raise OutputError unless the folder ``path`` exists and can be written, or can be created
+    (its nearest existing ancestor is a writable folder). Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder; move the file away or choose another path")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"{what} {path} cannot be created: {base} is a file, not a folder; choose another path")
+    err = _probe(base)
+    if err is not None:
+        raise OutputError(f"{what} {path} cannot be written: {base} does not accept new files "
+                          f"({_REASONS.get(err.errno, err.strerror)}); choose a writable folder")
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """Raise OutputError unless ``path`` can be written as a file (asked before the work that fills it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory; give a file name, e.g. {path / 'metrics.json'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{what} {path}: the folder {parent} does not exist; create it or choose another path")
+    err = _probe(parent)
+    if err is not None:
+        raise OutputError(f"{what} {path} cannot be written: {parent} does not accept new files "
+                          f"({_REASONS.get(err.errno, err.strerror)}); choose a writable folder")
 
 
 def deepspeed_safe_globals() -> list:
@@ -72,9 +222,17 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint file {path} does not exist") from None
-        except Exception as e:  # UnpicklingError for anything outside the allowlist, or a corrupt file
-            raise CheckpointError(f"cannot load {path} safely: {type(e).__name__}: {str(e).splitlines()[0]}. "
-                                  "fastlt only loads tensors and plain containers from checkpoints") from None
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            if isinstance(e, pickle.UnpicklingError) and lines[0].startswith("Weights only load failed"):
+                # The allowlist refused a class: the file holds something other than tensors.
+                refused = next((ln.rstrip(".") for ln in lines[1:] if "unsupported" in ln.lower()),
+                               lines[0].split(". ")[0])
+                raise CheckpointError(f"cannot load {path} safely: {refused}. fastlt only loads tensors and plain "
+                                      "containers from checkpoints, never code") from None
+            why = damage(path) or f"{type(e).__name__}: {lines[0]}"
+            raise CheckpointError(f"checkpoint file {path} is damaged and cannot be read ({why}); "
+                                  "use an earlier complete checkpoint") from None
 
 
 def install_safe_checkpoint_engine(engine) -> None:

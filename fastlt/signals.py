@@ -10,7 +10,11 @@ import os
 import signal
 import sys
 
-__all__ = ["StopFlag"]
+__all__ = ["SecondInterrupt", "StopFlag"]
+
+
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C after a stop request: abort now instead of saving (tells the CLI which Ctrl-C it was)."""
 
 
 class StopFlag:
@@ -29,7 +33,7 @@ class StopFlag:
             # ignore both and keep serving until the main process has saved and shuts them down.
             return
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         print(f"\nfastlt: {self.signal_name} received: stopping after the current step and saving a checkpoint "

@@ -3,12 +3,15 @@
 :class:`Trainer` runs one :class:`~fastlt.config.Config`:
 
 1. before any process group exists: the device, the run directory and the resume target,
-   the datasets and the epoch length are checked, so a wrong path, class count or batch
-   size stops the run with one message before DeepSpeed starts;
+   the datasets, the epoch length and the validation images are checked
+   (``fastlt.preflight``), so a wrong path, class count, batch size or a damaged checkpoint
+   stops the run with one message before DeepSpeed starts and before anything is written;
 2. the process group, the model, the DeepSpeed engine (``fastlt.engine``), the objective
    (``fastlt.objective``), the per-epoch LR (``fastlt.schedule``) and the pipelines;
-3. epochs of :func:`~fastlt.objective.train_step`, evaluation every ``run.eval_every``
-   epochs, a resumable checkpoint every ``run.checkpoint_every`` epochs (``fastlt.checkpoint``).
+3. epochs of :func:`~fastlt.objective.train_step`, a resumable checkpoint every
+   ``run.checkpoint_every`` epochs (``fastlt.checkpoint``; never of a non-finite state), then
+   evaluation every ``run.eval_every`` epochs (after the checkpoint: a failing evaluation
+   never costs the epoch, and a resume from that checkpoint evaluates first).
 
 The host waits for the device only at log intervals, epoch ends, evaluation and
 checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
@@ -17,7 +20,6 @@ SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -26,12 +28,13 @@ import torch
 from torch import Tensor
 
 from fastlt import distributed as dist
-from fastlt.checkpoint import CheckpointManager, model_signature, save_weights
+from fastlt.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights
 from fastlt.config import Config, config_diff, config_to_dict, save_config
 from fastlt.errors import CheckpointError, DataError, NonFiniteLossError, TrainingInterrupted
-from fastlt.files import write_text_atomic
+from fastlt.files import json_text, write_text_atomic
 from fastlt.label_stats import interval_fields
 from fastlt.logger import RunLogger, format_metrics
+from fastlt.preflight import check_resume, check_run_dir, check_val_images
 from fastlt.signals import StopFlag
 
 __all__ = ["Trainer", "steps_per_epoch", "train"]
@@ -74,6 +77,7 @@ class Trainer:
         self.proc = dist.process_info()
         self.rank, self.world_size = self.proc.rank, self.proc.world_size
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
+        check_run_dir(self.run_dir)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=self.rank,
                                       local_rank=self.proc.local_rank, world_size=self.world_size)
         self.resume_from = self._resolve_resume()
@@ -85,6 +89,9 @@ class Trainer:
 
             check_pretrained_path(cfg.model.pretrained)
         self.precision = precision_of(cfg.deepspeed)
+        self.resume_notes = [] if self.resume_from is None else check_resume(
+            self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
+        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank)
         self.stop = StopFlag()
 
     def _resolve_resume(self) -> Path | None:
@@ -100,7 +107,7 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------
 
     def _setup(self) -> None:
-        from fastlt.engine import build_engine
+        from fastlt.engine import build_engine, deepspeed_extra_warning
         from fastlt.models import build_model
         from fastlt.objective import ConCutMixObjective, compile_step
         from fastlt.pipelines import build_train_pipeline, build_val_pipeline, select_backend, train_spec, val_spec
@@ -121,11 +128,6 @@ class Trainer:
         dist.barrier()
         self.log = RunLogger(self.run_dir, self.rank, progress_bar=cfg.run.progress_bar,
                              tensorboard=cfg.run.tensorboard)
-        self._save_resolved_config()
-        if self.rank == 0 and self.data.class_names is not None:
-            from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
-
-            write_class_map(self.run_dir / CLASS_MAP_FILE, self.data.class_names, self.data.class_counts)
         if cfg.data.kind == "synthetic":
             self.log.info(f"synthetic dataset in {cfg.data.root} (generated on first use, then reused from there)")
 
@@ -137,6 +139,8 @@ class Trainer:
             self.log.info(load_pretrained(model, cfg.model.pretrained, cfg.model.pretrained_scope))
         self.signature = model_signature(model, cfg)
         self.engine, self.ds_config = build_engine(cfg, model, self.world_size)
+        if (warning := deepspeed_extra_warning(self.ds_config, cfg.deepspeed.extra)) is not None:
+            self.log.event("warning", warning)
         self.dev = torch.device(self.device, self.proc.local_rank) if self.device == "cuda" else torch.device("cpu")
         self.objective = ConCutMixObjective(cfg.method, self.data.class_counts).to(self.dev)
         compile_step(self.engine, self.objective, cfg.run.compile, cfg.run.compile_backend)
@@ -163,11 +167,13 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------
 
-    def _save(self, epoch: int, step: int) -> Path:
+    def _save(self, epoch: int, step: int, *, eval_pending: bool = False) -> Path:
+        # eval_pending: this epoch's evaluation runs after the save; a resume from here runs it first.
         client = {"fastlt": {"epoch": epoch, "step": step, "global_step": int(self.engine.global_steps),
                              "scheduler": self.schedule.state_dict(), "best": self.best, "history": self.history,
-                             "train_time_s": self.train_time}}
-        meta = {"signature": self.signature, "backbone": self.cfg.model.backbone, "num_classes": self.data.num_classes}
+                             "train_time_s": self.train_time, "eval_pending": eval_pending}}
+        meta = {"signature": self.signature, "backbone": self.cfg.model.backbone, "num_classes": self.data.num_classes,
+                "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch}
         path = self.ckpt.save(self.engine, epoch, step, client, meta)
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
@@ -179,6 +185,7 @@ class Trainer:
         self.best = state["best"]
         self.history = list(state["history"])
         self.train_time = float(state.get("train_time_s", 0.0))
+        self.eval_pending = bool(state.get("eval_pending", False))
         self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} "
                        f"(global step {state['global_step']})", path=str(path), epoch=state["epoch"],
                        step=state["step"])
@@ -193,7 +200,7 @@ class Trainer:
                                  precision=self.precision, channels_last=self.cfg.model.channels_last)
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
         self.last_eval = metrics
-        self.history.append({"epoch": epoch, **summary})
+        self.history = [h for h in self.history if h["epoch"] != epoch] + [{"epoch": epoch, **summary}]
         improved = self.best is None or summary["overall"] > self.best["overall"]
         if improved:
             self.best = {"epoch": epoch, **summary}
@@ -229,6 +236,7 @@ class Trainer:
                             "steps": self.steps_per_epoch, "global_step": int(self.engine.global_steps),
                             "loss": mean[0], "ce": mean[1], "scl": mean[2], "lr": float(self.engine.get_lr()[0]),
                             "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed,
+                            "skipped_images": self.pipeline.stats()["skipped_images"],
                             **interval_fields(stats[:, 3:])})
         bad, stop = dist.any_rank([local_bad, self.stop.requested], self.dev)
         if bad and self.nonfinite is None:  # another rank saw it first
@@ -236,15 +244,19 @@ class Trainer:
         self.stop.requested = stop
         return bad or stop
 
-    def _raise_nonfinite(self) -> None:
+    def _raise_nonfinite(self, tensors: int = 0) -> None:
         epoch, step, vals = self.nonfinite
         what = (f"loss {vals[0]}, ce {vals[1]}, scl {vals[2]}" if vals is not None
                 else "reported by another rank, at or before this step")
+        # Every checkpoint passed the finiteness check before it was written, so the latest is good.
         last = self.ckpt.latest()
         where = (f"The last good checkpoint is {last}; it is untouched (resume with --resume auto)."
                  if last is not None else "No checkpoint had been written yet.")
+        event = (f"the loss became non-finite at epoch {epoch}, step {step + 1}/{self.steps_per_epoch} ({what})"
+                 if not tensors else f"the weights or optimizer state became non-finite in epoch {epoch} ({tensors} "
+                 f"tensor(s) hold nan/inf after step {step + 1}/{self.steps_per_epoch}, whose loss was still finite)")
         raise NonFiniteLossError(
-            f"the loss became non-finite at epoch {epoch}, step {step + 1}/{self.steps_per_epoch} ({what}); "
+            f"{event}; "
             f"training stopped and nothing was saved from this state. {where} Common causes: a learning rate "
             f"too high for the batch size (optim.lr={self.cfg.optim.lr}), or fp16 overflow (try deepspeed.precision=bf16).")
 
@@ -303,12 +315,19 @@ class Trainer:
         cfg = self.cfg
         self._setup()
         self.best, self.history, self.train_time = None, [], 0.0
-        self.nonfinite = None
+        self.nonfinite, self.eval_pending = None, False
         epoch, step = 0, 0
         if self.resume_from is not None:
             epoch, step = self._load(self.resume_from)
         elif self.resume is not None:
             self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
+        self._save_resolved_config()  # only now: a refused resume leaves the run's config.yaml as it was
+        if self.rank == 0 and self.data.class_names is not None:
+            from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
+
+            write_class_map(self.run_dir / CLASS_MAP_FILE, self.data.class_names, self.data.class_counts)
+        for note in self.resume_notes:
+            self.log.event("warning", note)
         self.first_epoch = epoch
         self.log.info(f"fastlt: {cfg.model.backbone} on {self.data.num_classes} classes, "
                       f"{len(self.data.train)} training images, {self.world_size} rank(s) on {self.device}, "
@@ -323,6 +342,9 @@ class Trainer:
                           f"ConCutMix labels from epoch {cfg.method.l_d_warm + 1} (method.l_d_warm)")
         last_eval_epoch = None
         with self.stop:
+            if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
+                self.evaluate(epoch - 1)
+                last_eval_epoch = epoch - 1
             while epoch < cfg.optim.epochs:
                 t_epoch = time.perf_counter()
                 reached = self._train_epoch(epoch, step)
@@ -331,25 +353,41 @@ class Trainer:
                     self._raise_nonfinite()
                 (stopping,) = dist.any_rank([self.stop.requested], self.dev)
                 dist.average_buffers(self.engine.module)
+                self._check_state(epoch, reached)
                 if reached < self.steps_per_epoch:  # stopped inside the epoch
                     path = self._save(epoch, reached)
                     raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} at epoch {epoch} "
                                               f"step {reached}; checkpoint {path}. Continue with --resume auto",
                                               self.stop.signal_name)
                 done = epoch + 1
-                if done % cfg.run.eval_every == 0 or done == cfg.optim.epochs:
-                    self.evaluate(epoch)
-                    last_eval_epoch = epoch
+                due = done % cfg.run.eval_every == 0 or done == cfg.optim.epochs
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.optim.epochs or stopping:
-                    path = self._save(done, 0)
-                    if stopping:
+                    path = self._save(done, 0, eval_pending=due)
+                    if stopping:  # the pending evaluation runs when the run is resumed
                         raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
                                                   f"{epoch}; checkpoint {path}. Continue with --resume auto",
                                                   self.stop.signal_name)
+                if due:
+                    self.evaluate(epoch)
+                    last_eval_epoch = epoch
                 epoch, step = done, 0
-        if last_eval_epoch is None:  # resumed after the last epoch was already done
-            self.evaluate(cfg.optim.epochs - 1)
+        if last_eval_epoch is None and not any(h["epoch"] == cfg.optim.epochs - 1 for h in self.history):
+            self.evaluate(cfg.optim.epochs - 1)  # resumed after the last epoch, from a run that never evaluated it
         return self._finish()
+
+    def _check_state(self, epoch: int, reached: int) -> None:
+        """Before anything is saved from this state: weights and optimizer state must be finite (the loss
+        check cannot see an update that diverged on an epoch's last step); replaced images are reported."""
+        bad = nonfinite_state(self.engine)
+        if dist.any_rank([bad > 0], self.dev)[0]:
+            self.nonfinite = (epoch, reached - 1, None)
+            self._raise_nonfinite(tensors=bad or 1)
+        stats = self.pipeline.stats()
+        if n := stats["skipped_images"]:
+            first = stats["skipped_files"][0]
+            self.log.event("skipped_images", f"epoch {epoch}: replaced {n} unreadable training image(s) (rank "
+                           f"{self.rank}) by images of the same class (data.on_error: skip); first: {first}",
+                           epoch=epoch, skipped_images=n, first=first)
 
     def _finish(self) -> dict:
         final = self.history[-1] if self.history else {}
@@ -363,7 +401,7 @@ class Trainer:
                    "train_class_counts": [int(c) for c in self.data.class_counts], "run_dir": str(self.run_dir),
                    "eval_every": self.cfg.run.eval_every, "evaluated_epochs": [h["epoch"] for h in self.history],
                    "replica_digests": digests}
-            write_text_atomic(self.run_dir / "metrics.json", json.dumps(out, indent=1, allow_nan=True))
+            write_text_atomic(self.run_dir / "metrics.json", json_text(out))
             self._plots()
         evaluated = [h["epoch"] for h in self.history]
         cadence = (f"best of {len(evaluated)} evaluation(s), every {self.cfg.run.eval_every} epoch(s) and after the "
@@ -400,5 +438,12 @@ def train(cfg: Config, *, resume: str | None = None) -> dict:
     trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.fit()
+    except RuntimeError as e:  # a dead data worker surfaces as torch's RuntimeError or DALI's PipelineError
+        from fastlt.pipelines.common import worker_failure
+
+        failure = worker_failure(e, num_workers=cfg.pipeline.num_workers, last_checkpoint=trainer.ckpt.latest())
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         trainer.close()

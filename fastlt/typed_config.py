@@ -10,7 +10,10 @@ dataclasses:
 * unknown keys raise :class:`~fastlt.errors.ConfigError` naming the key and the closest
   valid keys (a misspelt ``l_d_wram`` would otherwise change the method without a word);
 * values are checked against the field annotations (``int``, ``float``, ``list[int]``,
-  ``int | None``, ...), naming the key, the value and the expected type;
+  ``int | None``, ...), naming the key, the value and the expected type; a nan or inf float
+  is refused anywhere (``.nan`` is valid YAML, and would train on silently);
+* :func:`load_yaml` reads YAML that refuses a key given twice in one mapping (PyYAML keeps
+  the last one without a word, so a section written twice loses the first);
 * ``one_of`` / ``positive`` are the value checks every section's ``__post_init__`` uses.
 
 Nothing here imports torch: loading a config is cheap and works without a GPU stack.
@@ -19,14 +22,67 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from typing import Any
 
+import yaml
+
 from fastlt.errors import ConfigError
 
-__all__ = ["build_section", "field_types", "flat_keys", "one_of", "positive", "set_dotted", "unknown_key"]
+__all__ = ["build_section", "field_types", "flat_keys", "load_yaml", "one_of", "positive", "set_dotted",
+           "unknown_key"]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a mapping with a key given twice is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges are not duplicates
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"line {line}: key {key!r} is given twice in the same mapping (first on line "
+                                  f"{seen[key]}); YAML would keep only the second. Merge the two into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML ``text`` (from ``source``, named in errors) with SafeLoader's types; duplicate keys and
+    syntax errors are one-line ConfigErrors naming the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{source}: not valid YAML: {where}{what}") from None
+
+
+def _finite(key: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number; got {value!r}")
+    return value
+
+
+def _check_finite_tree(key: str, value) -> None:
+    """Free-form values (dict and Any fields, e.g. deepspeed.extra) hold no nan/inf either."""
+    if isinstance(value, float):
+        _finite(key, value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_tree(f"{key}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite_tree(f"{key}[{i}]", v)
 
 
 def one_of(key: str, value, allowed) -> None:
@@ -106,10 +162,10 @@ def _coerce(key: str, value, tp):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(key, float(value))
         # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string; accept plain numeric literals only.
         if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
-            return float(value)
+            return _finite(key, float(value))
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -119,8 +175,10 @@ def _coerce(key: str, value, tp):
             return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
+            _check_finite_tree(key, value)
             return dict(value)
     elif tp is Any:
+        _check_finite_tree(key, value)
         return value
     else:  # pragma: no cover - only reached if a field gets an unsupported annotation
         raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")

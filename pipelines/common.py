@@ -19,21 +19,27 @@ sample indices, CutMix boxes, λ and augmentation parameters for the same spec.
   another image of the same class, chosen by a keyed draw, so the label stays right and the
   run stays deterministic; ``raise`` names the file.
 - :func:`check_dataset`: the dataset fits the view recipe (arrays for CIFAR, files otherwise).
+- :func:`worker_failure`: a dead worker process (torch's RuntimeError, DALI's PipelineError) as
+  one message with the likely cause and what to do.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
+import re
+import signal
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from fastlt.cutmix import area_lambda, sample_box
+from fastlt.errors import BadImageError, PipelineError
 
 __all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
-           "cutmix_boxes", "default_workers", "image_source_name", "keyed_rng", "keyed_seed", "load_with_policy"]
+           "cutmix_boxes", "default_workers", "describe_error", "image_source_name", "keyed_rng", "keyed_seed",
+           "load_with_policy", "worker_failure"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -164,8 +170,9 @@ def cutmix_boxes(seed: int, epoch: int, step: int, positions: Sequence[int], h: 
     return boxes, lam, applied
 
 
-class BadImageError(RuntimeError):
-    """An image that cannot be read or decoded; the message names the file."""
+def describe_error(e: BaseException) -> str:
+    """'Type: message' of a read/decode failure, without PIL's '<_io.BytesIO object at 0x…>'."""
+    return f"{type(e).__name__}: " + re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
 
 
 def image_source_name(dataset, index: int) -> str:
@@ -195,7 +202,7 @@ def check_encoded_image(data: bytes) -> tuple[int, int]:
             w, h = im.size
             fmt = im.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"not a readable image ({describe_error(e)})") from None
     if fmt == "JPEG" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         raise ValueError("truncated JPEG (no end-of-image marker)")
     if h < 1 or w < 1:
@@ -258,10 +265,10 @@ def load_with_policy(dataset, index: int, key: Sequence[int], on_error: str, sub
         except (OSError, ValueError, SyntaxError) as e:
             name = image_source_name(dataset, current)
             if on_error == "raise":
-                raise BadImageError(f"cannot read image {name}: {type(e).__name__}: {e}. "
+                raise BadImageError(f"cannot read image {name}: {describe_error(e)}. "
                                     f"Fix or remove the file, or set data.on_error: skip to replace bad "
                                     f"images by another image of the same class") from e
-            skipped.append(f"{name}: {type(e).__name__}: {e}")
+            skipped.append(f"{name}: {describe_error(e)}")
             substitutes.bad.add(current)
             nxt = substitutes.pick(int(index), key, attempt)
             if nxt is None:
@@ -294,3 +301,30 @@ def default_workers(requested: int) -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(0, min(int(requested), cores))
+
+
+_TORCH_WORKER_DEATH = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|"
+                                 r"exited unexpectedly(?: with exit code (-?\d+))?)")
+
+
+def worker_failure(err: BaseException, *, num_workers: int, last_checkpoint=None) -> PipelineError | None:
+    """The PipelineError for a data worker that died, or None when ``err`` is something else.
+
+    torch reports a dead DataLoader worker as a RuntimeError (raised from its SIGCHLD handler,
+    so anywhere in the main process); the DALI pipelines raise PipelineError themselves."""
+    if isinstance(err, PipelineError):
+        what = str(err)
+    else:
+        m = _TORCH_WORKER_DEATH.search(str(err))
+        if m is None:
+            return None
+        pids, sig, code = m.groups()
+        # torch words the signal as strsignal() does ("Killed"); name it as users know it (SIGKILL).
+        names = {signal.strsignal(n): n.name for n in signal.Signals if signal.strsignal(n)}
+        how = (f"was killed by signal {names.get(sig.strip(), sig.strip())}" if sig else
+               f"exited unexpectedly (exit code {code})" if code else "exited unexpectedly")
+        what = f"a data-loader worker process (pid {pids.strip()}) {how}"
+    where = (f"The last checkpoint {last_checkpoint} is complete: continue with --resume auto"
+             if last_checkpoint is not None else "No checkpoint had been written yet")
+    return PipelineError(f"{what}. A worker killed by SIGKILL is most often the out-of-memory killer: lower "
+                         f"pipeline.num_workers (now {num_workers}) or data.batch_size. {where}")

@@ -1,18 +1,20 @@
 """What the DALI training and validation pipelines share (ARCHITECTURE §3): device and dataset
 checks, the lifetime of the DALI pipeline object, copying DALI outputs into torch tensors, and
 the recovery from a decoder failure — traced back to the file with PIL, then reported
-(``on_error: raise``) or left out on a rebuilt pipeline (``skip``).
+(``on_error: raise``) or left out on a rebuilt pipeline (``skip``) — and the check that the
+Python reader processes are alive before each run.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import re
+import signal
 import warnings
 
 import torch
 
-from .common import BadImageError, check_dataset, default_workers, image_source_name
+from .common import BadImageError, PipelineError, check_dataset, default_workers, image_source_name
 from .dali_sources import raise_from_worker
 
 __all__ = ["DaliPipelineBase", "cuda_index", "feed_into", "quiet_dali_build", "to_torch"]
@@ -124,6 +126,24 @@ class DaliPipelineBase:
             self._drop()
         except Exception:  # interpreter shutdown: DALI may already be gone
             pass
+
+    def _check_workers(self) -> None:
+        """PipelineError if a Python reader process of the live pipeline has died (killed, e.g. by
+        the out-of-memory killer). Asked before every run: DALI's pool would otherwise wait
+        forever on a condition the dead process can no longer signal."""
+        procs = getattr(getattr(getattr(self._pipe, "_py_pool", None), "pool", None), "_processes", None) or ()
+        dead = [p for p in procs if p.exitcode is not None]
+        if not dead:
+            return
+        for p in procs:  # the rest ignore SIGTERM (fastlt.signals), so DALI's shutdown would wait on them
+            if p.exitcode is None:
+                p.kill()
+                p.join(5)
+        p = dead[0]
+        how = (f"was killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+               else f"exited with code {p.exitcode}")
+        self._drop()
+        raise PipelineError(f"a DALI reader process (pid {p.pid}) {how}")
 
     def stats(self) -> dict:
         """Counters of the last epoch or pass: ``skipped_images`` and the ``skipped_files`` names."""

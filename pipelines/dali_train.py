@@ -189,24 +189,20 @@ class DaliTrainPipeline(DaliPipelineBase):
             self._build(epoch, start_step)
         self._position = None  # while iterating, the pipeline's position is ours only
         step = start_step
-        try:
-            while step < self.steps_per_epoch:
-                try:
-                    outs = self._pipe.run()
-                except StopIteration:
-                    raise RuntimeError(f"DALI ended epoch {epoch} after {step} of {self.steps_per_epoch} steps; "
-                                       f"this is a bug in fastlt.pipelines") from None
-                except Exception as e:
-                    self._recover(e, epoch, step)  # raises, or rebuilds at (epoch, step) to retry
-                    continue
-                yield self._batch(outs)
-                step += 1
-            self._finish_epoch(epoch)
-        finally:
-            if self._stats["skipped_images"]:
-                LOG.warning("epoch %d: replaced %d unreadable image(s) by images of the same class "
-                            "(on_error: skip); first: %s", epoch, self._stats["skipped_images"],
-                            self._stats["skipped_files"][0])
+        # Replaced images are reported by the caller from stats() (the trainer, once per epoch).
+        while step < self.steps_per_epoch:
+            self._check_workers()
+            try:
+                outs = self._pipe.run()
+            except StopIteration:
+                raise RuntimeError(f"DALI ended epoch {epoch} after {step} of {self.steps_per_epoch} steps; "
+                                   f"this is a bug in fastlt.pipelines") from None
+            except Exception as e:
+                self._recover(e, epoch, step)  # raises, or rebuilds at (epoch, step) to retry
+                continue
+            yield self._batch(outs)
+            step += 1
+        self._finish_epoch(epoch)
 
     def _finish_epoch(self, epoch: int) -> None:
         """Consume DALI's end of epoch and reset, so the next epoch starts prefetching now."""

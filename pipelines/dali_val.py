@@ -16,7 +16,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import dali_ops as ops
-from .common import LOG, BadImageError, check_encoded_image, image_source_name
+from .common import LOG, BadImageError, check_encoded_image, describe_error, image_source_name
 from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, to_torch
 from .spec import ValPipelineSpec
 from .transforms import val_resize_size
@@ -58,7 +58,7 @@ class ValSource:
         except (OSError, ValueError, SyntaxError) as e:
             name = image_source_name(self.dataset, i)
             if self.on_error == "raise":
-                raise BadImageError(f"cannot read validation image {name}: {type(e).__name__}: {e}. Fix or remove "
+                raise BadImageError(f"cannot read validation image {name}: {describe_error(e)}. Fix or remove "
                                     f"the file, or set data.on_error: skip to leave it out of evaluation") from e
             if self._placeholder is None:
                 self._placeholder = _placeholder_jpeg()
@@ -130,6 +130,7 @@ class DaliValPipeline(DaliPipelineBase):
         k = 0
         host = torch.device("cpu")
         while True:
+            self._check_workers()
             try:
                 outs = self._pipe.run()
             except StopIteration:

@@ -15,6 +15,7 @@ decoding the skipped steps.
 from __future__ import annotations
 
 import io
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -22,12 +23,35 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batch import TrainBatch, image_layout
-from .common import (LOG, BadImageError, Stream, StreamPlan, Substitutes, check_dataset, cutmix_boxes, default_workers,
-                     image_source_name, keyed_seed, load_with_policy)
+from .common import (LOG, BadImageError, PipelineError, Stream, StreamPlan, Substitutes, check_dataset, cutmix_boxes,
+                     default_workers, describe_error, image_source_name, keyed_seed, load_with_policy)
 from .spec import TrainPipelineSpec, ValPipelineSpec, check_extra
 from .transforms import train_view_transforms, val_transform
 
 __all__ = ["TorchTrainPipeline", "TorchValPipeline", "image_loader"]
+
+
+def _as_raised(err: BadImageError) -> BadImageError:
+    """A worker's BadImageError as the worker raised it: torch re-raises it in the main process
+    with the worker's whole traceback as its message; the last line is the message itself."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return err
+    return BadImageError(text.splitlines()[-1].split("BadImageError: ", 1)[-1])
+
+
+def _dead_worker(iterator) -> PipelineError | None:
+    """After torch's "DataLoader worker ... exited unexpectedly": which worker died and how (torch
+    knows the exit status but does not say it)."""
+    for w in getattr(iterator, "_workers", ()):
+        code = w.exitcode
+        if code not in (None, 0):
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            except ValueError:
+                how = f"exited with status {code}"
+            return PipelineError(f"a data-loader worker process (pid {w.pid}) {how}")
+    return None
 
 
 def image_loader(dataset, recipe: str):
@@ -162,16 +186,23 @@ class TorchTrainPipeline:
             kwargs["prefetch_factor"] = int(self.spec.extra.get("prefetch_factor", 2))
         loader = DataLoader(dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
                             pin_memory=pin, **kwargs)
-        for batch, skipped in loader:
-            if skipped:
-                self._stats["skipped_images"] += len(skipped)
-                self._stats["skipped_files"].extend(skipped)
-            if pin:
-                batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
-            yield TrainBatch(**batch)
-        if self._stats["skipped_images"]:
-            LOG.warning("epoch %d: replaced %d unreadable image(s) by images of the same class (on_error: skip); "
-                        "first: %s", epoch, self._stats["skipped_images"], self._stats["skipped_files"][0])
+        iterator = iter(loader)
+        try:
+            for batch, skipped in iterator:
+                if skipped:
+                    self._stats["skipped_images"] += len(skipped)
+                    self._stats["skipped_files"].extend(skipped)
+                if pin:
+                    batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
+                yield TrainBatch(**batch)
+        except BadImageError as e:
+            raise _as_raised(e) from None
+        except RuntimeError:
+            if (dead := _dead_worker(iterator)) is None:
+                raise
+            raise dead from None
+        # Replaced images are reported by the caller from stats() (the trainer, once per epoch):
+        # a consumer that stops at steps_per_epoch never runs code placed after this loop.
 
     def stats(self) -> dict:
         """Counters of the last epoch: ``skipped_images`` and the ``skipped_files`` messages."""
@@ -199,9 +230,9 @@ class _ValDataset(Dataset):
         except (OSError, ValueError, SyntaxError) as e:
             name = image_source_name(self.spec.dataset, i)
             if self.spec.on_error == "raise":
-                raise BadImageError(f"cannot read validation image {name}: {type(e).__name__}: {e}. Fix or remove "
+                raise BadImageError(f"cannot read validation image {name}: {describe_error(e)}. Fix or remove "
                                     f"the file, or set data.on_error: skip to leave it out of evaluation") from e
-            return None, f"{name}: {type(e).__name__}: {e}"
+            return None, f"{name}: {describe_error(e)}"
         return (self.transform(img), int(self.labels[i])), None
 
 
@@ -243,13 +274,21 @@ class TorchValPipeline:
         loader = DataLoader(_ValDataset(self.spec, self.indices), batch_size=self.spec.batch_size, shuffle=False,
                             num_workers=self.num_workers, collate_fn=_collate_val,
                             pin_memory=self._device.type == "cuda")
-        for images, labels, bad in loader:
-            if bad:
-                self._stats["skipped_images"] += len(bad)
-                self._stats["skipped_files"].extend(bad)
-            if images is None:
-                continue
-            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        iterator = iter(loader)
+        try:
+            for images, labels, bad in iterator:
+                if bad:
+                    self._stats["skipped_images"] += len(bad)
+                    self._stats["skipped_files"].extend(bad)
+                if images is None:
+                    continue
+                yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        except BadImageError as e:
+            raise _as_raised(e) from None
+        except RuntimeError:
+            if (dead := _dead_worker(iterator)) is None:
+                raise
+            raise dead from None
         if self._stats["skipped_images"]:
             LOG.warning("validation: left out %d unreadable image(s) (on_error: skip); first: %s",
                         self._stats["skipped_images"], self._stats["skipped_files"][0])

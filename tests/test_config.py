@@ -136,7 +136,7 @@ def test_overrides_are_parsed_as_yaml_and_typed(tmp_path):
     cfg = load_config(_write(tmp_path, SYNTH), ["optim.lr=0.05", "optim.schedule=step", "optim.milestones=[3, 5]",
                                                 "optim.epochs=8", "method.scaling_factor=[2, 255]",
                                                 "model.hidden_dim=null", "model.backbone=vit_small_patch16_224",
-                                                "model.backbone_kwargs={img_size: 64}",
+                                                "model.backbone_kwargs={img_size: 64}", "data.image_size=64",
                                                 "deepspeed.grad_clip=1"])
     assert cfg.optim.lr == 0.05 and cfg.optim.milestones == [3, 5] and cfg.optim.epochs == 8
     assert cfg.method.omega == pytest.approx(2 / 255)

@@ -1,8 +1,14 @@
 """CIFAR-10-LT / CIFAR-100-LT (ARCHITECTURE §2) from the standard python pickle batches, and the
 in-memory array dataset they load into. Nothing is downloaded.
+
+The batches are pickles, and a plain ``pickle.load`` runs whatever code a crafted file names.
+:func:`load_batch` unpickles with an allowlist of exactly what CIFAR batches hold — dicts,
+lists, bytes, str, ints and numpy arrays as numpy pickles them — and refuses anything else
+before it is called.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 from dataclasses import dataclass
@@ -12,7 +18,7 @@ import numpy as np
 
 from .profile import IMB_TYPES, bincount, check_imb_factor, long_tail_counts
 
-__all__ = ["ArrayDataset", "CIFAR_NAMES", "cifar_lt"]
+__all__ = ["ArrayDataset", "CIFAR_NAMES", "cifar_lt", "load_batch"]
 
 
 @dataclass
@@ -57,9 +63,60 @@ _CIFAR = {
 }
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    # Python 3 pickles bytes (protocol < 3) as _codecs.encode(str, "latin1"); allow only that codec.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+def _numpy_globals() -> dict:
+    """What numpy's pickles of arrays name, found from numpy itself (the module moved from
+    numpy.core to numpy._core in numpy 2; old files name the old place)."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    scalar = np.int64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core", "numpy._core"):
+        out[(f"{mod}.multiarray", "_reconstruct")] = reconstruct
+        out[(f"{mod}.multiarray", "scalar")] = scalar
+        out[(f"{mod}.numeric", "_frombuffer")] = frombuffer
+    return out
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only the types a CIFAR python batch holds (see the module docstring)."""
+
+    _allowed = {**_numpy_globals(), ("_codecs", "encode"): _latin1_encode,
+                **{(mod, name): getattr(builtins, name) for mod in ("builtins", "__builtin__")
+                   for name in ("dict", "list", "bytes", "str", "int", "bytearray")}}
+
+    def find_class(self, module: str, name: str):
+        found = self._allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only dicts, lists, "
+                                         "bytes, str, ints and numpy arrays")
+        return found
+
+
+def load_batch(path: str | os.PathLike) -> dict:
+    """One CIFAR python batch (a dict; bytes keys for the official files), unpickled with the
+    allowlist of :class:`_BatchUnpickler`; ValueError naming the file for anything else."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {e}; the file is not a CIFAR python batch (nothing in it was run)") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path}: not a CIFAR python batch (damaged or another format: {type(e).__name__}: {e})"
+                         ) from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+    return batch
+
+
 def _load_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    batch = load_batch(path)
     # The official batches have bytes keys under encoding="bytes"; accept str keys too
     # (files re-pickled from Python 3 dictionaries).
     def get(key: str):

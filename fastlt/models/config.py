@@ -5,12 +5,13 @@ networks are ``fastlt.models.bcl`` and ``fastlt.models.cifar_resnet``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
 from fastlt.typed_config import one_of, positive
 
-__all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig"]
+__all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig", "check_input_size"]
 
 #: Backbones built through timm (no pretrained download).
 TIMM_BACKBONES = ("resnet50", "resnext50_32x4d", "resnext101_32x4d", "vit_small_patch16_224", "vit_base_patch16_224")
@@ -63,3 +64,21 @@ class ModelConfig:
         if self.backbone == "resnet32" and self.backbone_kwargs:
             raise ConfigError(f"model.backbone_kwargs: resnet32 takes no options; got {self.backbone_kwargs!r}. "
                               "Remove model.backbone_kwargs.")
+
+
+def check_input_size(model: ModelConfig, image_size: int) -> None:
+    """ConfigError unless a ViT's patch grid fits ``data.image_size``: timm's ViT takes inputs of
+    exactly ``img_size`` (default: the size in its name) cut into whole patches, and would
+    otherwise fail at the first forward pass, after DeepSpeed has started."""
+    m = re.search(r"_patch(\d+)_(\d+)$", model.backbone)
+    if m is None:
+        return
+    patch, default = int(m.group(1)), int(m.group(2))
+    size = model.backbone_kwargs.get("img_size", default)
+    if image_size % patch:
+        raise ConfigError(f"data.image_size: {model.backbone} cuts images into {patch}×{patch} patches, so the size "
+                          f"must be a multiple of {patch}; got {image_size}")
+    if size != image_size and not model.backbone_kwargs.get("dynamic_img_size", False):
+        raise ConfigError(f"data.image_size: {model.backbone} is built for {size}×{size} inputs (model.backbone_kwargs."
+                          f"img_size), but data.image_size is {image_size}; set --set model.backbone_kwargs="
+                          f"'{{img_size: {image_size}}}' or data.image_size={size}")
