@@ -150,8 +150,9 @@ class Config:
     def __post_init__(self):
         # Cross-section checks: each names both keys involved.
         if self.data.augment_recipe == "cifar" and self.data.image_size != 32:
-            raise ConfigError(f"data.image_size: the cifar view recipe works on 32 px images; got "
-                              f"{self.data.image_size}. Set data.image_size=32 or data.augment_recipe=imagenet")
+            raise ConfigError(f"data.image_size: the cifar view recipe makes 32 px views (images of another size "
+                              f"are resized to 32 first); got {self.data.image_size}. Set data.image_size=32 or "
+                              f"data.augment_recipe=imagenet")
         if self.data.kind == "cifar" and self.data.augment_recipe != "cifar":
             raise ConfigError("data.augment_recipe: CIFAR data needs the cifar view recipe; set data.augment_recipe=cifar")
         check_input_size(self.model, self.data.image_size)

@@ -18,7 +18,9 @@ sample indices, CutMix boxes, λ and augmentation parameters for the same spec.
 - :class:`Substitutes` / :func:`load_with_policy`: ``on_error: skip`` replaces a bad image by
   another image of the same class, chosen by a keyed draw, so the label stays right and the
   run stays deterministic; ``raise`` names the file.
-- :func:`check_dataset`: the dataset fits the view recipe (arrays for CIFAR, files otherwise).
+- :func:`image_storage` / :func:`check_dataset`: whether a dataset holds decoded arrays or
+  encoded files, and whether that fits the view recipe (the CIFAR recipe takes either, the
+  imagenet recipe files).
 - :func:`worker_failure`: a dead worker process (torch's RuntimeError, DALI's PipelineError) as
   one message with the likely cause and what to do.
 """
@@ -38,8 +40,8 @@ from fastlt.cutmix import area_lambda, sample_box
 from fastlt.errors import BadImageError, PipelineError
 
 __all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
-           "cutmix_boxes", "default_workers", "describe_error", "image_source_name", "keyed_rng", "keyed_seed",
-           "load_with_policy", "worker_failure"]
+           "cutmix_boxes", "default_workers", "describe_error", "image_source_name", "image_storage", "keyed_rng",
+           "keyed_seed", "load_with_policy", "worker_failure"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -278,18 +280,33 @@ def load_with_policy(dataset, index: int, key: Sequence[int], on_error: str, sub
                         f"{int(substitutes._labels[index])} could replace it (tried: {'; '.join(skipped)})")
 
 
+def image_storage(dataset) -> str | None:
+    """How ``dataset`` holds its images: "arrays" — decoded, ``images`` uint8 (N, H, W, 3) in memory
+    (``fastlt.data.ArrayDataset``, the CIFAR pickle batches); "files" — encoded, ``read_bytes(i)``
+    (``fastlt.data.LongTailedList``, an image-folder dataset with the same interface); None —
+    neither."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8:
+        return "arrays"
+    if callable(getattr(dataset, "read_bytes", None)):
+        return "files"
+    return None
+
+
 def check_dataset(spec) -> None:
-    """Raise ValueError unless ``spec.dataset`` fits ``spec.recipe``: uint8 (N, H, W, 3) arrays for
-    "cifar" (fastlt.data.cifar_lt), a dataset with ``read_bytes(i)`` otherwise (LongTailedList)."""
-    if spec.recipe == "cifar":
+    """Raise ValueError unless ``spec.dataset`` fits ``spec.recipe``: recipe "cifar" takes decoded
+    arrays or encoded files (:func:`image_storage`; images of another size than ``image_size`` are
+    resized to it first), recipe "imagenet" takes files."""
+    storage = image_storage(spec.dataset)
+    if storage is None:
         images = getattr(spec.dataset, "images", None)
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"recipe 'cifar' needs a dataset with images uint8 (N, H, W, 3) (fastlt.data.cifar_lt); "
-                             f"got {type(spec.dataset).__name__} with images "
-                             f"{getattr(images, 'shape', None)} {getattr(images, 'dtype', None)}")
-    elif not hasattr(spec.dataset, "read_bytes"):
-        raise ValueError(f"recipe 'imagenet' needs a dataset with read_bytes(i) (fastlt.data.LongTailedList); "
-                         f"got {type(spec.dataset).__name__}. For CIFAR arrays use recipe 'cifar'")
+        raise ValueError(f"the pipeline cannot read images from a {type(spec.dataset).__name__}: it needs either "
+                         f"images uint8 (N, H, W, 3) in memory (got images {getattr(images, 'shape', None)} "
+                         f"{getattr(images, 'dtype', None)}) or read_bytes(i) returning encoded image bytes. Use "
+                         f"fastlt.data.ArrayDataset / cifar_lt for arrays, fastlt.data.LongTailedList for files")
+    if spec.recipe == "imagenet" and storage == "arrays":
+        raise ValueError(f"recipe 'imagenet' reads encoded files (read_bytes(i), fastlt.data.LongTailedList); got "
+                         f"in-memory arrays {spec.dataset.images.shape}. For CIFAR-style arrays use recipe 'cifar'")
     if len(spec.dataset.labels) != len(spec.dataset):
         raise ValueError(f"dataset has {len(spec.dataset)} images but {len(spec.dataset.labels)} labels")
 

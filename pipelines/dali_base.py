@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from .common import BadImageError, PipelineError, check_dataset, default_workers, image_source_name
+from .common import (BadImageError, PipelineError, check_dataset, default_workers, image_source_name,
+                     image_storage)
 from .dali_sources import raise_from_worker
 
 __all__ = ["DaliPipelineBase", "cuda_index", "feed_into", "quiet_dali_build", "to_torch"]
@@ -161,8 +162,8 @@ class DaliPipelineBase:
         pipeline object cannot run again after an error)."""
         self._drop()
         raise_from_worker(err)
-        if self.spec.recipe == "cifar":
-            raise err
+        if image_storage(self.spec.dataset) == "arrays":
+            raise err  # nothing is decoded: no file can be at fault
         culprits = []
         for idx in dict.fromkeys(int(i) for i in candidates):
             if idx in self._bad:

@@ -23,11 +23,12 @@ from nvidia.dali import fn, types
 from . import dali_augment
 from .spec import IMAGENET_MEAN
 from .cifar_policy import CIFAR_FILL
+from .common import image_storage
 from .dali_sources import AugmentTables
 from .randaugment import fill_colour
 
-__all__ = ["AugmentGraph", "augment_tables", "blur", "colour", "crop_resize", "decode", "keyed_augment",
-           "normalize"]
+__all__ = ["AugmentGraph", "augment_tables", "blur", "colour", "crop_resize", "decode", "fit", "keyed_augment",
+           "needs_fit", "normalize"]
 
 
 class AugmentGraph:
@@ -56,12 +57,29 @@ def augment_tables(recipe: str, size: int, enabled: bool, *, n: int = 2, m: int 
     return tables, AugmentGraph(tables.stages, fill, size)
 
 
-def decode(data, recipe: str, device: str):
-    """Encoded bytes -> HWC uint8 RGB. ``mixed`` = nvJPEG on the GPU; arrays (CIFAR) are already
-    decoded and only move to the GPU."""
-    if recipe == "cifar":
+def decode(data, arrays: bool, device: str):
+    """Encoded bytes -> HWC uint8 RGB. ``mixed`` = nvJPEG on the GPU; ``arrays`` (an in-memory
+    array dataset) are already decoded and only move to the GPU."""
+    if arrays:
         return data.gpu() if device == "gpu" else data  # host -> GPU copy here in GPU mode
     return fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def needs_fit(recipe: str, dataset, size: int) -> bool:
+    """Whether the graph resizes every decoded image to size × size before the views (:func:`fit`):
+    the CIFAR recipe on files (any size, read per sample) or on arrays of another size; never for
+    size × size arrays, whose graph stays as it was (no resampling pass)."""
+    if recipe != "cifar":
+        return False
+    images = getattr(dataset, "images", None)
+    return image_storage(dataset) != "arrays" or tuple(images.shape[1:3]) != (size, size)
+
+
+def fit(img, size: int):
+    """The CIFAR recipe's first step: the whole image resized to size × size (bilinear,
+    antialiased when shrinking, aspect ratio not kept, as the torch backend's PIL resize); an image
+    already that size passes unchanged. The source draws the views for this size."""
+    return resize_full(img, size)
 
 
 def crop_resize(img, window, size: int):

@@ -25,8 +25,8 @@ import numpy as np
 
 from .augment_stages import stack_stages
 from .cifar_policy import CIFAR10PolicyDraw
-from .common import (BadImageError, Stream, StreamPlan, Substitutes, check_encoded_image, cutmix_boxes, keyed_rng,
-                     load_with_policy)
+from .common import (BadImageError, Stream, StreamPlan, Substitutes, check_encoded_image, cutmix_boxes, image_storage,
+                     keyed_rng, load_with_policy)
 from .randaugment import RandAugmentDraw
 
 __all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "pil_blur_taps", "rrc_window"]
@@ -146,6 +146,7 @@ class SourceConfig:
                  cutmix_alpha: float, on_error: str, base_epoch: int, base_step: int, bad=(),
                  with_foreground: bool = False):
         self.dataset, self.recipe, self.plan = dataset, recipe, plan
+        self.arrays = image_storage(dataset) == "arrays"  # decoded in memory, else encoded files
         self.size, self.augment, self.tables = image_size, augment, tables
         self.seed, self.rank = seed, rank
         self.cutmix_prob, self.cutmix_per_sample, self.cutmix_alpha = cutmix_prob, cutmix_per_sample, cutmix_alpha
@@ -179,16 +180,20 @@ class _Source:
             self._subst = Substitutes(c.plan.labels, c.bad)
         known_bad = self._subst.bad
 
-        if c.recipe == "cifar":
+        # The CIFAR recipe's views are drawn for the size × size image the graph first resizes
+        # every input to (``dali_ops.fit``); the imagenet recipe's for the image as it is.
+        fit = (c.size, c.size) if c.recipe == "cifar" else None
+        if c.arrays:
             def load(i):
                 img = np.ascontiguousarray(c.dataset.images[i])
-                return img, img.shape[:2]
+                return img, fit or img.shape[:2]
         else:
             def load(i):
                 if i in known_bad and c.on_error == "skip":
                     raise ValueError("the DALI decoder failed on this file earlier in the run")
                 data = c.dataset.read_bytes(i)
-                return np.frombuffer(data, dtype=np.uint8), check_encoded_image(data)
+                hw = check_encoded_image(data)
+                return np.frombuffer(data, dtype=np.uint8), fit or hw
 
         (data, hw), used, skipped = load_with_policy(c.dataset, index, key, c.on_error, self._subst, load)
         first_bad = index if skipped else -1
@@ -241,7 +246,7 @@ class _Source:
 class BackgroundSource(_Source):
     """The background (canvas) stream: image, label and the parameters of its three views.
 
-    Outputs: data (encoded bytes, or the HWC array for CIFAR), label int64 (), crops (3, 4),
+    Outputs: data (encoded bytes, or the HWC array of an array dataset), label int64 (), crops (3, 4),
     flips (3,), colour (3, 4), blur taps (3, 5), view 0's augmentation stages — kinds (S,),
     interps (S,), params (S, 9) (``augment_stages``) — and the bad-input record int64 (2,) =
     (first replaced dataset index or −1, number of replacements).
@@ -293,7 +298,7 @@ class ForegroundSource(_Source):
         else:
             # Not decoded (the graph's paste branch skips this sample): a placeholder keeps
             # the batch shape; the label is unused (label_b = label_a where not mixed).
-            data = np.zeros((1, 1, 3) if c.recipe == "cifar" else 1, np.uint8)
+            data = np.zeros((1, 1, 3) if c.arrays else 1, np.uint8)
             hw, used, bad = (1, 1), int(fg[pos]), np.array([-1, 0], np.int64)
         rng = keyed_rng(*key)
         crops, flips, colour, _ = self._view_params(rng, hw, 1, sim_from=1)

@@ -9,6 +9,7 @@ Graph, per sample, top to bottom::
     background source -> bytes, label, windows, flips, colour, blur, aug choices, bad record
     foreground source -> bytes, label, window, flip, colour, aug choices, bad, mixed, λ, paste regions
     bg  = decode(bytes)                                  # cpu, or mixed (nvJPEG) on the GPU
+          [-> resize to size × size, CIFAR recipe, unless arrays of that size]
     v0  = crop_resize_flip(bg, w0) -> colour -> RandAugment / CIFAR10Policy
     v1,2= crop_resize_flip(bg, w1,2) -> colour (jitter p .8, gray p .2) [-> blur, CIFAR]
     if mixed:  fg = same as v0 on the foreground;  image = multi_paste(v0, fg)   # CutMix
@@ -50,8 +51,8 @@ __all__ = ["DaliTrainPipeline"]
 
 
 @pipeline_def(enable_conditionals=True)
-def _train_graph(bg_source, fg_source, *, recipe, size, augment, aug_graph, mean, std, device, with_foreground,
-                 layout, half):
+def _train_graph(bg_source, fg_source, *, recipe, size, arrays, fit, augment, aug_graph, mean, std, device,
+                 with_foreground, layout, half):
     (bg_data, label_a, crops, flips, col, blur_taps, aug_kinds, aug_interps, aug_params, bg_bad) = \
         fn.external_source(bg_source, num_outputs=BackgroundSource.num_outputs, batch=False, parallel=True)
     (fg_data, label_b, fg_crops, fg_flips, fg_col, fg_kinds, fg_interps, fg_params, fg_bad, mixed, lam, paste_anchors,
@@ -79,13 +80,19 @@ def _train_graph(bg_source, fg_source, *, recipe, size, augment, aug_graph, mean
             img = ops.blur(img, taps)
         return img
 
+    def decoded(data):
+        # Files are decoded here; arrays are already pixels. The CIFAR recipe then brings every
+        # image to size × size (a no-op pass-through for images already that size).
+        img = ops.decode(data, arrays, device)
+        return ops.fit(img, size) if fit else img
+
     def foreground_view():
-        fg = ops.decode(fg_data, recipe, device)
+        fg = decoded(fg_data)
         if not augment:
             return ops.resize_full(fg, size)
         return classification_view(fg, fg_crops[0], fg_flips[0], fg_col[0], fg_kinds, fg_interps, fg_params)
 
-    bg = ops.decode(bg_data, recipe, device)
+    bg = decoded(bg_data)
     if augment:
         v0 = classification_view(bg, crops[0], flips[0], col[0], aug_kinds, aug_interps, aug_params)
         v1 = sim_view(bg, crops[1], col[1], blur_taps[1])
@@ -163,6 +170,7 @@ class DaliTrainPipeline(DaliPipelineBase):
     def _make(self, cfg, gpu: bool, start: str):
         s = self.spec
         pipe = _train_graph(BackgroundSource(cfg), ForegroundSource(cfg), recipe=s.recipe, size=s.image_size,
+                            arrays=cfg.arrays, fit=ops.needs_fit(s.recipe, s.dataset, s.image_size),
                             augment=s.augment, aug_graph=self.aug_graph, mean=list(s.mean),
                             std=list(s.std), device="gpu" if gpu else "cpu",
                             with_foreground=self.with_foreground,

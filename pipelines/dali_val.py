@@ -1,5 +1,6 @@
 """The DALI validation pipeline (ARCHITECTURE §1 "Evaluation"): decode, resize the shorter side to 256/224·size and centre-crop size
-(ImageNet-style recipes), CIFAR arrays as they are, normalised to NCHW float.
+(ImageNet-style recipes), CIFAR-recipe images resized to size × size (arrays of that size as they
+are), normalised to NCHW float.
 
 Each rank reads images ``rank::world_size`` of the list, without padding, so that every
 image is evaluated exactly once across ranks; the last batch may be smaller. The source is
@@ -16,7 +17,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import dali_ops as ops
-from .common import LOG, BadImageError, check_encoded_image, describe_error, image_source_name
+from .common import (LOG, BadImageError, check_encoded_image, describe_error, image_source_name,
+                     image_storage)
 from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, to_torch
 from .spec import ValPipelineSpec
 from .transforms import val_resize_size
@@ -41,13 +43,14 @@ class ValSource:
     def __init__(self, dataset, recipe: str, indices: np.ndarray, batch_size: int, on_error: str, start: int = 0,
                  bad=()):
         self.dataset, self.recipe, self.indices = dataset, recipe, indices
+        self.arrays = image_storage(dataset) == "arrays"
         self.batch_size, self.on_error, self.start = batch_size, on_error, start
         self.bad = frozenset(int(b) for b in bad)
         self.labels = np.asarray(dataset.labels, dtype=np.int64)
         self._placeholder = None
 
     def _read(self, i: int):
-        if self.recipe == "cifar":
+        if self.arrays:
             return np.ascontiguousarray(self.dataset.images[i]), True
         try:
             if i in self.bad:
@@ -79,9 +82,9 @@ class ValSource:
 
 
 @pipeline_def
-def _val_graph(source, *, recipe, size, mean, std, device):
+def _val_graph(source, *, recipe, size, arrays, mean, std, device):
     data, labels, keep, index = fn.external_source(source, num_outputs=4, batch=True, batch_info=True, parallel=True)
-    img = ops.decode(data, recipe, device)
+    img = ops.decode(data, arrays, device)
     if recipe == "imagenet":
         img = fn.resize(img, resize_shorter=val_resize_size(size), antialias=True, interp_type=types.INTERP_LINEAR)
         out = fn.crop_mirror_normalize(img, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, rounding="truncate",
@@ -111,8 +114,8 @@ class DaliValPipeline(DaliPipelineBase):
         source = ValSource(s.dataset, s.recipe, self.indices, s.batch_size, s.on_error,
                            start=start_batch * s.batch_size, bad=self._bad)
         with quiet_dali_build():
-            pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, mean=list(s.mean), std=list(s.std),
-                              device="gpu" if self.gpu else "cpu", batch_size=s.batch_size,
+            pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, arrays=source.arrays, mean=list(s.mean),
+                              std=list(s.std), device="gpu" if self.gpu else "cpu", batch_size=s.batch_size,
                               num_threads=self.num_threads, device_id=cuda_index(self._device) if self.gpu else None,
                               py_num_workers=1, py_start_method="spawn" if self.gpu else "fork")
             pipe.build()

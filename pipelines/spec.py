@@ -31,8 +31,9 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inat": (INAT_MEAN, INAT_STD),
                   "cifar": (CIFAR_MEAN, CIFAR_STD)}
 
-#: "imagenet": RandomResizedCrop views from JPEG lists (ImageNet-LT, iNat, Places, synthetic);
-#: "cifar": 32 px arrays with pad-crop + AutoAugment for view 0 (ARCHITECTURE §1 "Views").
+#: "imagenet": RandomResizedCrop views from image files (ImageNet-LT, iNat, Places, synthetic);
+#: "cifar": small images — CIFAR arrays, or files resized to image_size first where they are not
+#: that size — with pad-crop + the reference's CIFAR10Policy for view 0 (ARCHITECTURE §1 "Views").
 RECIPES = ("imagenet", "cifar")
 #: A missing or corrupt image: "raise" names the file; "skip" substitutes another image of its class.
 ON_ERROR = ("raise", "skip")
@@ -98,8 +99,10 @@ class TrainPipelineSpec:
     """Everything a backend needs to produce the training batches of one rank."""
 
     dataset: Any
-    """A ``fastlt.data.LongTailedList`` (recipe "imagenet") or an array dataset with ``images``
-    (N, 32, 32, 3) uint8 and ``labels`` (recipe "cifar")."""
+    """Encoded files with ``read_bytes(i)`` (``fastlt.data.LongTailedList`` or an image-folder
+    dataset of the same interface; either recipe) or in-memory ``images`` uint8 (N, H, W, 3)
+    (``fastlt.data.ArrayDataset``; recipe "cifar"), with ``labels``. Under recipe "cifar" an
+    image that is not image_size × image_size is resized to it first (bilinear, aspect not kept)."""
     recipe: str = "imagenet"
     """Augmentation recipe, one of RECIPES (ARCHITECTURE §1 "Views")."""
     image_size: int = 224

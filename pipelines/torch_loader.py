@@ -3,9 +3,10 @@ installed and the baseline of ``bench/bench_pipeline.py``. It produces the same
 :class:`~fastlt.pipelines.batch.TrainBatch` as the DALI graphs (ARCHITECTURE §3).
 
 One DataLoader item is one whole step: a worker reads the step's background and foreground
-images (``LongTailedList.read_bytes`` + PIL decode, or the CIFAR arrays), makes the three
-background views and the foreground view of ARCHITECTURE §1 "Views" (``transforms.py``),
-and applies CutMix to the classification view with the step's keyed box (``common.py``).
+images (``read_bytes`` + PIL decode, or in-memory arrays; under the CIFAR recipe resized to
+the view size where they are not that size), makes the three background views and the
+foreground view of ARCHITECTURE §1 "Views" (``transforms.py``), and applies CutMix to the
+classification view with the step's keyed box (``common.py``).
 Every random choice is seeded from (seed, epoch, global sample position) — the augmentations
 through torch's generator, re-seeded per sample inside ``torch.random.fork_rng`` so the
 caller's generator is untouched — and CutMix from (seed, epoch, global step): batches do not
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batch import TrainBatch, image_layout
 from .common import (LOG, BadImageError, PipelineError, Stream, StreamPlan, Substitutes, check_dataset, cutmix_boxes,
-                     default_workers, describe_error, image_source_name, keyed_seed, load_with_policy)
+                     default_workers, describe_error, image_source_name, image_storage, keyed_seed, load_with_policy)
 from .spec import TrainPipelineSpec, ValPipelineSpec, check_extra
 from .transforms import train_view_transforms, val_transform
 
@@ -54,23 +55,36 @@ def _dead_worker(iterator) -> PipelineError | None:
     return None
 
 
-def image_loader(dataset, recipe: str):
-    """A function index -> RGB PIL image for the dataset kind of ``recipe``; raises OSError/ValueError
-    for a missing or undecodable file (handled by the ``on_error`` policy)."""
+def image_loader(dataset, recipe: str, size: int | None = None):
+    """A function index -> RGB PIL image; raises OSError/ValueError for a missing or undecodable
+    file (handled by the ``on_error`` policy).
+
+    In-memory arrays (``image_storage`` "arrays") are taken as they are; encoded files are
+    decoded fully with PIL. With the cifar recipe and ``size``, an image that is not
+    size × size (a 28 px or 64 px file, say) is first resized to it — PIL bilinear, antialiased
+    when shrinking, the aspect ratio not kept — so that the pad-crop and the policy see the
+    geometry they are defined for; size × size images are not touched."""
     from PIL import Image
 
-    if recipe == "cifar":
+    fit = size if recipe == "cifar" else None
+
+    def fitted(img):
+        if fit is not None and img.size != (fit, fit):
+            return img.resize((fit, fit), Image.BILINEAR)
+        return img
+
+    if image_storage(dataset) == "arrays":
         images = dataset.images
 
         def load_array(i: int):
-            return Image.fromarray(np.ascontiguousarray(images[i]), mode="RGB")
+            return fitted(Image.fromarray(np.ascontiguousarray(images[i]), mode="RGB"))
 
         return load_array
 
     def load_file(i: int):
         data = dataset.read_bytes(i)
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")  # forces the full decode, so a truncated file fails here
+            return fitted(im.convert("RGB"))  # convert forces the full decode: a truncated file fails here
 
     return load_file
 
@@ -89,7 +103,7 @@ class _StepDataset(Dataset):
                                                      randaugment_n=spec.randaugment_n,
                                                      randaugment_m=spec.randaugment_m,
                                                      randaugment_mstd=spec.randaugment_mstd)
-        self.load = image_loader(spec.dataset, spec.recipe)
+        self.load = image_loader(spec.dataset, spec.recipe, spec.image_size)
         self.substitutes = Substitutes(self.labels)
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
         self.dtype, self.memory_format = image_layout(spec)
@@ -218,7 +232,7 @@ class _ValDataset(Dataset):
         self.indices = indices
         self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
         self.transform = val_transform(spec.recipe, spec.image_size, spec.mean, spec.std)
-        self.load = image_loader(spec.dataset, spec.recipe)
+        self.load = image_loader(spec.dataset, spec.recipe, spec.image_size)
 
     def __len__(self) -> int:
         return len(self.indices)

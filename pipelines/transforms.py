@@ -8,7 +8,8 @@ ImageNet-style recipe (ImageNet-LT, iNaturalist, Places-LT, the synthetic set):
   configures it (``randaugment.torch_randaugment``: 'rand-n2-m10-mstd0.5', mean-colour fill);
 - views 1, 2 ("sim", contrastive): RandomResizedCrop(size), flip,
   ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2.
-CIFAR recipe (32 px arrays): view 0 RandomCrop(32, padding 4) + flip + the reference's
+CIFAR recipe (small images: arrays or files, resized to size × size first by the loader where
+they are not that size): view 0 RandomCrop(32, padding 4) + flip + the reference's
 CIFAR10Policy (``cifar_policy``); views 1, 2 RandomResizedCrop(32, scale 0.2–1) + flip + jitter
 p = 0.8 + grayscale p = 0.2 + PIL's GaussianBlur(radius σ ~ U(0.1, 2)) with p = 0.5.
 

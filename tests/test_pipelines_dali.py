@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -387,8 +388,14 @@ def test_val_bad_input(bad_list):
 def test_bad_arguments(train_ds):
     with pytest.raises(ValueError, match="batch_size"):
         make(train_ds, batch_size=10_000)
-    with pytest.raises(ValueError, match="recipe 'cifar' needs"):
-        make(train_ds, recipe="cifar")
+    # The CIFAR recipe takes files as well as arrays (tests/test_pipelines_cifar_files.py); a
+    # dataset with neither, or arrays under the imagenet recipe, is refused with what it needs.
+    with pytest.raises(ValueError, match="needs either images uint8 \\(N, H, W, 3\\) in memory .* or read_bytes"):
+        make(SimpleNamespace(labels=train_ds.labels, images=np.zeros((len(train_ds), 8, 8))), recipe="cifar")
+    arrays = ArrayDataset(images=np.zeros((len(train_ds), 8, 8, 3), np.uint8), labels=train_ds.labels,
+                          class_counts=train_ds.class_counts, num_classes=train_ds.num_classes)
+    with pytest.raises(ValueError, match="recipe 'imagenet' reads encoded files.*use recipe 'cifar'"):
+        make(arrays, recipe="imagenet")
     with pytest.raises(ValueError, match="py_start_method must be 'fork' or 'spawn'"):
         make(train_ds, extra={"py_start_method": "forkserver"})
     with pytest.raises(ValueError, match="did you mean 'py_num_workers'"):

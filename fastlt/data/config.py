@@ -100,7 +100,8 @@ class DataConfig:
     """Parameters of the synthetic dataset (kind "synthetic")."""
     augment_recipe: str = "imagenet"
     """View recipe of ARCHITECTURE §1: imagenet (RandomResizedCrop + RandAugment / sim views)
-    or cifar (pad-crop + AutoAugment / RandomResizedCrop + blur)."""
+    or cifar (pad-crop + CIFAR10Policy / RandomResizedCrop + blur), the latter for small images of
+    any data.kind: images that are not image_size × image_size are resized to it first."""
     image_size: int = 224
     """Side of the square training and evaluation views."""
     normalization: str = "imagenet"
