@@ -14,6 +14,8 @@ One step:
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,14 @@ __all__ = ["STEP_COLUMNS", "ConCutMixObjective", "train_step"]
 
 #: What :func:`train_step` returns, column by column.
 STEP_COLUMNS = ("loss", "ce", "scl") + STAT_COLUMNS
+
+
+def _phase(name: str):
+    """A ``torch.profiler`` range ``fastlt::<name>`` while a profiler records (``fastlt profile``);
+    a null context otherwise (one flag test)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(f"fastlt::{name}")
+    return contextlib.nullcontext()
 
 
 class ConCutMixObjective(nn.Module):
@@ -83,10 +93,16 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
     bench/bench_train_step.py runs the step on a plain optimizer where DeepSpeed is not
     installed). Returns the detached (loss, ce, scl) followed by the label diagnostics
     (``fastlt.label_stats.STAT_COLUMNS``) as one float32 tensor on the device
-    (:data:`STEP_COLUMNS`); nothing here waits for the device.
+    (:data:`STEP_COLUMNS`); nothing here waits for the device. Under ``torch.profiler`` the four
+    parts are the ranges ``fastlt::forward``, ``fastlt::objective``, ``fastlt::backward`` and
+    ``fastlt::optimizer_step``.
     """
-    out = engine(batch.images)
-    loss, ce, scl = objective(out, batch, rectify=rectify)
-    engine.backward(loss)
-    engine.step()
+    with _phase("forward"):
+        out = engine(batch.images)
+    with _phase("objective"):
+        loss, ce, scl = objective(out, batch, rectify=rectify)
+    with _phase("backward"):
+        engine.backward(loss)
+    with _phase("optimizer_step"):
+        engine.step()
     return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), objective.stats])
