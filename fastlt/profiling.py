@@ -319,7 +319,7 @@ def format_report(s: dict) -> str:
              f"{', '.join(map(str, s['epochs']))}); {s['warmup']} warm-up + {s['steps']} profiled steps, "
              f"{s['profiled_ms_per_step']:.1f} ms/step under the profiler"
              + (f" ({s['warmup_ms_per_step']:.1f} ms/step in the warm-up)" if s["warmup_ms_per_step"] else ""), ""]
-    lines += _table(s["top"], "CUDA kernels by CUDA self time" if cuda else
+    lines += _table(s["top"], "CUDA kernels and memory copies by CUDA self time" if cuda else
                     "operators by CPU self time, data fetch included")
     if cuda:
         lines += [""] + _table(s["top_cpu"], "operators by CPU self time (host side)")
@@ -345,6 +345,6 @@ def format_report(s: dict) -> str:
                      + (f" (at {', '.join(sd['where'])})" if sd["where"] else ""))
     f = s["files"]
     lines += ["", f"trace (Chrome / Perfetto: ui.perfetto.dev): {f['trace']}",
-              f"TensorBoard profile: {f['tensorboard']} (tensorboard --logdir {Path(f['trace']).parent})",
+              f"TensorBoard profile: {f['tensorboard']} (tensorboard --logdir {Path(f['trace']).parent.parent})",
               f"summary: {f['summary']}"]
     return "\n".join(lines)

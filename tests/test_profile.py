@@ -87,3 +87,16 @@ def test_bad_arguments_give_one_error_line(config, capsys, args, message):
     assert main(["profile", "--config", str(config), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastlt: error: ") and message in err[0], err
+
+
+def test_tensorboard_profiler_plugin_reads_the_trace(rectified, tmp_path):
+    """torch-tb-profiler's own loader (not a fastlt dependency: skipped where it is not installed)."""
+    pytest.importorskip("pandas")
+    data = pytest.importorskip("torch_tb_profiler.profiler.data")
+    from torch_tb_profiler.profiler.run_generator import RunGenerator
+
+    (tb,) = rectified[1].glob("fastlt.*.pt.trace.json")
+    run = RunGenerator("fastlt", "1", data.RunProfileData.parse("fastlt", "1", str(tb), str(tmp_path)))
+    profile = run.generate_run_profile()
+    assert {"Overview", "Operator", "Trace"} <= {v.display_name for v in profile.views}
+    assert [row[0] for row in profile.overview["steps"]["rows"]] == ["0", "1"]
