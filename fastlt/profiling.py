@@ -132,7 +132,7 @@ def _sync_debug(cuda: bool):
 
 def _profile(trainer, epochs: range, steps: int, warmup: int, phase: str, out: Path, top: int) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     from fastlt.kernels.testing import analyse_events, event_windows
     from fastlt.objective import train_step
