@@ -129,6 +129,63 @@ run_step train_step_bench 300 env FASTLT_BENCH_ENGINE="$TRAIN_ENGINE" \
 # 6. Train-step floors: the issue's GPU acceptance ((2)/(1) >= 0.90, (2)/(3) >= 3 for ResNeXt-50).
 run_step train_step_floors 60 "$PY" bench/check_floors.py "$OUT/bench_train_step.json"
 
+# 7. Profile of the ResNeXt-50 train-step case (the real trainer setup: DeepSpeed engine, bf16
+#    autocast, channels-last, batch 128, the auto pipeline): `fastlt profile`, 3 warm-up then 5
+#    recorded steps in the ConCutMix phase under torch.profiler (CUDA kernel events) with
+#    torch.cuda.set_sync_debug_mode("warn") active. profile_step.json records the sync-debug
+#    warnings (in the steps and in the data fetch, with where they were raised), the host syncs
+#    and kernel launches per step; profile/ holds summary.json and the trace, gzipped
+#    (fastlt.<time>.pt.trace.json.gz: Perfetto and TensorBoard's profiler plugin read it).
+#    Needs DeepSpeed (the trainer's engine): skipped with a reason where it does not import.
+PROFILE_PY=$(cat <<'EOF'
+import gzip, json, shutil, sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, "bench")
+from bench_train_step import CASES  # noqa: E402
+from fastlt.cli import main  # noqa: E402
+
+out = Path(sys.argv[1])
+case = next(c for c in CASES if c.name == "cuda-resnext50-224px-b128-bf16-cl")
+cfg = {k: dict(v) for k, v in case.config.items()}
+cfg["run"].update(output_dir=str(out / "profile_runs"), name="train_step_resnext50", progress_bar=False,
+                  tensorboard=False)
+config = out / "profile_step.yaml"
+config.write_text(yaml.safe_dump(cfg))
+args = ["profile", "--config", str(config), "--steps", "5", "--warmup", "3", "--out", str(out / "profile")]
+rc = main(args)
+if rc:
+    sys.exit(rc)
+s = json.loads((out / "profile" / "summary.json").read_text())
+hs = s["host_syncs"]
+record = {"case": case.name, "command": "fastlt " + " ".join(args), "gpu": s["gpu"], "backend": s["backend"],
+          "precision": s["precision"], "batch": s["batch_per_rank"], "phase": s["phase"], "steps": s["steps"],
+          "warmup": s["warmup"], "sync_debug_mode": "warn", "sync_debug_warnings": hs.get("sync_debug_warnings"),
+          "host_syncs_per_step": hs["per_step"], "sync_calls_per_step": hs.get("sync_calls_per_step"),
+          "sync_sites": hs["sites"], "launches_per_step": s["launches"]["per_step"],
+          "unlinked_kernels_per_step": s["launches"].get("unlinked_kernels_per_step"),
+          "profiled_ms_per_step": s["profiled_ms_per_step"], "top_kernels": s["top"][:5]}
+(out / "profile_step.json").write_text(json.dumps(record, indent=1))
+print(json.dumps(record))
+folder = out / "profile"
+for tb in folder.glob("*.pt.trace.json"):  # one compressed copy comes back; trace.json is the same file
+    with open(tb, "rb") as f, gzip.open(f"{tb}.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    tb.unlink()
+(folder / "trace.json").unlink(missing_ok=True)
+EOF
+)
+if [[ "$TRAIN_ENGINE" == deepspeed ]]; then
+    run_step profile_step 240 "$PY" -c "$PROFILE_PY" "$OUT"
+else
+    echo "=== profile_step skipped: deepspeed does not import (see $OUT/deepspeed_import.log)"
+    echo '{"skipped": "deepspeed does not import; fastlt profile builds the trainer DeepSpeed engine"}' \
+        >"$OUT/profile_step.json"
+    echo '{"step": "profile_step", "rc": 0, "seconds": 0, "skipped": true}' >>"$OUT/steps.jsonl"
+fi
+
 # (append later steps here)
 
 # --------------------------------------------------------------------------- summary

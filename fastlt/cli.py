@@ -7,6 +7,7 @@
     fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
     fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
     fastlt recipes                                                        # the shipped recipes, published top-1
+    fastlt profile --config C [--steps N] [--warmup W] [--phase area|rectified] [--out D]  # torch.profiler
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
 
 ``--config`` takes a YAML path or the name of a shipped recipe (``fastlt recipes``); a path wins.
@@ -86,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--epoch", type=int, default=None, help="epoch of the sample sequence (default: the checkpoint's)")
     i.add_argument("--topk", type=int, default=3, help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
+    r = sub.add_parser("profile", help="record training steps with torch.profiler: Chrome/Perfetto trace, TensorBoard "
+                                       "profile, top operators/kernels, kernel launches and host syncs per step")
+    _add_config_args(r)
+    r.add_argument("--steps", type=int, default=5, help="training steps recorded (default 5)")
+    r.add_argument("--warmup", type=int, default=3, help="steps run before recording (default 3)")
+    r.add_argument("--phase", default="rectified", metavar="area|rectified",
+                   help="label phase: rectified (ConCutMix labels, after method.l_d_warm; default) or area (CutMix)")
+    r.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/<run.name>-profile/profile)")
+    r.add_argument("--top", type=int, default=15, help="rows of the self-time table (default 15)")
     return p
 
 
@@ -220,6 +230,21 @@ def _recipes(args) -> int:
     return run_cli(go)
 
 
+def _profile(args) -> int:
+    # Before torch loads: kineto's own error lines (e.g. "gpuGetDeviceCount failed" on a machine
+    # without a GPU) stay off the console; fastlt.profiling reports a CUDA run that recorded nothing.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
+    def go():
+        from fastlt.profiling import format_report, profile_run
+
+        summary = profile_run(_load(args), steps=args.steps, warmup=args.warmup, phase=args.phase, out=args.out,
+                              top=args.top)
+        print(format_report(summary), flush=True)
+
+    return run_cli(go)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastlt.train`` / ``deepspeed --module fastlt.train``."""
     return _train(_train_parser().parse_args(argv))
@@ -229,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
     return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "inspect": _inspect,
-            "recipes": _recipes}[args.command](args)
+            "recipes": _recipes, "profile": _profile}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ kernels the (B, C) label never exists, and the PyTorch path builds it once, insi
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -35,6 +36,14 @@ __all__ = ["STEP_COLUMNS", "ConCutMixObjective", "compile_step", "train_step"]
 
 #: What :func:`train_step` returns, column by column.
 STEP_COLUMNS = ("loss", "ce", "scl") + STAT_COLUMNS
+
+
+def _phase(name: str):
+    """A ``torch.profiler`` range ``fastlt::<name>`` while a profiler records (``fastlt profile``);
+    a null context otherwise (one flag test)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(f"fastlt::{name}")
+    return contextlib.nullcontext()
 
 
 class ConCutMixObjective(nn.Module):
@@ -113,14 +122,16 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
     bench/bench_train_step.py runs the step on a plain optimizer where DeepSpeed is not
     installed). Returns the detached (loss, ce, scl) followed by the label diagnostics
     (``fastlt.label_stats.STAT_COLUMNS``) as one float32 tensor on the device
-    (:data:`STEP_COLUMNS`); nothing here waits for the device.
+    (:data:`STEP_COLUMNS`); nothing here waits for the device. Under ``torch.profiler`` the four
+    parts are the ranges ``fastlt::forward``, ``fastlt::objective``, ``fastlt::backward`` and
+    ``fastlt::optimizer_step``.
     """
-    with torch.profiler.record_function("fastlt::forward"):
+    with _phase("forward"):
         out = engine(batch.images)
-    with torch.profiler.record_function("fastlt::objective"):
+    with _phase("objective"):
         loss, ce, scl, stats = objective(out, batch, rectify=rectify)
-    with torch.profiler.record_function("fastlt::backward"):
+    with _phase("backward"):
         engine.backward(loss)
-    with torch.profiler.record_function("fastlt::optimizer_step"):
+    with _phase("optimizer_step"):
         engine.step()
     return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), stats])

@@ -106,7 +106,9 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Step 2 of the module docstring: process group, model, engine, objective, schedule and
+        pipelines (``fit`` calls it; ``fastlt.profiling`` builds its run with it too)."""
         from fastlt.engine import build_engine, deepspeed_extra_warning
         from fastlt.models import build_model
         from fastlt.objective import ConCutMixObjective, compile_step
@@ -313,7 +315,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or to a stop request); returns the final metrics."""
         cfg = self.cfg
-        self._setup()
+        self.setup()
         self.best, self.history, self.train_time = None, [], 0.0
         self.nonfinite, self.eval_pending = None, False
         epoch, step = 0, 0

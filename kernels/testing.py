@@ -11,7 +11,8 @@ the variable set from the start. Exactly one of the two paths runs.
 
 :func:`count_launches` counts the kernel launches (and host reads) of one call, for the
 benchmarks: CUDA kernel events on a GPU, dispatched PyTorch operators plus fastlt's Triton
-launches on the CPU.
+launches on the CPU. :func:`analyse_events` is that count over any windows of a profiler's
+events; ``fastlt profile`` (``fastlt.profiling``) uses it per training step.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["count_launches", "describe_mismatch", "in_child_process", "kernel_device", "prepare_interpreter",
-           "run_module_in_fresh_interpreter", "skip_reason_in_process"]
+__all__ = ["analyse_events", "count_launches", "describe_mismatch", "event_windows", "in_child_process",
+           "kernel_device", "prepare_interpreter", "run_module_in_fresh_interpreter", "skip_reason_in_process"]
 
 _CHILD_FLAG = "FASTLT_KERNEL_TESTS_CHILD"
 
@@ -102,28 +103,19 @@ _NO_KERNEL_OPS = frozenset(f"aten::{name}" for name in (
     "_unsafe_view", "chunk", "flatten", "contiguous", "to", "type_as", "new_empty", "new_empty_strided",
     "is_nonzero", "size", "stride", "numel", "dim", "requires_grad_", "set_", "resize_"))
 _HOST_READS = frozenset(("aten::_local_scalar_dense", "aten::item"))
+# Operators whose output size depends on the values: the host reads the size (a sync on a GPU).
+_VALUE_SIZED_OPS = frozenset(("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+                              "aten::unique_consecutive"))
+_SYNC_CALLS = frozenset(("cudaStreamSynchronize", "cudaDeviceSynchronize"))
 
 
 def count_launches(fn, device: str | torch.device) -> dict:
     """Kernel launches of one call of ``fn()`` on ``device``, counted with ``torch.profiler``.
 
-    Run ``fn`` once beforehand (compilation, caches): the count is of a warm call.
-
-    * CUDA: ``launches`` is the number of kernel events the profiler saw on the device (every
-      PyTorch and Triton kernel), ``memory_ops`` the memset/memcpy events; ``host_syncs``
-      counts ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` calls and scalar reads
-      (``.item()``, ``bool(t)``) made by ``fn``.
-    * CPU: ``launches`` = ``torch_ops`` + ``triton``. ``torch_ops`` counts the outermost
-      ``aten::`` operators (not nested in another operator or in a Triton launch) that do any
-      work: views, allocations and metadata queries are left out, since they launch nothing on
-      a GPU. An operator launches one kernel on a GPU in most cases (some launch two), so this
-      is a proxy, not a measurement of a GPU. ``triton`` counts fastlt's Triton launches
-      (``triton::<kernel>`` ranges recorded by ``fastlt.kernels._jit``; in the interpreter on
-      CPU). ``host_syncs`` counts scalar reads, each of which would be a sync on a GPU. Code
-      compiled by ``torch.compile``'s C++ backend is invisible to this count: only its calls
-      into ``aten`` (e.g. matrix products) are seen.
+    Run ``fn`` once beforehand (compilation, caches): the count is of a warm call. The events
+    are read by :func:`analyse_events` (one window: the call), which says what is counted on
+    CUDA and on CPU.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     device = torch.device(device)
@@ -139,37 +131,126 @@ def count_launches(fn, device: str | torch.device) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
     events = prof.events()
-    window = [e for e in events if e.name == "fastlt::count_launches"]
-    if len(window) != 1:
-        raise RuntimeError(f"count_launches: expected one profiler range around the call, found {len(window)}")
-    start, end = window[0].time_range.start, window[0].time_range.end
+    windows = event_windows(events, "fastlt::count_launches")
+    if len(windows) != 1:
+        raise RuntimeError(f"count_launches: expected one profiler range around the call, found {len(windows)}")
+    # The profile spans the call only: every device event in it is the call's.
+    (got,) = analyse_events(events, windows, cuda=cuda)
+    if cuda:
+        got["launches"] += got.pop("unlinked_kernels")
+    return got
 
-    def inside(e):
-        return e.device_type == DeviceType.CPU and start <= e.time_range.start and e.time_range.end <= end
 
-    def nested(e):
+def event_windows(events, name: str) -> list[tuple[float, float]]:
+    """(start, end) in µs of every CPU range called ``name`` (a ``record_function``), in order."""
+    from torch.autograd import DeviceType
+
+    return sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.name == name and e.device_type == DeviceType.CPU)
+
+
+def analyse_events(events, windows, *, cuda: bool) -> list[dict]:
+    """Kernel launches and host syncs in each ``(start, end)`` window (µs) of one profile's events
+    (``prof.events()`` of ``torch.profiler.profile``); one dict per window.
+
+    * CUDA (``cuda=True``, a profile with CUDA activity): ``launches`` counts the device kernel
+      events launched from an operator or range inside the window (every PyTorch and Triton
+      kernel); a kernel with no launch site among the profile's operators (a Triton launch
+      outside any operator, a data pipeline's own DALI kernels) is ``unlinked_kernels`` of the
+      window in which it started on the device; ``memory_ops`` counts the memset/memcpy events
+      of both kinds.
+      ``host_syncs`` = ``sync_calls`` (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize``
+      calls made in the window, by any thread) + the scalar reads that made none of them.
+    * CPU: ``launches`` = ``torch_ops`` + ``triton``. ``torch_ops`` counts the outermost
+      ``aten::`` operators (not nested in another operator or in a Triton launch) that do any
+      work: views, allocations and metadata queries are left out, since they launch nothing on
+      a GPU. An operator launches one kernel on a GPU in most cases (some launch two), so this
+      is a proxy, not a measurement of a GPU. ``triton`` counts fastlt's Triton launches
+      (``triton::<kernel>`` ranges recorded by ``fastlt.kernels._jit``; in the interpreter on
+      CPU). ``host_syncs`` = ``scalar_reads``, each of which would be a sync on a GPU. Code
+      compiled by ``torch.compile``'s C++ backend is invisible to this count: only its calls
+      into ``aten`` (e.g. matrix products) are seen.
+
+    ``scalar_reads`` (both devices) counts ``.item()``, ``int(t)``, ``bool(t)`` and the operators
+    whose output size depends on the values (``nonzero``, boolean indexing): the outermost of
+    them, outside Triton launches. ``sync_sites`` counts the host syncs by where they were made
+    (``"<innermost enclosing range> > <operator or call>"``); ``ops`` (CPU) is the count of each
+    counted operator.
+    """
+    import bisect
+
+    from torch.autograd import DeviceType
+
+    cpu_events = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.time_range.start)
+    cpu_starts = [e.time_range.start for e in cpu_events]
+    starts = [w[0] for w in windows]
+    device: list[list] = [[] for _ in windows]  # each window's device events launched inside it
+    unlinked: list[list] = [[] for _ in windows]
+    if cuda:
+        launch_sites = {e.id: e for e in cpu_events if e.linked_correlation_id == 0}
+        for e in events:
+            if e.device_type != DeviceType.CUDA or e.is_user_annotation or (
+                    getattr(e, "activity_type", None) == "gpu_user_annotation"):
+                continue  # a range's span on the device timeline, not a kernel
+            site = launch_sites.get(e.linked_correlation_id) if e.linked_correlation_id else None
+            t = (site or e).time_range.start
+            i = bisect.bisect_right(starts, t) - 1
+            if site is not None:
+                if i >= 0 and t <= windows[i][1]:
+                    device[i].append(e)
+            elif windows:
+                unlinked[max(i, 0)].append(e)
+
+    def ancestors(e):
         parent = e.cpu_parent
         while parent is not None:
-            if parent.name.startswith("aten::") or parent.name.startswith("triton::"):
-                return True
+            yield parent
             parent = parent.cpu_parent
-        return False
+
+    def nested(e):
+        return any(p.name.startswith(("aten::", "triton::")) for p in ancestors(e))
+
+    def is_read(e):
+        return e.name in _HOST_READS or e.name in _VALUE_SIZED_OPS
+
+    def outermost_read(e):
+        return is_read(e) and not any(is_read(p) or p.name.startswith("triton::") for p in ancestors(e))
+
+    def site(e):  # "<innermost enclosing range> > <op>" of a sync
+        return f"{next((p.name for p in ancestors(e) if not p.name.startswith('aten::')), '-')} > {e.name}"
 
     def does_work(e):  # a scalar read is a copy to the host, counted as a sync, not a launch
         return e.name not in _NO_KERNEL_OPS and e.name not in _HOST_READS or any(
             does_work(child) for child in e.cpu_children if child.name.startswith("aten::"))
 
-    cpu_events = [e for e in events if inside(e)]
-    triton = sum(1 for e in cpu_events if e.name.startswith("triton::") and not nested(e))
-    host_reads = sum(1 for e in cpu_events if e.name in _HOST_READS and not nested(e))
-    if cuda:
-        device_events = [e for e in events if e.device_type == DeviceType.CUDA]
-        memory = sum(1 for e in device_events if e.name.lower().startswith(("memcpy", "memset")))
-        syncs = sum(1 for e in cpu_events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-        return dict(launches=len(device_events) - memory, memory_ops=memory, triton=triton,
-                    host_syncs=syncs + host_reads, method="cuda kernel events")
-    counted = [e.name for e in cpu_events if (e.name.startswith("aten::") and does_work(e) or
+    out = []
+    for (start, end), device_events, loose in zip(windows, device, unlinked):
+        lo, hi = bisect.bisect_left(cpu_starts, start), bisect.bisect_right(cpu_starts, end)
+        inside = [e for e in cpu_events[lo:hi] if e.time_range.end <= end]
+        triton = sum(1 for e in inside if e.name.startswith("triton::") and not nested(e))
+        reads = [e for e in inside if outermost_read(e)]
+        if cuda:
+            memory = sum(1 for e in device_events + loose if _is_memory_op(e))
+            kernels = sum(1 for e in device_events if not _is_memory_op(e))
+            loose = sum(1 for e in loose if not _is_memory_op(e))
+            syncs = [e for e in inside if e.name in _SYNC_CALLS]
+            waited = {id(p) for s in syncs for p in ancestors(s)}  # reads that made a sync call
+            silent_reads = [r for r in reads if id(r) not in waited]
+            out.append(dict(launches=kernels, memory_ops=memory, unlinked_kernels=loose,
+                            triton=triton, host_syncs=len(syncs) + len(silent_reads), sync_calls=len(syncs),
+                            scalar_reads=len(reads), method="cuda kernel events",
+                            sync_sites=dict(collections.Counter(map(site, syncs + silent_reads)))))
+            continue
+        counted = [e.name for e in inside if (e.name.startswith("aten::") and does_work(e) or
                                               e.name.startswith("triton::")) and not nested(e)]
-    return dict(launches=len(counted), torch_ops=len(counted) - triton, triton=triton, host_syncs=host_reads,
-                method="cpu: outermost working aten ops + fastlt triton launches",
-                ops=dict(collections.Counter(counted)))
+        out.append(dict(launches=len(counted), torch_ops=len(counted) - triton, triton=triton,
+                        host_syncs=len(reads), scalar_reads=len(reads),
+                        sync_sites=dict(collections.Counter(map(site, reads))),
+                        method="cpu: outermost working aten ops + fastlt triton launches",
+                        ops=dict(collections.Counter(counted))))
+    return out
+
+
+def _is_memory_op(e) -> bool:
+    return getattr(e, "activity_type", None) in ("gpu_memcpy", "gpu_memset") or e.name.lower().startswith(
+        ("memcpy", "memset"))
