@@ -68,6 +68,7 @@ __all__ = [
     "parse_override",
     "read_recipe",
     "save_config",
+    "save_resolved_config",
 ]
 
 #: ``run.device``: auto (CUDA when available), cpu or cuda.
@@ -259,6 +260,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if not cfg.run.name and path is not None:
         cfg.run.name = Path(path).stem
     return cfg
+
+
+def save_resolved_config(cfg: Config, path: str | os.PathLike) -> list[str]:
+    """Write ``cfg`` to ``path`` (a run's config.yaml); returns what changed against the config
+    already there ('key: old -> new', empty for a new run or the same config)."""
+    path = Path(path)
+    changed = []
+    if path.is_file():
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        changed = config_diff(old, config_to_dict(cfg))
+    save_config(cfg, path)
+    return changed
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -55,6 +55,25 @@ class PipelineError(FastltError, RuntimeError):
 class NonFiniteLossError(FastltError, RuntimeError):
     """The loss or the weights became nan/inf; training stopped before anything was saved from that state."""
 
+    @classmethod
+    def at(cls, epoch: int, step: int, steps: int, *, losses=None, tensors: int = 0, last_checkpoint=None,
+           lr: float | None = None) -> "NonFiniteLossError":
+        """The error for a non-finite loss (``losses`` = its (loss, ce, scl), None if another rank
+        saw it) or, with ``tensors`` > 0, for that many non-finite weight / optimizer tensors after
+        a step whose loss was still finite; names the last good checkpoint and the usual causes."""
+        if tensors:
+            event = (f"the weights or optimizer state became non-finite in epoch {epoch} ({tensors} tensor(s) hold "
+                     f"nan/inf after step {step + 1}/{steps}, whose loss was still finite)")
+        else:
+            what = (f"loss {losses[0]}, ce {losses[1]}, scl {losses[2]}" if losses is not None
+                    else "reported by another rank, at or before this step")
+            event = f"the loss became non-finite at epoch {epoch}, step {step + 1}/{steps} ({what})"
+        where = (f"The last good checkpoint is {last_checkpoint}; it is untouched (resume with --resume auto)."
+                 if last_checkpoint is not None else "No checkpoint had been written yet.")
+        return cls(f"{event}; training stopped and nothing was saved from this state. {where} Common causes: a "
+                   f"learning rate too high for the batch size (optim.lr={lr}), or fp16 overflow (try "
+                   "deepspeed.precision=bf16).")
+
 
 class TrainingInterrupted(FastltError, RuntimeError):
     """Ctrl-C / SIGTERM: a checkpoint of the current position was written and training stopped."""

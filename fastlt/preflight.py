@@ -1,6 +1,10 @@
 """Checks that run before a training run starts DeepSpeed or writes anything (``Trainer.__init__``).
 
+* :func:`check_device` — options that need a CUDA device are refused elsewhere;
 * :func:`check_run_dir` — the run directory is (or can become) a writable folder;
+* :func:`resolve_resume` — the checkpoint ``--resume`` names (none: the run directory must not
+  hold checkpoints already);
+* :func:`steps_per_epoch` — the epoch length, or a DataError naming the batch size;
 * :func:`check_resume` — the checkpoint to resume is intact (``CheckpointManager.verify``), fits
   this model and world size, and a mid-epoch position still means the same images;
 * :func:`check_val_images` — every validation image has a readable header, so that with
@@ -16,14 +20,53 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastlt.checkpoint import CheckpointManager, model_signature
-from fastlt.errors import BadImageError, CheckpointError
+from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError
 from fastlt.files import check_writable_dir
 
-__all__ = ["check_resume", "check_run_dir", "check_val_images", "config_signature"]
+__all__ = ["check_device", "check_resume", "check_run_dir", "check_val_images", "config_signature",
+           "resolve_resume", "steps_per_epoch"]
 
 #: Validation lists at least this long get progress lines while their headers are checked.
 PROGRESS_FROM = 2000
 _SHOW_FIRST = 3
+
+
+def check_device(cfg, device: str) -> None:
+    """ConfigError for options the device cannot run (``model.sync_bn`` off CUDA)."""
+    if cfg.model.sync_bn and device != "cuda":
+        raise ConfigError("model.sync_bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on "
+                          f"{device}; set model.sync_bn=false (BatchNorm then normalises each rank's share, "
+                          "as the reference's DataParallel does)")
+
+
+def resolve_resume(ckpt: CheckpointManager, resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume (``--resume auto|PATH``); without ``--resume`` a run directory that
+    already holds checkpoints is refused (continuing it silently would mix two runs)."""
+    existing = ckpt.complete() if ckpt.dir.is_dir() else []
+    if resume is None:
+        if existing:
+            raise CheckpointError(f"run directory {run_dir} already holds checkpoints (newest: {existing[-1].name}); "
+                                  "pass --resume auto to continue that run, or choose a new run.name / run.output_dir")
+        return None
+    return CheckpointManager.resolve(resume, run_dir)
+
+
+def steps_per_epoch(cfg, num_train: int, world_size: int) -> int:
+    """Steps of one epoch: whole global batches of data.batch_size samples (the sampling's
+    step-major shards), capped by run.max_steps_per_epoch, in whole optimizer steps (a partial
+    accumulation at the end of an epoch would carry gradients into the next epoch and into no
+    checkpoint)."""
+    from fastlt.sampling import steps_per_epoch as whole_steps
+
+    steps = whole_steps(num_train, cfg.data.batch_size // world_size, world_size)
+    if cfg.run.max_steps_per_epoch:
+        steps = min(steps, cfg.run.max_steps_per_epoch)
+    steps -= steps % cfg.deepspeed.grad_accum_steps
+    if steps <= 0:
+        raise DataError(f"data.batch_size={cfg.data.batch_size} leaves an epoch without a complete step: "
+                        f"{num_train} training images over {world_size} rank(s) "
+                        f"(× deepspeed.grad_accum_steps={cfg.deepspeed.grad_accum_steps}); lower data.batch_size")
+    return steps
 
 
 def check_run_dir(run_dir: Path) -> None:

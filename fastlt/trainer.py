@@ -29,33 +29,16 @@ from torch import Tensor
 
 from fastlt import distributed as dist
 from fastlt.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights
-from fastlt.config import Config, config_diff, config_to_dict, save_config
-from fastlt.errors import CheckpointError, DataError, NonFiniteLossError, TrainingInterrupted
-from fastlt.files import json_text, write_text_atomic
+from fastlt.config import Config, save_resolved_config
+from fastlt.errors import NonFiniteLossError, TrainingInterrupted
 from fastlt.label_stats import interval_fields
 from fastlt.logger import RunLogger, format_metrics
-from fastlt.preflight import check_resume, check_run_dir, check_val_images
+from fastlt.run_report import closing_line, opening_lines, write_metrics_json, write_plots
+from fastlt.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
+                              steps_per_epoch)
 from fastlt.signals import StopFlag
 
-__all__ = ["Trainer", "steps_per_epoch", "train"]
-
-
-def steps_per_epoch(cfg: Config, num_train: int, world_size: int) -> int:
-    """Steps of one epoch: whole global batches of data.batch_size samples (the sampling's
-    step-major shards), capped by run.max_steps_per_epoch, in whole optimizer steps (a partial
-    accumulation at the end of an epoch would carry gradients into the next epoch and into no
-    checkpoint)."""
-    from fastlt.sampling import steps_per_epoch as whole_steps
-
-    steps = whole_steps(num_train, cfg.data.batch_size // world_size, world_size)
-    if cfg.run.max_steps_per_epoch:
-        steps = min(steps, cfg.run.max_steps_per_epoch)
-    steps -= steps % cfg.deepspeed.grad_accum_steps
-    if steps <= 0:
-        raise DataError(f"data.batch_size={cfg.data.batch_size} leaves an epoch without a complete step: "
-                        f"{num_train} training images over {world_size} rank(s) "
-                        f"(× deepspeed.grad_accum_steps={cfg.deepspeed.grad_accum_steps}); lower data.batch_size")
-    return steps
+__all__ = ["Trainer", "train"]
 
 
 class Trainer:
@@ -68,19 +51,14 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.device = dist.resolve_device(cfg.run.device)
-        if cfg.model.sync_bn and self.device != "cuda":
-            from fastlt.errors import ConfigError
-
-            raise ConfigError("model.sync_bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on "
-                              f"{self.device}; set model.sync_bn=false (BatchNorm then normalises each rank's share, "
-                              "as the reference's DataParallel does)")
+        check_device(cfg, self.device)
         self.proc = dist.process_info()
         self.rank, self.world_size = self.proc.rank, self.proc.world_size
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
         check_run_dir(self.run_dir)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=self.rank,
                                       local_rank=self.proc.local_rank, world_size=self.world_size)
-        self.resume_from = self._resolve_resume()
+        self.resume_from = resolve_resume(self.ckpt, resume, self.run_dir)
         deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
         self.data = build_datasets(cfg)
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
@@ -93,16 +71,6 @@ class Trainer:
             self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
         check_val_images(self.data.val, cfg.data.on_error, rank=self.rank)
         self.stop = StopFlag()
-
-    def _resolve_resume(self) -> Path | None:
-        existing = self.ckpt.complete() if self.ckpt.dir.is_dir() else []
-        if self.resume is None:
-            if existing:
-                raise CheckpointError(f"run directory {self.run_dir} already holds checkpoints "
-                                      f"(newest: {existing[-1].name}); pass --resume auto to continue that run, "
-                                      "or choose a new run.name / run.output_dir")
-            return None
-        return CheckpointManager.resolve(self.resume, self.run_dir)
 
     # -- setup -----------------------------------------------------------------------
 
@@ -153,19 +121,6 @@ class Trainer:
                                                         world_size=self.world_size, device=self.device), self.backend)
         self.val_pipeline = build_val_pipeline(val_spec(cfg, self.data.val, rank=self.rank, world_size=self.world_size,
                                                         device=self.device), self.backend)
-
-    def _save_resolved_config(self) -> None:
-        if self.rank != 0:
-            return
-        path = self.run_dir / "config.yaml"
-        new = config_to_dict(self.cfg)
-        if path.is_file():
-            import yaml
-
-            changed = config_diff(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, new)
-            if changed:
-                self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
-        save_config(self.cfg, path)
 
     # -- state -----------------------------------------------------------------------
 
@@ -248,19 +203,9 @@ class Trainer:
 
     def _raise_nonfinite(self, tensors: int = 0) -> None:
         epoch, step, vals = self.nonfinite
-        what = (f"loss {vals[0]}, ce {vals[1]}, scl {vals[2]}" if vals is not None
-                else "reported by another rank, at or before this step")
         # Every checkpoint passed the finiteness check before it was written, so the latest is good.
-        last = self.ckpt.latest()
-        where = (f"The last good checkpoint is {last}; it is untouched (resume with --resume auto)."
-                 if last is not None else "No checkpoint had been written yet.")
-        event = (f"the loss became non-finite at epoch {epoch}, step {step + 1}/{self.steps_per_epoch} ({what})"
-                 if not tensors else f"the weights or optimizer state became non-finite in epoch {epoch} ({tensors} "
-                 f"tensor(s) hold nan/inf after step {step + 1}/{self.steps_per_epoch}, whose loss was still finite)")
-        raise NonFiniteLossError(
-            f"{event}; "
-            f"training stopped and nothing was saved from this state. {where} Common causes: a learning rate "
-            f"too high for the batch size (optim.lr={self.cfg.optim.lr}), or fp16 overflow (try deepspeed.precision=bf16).")
+        raise NonFiniteLossError.at(epoch, step, self.steps_per_epoch, losses=vals, tensors=tensors,
+                                    last_checkpoint=self.ckpt.latest(), lr=self.cfg.optim.lr)
 
     def _train_epoch(self, epoch: int, start_step: int) -> int:
         """Train one epoch from start_step; returns the step reached (== steps_per_epoch if complete)."""
@@ -323,7 +268,9 @@ class Trainer:
             epoch, step = self._load(self.resume_from)
         elif self.resume is not None:
             self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
-        self._save_resolved_config()  # only now: a refused resume leaves the run's config.yaml as it was
+        if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
+            if changed := save_resolved_config(cfg, self.run_dir / "config.yaml"):
+                self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
 
@@ -331,17 +278,10 @@ class Trainer:
         for note in self.resume_notes:
             self.log.event("warning", note)
         self.first_epoch = epoch
-        self.log.info(f"fastlt: {cfg.model.backbone} on {self.data.num_classes} classes, "
-                      f"{len(self.data.train)} training images, {self.world_size} rank(s) on {self.device}, "
-                      f"{self.backend} pipeline, {self.steps_per_epoch} steps/epoch of "
-                      f"{self.ds_config['train_micro_batch_size_per_gpu']}/rank, precision {cfg.deepspeed.precision}, "
-                      f"ZeRO {cfg.deepspeed.zero_stage}; run directory {self.run_dir}")
-        if cfg.method.l_d_warm >= cfg.optim.epochs - 1:
-            self.log.info(f"area (CutMix) labels throughout: method.l_d_warm={cfg.method.l_d_warm} reaches the last "
-                          f"epoch ({cfg.optim.epochs - 1}), so ConCutMix labels never switch on")
-        elif epoch <= cfg.method.l_d_warm:
-            self.log.info(f"area (CutMix) labels for epochs {epoch}..{min(cfg.method.l_d_warm, cfg.optim.epochs - 1)}, "
-                          f"ConCutMix labels from epoch {cfg.method.l_d_warm + 1} (method.l_d_warm)")
+        for line in opening_lines(cfg, self.data, world_size=self.world_size, device=self.device, backend=self.backend,
+                                  steps=self.steps_per_epoch, micro=self.ds_config["train_micro_batch_size_per_gpu"],
+                                  run_dir=self.run_dir, first_epoch=epoch):
+            self.log.info(line)
         last_eval_epoch = None
         with self.stop:
             if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
@@ -397,35 +337,15 @@ class Trainer:
         if self.rank == 0:
             save_weights(self.run_dir / "last.pt", self.engine.module,
                          {"epoch": self.cfg.optim.epochs - 1, "metrics": final, "signature": self.signature})
-            out = {"final": final, "best": self.best, "history": self.history, "epochs": self.cfg.optim.epochs,
-                   "train_time_s": round(self.train_time, 2), "world_size": self.world_size,
-                   "device": self.device, "num_classes": self.data.num_classes,
-                   "train_class_counts": [int(c) for c in self.data.class_counts], "run_dir": str(self.run_dir),
-                   "eval_every": self.cfg.run.eval_every, "evaluated_epochs": [h["epoch"] for h in self.history],
-                   "replica_digests": digests}
-            write_text_atomic(self.run_dir / "metrics.json", json_text(out))
-            self._plots()
-        evaluated = [h["epoch"] for h in self.history]
-        cadence = (f"best of {len(evaluated)} evaluation(s), every {self.cfg.run.eval_every} epoch(s) and after the "
-                   "last" if self.cfg.run.eval_every > 1 else f"best of {len(evaluated)} evaluations, one per epoch")
-        self.log.event("done", f"final: {format_metrics(final)} | best epoch {self.best['epoch'] if self.best else '-'}"
-                       f" ({cadence}) | training time {self.train_time:.1f} s | run directory {self.run_dir}",
-                       evaluated_epochs=evaluated, **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
+            write_metrics_json(self.run_dir, self.cfg, self.data, history=self.history, best=self.best,
+                               train_time=self.train_time, world_size=self.world_size, device=self.device,
+                               digests=digests)
+            write_plots(self.run_dir, self.last_eval, self.data, self.log)
+        self.log.event("done", closing_line(self.cfg, final, self.best, self.history, self.train_time, self.run_dir),
+                       evaluated_epochs=[h["epoch"] for h in self.history],
+                       **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
         dist.barrier()
         return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
-
-    def _plots(self) -> None:
-        """The run's PNG plots and per-class CSV (fastlt.plots). A plot that fails is reported, and
-        the finished run (weights, metrics.json) stays as it is."""
-        from fastlt.plots import write_run_report
-
-        try:
-            paths = write_run_report(self.run_dir, self.last_eval, self.data.class_counts, self.data.class_names)
-        except Exception as e:  # noqa: BLE001 - plotting must not turn a finished run into a failed one
-            self.log.event("plots", f"plots not written: {type(e).__name__}: {e}", error=str(e))
-            return
-        self.log.event("plots", f"plots: {', '.join(p.name for p in paths)} in {self.run_dir}",
-                       files=[str(p) for p in paths])
 
     def close(self) -> None:
         for name in ("pipeline", "val_pipeline"):

@@ -1,0 +1,62 @@
+"""What a training run tells its user at the start and leaves in its run directory at the end
+(rank 0): the opening lines (model, data, ranks, pipeline, label schedule), ``metrics.json``,
+the plots and per-class CSV (``fastlt.plots``) and the closing line, which names the best
+epoch and how often the run was evaluated (ARCHITECTURE §1 "Evaluation").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastlt.files import json_text, write_text_atomic
+from fastlt.logger import format_metrics
+
+__all__ = ["closing_line", "opening_lines", "write_metrics_json", "write_plots"]
+
+
+def opening_lines(cfg, data, *, world_size: int, device: str, backend: str, steps: int, micro: int, run_dir: Path,
+                  first_epoch: int) -> list[str]:
+    """The run's description and when its ConCutMix labels switch on."""
+    lines = [f"fastlt: {cfg.model.backbone} on {data.num_classes} classes, {len(data.train)} training images, "
+             f"{world_size} rank(s) on {device}, {backend} pipeline, {steps} steps/epoch of {micro}/rank, "
+             f"precision {cfg.deepspeed.precision}, ZeRO {cfg.deepspeed.zero_stage}; run directory {run_dir}"]
+    warm, last = cfg.method.l_d_warm, cfg.optim.epochs - 1
+    if warm >= last:
+        lines.append(f"area (CutMix) labels throughout: method.l_d_warm={warm} reaches the last epoch ({last}), "
+                     "so ConCutMix labels never switch on")
+    elif first_epoch <= warm:
+        lines.append(f"area (CutMix) labels for epochs {first_epoch}..{min(warm, last)}, ConCutMix labels from "
+                     f"epoch {warm + 1} (method.l_d_warm)")
+    return lines
+
+
+def closing_line(cfg, final: dict, best: dict | None, history: list, train_time: float, run_dir: Path) -> str:
+    """'final: ... | best epoch E (best of N evaluations, ...) | training time ... | run directory ...'."""
+    n = len(history)
+    cadence = (f"best of {n} evaluation(s), every {cfg.run.eval_every} epoch(s) and after the last"
+               if cfg.run.eval_every > 1 else f"best of {n} evaluations, one per epoch")
+    return (f"final: {format_metrics(final)} | best epoch {best['epoch'] if best else '-'} ({cadence}) | "
+            f"training time {train_time:.1f} s | run directory {run_dir}")
+
+
+def write_metrics_json(run_dir: Path, cfg, data, *, history: list, best: dict | None, train_time: float,
+                       world_size: int, device: str, digests: list[str]) -> None:
+    """``metrics.json``: final, best and every evaluation, the run's setting, the replicas' digests."""
+    out = {"final": history[-1] if history else {}, "best": best, "history": history, "epochs": cfg.optim.epochs,
+           "train_time_s": round(train_time, 2), "world_size": world_size, "device": device,
+           "num_classes": data.num_classes, "train_class_counts": [int(c) for c in data.class_counts],
+           "run_dir": str(run_dir), "eval_every": cfg.run.eval_every,
+           "evaluated_epochs": [h["epoch"] for h in history], "replica_digests": digests}
+    write_text_atomic(run_dir / "metrics.json", json_text(out))
+
+
+def write_plots(run_dir: Path, last_eval: dict, data, log) -> None:
+    """The run's PNG plots and per-class CSV (``fastlt.plots``). A plot that fails is reported, and
+    the finished run (weights, metrics.json) stays as it is."""
+    from fastlt.plots import write_run_report
+
+    try:
+        paths = write_run_report(run_dir, last_eval, data.class_counts, data.class_names)
+    except Exception as e:  # noqa: BLE001 - plotting must not turn a finished run into a failed one
+        log.event("plots", f"plots not written: {type(e).__name__}: {e}", error=str(e))
+        return
+    log.event("plots", f"plots: {', '.join(p.name for p in paths)} in {run_dir}", files=[str(p) for p in paths])
