@@ -346,10 +346,20 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} belongs to a different model ({'; '.join(diff)}). Resume it "
                                   "with the config it was trained with (config.yaml in its run directory), or "
                                   "start a new run with another run.name")
+        # ZeRO-1 and 2 share one shard format; ZeRO-0 keeps the whole optimizer state in the model file.
+        saved = meta.get("zero_stage", 1 if any(Path(path).glob("zero_pp_rank_*_optim_states.pt")) else 0)
+        if (saved > 0) != (zero_stage > 0):
+            raise CheckpointError(f"checkpoint {path} holds its optimizer state "
+                                  + ("in ZeRO shards" if saved else "unpartitioned (ZeRO-0)")
+                                  + f"; this config has deepspeed.zero_stage={zero_stage}, which reads it "
+                                  + ("unpartitioned" if not zero_stage else "from ZeRO shards")
+                                  + f". Resume it with --set deepspeed.zero_stage={saved}")
         if zero_stage > 0 and meta.get("world_size") != self.world_size:
             raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} ranks with ZeRO; "
-                                  f"this run has {self.world_size}. ZeRO optimizer shards need the same number of "
-                                  "ranks: relaunch with that many, or resume with deepspeed.zero_stage=0")
+                                  f"this run has {self.world_size}. ZeRO partitions the optimizer state over the "
+                                  f"ranks that wrote it and fastlt does not re-partition it: relaunch with "
+                                  f"{meta.get('world_size')} ranks. (The sample sequence does not depend on the "
+                                  "number of ranks: ZeRO-0 checkpoints resume on any number.)")
 
     def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
         """Restore engine (module, optimizer) and this rank's RNG from ``path``.

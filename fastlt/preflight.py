@@ -109,6 +109,14 @@ def check_resume(ckpt: CheckpointManager, path: Path, cfg, *, num_classes: int, 
             f"{cfg.data.batch_size} ({steps_per_epoch} steps per epoch), so step {step} would not mean the same "
             f"images and part of the epoch would be skipped or repeated. Resume it with {fix}{alt}")
     notes = []
+    written = meta.get("world_size")
+    if written and written != ckpt.world_size:
+        notes.append(f"note: checkpoint {path} was written by {written} rank(s) and this run has {ckpt.world_size}: "
+                     "the sample sequence, CutMix boxes and augmentations are the same (they are keyed by the global "
+                     f"step and sample position); data.batch_size={cfg.data.batch_size} is now split over "
+                     f"{ckpt.world_size} rank(s)"
+                     + (f", and ranks {written}..{ckpt.world_size - 1} start their torch/numpy generators from "
+                        "run.seed" if ckpt.world_size > written else ""))
     if missing_rng:
         notes.append(f"warning: checkpoint {path} has no {', '.join(missing_rng)}: the torch/numpy/python random "
                      "generators are not restored, so this continuation is not bit-exact (the sample order, CutMix "

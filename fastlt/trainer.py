@@ -130,7 +130,8 @@ class Trainer:
                              "scheduler": self.schedule.state_dict(), "best": self.best, "history": self.history,
                              "train_time_s": self.train_time, "eval_pending": eval_pending}}
         meta = {"signature": self.signature, "backbone": self.cfg.model.backbone, "num_classes": self.data.num_classes,
-                "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch}
+                "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                "zero_stage": self.cfg.deepspeed.zero_stage}
         path = self.ckpt.save(self.engine, epoch, step, client, meta)
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
