@@ -29,9 +29,11 @@ summary; ``bench/floors.json`` holds floors for them (``make bench`` checks the 
 times: (2)/(1) = t(1)/t(2) and (2)/(3) = t(3)/t(2), same images per round in all three).
 
 Cases: ``cpu-resnet32-32px-b32`` (the CIFAR-size ResNet-32, fp32, small enough for a 2-core
-machine) and, skipped without CUDA, ``cuda-resnext50-224px-b128-bf16-cl`` (ResNeXt-50 at
-224 px, bf16 autocast, channels-last) and ``cuda-vits16-224px-b128-bf16`` (ViT-S/16).
-``bench/gpu_check.sh`` runs the CUDA cases.
+machine) and, skipped without CUDA, ResNeXt-50 at 224 px with bf16 autocast and channels-last
+at the per-GPU batches of ImageNet-LT's 256 over 2 and 8 GPUs (``cuda-resnext50-224px-b128-*``,
+``-b32-*``), each eager and compiled (``run.compile: default``, ``-compiled``; the warm-up
+rounds pay the compilation), and ``cuda-vits16-224px-b128-bf16`` (ViT-S/16). The published step
+is timed for the b128 eager cases only. ``bench/gpu_check.sh`` runs the CUDA cases.
 
 Environment:
     FASTLT_BENCH_ENGINE = auto | deepspeed | torch
@@ -88,6 +90,9 @@ class StepCase:
     """Warm-up rounds (not measured): first batches, worker start-up, cuDNN autotuning."""
     threads: int | None = None
     """torch intra-op threads of the benchmark process (None: as the trainer sets them)."""
+    published: bool = True
+    """Also time the published implementation's step (one per model is enough: it does not
+    depend on fastlt's compile setting)."""
     notes: tuple = field(default_factory=tuple)
 
     def timing(self) -> tuple[int, int, int]:
@@ -113,22 +118,25 @@ def _imagenet_method() -> dict:
                 cutmix_prob=0.5)
 
 
-def _gpu_case(name: str, backbone: str, channels_last: bool) -> StepCase:
+def _gpu_case(name: str, backbone: str, channels_last: bool, batch: int = 128, compile: str = "off",
+              published: bool = True) -> StepCase:
     return StepCase(
-        name=name, device="cuda", steps=6, rounds=4, warmup=2,
+        name=name, device="cuda", steps=6, rounds=4, warmup=2, published=published,
         config=dict(
             model=dict(backbone=backbone, feat_dim=1024, use_norm=True, channels_last=channels_last),
             # 100 classes (the synthetic set holds at most 144); 320 px JPEGs, cropped to 224.
             data=dict(kind="synthetic", root="data_cache/bench-step-gpu",
                       synthetic=dict(num_classes=100, imb_factor=0.1, n_max=60, image_size=320, n_val=1, seed=0),
-                      augment_recipe="imagenet", image_size=224, normalization="imagenet", batch_size=128,
+                      augment_recipe="imagenet", image_size=224, normalization="imagenet", batch_size=batch,
                       randaugment=True),
             method=_imagenet_method(),
             optim=dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
             deepspeed=dict(precision="bf16", autocast=True, zero_stage=0),
             pipeline=dict(backend="auto", num_workers=_cores()),
-            run=dict(device="cuda", seed=0)),
-        notes=("C=100 classes: the synthetic JPEG set holds at most 144",))
+            # Compiled cases: warm-up rounds pay the compilation, measured rounds do not.
+            run=dict(device="cuda", seed=0, compile=compile)),
+        notes=("C=100 classes: the synthetic JPEG set holds at most 144",
+               f"per-GPU batch {batch}: ImageNet-LT's 256 over {256 // batch} GPU(s)"))
 
 
 CASES = [
@@ -152,7 +160,13 @@ CASES = [
             deepspeed=dict(precision="fp32", zero_stage=0),
             pipeline=dict(backend="auto", num_workers=min(2, _cores())),
             run=dict(device="cpu", seed=0))),
+    # ResNeXt-50 at the per-GPU batches of ImageNet-LT's 256 over 2 and 8 GPUs, eager and compiled.
     _gpu_case("cuda-resnext50-224px-b128-bf16-cl", "resnext50_32x4d", channels_last=True),
+    _gpu_case("cuda-resnext50-224px-b128-bf16-cl-compiled", "resnext50_32x4d", channels_last=True,
+              compile="default", published=False),
+    _gpu_case("cuda-resnext50-224px-b32-bf16-cl", "resnext50_32x4d", channels_last=True, batch=32, published=False),
+    _gpu_case("cuda-resnext50-224px-b32-bf16-cl-compiled", "resnext50_32x4d", channels_last=True, batch=32,
+              compile="default", published=False),
     _gpu_case("cuda-vits16-224px-b128-bf16", "vit_small_patch16_224", channels_last=False),
 ]
 
@@ -219,7 +233,7 @@ class FastltStep:
 def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
     from fastlt.engine import precision_of
     from fastlt.models import build_model
-    from fastlt.objective import ConCutMixObjective
+    from fastlt.objective import ConCutMixObjective, compile_step
     from fastlt.schedule import build_optimizer
 
     device = cfg.run.device
@@ -254,6 +268,9 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
         label = f"torch optimizer, no DeepSpeed ({cfg.deepspeed.precision}{' autocast' if precision.autocast_dtype else ''})"
     engine.train()
     objective = ConCutMixObjective(cfg.method, class_counts).to(device)
+    compile_step(engine, objective, cfg.run.compile, cfg.run.compile_backend)  # as the trainer does
+    if cfg.run.compile != "off":
+        label += f", torch.compile {cfg.run.compile}"
     return FastltStep(cfg, engine, objective, torch.device(device), label)
 
 
@@ -418,6 +435,8 @@ def test_step_published(benchmark, case, case_data):
     from fastlt.models import build_model
     from published_baseline import PublishedStep, published_loaders
 
+    if not case.published:
+        pytest.skip(f"{case.name}: the published step is timed once per model (its b128 eager case)")
     cfg, data = case_data
     m = cfg.method
     if case.device == "cuda":

@@ -6,7 +6,9 @@
 # Runs from the repository root, as a fixed sequence of steps; every step writes its log and
 # JSON under $OUT and appends one line to $OUT/steps.jsonl ({"step", "rc", "seconds"}). A
 # failing step does not stop the later ones; the script exits non-zero if any step failed.
-# Budget: under 8 minutes on one H100 (each step has its own timeout below).
+# Budget: GPU_CHECK_BUDGET seconds in all (default 450, i.e. 7.5 minutes): each step runs under
+# its own timeout, cut to what is left of the budget; a step with under 20 s left is recorded as
+# skipped (rc 125) instead of started, so the script always ends inside the budget.
 #
 # To add a step (e.g. the train-step benchmark), append another `run_step` call in the
 # "steps" section, before "summary".
@@ -29,11 +31,21 @@ fi
 # Compiled kernels on the GPU, never the interpreter; let auto-dispatch pick Triton.
 unset TRITON_INTERPRET FASTLT_KERNELS
 FAILED=0
+BUDGET="${GPU_CHECK_BUDGET:-450}"
+DEADLINE=$(( $(date +%s) + BUDGET ))
 
 # run_step NAME TIMEOUT_SECONDS COMMAND... : run, log to $OUT/NAME.log, record rc and duration.
 run_step() {
     local name="$1" limit="$2"
     shift 2
+    local left=$(( DEADLINE - $(date +%s) ))
+    if (( left < 20 )); then
+        echo "=== ${name}: skipped, ${left}s of the ${BUDGET}s budget left"
+        printf '{"step": "%s", "rc": 125, "seconds": 0, "skipped": "budget"}\n' "$name" >>"$OUT/steps.jsonl"
+        FAILED=$((FAILED + 1))
+        return 0
+    fi
+    (( limit > left - 15 )) && limit=$(( left - 15 ))
     echo "=== ${name} (timeout ${limit}s): $*"
     local start end rc
     start=$(date +%s%N)
@@ -121,7 +133,8 @@ if "$PY" -c "import deepspeed" >"$OUT/deepspeed_import.log" 2>&1; then
     TRAIN_ENGINE=deepspeed
 fi
 echo "train-step engine: ${TRAIN_ENGINE}"
-run_step train_step_bench 300 env FASTLT_BENCH_ENGINE="$TRAIN_ENGINE" \
+# 4 steps x 3 rounds after 2 warm-up rounds (which pay the compiled cases' compilation).
+run_step train_step_bench 300 env FASTLT_BENCH_ENGINE="$TRAIN_ENGINE" FASTLT_BENCH_STEP_ROUNDS=4,3,2 \
     FASTLT_BENCH_STEP_SUMMARY="$OUT/train_step_summary.json" \
     "$PY" -m pytest -q -rs -p no:cacheprovider bench/bench_train_step.py -k cuda \
     --benchmark-json="$OUT/bench_train_step.json" --benchmark-columns=min,median,rounds

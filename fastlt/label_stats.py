@@ -33,9 +33,23 @@ __all__ = ["STAT_COLUMNS", "interval_fields", "per_sample_stats", "step_stats"]
 STAT_COLUMNS = ("correct", "samples", "mixed", "gamma", "label_l1", "argmax_changed", "topk_outside")
 
 
+def _argmax(cls_: Tensor, value: Tensor, num_classes: int) -> Tensor:
+    """Per row, the candidate class of largest value, the lower class index on ties (as a dense
+    label's ``argmax(1)``)."""
+    best = value == value.max(1, keepdim=True).values
+    return torch.where(best, cls_, torch.full_like(cls_, num_classes)).min(1).values
+
+
+def area_argmax(label) -> Tensor:
+    """(B,) arg-max class of the area label λ·onehot(a) + (1−λ)·onehot(b) (ties to the lower index)."""
+    a, b, lam = label.label_a, label.label_b, label.lam
+    return torch.where(lam > 0.5, a, torch.where(lam < 0.5, b, torch.minimum(a, b)))
+
+
 def per_sample_stats(label) -> dict[str, Tensor]:
-    """γ, ‖ŷ − y‖₁, arg-max changed (bool) and top-K share outside {a, b}, each (B,), of a
-    ``fastlt.kernels.CompactLabel`` — from its K + 2 candidate classes, no (B, C) tensor."""
+    """γ, ‖ŷ − y‖₁, arg-max changed (bool), top-K share outside {a, b} and the arg-max class of ŷ,
+    each (B,), of a ``fastlt.kernels.CompactLabel`` — from its K + 2 candidate classes (the only
+    ones where ŷ can be non-zero), computed once; no (B, C) tensor."""
     gamma = label.gamma.float()
     cls_, s_hat, y = label.candidates()
     k = label.index.shape[1]
@@ -45,9 +59,11 @@ def per_sample_stats(label) -> dict[str, Tensor]:
     same = label.label_a == label.label_b
     y_ab = y[:, k:] * torch.stack([torch.ones_like(same), ~same], dim=1)
     l1 = (s_hat[:, :k] - y[:, :k]).abs().sum(1) + (y_ab * ~kept_ab).sum(1)
-    outside = (label.index.long() != label.label_a.view(-1, 1)) & (label.index.long() != label.label_b.view(-1, 1))
-    return {"gamma": gamma, "label_l1": gamma * l1, "argmax_changed": label.argmax() != label.argmax(rectified=False),
-            "topk_outside": (label.weight.float() * outside).sum(1)}
+    outside = (cls_[:, :k] != cls_[:, k:k + 1]) & (cls_[:, :k] != cls_[:, k + 1:])
+    g = gamma.view(-1, 1)
+    argmax = _argmax(cls_, g * s_hat + (1.0 - g) * y, label.num_classes)
+    return {"gamma": gamma, "label_l1": gamma * l1, "argmax_changed": argmax != area_argmax(label),
+            "topk_outside": (label.weight.float() * outside).sum(1), "argmax": argmax}
 
 
 def step_stats(logits: Tensor, label, batch, *, rectified: bool) -> Tensor:
@@ -56,14 +72,16 @@ def step_stats(logits: Tensor, label, batch, *, rectified: bool) -> Tensor:
     ``label`` is the ``CompactLabel`` the step trains on (γ = 0 on the rows that keep their
     area label); while area labels are used (``rectified`` false) the label columns are zero.
     """
-    correct = (logits.detach().argmax(1) == label.argmax()).sum().float()
+    pred = logits.detach().argmax(1)
     samples = torch.full((), float(logits.shape[0]), device=logits.device)
     if not rectified:
+        correct = (pred == area_argmax(label)).sum().float()
         return torch.cat([torch.stack([correct, samples]), torch.zeros(5, device=logits.device)])
     s = per_sample_stats(label)
     m = batch.mixed.float()
-    sums = [m.sum()] + [(s[k].float() * m).sum() for k in ("gamma", "label_l1", "argmax_changed", "topk_outside")]
-    return torch.cat([torch.stack([correct, samples]), torch.stack(sums)])
+    sums = [(pred == s["argmax"]).sum().float(), samples, m.sum()] + [
+        (s[k].float() * m).sum() for k in ("gamma", "label_l1", "argmax_changed", "topk_outside")]
+    return torch.stack(sums)
 
 
 def interval_fields(stats) -> dict:

@@ -80,15 +80,6 @@ class CompactLabel(NamedTuple):
         y = lam * (cls_ == self.label_a.view(-1, 1)) + (1.0 - lam) * (cls_ == self.label_b.view(-1, 1))
         return cls_, s_hat, y
 
-    def argmax(self, rectified: bool = True) -> Tensor:
-        """(B,) arg-max class of ŷ (of the area label y if not ``rectified``), the lower class
-        index on ties — what ``to_dense().argmax(1)`` gives, without the (B, C) tensor."""
-        cls_, s_hat, y = self.candidates()
-        g = self.gamma.float().view(-1, 1) if rectified else torch.zeros_like(self.gamma).float().view(-1, 1)
-        value = g * s_hat + (1.0 - g) * y
-        best = value == value.max(1, keepdim=True).values
-        return torch.where(best, cls_, torch.full_like(cls_, self.num_classes)).min(1).values
-
 
 @torch.no_grad()
 def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
