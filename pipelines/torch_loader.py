@@ -15,6 +15,7 @@ decoding the skipped steps.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 from typing import Iterator
@@ -53,6 +54,20 @@ def _dead_worker(iterator) -> PipelineError | None:
                 how = f"exited with status {code}"
             return PipelineError(f"a data-loader worker process (pid {w.pid}) {how}")
     return None
+
+
+@contextlib.contextmanager
+def _worker_errors(iterator):
+    """Failures of the DataLoader's workers as fastlt's errors: a worker's BadImageError as the
+    worker raised it, a dead worker as a PipelineError saying which and how it died."""
+    try:
+        yield
+    except BadImageError as e:
+        raise _as_raised(e) from None
+    except RuntimeError:
+        if (dead := _dead_worker(iterator)) is None:
+            raise
+        raise dead from None
 
 
 def image_loader(dataset, recipe: str, size: int | None = None):
@@ -201,7 +216,7 @@ class TorchTrainPipeline:
         loader = DataLoader(dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
                             pin_memory=pin, **kwargs)
         iterator = iter(loader)
-        try:
+        with _worker_errors(iterator):
             for batch, skipped in iterator:
                 if skipped:
                     self._stats["skipped_images"] += len(skipped)
@@ -209,12 +224,6 @@ class TorchTrainPipeline:
                 if pin:
                     batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
                 yield TrainBatch(**batch)
-        except BadImageError as e:
-            raise _as_raised(e) from None
-        except RuntimeError:
-            if (dead := _dead_worker(iterator)) is None:
-                raise
-            raise dead from None
         # Replaced images are reported by the caller from stats() (the trainer, once per epoch):
         # a consumer that stops at steps_per_epoch never runs code placed after this loop.
 
@@ -289,7 +298,7 @@ class TorchValPipeline:
                             num_workers=self.num_workers, collate_fn=_collate_val,
                             pin_memory=self._device.type == "cuda")
         iterator = iter(loader)
-        try:
+        with _worker_errors(iterator):
             for images, labels, bad in iterator:
                 if bad:
                     self._stats["skipped_images"] += len(bad)
@@ -297,12 +306,6 @@ class TorchValPipeline:
                 if images is None:
                     continue
                 yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
-        except BadImageError as e:
-            raise _as_raised(e) from None
-        except RuntimeError:
-            if (dead := _dead_worker(iterator)) is None:
-                raise
-            raise dead from None
         if self._stats["skipped_images"]:
             LOG.warning("validation: left out %d unreadable image(s) (on_error: skip); first: %s",
                         self._stats["skipped_images"], self._stats["skipped_files"][0])
