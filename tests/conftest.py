@@ -206,6 +206,27 @@ def tree_digest(path: Path) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def fresh_interpreter_rerun(module_file: str, skip_reason: str | None, device: str):
+    """The test a Triton kernel module ends with (``test_in_fresh_interpreter_process = ...``).
+
+    When the module's kernel cases could not run in this process (triton was imported before
+    ``TRITON_INTERPRET=1`` could be set), it re-runs the whole module in a new interpreter
+    process and fails with that run's output unless every case there passed. It skips where
+    the cases already ran here, inside that child process, and on a GPU.
+    """
+    from fastlt.kernels.testing import in_child_process, run_module_in_fresh_interpreter
+
+    @pytest.mark.skipif(skip_reason is None or in_child_process() or device == "cuda",
+                        reason="the kernel cases ran in this process")
+    def test_in_fresh_interpreter_process():
+        proc = run_module_in_fresh_interpreter(module_file)
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        assert proc.returncode == 0, f"{Path(module_file).name} failed in the interpreter process:\n{tail}"
+        assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+    return test_in_fresh_interpreter_process
+
+
 def reference_view(path, size, mean=None, std=None):
     """Augmentation off: decode, bilinear resize to size × size, scale to [0, 1], normalise (PIL)."""
     import torch

@@ -21,8 +21,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastlt.kernels import dispatch  # noqa: E402
-from fastlt.kernels.testing import (count_launches, describe_mismatch, in_child_process, kernel_device,  # noqa: E402
-                                    run_module_in_fresh_interpreter, skip_reason_in_process)
+from fastlt.kernels.testing import (count_launches, describe_mismatch, kernel_device,  # noqa: E402
+                                    skip_reason_in_process)
+from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.losses import BalancedSupConLoss, balanced_supcon_loss, reference_balanced_supcon_loss  # noqa: E402
 from spec_formulas import loop_balanced_supcon  # noqa: E402
 
@@ -277,11 +278,5 @@ def test_bad_inputs_raise(monkeypatch, backend):
     dispatch._reset_for_tests()
 
 
-@pytest.mark.skipif(_SKIP is None or in_child_process() or DEVICE == "cuda",
-                    reason="the kernel tests ran in this process")
-def test_in_fresh_interpreter_process():
-    """Re-run this module with TRITON_INTERPRET=1 set before triton's first import."""
-    proc = run_module_in_fresh_interpreter(__file__)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"kernel tests failed in the interpreter process:\n{tail}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
+test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from fastlt.kernels import dispatch  # noqa: E402
 from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
-                                    run_module_in_fresh_interpreter, skip_reason_in_process)
+                                    skip_reason_in_process)
+from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.kernels import rectify_labels_compact, reference_rectify_labels_compact  # noqa: E402
 from fastlt.labels import rectify_labels, reference_rectify_labels, sum_log_counts  # noqa: E402
 from spec_formulas import dense_rectify_labels  # noqa: E402
@@ -333,14 +334,8 @@ def test_custom_op_is_registered_for_torch_compile(triton_backend):
     _check(out, reference_rectify_labels(z, centers, a, b, lam, counts, topk=3, omega=OMEGA), "compiled")
 
 
-@pytest.mark.skipif(_SKIP is None or in_child_process() or DEVICE == "cuda",
-                    reason="the kernel tests ran in this process")
-def test_in_fresh_interpreter_process():
-    """Re-run this module with TRITON_INTERPRET=1 set before triton's first import."""
-    proc = run_module_in_fresh_interpreter(__file__)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"kernel tests failed in the interpreter process:\n{tail}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
+test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the parity tests compile the kernels for real")

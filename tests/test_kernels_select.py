@@ -14,8 +14,9 @@ prepare_interpreter()  # must run before anything imports triton (see fastlt.ker
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
-                                    run_module_in_fresh_interpreter, skip_reason_in_process)
+from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
+                                    skip_reason_in_process)
+from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.labels import topk_mask  # noqa: E402
 
 DEVICE = kernel_device()
@@ -81,11 +82,5 @@ def test_radix_select_keeps_exactly_the_top_k(pattern, c, k, block):
     _check(w, s.gather(1, want) / s.gather(1, want).sum(1, keepdim=True), f"weights {pattern}")
 
 
-@pytest.mark.skipif(_SKIP is None or in_child_process() or DEVICE == "cuda",
-                    reason="the kernel tests ran in this process")
-def test_in_fresh_interpreter_process():
-    """Re-run this module with TRITON_INTERPRET=1 set before triton's first import."""
-    proc = run_module_in_fresh_interpreter(__file__)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"kernel tests failed in the interpreter process:\n{tail}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
+test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)

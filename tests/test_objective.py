@@ -17,7 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastlt.kernels import CompactLabel, dispatch, reference_rectify_labels_compact  # noqa: E402
 from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
-                                    run_module_in_fresh_interpreter, skip_reason_in_process)
+                                    skip_reason_in_process)
+from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.label_stats import area_argmax, per_sample_stats  # noqa: E402
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon  # noqa: E402
 
@@ -112,14 +113,8 @@ def test_compact_triton_step_equals_the_dense_formulation(monkeypatch):
         assert msg is None, msg
 
 
-@pytest.mark.skipif(_SKIP is None or in_child_process() or DEVICE == "cuda",
-                    reason="the kernel cases ran in this process")
-def test_in_fresh_interpreter_process():
-    """Re-run this module with TRITON_INTERPRET=1 set before triton's first import."""
-    proc = run_module_in_fresh_interpreter(__file__)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"objective tests failed in the interpreter process:\n{tail}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
+test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)
 
 
 @pytest.mark.skipif(in_child_process(), reason="compiles with inductor once, in the parent process")
