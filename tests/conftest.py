@@ -227,6 +227,51 @@ def fresh_interpreter_rerun(module_file: str, skip_reason: str | None, device: s
     return test_in_fresh_interpreter_process
 
 
+def loss_before_and_after_training(pipeline, dataset, epochs: int = 8) -> tuple[float, float]:
+    """A tiny training loop fed by ``pipeline`` (not the DeepSpeed trainer, which has its own
+    tests): ResNet-32 BCL model, logit-adjusted CE on the area label y = λ·onehot(a) +
+    (1 − λ)·onehot(b) (ARCHITECTURE §1). Returns the mean loss on epoch 0's batches before and
+    after ``epochs`` epochs: the same images both times, so the comparison does not depend on
+    which batches a short noisy run happens to end on. Closes the pipeline.
+
+    Runs torch on one intra-op thread: the pipeline's workers already use both cores, and
+    OpenMP workers spinning against them make a step tens of times slower on a 2-core machine.
+    """
+    import torch
+    from fastlt.losses import LogitAdjustedCrossEntropy
+    from fastlt.models import BCLModel
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    c = dataset.num_classes
+    model = BCLModel("resnet32", num_classes=c, feat_dim=32, use_norm=False)
+    ce = LogitAdjustedCrossEntropy(dataset.class_counts, tau=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+
+    def loss_of(b):
+        one_hot = torch.nn.functional.one_hot
+        y = b.lam[:, None] * one_hot(b.label_a, c) + (1 - b.lam[:, None]) * one_hot(b.label_b, c)
+        return ce(model(b.image).logits, y)
+
+    try:
+        first = list(pipeline.epoch(0))
+        with torch.no_grad():
+            before = float(np.mean([loss_of(b).item() for b in first]))
+        for epoch in range(epochs):
+            for b in pipeline.epoch(epoch):
+                loss = loss_of(b)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            after = float(np.mean([loss_of(b).item() for b in first]))
+    finally:
+        pipeline.close()
+        torch.set_num_threads(threads)
+    return before, after
+
+
 def reference_view(path, size, mean=None, std=None):
     """Augmentation off: decode, bilinear resize to size × size, scale to [0, 1], normalise (PIL)."""
     import torch

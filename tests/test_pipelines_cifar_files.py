@@ -25,7 +25,7 @@ from fastlt.data import LongTailedList, make_synthetic_lt
 from fastlt.pipelines import (CIFAR_MEAN, CIFAR_STD, TrainPipelineSpec, ValPipelineSpec, build_train_pipeline,
                               build_val_pipeline, dali_available)
 from fastlt.pipelines.common import BadImageError
-from conftest import assert_same_batches, reference_view
+from conftest import loss_before_and_after_training, assert_same_batches, reference_view
 
 needs_dali = pytest.mark.skipif(not dali_available()[0],
                                 reason="DALI is not installed (pip install nvidia-dali-cuda130)")
@@ -188,41 +188,11 @@ def test_val_pipeline_reads_files_under_the_cifar_recipe(jpegs32, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cifar_recipe_trains_on_32px_jpegs(train32, backend):
-    """A tiny training loop (as in test_pipelines_dali): ResNet-32 BCL model, logit-adjusted CE on
-    the area label, fed the CIFAR recipe's batches from JPEG files. The loss on epoch 0's batches
-    is measured before and after 8 epochs (the same images both times)."""
-    from fastlt.losses import LogitAdjustedCrossEntropy
-    from fastlt.models import BCLModel
-
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the pipeline's workers already use both cores of this machine
-    c = train32.num_classes
-    model = BCLModel("resnet32", num_classes=c, feat_dim=32, use_norm=False)
-    ce = LogitAdjustedCrossEntropy(train32.class_counts, tau=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    """The CIFAR recipe's batches from JPEG files train a ResNet-32 BCL model (the loop of
+    test_pipelines_dali, conftest.loss_before_and_after_training): the loss on epoch 0's batches
+    falls by a fifth over 8 epochs."""
     p = make(train32, backend, batch_size=16, randaugment=True, cutmix_prob=0.5)
-
-    def loss_of(b):
-        y = (b.lam[:, None] * torch.nn.functional.one_hot(b.label_a, c)
-             + (1 - b.lam[:, None]) * torch.nn.functional.one_hot(b.label_b, c))
-        return ce(model(b.image).logits, y)
-
-    try:
-        first = list(p.epoch(0))
-        with torch.no_grad():
-            before = np.mean([loss_of(b).item() for b in first])
-        for epoch in range(8):
-            for b in p.epoch(epoch):
-                loss = loss_of(b)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            after = np.mean([loss_of(b).item() for b in first])
-    finally:
-        p.close()
-        torch.set_num_threads(threads)
+    before, after = loss_before_and_after_training(p, train32)
     print(f"{backend}: loss on epoch 0's batches {before:.3f} before, {after:.3f} after 8 epochs")
     assert after < 0.8 * before, (before, after)
 

@@ -29,7 +29,7 @@ from scipy.stats import chisquare  # noqa: E402
 from fastlt.data import ArrayDataset, LongTailedList, make_synthetic_lt  # noqa: E402
 from fastlt.pipelines import (IMAGENET_MEAN, IMAGENET_STD, TrainPipelineSpec, ValPipelineSpec,  # noqa: E402
                               build_train_pipeline, build_val_pipeline, select_backend)
-from conftest import assert_same_batches, pasted_box, reference_view
+from conftest import loss_before_and_after_training, assert_same_batches, pasted_box, reference_view
 from fastlt.pipelines.common import BadImageError  # noqa: E402
 
 SIZE = 32
@@ -409,45 +409,11 @@ def test_bad_arguments(train_ds):
 
 
 def test_short_dali_fed_training_run_lowers_the_loss(synth, train_ds):
-    """A tiny training loop (not the DeepSpeed trainer, which has its own tests): ResNet-32 BCL
-    model, logit-adjusted CE on the area label, fed by the DALI pipeline with augmentation. The
-    loss on epoch 0's batches is measured before and after 8 epochs (same images both times:
-    the comparison does not depend on which batches a noisy 24-step run happens to end on)."""
-    from fastlt.losses import LogitAdjustedCrossEntropy
-    from fastlt.models import BCLModel
-
-    torch.manual_seed(0)
-    # One intra-op thread: the DALI pipeline's threads already use both cores, and OpenMP
-    # workers spinning against them make a step tens of times slower on this 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    c = train_ds.num_classes
-    model = BCLModel("resnet32", num_classes=c, feat_dim=32, use_norm=False)
-    ce = LogitAdjustedCrossEntropy(train_ds.class_counts, tau=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    """A ResNet-32 BCL model fed by the DALI pipeline with augmentation learns
+    (conftest.loss_before_and_after_training): the loss on epoch 0's batches falls by a fifth
+    over 8 epochs."""
     p = make(train_ds, batch_size=16, cutmix_prob=0.5)
-
-    def loss_of(b):
-        # Area label y = λ·onehot(a) + (1 − λ)·onehot(b) (ARCHITECTURE §1), logit-adjusted CE.
-        y = (b.lam[:, None] * torch.nn.functional.one_hot(b.label_a, c)
-             + (1 - b.lam[:, None]) * torch.nn.functional.one_hot(b.label_b, c))
-        return ce(model(b.image).logits, y)
-
-    try:
-        first = run_epoch(p, 0)
-        with torch.no_grad():
-            before = np.mean([loss_of(b).item() for b in first])
-        for epoch in range(8):
-            for b in p.epoch(epoch):
-                loss = loss_of(b)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            after = np.mean([loss_of(b).item() for b in first])
-    finally:
-        p.close()
-        torch.set_num_threads(threads)
+    before, after = loss_before_and_after_training(p, train_ds)
     print(f"loss on epoch 0's batches: {before:.3f} before, {after:.3f} after 8 epochs")
     assert after < 0.8 * before, (before, after)
 
