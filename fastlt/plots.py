@@ -91,7 +91,7 @@ def plot_per_class(path: str | os.PathLike, per_class, train_counts, *, title: s
     acc = np.asarray(per_class, dtype=float)
     counts = np.asarray(train_counts, dtype=float)
     fig = _figure("per_class_accuracy.png")
-    ax = fig.add_axes((0.07, 0.1, 0.88, 0.8))
+    ax = fig.add_axes((0.07, 0.19, 0.88, 0.71))  # room below for the legend: inside, it hid points
     lo, hi = max(counts.min() * 0.8, 0.5), counts.max() * 1.25
     _shade_count_bands(ax, lo, hi, vertical=True)
     ok = ~np.isnan(acc)
@@ -114,7 +114,7 @@ def plot_per_class(path: str | os.PathLike, per_class, train_counts, *, title: s
     ax.set_ylabel("top-1 accuracy of the class (%)")
     ax.grid(True, which="both", alpha=0.25)
     if ok.any():
-        ax.legend(loc="lower right", fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=3, fontsize=9, frameon=False)
     missing = int((~ok).sum())
     ax.set_title((title or "Per-class accuracy") + (f"  ({missing} classes not evaluated)" if missing else ""),
                  pad=22)
