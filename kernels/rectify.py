@@ -192,14 +192,8 @@ def rectify_labels_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: 
     only) forces the row tile of the selection kernel, to exercise rows spanning several tiles
     at small C.
     """
-    z, centers, label_a, label_b, lam, counts, log_sum = _prepare(z, centers, label_a, label_b, lam, class_counts,
-                                                                  topk, normalize, temperature, log_count_sum)
-    k = min(topk, centers.shape[0])
-    if torch.compiler.is_compiling():
-        return _rectify_op(z, centers, label_a, label_b, lam, counts, log_sum, k, float(omega),
-                           normalize == "softmax", float(temperature), int(_block_c_select or 0))
-    return _launch(z, centers, label_a, label_b, lam, counts, log_sum, float(omega), k, normalize == "softmax",
-                   float(temperature), True, False, _block_c_select)[0]
+    return _rectify(z, centers, label_a, label_b, lam, class_counts, topk, omega, normalize, temperature,
+                    log_count_sum, _block_c_select, compact=False)
 
 
 def rectify_labels_compact_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
@@ -207,11 +201,21 @@ def rectify_labels_compact_triton(z: Tensor, centers: Tensor, label_a: Tensor, l
                                   temperature: float = 1.0, log_count_sum: Tensor | float | None = None,
                                   _block_c_select: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(indices (B, K') int64 ascending, weights ŝ (B, K') fp32, γ (B,) fp32) with K' = min(K, C)."""
+    return _rectify(z, centers, label_a, label_b, lam, class_counts, topk, omega, normalize, temperature,
+                    log_count_sum, _block_c_select, compact=True)
+
+
+def _rectify(z, centers, label_a, label_b, lam, class_counts, topk, omega, normalize, temperature, log_count_sum,
+             block_c_select, *, compact: bool):
+    """Both entry points: checks, then the custom op (under torch.compile) or the launch itself."""
     z, centers, label_a, label_b, lam, counts, log_sum = _prepare(z, centers, label_a, label_b, lam, class_counts,
                                                                   topk, normalize, temperature, log_count_sum)
     k = min(topk, centers.shape[0])
+    softmax = normalize == "softmax"
     if torch.compiler.is_compiling():
-        return _rectify_compact_op(z, centers, label_a, label_b, lam, counts, log_sum, k, float(omega),
-                                   normalize == "softmax", float(temperature), int(_block_c_select or 0))
-    return _launch(z, centers, label_a, label_b, lam, counts, log_sum, float(omega), k, normalize == "softmax",
-                   float(temperature), False, True, _block_c_select)[1:]
+        op = _rectify_compact_op if compact else _rectify_op
+        return op(z, centers, label_a, label_b, lam, counts, log_sum, k, float(omega), softmax, float(temperature),
+                  int(block_c_select or 0))
+    out = _launch(z, centers, label_a, label_b, lam, counts, log_sum, float(omega), k, softmax, float(temperature),
+                  not compact, compact, block_c_select)
+    return out[1:] if compact else out[0]
