@@ -179,9 +179,14 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
         base = base.parent
     if not base.is_dir():
         raise OutputError(f"{what} {path} cannot be created: {base} is a file, not a folder; choose another path")
-    err = _probe(base)
+    _require_new_files(base, what, path)
+
+
+def _require_new_files(folder: Path, what: str, path: Path) -> None:
+    """OutputError naming ``path`` and the cause unless ``folder`` accepts a new file."""
+    err = _probe(folder)
     if err is not None:
-        raise OutputError(f"{what} {path} cannot be written: {base} does not accept new files "
+        raise OutputError(f"{what} {path} cannot be written: {folder} does not accept new files "
                           f"({_REASONS.get(err.errno, err.strerror)}); choose a writable folder")
 
 
@@ -193,10 +198,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{what} {path}: the folder {parent} does not exist; create it or choose another path")
-    err = _probe(parent)
-    if err is not None:
-        raise OutputError(f"{what} {path} cannot be written: {parent} does not accept new files "
-                          f"({_REASONS.get(err.errno, err.strerror)}); choose a writable folder")
+    _require_new_files(parent, what, path)
 
 
 def deepspeed_safe_globals() -> list:

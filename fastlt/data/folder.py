@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .profile import bincount
+from .profile import bincount, check_index
 
 __all__ = ["CLASS_MAP_FILE", "IMAGE_EXTENSIONS", "ImageFolderLT", "class_label", "read_class_map",
            "read_class_names", "write_class_map"]
@@ -108,12 +108,7 @@ class ImageFolderLT:
                 f"counts max/min={int(self.class_counts.max())}/{int(self.class_counts.min())})")
 
     def _index(self, i: int) -> int:
-        n = len(self.paths)
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an integer, got {type(i).__name__}")
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {self.root} with {n} images")
-        return int(i) % n
+        return check_index(i, len(self.paths), f"{self.root} with {len(self.paths)} images")
 
     def full_path(self, i: int) -> str:
         """Path of image ``i`` (root joined with ``class/file``), as a str."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .profile import bincount, check_positive_int
+from .profile import bincount, check_index, check_positive_int
 
 __all__ = ["LongTailedList"]
 
@@ -134,12 +134,7 @@ class LongTailedList:
         )
 
     def _index(self, i: int) -> int:
-        n = len(self.paths)
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an integer, got {type(i).__name__}")
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {self.list_file} with {n} entries")
-        return int(i) % n
+        return check_index(i, len(self.paths), f"{self.list_file} with {len(self.paths)} entries")
 
     def line_number(self, i: int) -> int:
         """1-based line of the list file that entry ``i`` comes from."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["IMB_TYPES", "bincount", "check_imb_factor", "check_positive_int", "long_tail_counts"]
+__all__ = ["IMB_TYPES", "bincount", "check_imb_factor", "check_index", "check_positive_int", "long_tail_counts"]
 
 #: Long-tail profiles: exponential decay, or a step (half the classes at n_max, half at n_min).
 IMB_TYPES = ("exp", "step")
@@ -45,6 +45,16 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_index(i, n: int, where: str) -> int:
+    """``i`` as an index into ``n`` items (negative counts from the end), or TypeError / IndexError
+    naming ``where``, e.g. "/data/train.txt with 900 entries"."""
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"index must be an integer, got {type(i).__name__}")
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for {where}")
+    return int(i) % n
 
 
 def check_imb_factor(imb_factor) -> float:
