@@ -358,8 +358,10 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} ranks with ZeRO; "
                                   f"this run has {self.world_size}. ZeRO partitions the optimizer state over the "
                                   f"ranks that wrote it and fastlt does not re-partition it: relaunch with "
-                                  f"{meta.get('world_size')} ranks. (The sample sequence does not depend on the "
-                                  "number of ranks: ZeRO-0 checkpoints resume on any number.)")
+                                  f"{meta.get('world_size')} ranks, or start a new run on this number from its "
+                                  f"weights with --set model.pretrained={path} model.pretrained_scope=all (the "
+                                  "optimizer state restarts: not an exact continuation). ZeRO-0 checkpoints "
+                                  "resume exactly on any number of ranks.")
 
     def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
         """Restore engine (module, optimizer) and this rank's RNG from ``path``.

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import DEEPSPEED, events, launch_deepspeed, run_fastlt, tiny_config, write_config
+from conftest import DEEPSPEED, events, launch_deepspeed, run_fastlt, tiny_config, weights, write_config
 
 B, D, C = 12, 5, 4
 COUNTS = [30, 12, 6, 3]
@@ -136,3 +135,18 @@ def test_zero_shards_are_not_read_by_another_partitioning(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds its optimizer state in ZeRO shards" in err[0], err
     assert "--set deepspeed.zero_stage=1" in err[0]
+    # On another number of ranks the message offers a start from the checkpoint's weights:
+    # model.pretrained reads a ZeRO checkpoint directory (the module file holds whole weights).
+    from fastlt.checkpoint import CheckpointManager, read_meta
+    from fastlt.errors import CheckpointError
+    from fastlt.models.pretrained import read_state_dict
+
+    ckpt = tmp_path / "z" / "checkpoints" / "epoch0001_step000000"
+    manager = CheckpointManager(tmp_path / "z" / "checkpoints", world_size=2)
+    with pytest.raises(CheckpointError, match="written by 1 ranks with ZeRO; this run has 2") as refused:
+        manager.check_compatible(ckpt, read_meta(ckpt), read_meta(ckpt)["signature"], zero_stage=1)
+    assert f"model.pretrained={ckpt} model.pretrained_scope=all" in str(refused.value)
+    start, fastlt_weights = read_state_dict(ckpt)
+    assert fastlt_weights
+    end = weights(tmp_path / "z" / "last.pt")
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in end)
