@@ -361,7 +361,7 @@ class CheckpointManager:
                                   f"{meta.get('world_size')} ranks, or start a new run on this number from its "
                                   f"weights with --set model.pretrained={path} model.pretrained_scope=all (the "
                                   "optimizer state restarts: not an exact continuation). ZeRO-0 checkpoints "
-                                  "resume exactly on any number of ranks.")
+                                  "resume on any number of ranks (the sample sequence does not depend on it).")
 
     def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
         """Restore engine (module, optimizer) and this rank's RNG from ``path``.
