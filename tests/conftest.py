@@ -45,6 +45,17 @@ def places_train(splits_dir):
 FAKE_CIFAR = {"cifar10": (10, 30, 4), "cifar100": (100, 5, 2)}
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """FASTLT_KERNELS=triton for one test, with the kernel dispatch cache cleared around it."""
+    from fastlt.kernels import dispatch  # imported here: a test module decides when triton loads
+
+    monkeypatch.setenv("FASTLT_KERNELS", "triton")
+    dispatch._reset_for_tests()
+    yield
+    dispatch._reset_for_tests()
+
+
 def _fake_cifar_arrays(num_classes: int, per_class: int, rng: np.random.Generator):
     """Rows in CIFAR layout (N, 3072: R plane, G plane, B plane) with shuffled labels.
 
@@ -306,3 +317,21 @@ def assert_same_batches(a, b):
     for x, y in zip(a, b):
         for name in ("image", "view1", "view2", "label_a", "label_b", "lam", "mixed"):
             assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def assert_dataset_checks(make, train_ds):
+    """What both training pipelines refuse, with what they need: a batch larger than the dataset,
+    a dataset with neither decoded arrays nor files under the CIFAR recipe, and arrays under the
+    imagenet recipe (which reads encoded files). ``make(ds, **kw)`` builds the pipeline."""
+    from types import SimpleNamespace
+
+    from fastlt.data import ArrayDataset
+
+    with pytest.raises(ValueError, match="batch_size"):
+        make(train_ds, batch_size=10_000)
+    with pytest.raises(ValueError, match="needs either images uint8 \\(N, H, W, 3\\) in memory .* or read_bytes"):
+        make(SimpleNamespace(labels=train_ds.labels, images=np.zeros((len(train_ds), 8, 8))), recipe="cifar")
+    arrays = ArrayDataset(images=np.zeros((len(train_ds), 8, 8, 3), np.uint8), labels=train_ds.labels,
+                          class_counts=train_ds.class_counts, num_classes=train_ds.num_classes)
+    with pytest.raises(ValueError, match="recipe 'imagenet' reads encoded files.*use recipe 'cifar'"):
+        make(arrays, recipe="imagenet")

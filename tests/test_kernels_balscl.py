@@ -43,13 +43,6 @@ LOSS_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol
 GRAD_TOL = {torch.float32: dict(atol=2e-6, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("FASTLT_KERNELS", "triton")
-    dispatch._reset_for_tests()
-    yield
-    dispatch._reset_for_tests()
-
 
 @pytest.fixture
 def geometry(monkeypatch):

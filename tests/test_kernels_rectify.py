@@ -20,7 +20,6 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastlt.kernels import dispatch  # noqa: E402
 from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
@@ -39,14 +38,6 @@ TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=2e-6
        torch.float16: dict(atol=2e-6, rtol=2e-5)}
 OMEGA = 200 / 255
 
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """FASTLT_KERNELS=triton for one test, with the dispatch cache cleared around it."""
-    monkeypatch.setenv("FASTLT_KERNELS", "triton")
-    dispatch._reset_for_tests()
-    yield
-    dispatch._reset_for_tests()
 
 
 def _check(got, want, what, dtype=torch.float32):

@@ -15,7 +15,7 @@ prepare_interpreter()  # must run before anything imports triton (see fastlt.ker
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastlt.kernels import (CompactLabel, dispatch, rectify_labels_compact,  # noqa: E402
+from fastlt.kernels import (CompactLabel, rectify_labels_compact,  # noqa: E402
                             reference_rectify_labels_compact, soft_cross_entropy_compact)
 from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
@@ -46,13 +46,6 @@ def _grad_tol(dtype, grad_out):
     tol = (GRAD_TOL if grad_out == 1.0 else SCALED_GRAD_TOL)[dtype]
     return dict(tol, atol=tol["atol"] * max(1.0, abs(grad_out)))
 
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("FASTLT_KERNELS", "triton")
-    dispatch._reset_for_tests()
-    yield
-    dispatch._reset_for_tests()
 
 
 def _check(got, want, what, **tol):

@@ -15,7 +15,6 @@ import io
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ from scipy.stats import chisquare  # noqa: E402
 from fastlt.data import ArrayDataset, LongTailedList, make_synthetic_lt  # noqa: E402
 from fastlt.pipelines import (IMAGENET_MEAN, IMAGENET_STD, TrainPipelineSpec, ValPipelineSpec,  # noqa: E402
                               build_train_pipeline, build_val_pipeline, select_backend)
-from conftest import loss_before_and_after_training, assert_same_batches, pasted_box, reference_view
+from conftest import assert_dataset_checks, loss_before_and_after_training, assert_same_batches, pasted_box, reference_view
 from fastlt.pipelines.common import BadImageError  # noqa: E402
 
 SIZE = 32
@@ -386,16 +385,8 @@ def test_val_bad_input(bad_list):
 
 
 def test_bad_arguments(train_ds):
-    with pytest.raises(ValueError, match="batch_size"):
-        make(train_ds, batch_size=10_000)
-    # The CIFAR recipe takes files as well as arrays (tests/test_pipelines_cifar_files.py); a
-    # dataset with neither, or arrays under the imagenet recipe, is refused with what it needs.
-    with pytest.raises(ValueError, match="needs either images uint8 \\(N, H, W, 3\\) in memory .* or read_bytes"):
-        make(SimpleNamespace(labels=train_ds.labels, images=np.zeros((len(train_ds), 8, 8))), recipe="cifar")
-    arrays = ArrayDataset(images=np.zeros((len(train_ds), 8, 8, 3), np.uint8), labels=train_ds.labels,
-                          class_counts=train_ds.class_counts, num_classes=train_ds.num_classes)
-    with pytest.raises(ValueError, match="recipe 'imagenet' reads encoded files.*use recipe 'cifar'"):
-        make(arrays, recipe="imagenet")
+    # The CIFAR recipe takes files as well as arrays (tests/test_pipelines_cifar_files.py).
+    assert_dataset_checks(make, train_ds)
     with pytest.raises(ValueError, match="py_start_method must be 'fork' or 'spawn'"):
         make(train_ds, extra={"py_start_method": "forkserver"})
     with pytest.raises(ValueError, match="did you mean 'py_num_workers'"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 from fastlt.data import ArrayDataset, LongTailedList, make_synthetic_lt
 from fastlt.pipelines import (IMAGENET_MEAN, IMAGENET_STD, TrainPipelineSpec, ValPipelineSpec, build_train_pipeline,
                               build_val_pipeline, select_backend)
-from conftest import assert_same_batches, pasted_box, reference_view
+from conftest import assert_dataset_checks, assert_same_batches, pasted_box, reference_view
 from fastlt.pipelines.common import BadImageError
 
 SIZE = 32
@@ -250,16 +249,8 @@ def test_skip_without_any_substitute_raises(tmp_path, synth):
 
 
 def test_bad_arguments(train_ds):
-    with pytest.raises(ValueError, match="batch_size"):
-        make(train_ds, batch_size=10_000)
-    # The CIFAR recipe takes files as well as arrays (tests/test_pipelines_cifar_files.py); a
-    # dataset with neither, or arrays under the imagenet recipe, is refused with what it needs.
-    with pytest.raises(ValueError, match="needs either images uint8 \\(N, H, W, 3\\) in memory .* or read_bytes"):
-        make(SimpleNamespace(labels=train_ds.labels, images=np.zeros((len(train_ds), 8, 8))), recipe="cifar")
-    arrays = ArrayDataset(images=np.zeros((len(train_ds), 8, 8, 3), np.uint8), labels=train_ds.labels,
-                          class_counts=train_ds.class_counts, num_classes=train_ds.num_classes)
-    with pytest.raises(ValueError, match="recipe 'imagenet' reads encoded files.*use recipe 'cifar'"):
-        make(arrays, recipe="imagenet")
+    # The CIFAR recipe takes files as well as arrays (tests/test_pipelines_cifar_files.py).
+    assert_dataset_checks(make, train_ds)
     with pytest.raises(ValueError, match="on_error"):
         make(train_ds, on_error="ignore")
     with pytest.raises(ValueError, match="pipeline.backend"):
