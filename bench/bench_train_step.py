@@ -39,7 +39,8 @@ Environment:
     FASTLT_BENCH_ENGINE = auto | deepspeed | torch
         the fastlt step's engine: DeepSpeed (what the trainer uses; ``auto`` takes it when it
         imports) or a plain torch optimizer with the same forward/backward/step (``torch``: where
-        DeepSpeed is not installed). An explicit ``deepspeed`` that cannot be met is an error.
+        DeepSpeed is not installed; ``fastlt.engine.PlainEngine``). An explicit ``deepspeed``
+        that cannot be met is an error.
     FASTLT_PIPELINE = dali | torch
         overrides the ``auto`` pipeline backend (see ``fastlt.pipelines.select_backend``).
     FASTLT_BENCH_STEP_ROUNDS = "steps,rounds,warmup"
@@ -176,32 +177,6 @@ CASES = [
 # --------------------------------------------------------------------------------------
 
 
-class TorchEngine:
-    """What ``fastlt.objective.train_step`` calls on a DeepSpeed engine (forward, ``backward``,
-    ``step``), on a plain ``torch.optim`` optimizer, for machines without DeepSpeed. Mixed
-    precision is autocast around the forward, as DeepSpeed's ``torch_autocast`` does."""
-
-    def __init__(self, module, optimizer, autocast_dtype=None):
-        self.module = module
-        self.optimizer = optimizer
-        self.autocast_dtype = autocast_dtype
-        self.device_type = next(module.parameters()).device.type
-
-    def __call__(self, x):
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.module(x)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def train(self):
-        self.module.train()
-
-
 def select_engine(requested: str | None = None) -> str:
     """Resolve FASTLT_BENCH_ENGINE to "deepspeed" or "torch" (see the module docstring)."""
     requested = requested or os.environ.get("FASTLT_BENCH_ENGINE", "auto")
@@ -231,7 +206,7 @@ class FastltStep:
 
 
 def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
-    from fastlt.engine import precision_of
+    from fastlt.engine import PlainEngine, precision_of
     from fastlt.models import build_model
     from fastlt.objective import ConCutMixObjective, compile_step
     from fastlt.schedule import build_optimizer
@@ -264,7 +239,7 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
         model = model.to(device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        engine = TorchEngine(model, build_optimizer(cfg.optim, model.parameters()), precision.autocast_dtype)
+        engine = PlainEngine(model, build_optimizer(cfg.optim, model.parameters()), precision.autocast_dtype)
         label = f"torch optimizer, no DeepSpeed ({cfg.deepspeed.precision}{' autocast' if precision.autocast_dtype else ''})"
     engine.train()
     objective = ConCutMixObjective(cfg.method, class_counts).to(device)

@@ -7,6 +7,8 @@
   dtype, used by the training step, the trainer's evaluation and ``fastlt eval`` alike;
 * :func:`build_engine` — SGD + ``deepspeed.initialize`` + safe checkpoint I/O + memory format,
   as the trainer and the train-step benchmark use it;
+* :class:`PlainEngine` — the engine calls ``fastlt.objective.train_step`` makes, on a plain
+  ``torch.optim`` optimizer (your own loop, or a machine without DeepSpeed);
 * :func:`deepspeed_extra_warning` — the ``deepspeed.extra`` keys DeepSpeed's config never reads.
 
 Importing this module does not import torch or DeepSpeed.
@@ -22,7 +24,7 @@ from fastlt.typed_config import one_of, positive
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DeepSpeedSection", "OWN_KEYS", "PRECISIONS", "Precision", "ZERO_STAGES", "build_engine",
+__all__ = ["DeepSpeedSection", "OWN_KEYS", "PRECISIONS", "PlainEngine", "Precision", "ZERO_STAGES", "build_engine",
            "deepspeed_config", "deepspeed_extra_warning", "flat_parameters", "precision_of"]
 
 #: ``deepspeed.precision``: fp32, or bf16 / fp16 (autocast or DeepSpeed's low-precision weights).
@@ -180,6 +182,35 @@ def build_engine(cfg, model, world_size: int):
         # still holds them.
         engine.module.to(memory_format=torch.channels_last)
     return engine, ds_config
+
+
+class PlainEngine:
+    """What ``fastlt.objective.train_step`` calls on a DeepSpeed engine (``engine(x)``,
+    ``backward``, ``step``), on a plain ``torch.optim`` optimizer. Mixed precision is autocast
+    around the forward (``autocast_dtype``, e.g. ``precision_of(ds).autocast_dtype``), as
+    DeepSpeed's ``torch_autocast`` does; ``step`` leaves the gradients None."""
+
+    def __init__(self, module, optimizer, autocast_dtype=None):
+        self.module = module
+        self.optimizer = optimizer
+        self.autocast_dtype = autocast_dtype
+        self.device_type = next(module.parameters()).device.type
+
+    def __call__(self, x):
+        import torch
+
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.module(x)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self):
+        self.module.train()
 
 
 def flat_parameters(ds: DeepSpeedSection) -> bool:

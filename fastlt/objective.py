@@ -118,13 +118,12 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
 
     ``batch.images`` goes to the model as it is: the pipelines deliver it as one (3B, 3, H, W)
     tensor in the model's memory format and dtype. ``engine`` is the DeepSpeed engine, or
-    anything with its three calls (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``:
-    bench/bench_train_step.py runs the step on a plain optimizer where DeepSpeed is not
-    installed). Returns the detached (loss, ce, scl) followed by the label diagnostics
-    (``fastlt.label_stats.STAT_COLUMNS``) as one float32 tensor on the device
-    (:data:`STEP_COLUMNS`); nothing here waits for the device. Under ``torch.profiler`` the four
-    parts are the ranges ``fastlt::forward``, ``fastlt::objective``, ``fastlt::backward`` and
-    ``fastlt::optimizer_step``.
+    anything with its three calls (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``;
+    ``fastlt.engine.PlainEngine`` gives them on a plain ``torch.optim`` optimizer). Returns the
+    detached (loss, ce, scl) followed by the label diagnostics (``fastlt.label_stats.STAT_COLUMNS``)
+    as one float32 tensor on the device (:data:`STEP_COLUMNS`); nothing here waits for the device.
+    Under ``torch.profiler`` the four parts are the ranges ``fastlt::forward``,
+    ``fastlt::objective``, ``fastlt::backward`` and ``fastlt::optimizer_step``.
     """
     with _phase("forward"):
         out = engine(batch.images)

@@ -122,6 +122,7 @@ def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     """run.compile: the model and the objective through torch.compile (inductor, CPU C++ code)."""
     from conftest import tiny_config
     from fastlt.config import config_from_dict
+    from fastlt.engine import PlainEngine
     from fastlt.models import build_model
     from fastlt.objective import ConCutMixObjective, compile_step, train_step
     from fastlt.pipelines import TrainBatch
@@ -138,23 +139,9 @@ def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
                        label_b=torch.where(mixed, torch.randint(0, 6, (b,), generator=g), la),
                        lam=torch.where(mixed, torch.rand(b, generator=g), torch.ones(b)), mixed=mixed)
 
-    class Engine:  # the three calls train_step makes, on a plain optimizer
-        def __init__(self, module):
-            self.module, self.optimizer = module, build_optimizer(cfg.optim, module.parameters())
-
-        def __call__(self, x):
-            return self.module(x)
-
-        def backward(self, loss):
-            loss.backward()
-
-        def step(self):
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=False)
-
     eager_model = build_model(cfg, 6)
     compiled_model = copy.deepcopy(eager_model)
-    engines = [Engine(eager_model), Engine(compiled_model)]
+    engines = [PlainEngine(m, build_optimizer(cfg.optim, m.parameters())) for m in (eager_model, compiled_model)]
     objectives = [ConCutMixObjective(cfg.method, counts.numpy()) for _ in engines]
     compile_step(engines[1], objectives[1], "default")
 
