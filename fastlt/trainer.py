@@ -15,7 +15,10 @@
 
 The host waits for the device only at log intervals, epoch ends, evaluation and
 checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
-SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint.
+SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint. So does an
+unreadable training image under ``data.on_error: raise`` in a single-process run: the steps
+before it are saved (a mid-epoch checkpoint), and ``--resume auto`` continues at that very
+batch once the file is fixed.
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ import torch
 from torch import Tensor
 
 from fastlt import distributed as dist
-from fastlt.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights
+from fastlt.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
 from fastlt.config import Config, save_resolved_config
-from fastlt.errors import NonFiniteLossError, TrainingInterrupted
+from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.label_stats import interval_fields
 from fastlt.logger import RunLogger, format_metrics
 from fastlt.run_report import closing_line, opening_lines, write_metrics_json, write_plots
@@ -238,6 +241,13 @@ class Trainer:
                 except StopIteration:
                     raise RuntimeError(f"the {self.backend} pipeline ended epoch {epoch} after {step} steps; "
                                        f"expected {self.steps_per_epoch}") from None
+                except BadImageError as e:
+                    if self.world_size > 1:  # the other ranks are inside this step's all-reduce: no save possible
+                        raise self._bad_image_error(e, epoch, step, None) from None
+                    self.bad_image = e  # fit() checks and saves the steps before this one, then raises
+                    if n:  # their losses are checked (and logged) like at any interval's end
+                        self._end_interval(buf, n, epoch, step - 1, t_start, wait, samples)
+                    return step
                 wait += time.perf_counter() - t0
                 buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
                 n += 1
@@ -263,7 +273,7 @@ class Trainer:
         cfg = self.cfg
         self.setup()
         self.best, self.history, self.train_time = None, [], 0.0
-        self.nonfinite, self.eval_pending = None, False
+        self.nonfinite, self.eval_pending, self.bad_image = None, False, None
         epoch, step = 0, 0
         if self.resume_from is not None:
             epoch, step = self._load(self.resume_from)
@@ -297,6 +307,8 @@ class Trainer:
                 (stopping,) = dist.any_rank([self.stop.requested], self.dev)
                 dist.average_buffers(self.engine.module)
                 self._check_state(epoch, reached)
+                if self.bad_image is not None:
+                    raise self._bad_image_error(self.bad_image, epoch, reached, self._save_unless_saved(epoch, reached))
                 if reached < self.steps_per_epoch:  # stopped inside the epoch
                     path = self._save(epoch, reached)
                     raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} at epoch {epoch} "
@@ -317,6 +329,30 @@ class Trainer:
         if last_eval_epoch is None and not any(h["epoch"] == cfg.optim.epochs - 1 for h in self.history):
             self.evaluate(cfg.optim.epochs - 1)  # resumed after the last epoch, from a run that never evaluated it
         return self._finish()
+
+    def _save_unless_saved(self, epoch: int, step: int) -> Path | None:
+        """The checkpoint of position (epoch, step): the latest one if it is already there, None at
+        the very start of a run (nothing trained yet), else a new one."""
+        latest = self.ckpt.latest()
+        if latest is not None and latest.name == tag_for(epoch, step):
+            return latest
+        if (epoch, step) == (0, 0):
+            return None
+        return self._save(epoch, step)
+
+    def _bad_image_error(self, err: BadImageError, epoch: int, step: int, saved: Path | None) -> BadImageError:
+        """``err`` (which names the file and the fix) with what became of the training so far."""
+        err = str(err).rstrip(". ")
+        where = f"Training stopped in epoch {epoch} after {step} of its {self.steps_per_epoch} steps"
+        if saved is not None:
+            return BadImageError(f"{err}. {where}; everything trained so far is in checkpoint {saved}, and "
+                                 "--resume auto continues from this batch")
+        if self.world_size == 1:
+            return BadImageError(f"{err}. Training stopped at its first batch, before anything was trained")
+        latest = self.ckpt.latest()
+        kept = (f"the last checkpoint is {latest} (--resume auto continues from it)" if latest is not None
+                else "no checkpoint had been written yet")
+        return BadImageError(f"{err}. {where} on rank {self.rank} of {self.world_size}; {kept}")
 
     def _check_state(self, epoch: int, reached: int) -> None:
         """Before anything is saved from this state: weights and optimizer state must be finite (the loss

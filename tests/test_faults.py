@@ -28,7 +28,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, child_env, events, run_fastlt as fastlt, tiny_config, tree_digest, write_config
+from conftest import (REPO, TINY_STEPS, assert_same_weights, child_env, events, run_fastlt as fastlt, tiny_config,
+                      tree_digest, weights, write_config)
 
 NUM_CLASSES = 6
 
@@ -298,6 +299,74 @@ def test_5_bad_training_image_stops_the_run_with_one_line(base_run, data_root, t
                      line), line
     assert "data.on_error: skip" in line
     assert tree_digest(run / "checkpoints") == before
+
+
+def first_used_at(cfg: dict, epoch: int, step: int) -> int:
+    """A training image (dataset index) that rank 0 of a one-process run of ``cfg`` reads for the
+    first time at ``step`` of ``epoch`` (as background or foreground), never before."""
+    import numpy as np
+
+    from fastlt.config import config_from_dict
+    from fastlt.data.build import build_datasets
+    from fastlt.pipelines.common import StreamPlan
+
+    conf = config_from_dict(cfg)
+    plan = StreamPlan(build_datasets(conf).train.labels, conf.data.batch_size, conf.run.seed, 0, 1,
+                      conf.data.background_sampler, conf.data.foreground_sampler)
+    b = conf.data.batch_size
+
+    def read(e: int, steps: int) -> set[int]:
+        return set(np.concatenate([idx[: steps * b] for idx in plan.epoch_indices(e)]).tolist())
+
+    before = set().union(*(read(e, TINY_STEPS) for e in range(epoch))) | read(epoch, step)
+    fresh = sorted(read(epoch, step + 1) - before)
+    assert fresh, f"every image of epoch {epoch} step {step} was read before; pick another step"
+    return fresh[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_5_bad_training_image_keeps_the_steps_before_it(data_root, tmp_path, backend):
+    """A training image first read at step 3 of epoch 1 is truncated. Before the change the run
+    stopped with the right line, but the steps of epoch 1 before that image were lost (the
+    last checkpoint was the start of the epoch). Now they are saved as a mid-epoch
+    checkpoint that the message names, and once the file is repaired ``--resume auto`` ends
+    with the weights of an uninterrupted run."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    from fastlt.config import config_from_dict
+    from fastlt.data.build import build_datasets
+    from fastlt.files import safe_load
+
+    root = list_dataset(data_root, tmp_path / "ds")
+    sections = dict(pipeline={"backend": backend, "num_workers": 1})
+    clean = list_cfg(root, tmp_path, run={"name": "clean"}, **sections)
+    fastlt("--config", write_config(tmp_path / "clean.yaml", clean))
+
+    cfg = list_cfg(root, tmp_path, run={"name": "bad"}, **sections)
+    index = first_used_at(cfg, epoch=1, step=3)
+    bad = Path(build_datasets(config_from_dict(cfg)).train.full_path(index))
+    intact = bad.read_bytes()
+    cut(bad, "truncated")
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    line = error_line(fastlt("--config", path, check_rc=2).stderr)
+    assert f"image(s) {bad}" in line or f"image {bad}" in line, line
+    assert "data.on_error: skip" in line and "--resume auto continues from this batch" in line, line
+    saved = re.search(r"everything trained so far is in checkpoint (\S+), and", line)
+    assert saved, line
+    ckpt = Path(saved.group(1))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    # DALI reads a few batches ahead, so its error may come a step or two early; the torch
+    # loader reads in step order.
+    assert meta["epoch"] == 1 and (meta["step"] == 3 if backend == "torch" else 1 <= meta["step"] <= 3), meta
+    assert (tmp_path / "bad" / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    state = [t for f in sorted(ckpt.glob("*.pt")) for t in tensors(safe_load(f)) if t.is_floating_point()]
+    assert state and all(torch.isfinite(t).all() for t in state), ckpt
+
+    bad.write_bytes(intact)
+    done = fastlt("--config", path, "--resume", "auto")
+    assert f"resumed from {ckpt}: epoch 1 step {meta['step']}" in done.stdout
+    assert_same_weights(weights(tmp_path / "clean" / "last.pt"), weights(tmp_path / "bad" / "last.pt"))
+
 
 
 def test_6_read_only_output_dir(base_run, read_only_dir, capsys):
