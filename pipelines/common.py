@@ -40,8 +40,8 @@ from fastlt.cutmix import area_lambda, sample_box
 from fastlt.errors import BadImageError, PipelineError
 
 __all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
-           "cutmix_boxes", "default_workers", "describe_error", "image_source_name", "image_storage", "keyed_rng",
-           "keyed_seed", "load_with_policy", "worker_failure"]
+           "cutmix_boxes", "default_workers", "describe_error", "die_with_parent", "image_source_name", "image_storage",
+           "keyed_rng", "keyed_seed", "load_with_policy", "worker_failure"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -309,6 +309,36 @@ def check_dataset(spec) -> None:
                          f"in-memory arrays {spec.dataset.images.shape}. For CIFAR-style arrays use recipe 'cifar'")
     if len(spec.dataset.labels) != len(spec.dataset):
         raise ValueError(f"dataset has {len(spec.dataset)} images but {len(spec.dataset.labels)} labels")
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc() if os.name == "posix" else None
+
+
+def die_with_parent(parent: int) -> None:
+    """Called in a reader process that process ``parent`` started: from now on the kernel kills
+    this process with SIGKILL when its parent ends (Linux ``PR_SET_PDEATHSIG``), even by
+    SIGKILL or the out-of-memory killer, which leave no chance to stop the readers. Without it
+    a reader outlives the trainer and waits on its socket for ever. A reader whose parent has
+    already gone is killed at once. Nothing happens in ``parent`` itself, or where ``prctl``
+    is not available (not Linux)."""
+    if os.getpid() == parent or _LIBC is None or not hasattr(_LIBC, "prctl"):
+        return
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # it ended before the request above was made
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def default_workers(requested: int) -> int:

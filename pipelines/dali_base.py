@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import signal
 import warnings
 
 import torch
 
-from .common import (BadImageError, PipelineError, check_dataset, default_workers, image_source_name,
-                     image_storage)
+from .common import (BadImageError, PipelineError, check_dataset, default_workers, die_with_parent,
+                     image_source_name, image_storage)
 from .dali_sources import raise_from_worker
 
-__all__ = ["DaliPipelineBase", "cuda_index", "feed_into", "quiet_dali_build", "to_torch"]
+__all__ = ["DaliPipelineBase", "cuda_index", "feed_into", "quiet_dali_build", "readers_die_with_us", "to_torch"]
 
 _QUIET = re.compile(r"(WARNING: `nvidia\.dali\.fn\.experimental\.\w+` is now deprecated"
                     r"|The external source node .* produces \d+ outputs, but)")
@@ -42,6 +43,38 @@ def quiet_dali_build():
 
         warnings.showwarning = show
         yield
+
+
+# The pid of a process inside ``readers_die_with_us`` (None outside): a child forked then is a
+# DALI reader, and the fork hook below makes it die with its parent.
+_STARTING: int | None = None
+
+
+def _after_fork_in_child() -> None:
+    global _STARTING
+    if _STARTING is not None:
+        parent, _STARTING = _STARTING, None
+        die_with_parent(parent)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def readers_die_with_us():
+    """Around ``pipe.build()``, which starts the pipeline's Python reader processes: each of them
+    is killed by the kernel when this process ends, however it ends (``die_with_parent``), so
+    that a trainer killed with SIGKILL leaves none behind. This covers readers forked here
+    (``py_start_method="fork"``); spawned readers do the same when they unpickle their source
+    (``dali_sources``, ``dali_val``). The kernel ties this to the thread that started the
+    readers, so build a pipeline in a thread that outlives it (the trainer builds and rebuilds
+    them in its main thread)."""
+    global _STARTING
+    _STARTING = os.getpid()
+    try:
+        yield
+    finally:
+        _STARTING = None
 
 
 def _dense(tensor_list):

@@ -43,7 +43,7 @@ from nvidia.dali import fn, pipeline_def
 from . import dali_ops as ops
 from .batch import TrainBatch, image_layout
 from .common import LOG, StreamPlan, image_source_name
-from .dali_base import DaliPipelineBase, cuda_index, feed_into, quiet_dali_build, to_torch
+from .dali_base import DaliPipelineBase, cuda_index, feed_into, quiet_dali_build, readers_die_with_us, to_torch
 from .dali_sources import BackgroundSource, ForegroundSource, SourceConfig
 from .spec import TrainPipelineSpec, check_extra
 
@@ -161,7 +161,7 @@ class DaliTrainPipeline(DaliPipelineBase):
                            bad=self._bad, with_foreground=self.with_foreground)
         gpu = self._device.type == "cuda"
         start = s.extra.get("py_start_method", "spawn" if gpu else "fork")
-        with quiet_dali_build():
+        with quiet_dali_build(), readers_die_with_us():
             pipe = self._make(cfg, gpu, start)
         self.builds += 1
         self._pipe = pipe

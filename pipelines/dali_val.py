@@ -11,6 +11,7 @@ out of the evaluation (a substitute would bias the score) and counts it.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from nvidia.dali import fn, pipeline_def, types
 from . import dali_ops as ops
 from .common import (LOG, BadImageError, check_encoded_image, describe_error, image_source_name,
                      image_storage)
-from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, to_torch
+from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, readers_die_with_us, to_torch
 from .spec import ValPipelineSpec
 from .transforms import val_resize_size
 
@@ -48,6 +49,12 @@ class ValSource:
         self.bad = frozenset(int(b) for b in bad)
         self.labels = np.asarray(dataset.labels, dtype=np.int64)
         self._placeholder = None
+        self._parent = os.getpid()
+
+    def __setstate__(self, state):
+        # Unpickled in a spawned reader process: it dies with the trainer (``die_with_parent``).
+        self.__dict__.update(state)
+        die_with_parent(self._parent)
 
     def _read(self, i: int):
         if self.arrays:
@@ -113,7 +120,7 @@ class DaliValPipeline(DaliPipelineBase):
         s = self.spec
         source = ValSource(s.dataset, s.recipe, self.indices, s.batch_size, s.on_error,
                            start=start_batch * s.batch_size, bad=self._bad)
-        with quiet_dali_build():
+        with quiet_dali_build(), readers_die_with_us():
             pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, arrays=source.arrays, mean=list(s.mean),
                               std=list(s.std), device="gpu" if self.gpu else "cpu", batch_size=s.batch_size,
                               num_threads=self.num_threads, device_id=cuda_index(self._device) if self.gpu else None,

@@ -11,6 +11,7 @@ before it was fixed (each was reproduced against the code as it was).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -558,6 +559,49 @@ def test_9_a_killed_data_worker(data_root, tmp_path, backend):
     assert f"The last checkpoint {tmp_path}/k/checkpoints/{latest} is complete: continue with --resume auto" in line
     assert not list((tmp_path / "k" / "checkpoints").glob("*.partial"))
     assert survivors == []  # no orphaned worker left behind
+
+
+@pytest.mark.parametrize("backend,start", [("torch", None), ("dali", "fork"), ("dali", "spawn")])
+def test_9_a_trainer_killed_by_sigkill_leaves_no_reader_process(data_root, tmp_path, backend, start):
+    """SIGKILL of the trainer itself (``kill -9``, the out-of-memory killer). Before the change
+    the DALI reader processes (training and validation) outlived it, asleep on their sockets
+    until killed by hand. The torch loader's workers already exited: they watch their parent."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    extra = {"py_start_method": start} if start else {}
+    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 40}, run={"name": "k9"},
+                      pipeline={"backend": backend, "num_workers": 1, "extra": extra})
+    path = write_config(tmp_path / "k.yaml", cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    def group() -> list[psutil.Process]:  # the run's processes, but for exited ones not yet reaped
+        found = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if _pgid(p.pid) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+        return found
+
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 0/"):
+                break
+        deadline = time.monotonic() + 60
+        while len(group()) < 2 and time.monotonic() < deadline:  # the trainer and its reader(s)
+            time.sleep(0.1)
+        readers = [p.pid for p in group() if p.pid != proc.pid]
+        assert readers, "no reader process was started"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20  # torch's workers look at their parent every 5 s
+        while group() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = [p.pid for p in group()]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert survivors == [], f"reader processes {survivors} outlived the trainer (readers were {readers})"
 
 
 def test_9_eval_out_is_a_directory(base_run, tmp_path, capsys):
