@@ -38,6 +38,22 @@ class DataError(FastltError, ValueError):
 class BadImageError(FastltError, RuntimeError):
     """An image that cannot be read or decoded; the message names the file (and its list line)."""
 
+    @classmethod
+    def in_training(cls, err: "BadImageError", epoch: int, step: int, steps: int, *, saved=None, rank: int = 0,
+                    world_size: int = 1, last_checkpoint=None) -> "BadImageError":
+        """``err`` met at ``step`` of ``epoch`` (of ``steps``), with what became of the training so
+        far: the checkpoint ``saved`` of the steps before it (one process), or else the last one."""
+        text = str(err).rstrip(". ")
+        where = f"Training stopped in epoch {epoch} after {step} of its {steps} steps"
+        if saved is not None:
+            return cls(f"{text}. {where}; everything trained so far is in checkpoint {saved}, and --resume auto "
+                       "continues from this batch")
+        if world_size == 1:
+            return cls(f"{text}. Training stopped at its first batch, before anything was trained")
+        kept = (f"the last checkpoint is {last_checkpoint} (--resume auto continues from it)"
+                if last_checkpoint is not None else "no checkpoint had been written yet")
+        return cls(f"{text}. {where} on rank {rank} of {world_size}; {kept}")
+
 
 class CheckpointError(FastltError, RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, damaged, or from another model or setup)."""

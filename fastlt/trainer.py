@@ -15,10 +15,8 @@
 
 The host waits for the device only at log intervals, epoch ends, evaluation and
 checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
-SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint. So does an
-unreadable training image under ``data.on_error: raise`` in a single-process run: the steps
-before it are saved (a mid-epoch checkpoint), and ``--resume auto`` continues at that very
-batch once the file is fixed.
+SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint; so does an unreadable
+training image (``data.on_error: raise``) in a one-process run, whose resume starts at its batch.
 """
 from __future__ import annotations
 
@@ -341,18 +339,8 @@ class Trainer:
         return self._save(epoch, step)
 
     def _bad_image_error(self, err: BadImageError, epoch: int, step: int, saved: Path | None) -> BadImageError:
-        """``err`` (which names the file and the fix) with what became of the training so far."""
-        err = str(err).rstrip(". ")
-        where = f"Training stopped in epoch {epoch} after {step} of its {self.steps_per_epoch} steps"
-        if saved is not None:
-            return BadImageError(f"{err}. {where}; everything trained so far is in checkpoint {saved}, and "
-                                 "--resume auto continues from this batch")
-        if self.world_size == 1:
-            return BadImageError(f"{err}. Training stopped at its first batch, before anything was trained")
-        latest = self.ckpt.latest()
-        kept = (f"the last checkpoint is {latest} (--resume auto continues from it)" if latest is not None
-                else "no checkpoint had been written yet")
-        return BadImageError(f"{err}. {where} on rank {self.rank} of {self.world_size}; {kept}")
+        return BadImageError.in_training(err, epoch, step, self.steps_per_epoch, saved=saved, rank=self.rank,
+                                         world_size=self.world_size, last_checkpoint=self.ckpt.latest())
 
     def _check_state(self, epoch: int, reached: int) -> None:
         """Before anything is saved from this state: weights and optimizer state must be finite (the loss
