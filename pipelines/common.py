@@ -40,8 +40,8 @@ from fastlt.cutmix import area_lambda, sample_box
 from fastlt.errors import BadImageError, PipelineError
 
 __all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
-           "cutmix_boxes", "default_workers", "describe_error", "die_with_parent", "image_source_name", "image_storage",
-           "keyed_rng", "keyed_seed", "load_with_policy", "worker_failure"]
+           "SpawnedReaderSource", "cutmix_boxes", "default_workers", "describe_error", "die_with_parent",
+           "image_source_name", "image_storage", "keyed_rng", "keyed_seed", "load_with_policy", "worker_failure"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -339,6 +339,18 @@ def die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # it ended before the request above was made
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SpawnedReaderSource:
+    """Base of a DALI source object: a reader process that unpickles it (``py_start_method=
+    "spawn"``) dies with the process that pickled it, the trainer (:func:`die_with_parent`)."""
+
+    def __getstate__(self):
+        return {**self.__dict__, "_parent": os.getpid()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        die_with_parent(state["_parent"])
 
 
 def default_workers(requested: int) -> int:

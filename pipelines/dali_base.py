@@ -66,7 +66,7 @@ def readers_die_with_us():
     is killed by the kernel when this process ends, however it ends (``die_with_parent``), so
     that a trainer killed with SIGKILL leaves none behind. This covers readers forked here
     (``py_start_method="fork"``); spawned readers do the same when they unpickle their source
-    (``dali_sources``, ``dali_val``). The kernel ties this to the thread that started the
+    (``common.SpawnedReaderSource``). The kernel ties this to the thread that started the
     readers, so build a pipeline in a thread that outlives it (the trainer builds and rebuilds
     them in its main thread)."""
     global _STARTING

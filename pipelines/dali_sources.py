@@ -20,14 +20,13 @@ Nothing here imports DALI: the module is also what spawned workers unpickle.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from .augment_stages import stack_stages
 from .cifar_policy import CIFAR10PolicyDraw
-from .common import (BadImageError, Stream, StreamPlan, Substitutes, check_encoded_image, cutmix_boxes, die_with_parent,
-                     image_storage, keyed_rng, load_with_policy)
+from .common import (BadImageError, SpawnedReaderSource, Stream, StreamPlan, Substitutes, check_encoded_image,
+                     cutmix_boxes, image_storage, keyed_rng, load_with_policy)
 from .randaugment import RandAugmentDraw
 
 __all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "pil_blur_taps", "rrc_window"]
@@ -157,18 +156,12 @@ class SourceConfig:
         self.with_foreground = with_foreground
 
 
-class _Source:
+class _Source(SpawnedReaderSource):
     stream = 0
 
     def __init__(self, cfg: SourceConfig):
         self.cfg = cfg
         self._subst = None  # built lazily in the worker
-        self._parent = os.getpid()
-
-    def __setstate__(self, state):
-        # Unpickled in a spawned reader process: it dies with the trainer (``die_with_parent``).
-        self.__dict__.update(state)
-        die_with_parent(self._parent)
 
     def _locate(self, info):
         """(epoch, position) of a DALI SampleInfo; StopIteration past this epoch's last whole batch."""

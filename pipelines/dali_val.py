@@ -11,15 +11,14 @@ out of the evaluation (a substitute would bias the score) and counts it.
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import dali_ops as ops
-from .common import (LOG, BadImageError, check_encoded_image, describe_error, image_source_name,
-                     image_storage)
+from .common import (LOG, BadImageError, SpawnedReaderSource, check_encoded_image, describe_error,
+                     image_source_name, image_storage)
 from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, readers_die_with_us, to_torch
 from .spec import ValPipelineSpec
 from .transforms import val_resize_size
@@ -36,7 +35,7 @@ def _placeholder_jpeg() -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-class ValSource:
+class ValSource(SpawnedReaderSource):
     """Batch-mode source: batch ``k`` of a pass holds this rank's images k·B … k·B+B−1
     (counted from ``start``). Outputs data, label int64 (), keep bool () — False where an
     unreadable image was replaced by a placeholder (``skip``) — and the dataset index."""
@@ -49,12 +48,6 @@ class ValSource:
         self.bad = frozenset(int(b) for b in bad)
         self.labels = np.asarray(dataset.labels, dtype=np.int64)
         self._placeholder = None
-        self._parent = os.getpid()
-
-    def __setstate__(self, state):
-        # Unpickled in a spawned reader process: it dies with the trainer (``die_with_parent``).
-        self.__dict__.update(state)
-        die_with_parent(self._parent)
 
     def _read(self, i: int):
         if self.arrays:

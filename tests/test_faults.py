@@ -369,7 +369,6 @@ def test_5_bad_training_image_keeps_the_steps_before_it(data_root, tmp_path, bac
     assert_same_weights(weights(tmp_path / "clean" / "last.pt"), weights(tmp_path / "bad" / "last.pt"))
 
 
-
 def test_6_read_only_output_dir(base_run, read_only_dir, capsys):
     """Before the change: a PermissionError traceback from mkdir, after DeepSpeed had started."""
     from fastlt.cli import train_main
