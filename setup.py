@@ -3,7 +3,7 @@
 `kernels/` and `pipelines/` live at the top of the repository (ARCHITECTURE §3) but are
 installed only as `fastlt.kernels` and `fastlt.pipelines` through `package_dir`: both
 top-level names are taken on PyPI, so they must never be installed as top-level packages.
-The recipes of `configs/` are installed as package data in `fastlt/configs/` (fastlt.recipes
+The recipes of `configs/` are installed as package data in `fastlt/configs/` (fastlt.config.recipes
 finds them there, or in the source tree).
 """
 from setuptools import setup
@@ -15,7 +15,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastlt", "fastlt.data", "fastlt.models", "fastlt.kernels", "fastlt.pipelines", "fastlt.configs"],
+    packages=["fastlt", "fastlt.config", "fastlt.data", "fastlt.method", "fastlt.models", "fastlt.training",
+              "fastlt.reports", "fastlt.kernels", "fastlt.pipelines", "fastlt.configs"],
     package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines",
                  "fastlt.configs": "configs"},
     package_data={"fastlt.configs": ["*.yaml"]},

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlt.labels import reference_rectify_labels
-from fastlt.losses import BalancedSupConLoss
+from fastlt.method.labels import reference_rectify_labels
+from fastlt.method.losses import BalancedSupConLoss
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 
 B, C, D = 256, 1000, 1024

@@ -10,16 +10,16 @@ C = 1000, both dtypes) so that ``make bench`` stays short. Override with
 One benchmark per operation, parametrised over providers:
 
 * ``test_rectify`` — the ConCutMix label (§1 steps 1–5), Σ log N_i precomputed once
-  (``fastlt.labels.sum_log_counts``): ``dense`` (the B×C×D formulation of the published code,
+  (``fastlt.method.labels.sum_log_counts``): ``dense`` (the B×C×D formulation of the published code,
   tests/spec_formulas.py; it computes in fp32, so it runs for fp32 cases only), ``reference``
-  (``fastlt.labels.reference_rectify_labels``), ``compiled`` (``torch.compile`` of it),
+  (``fastlt.method.labels.reference_rectify_labels``), ``compiled`` (``torch.compile`` of it),
   ``triton`` (dense (B, C) output), ``triton_compact`` (indices/weights/γ only);
 * ``test_soft_ce`` — logit-adjusted soft cross-entropy, forward + backward (grad_output = 1
   from ``backward()``): ``reference``, ``compiled``, ``triton``, ``triton_compact``;
 * ``test_balscl`` — BalSCL forward + backward in the distributed form at these shapes: the
   contrast set holds the views of the whole global batch (``FASTLT_BENCH_GLOBAL_BATCH``, 256 by
   default, i.e. 256/B ranks) and the C centers, the anchors are this rank's 2B views:
-  ``reference`` (``fastlt.losses.reference_balanced_supcon_loss``), ``compiled``, ``triton``;
+  ``reference`` (``fastlt.method.losses.reference_balanced_supcon_loss``), ``compiled``, ``triton``;
 * ``test_label_loss`` — label then loss, forward + backward: ``reference``, ``triton``,
   ``triton_compact`` (no B×C label at all).
 
@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from fastlt.kernels import reference_rectify_labels_compact
 from fastlt.kernels.testing import count_launches
-from fastlt.labels import reference_rectify_labels, sum_log_counts
-from fastlt.losses import log_prior, reference_balanced_supcon_loss, reference_soft_cross_entropy
+from fastlt.method.labels import reference_rectify_labels, sum_log_counts
+from fastlt.method.losses import log_prior, reference_balanced_supcon_loss, reference_soft_cross_entropy
 from spec_formulas import dense_rectify_labels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,7 @@ sustains, next to what the model alone allows and to the published implementatio
 For each case (a recipe at a batch size, on one device) three steps are timed (in the order
 1, 3, 2, so that the last test of a case can report the ratios):
 
-1. ``test_step_model_only``: fastlt's step (``fastlt.objective.train_step``: one forward over the
+1. ``test_step_model_only``: fastlt's step (``fastlt.method.objective.train_step``: one forward over the
    three views, rectified label, LA-CE + BalSCL, backward, optimizer step, through the same
    engine as the trainer) on synthetic tensors already on the device: the ceiling.
 2. ``test_step_fastlt``: the same step fed by fastlt's real training pipeline (the backend
@@ -39,7 +39,7 @@ Environment:
     FASTLT_BENCH_ENGINE = auto | deepspeed | torch
         the fastlt step's engine: DeepSpeed (what the trainer uses; ``auto`` takes it when it
         imports) or a plain torch optimizer with the same forward/backward/step (``torch``: where
-        DeepSpeed is not installed; ``fastlt.engine.PlainEngine``). An explicit ``deepspeed``
+        DeepSpeed is not installed; ``fastlt.training.engine.PlainEngine``). An explicit ``deepspeed``
         that cannot be met is an error.
     FASTLT_PIPELINE = dali | torch
         overrides the ``auto`` pipeline backend (see ``fastlt.pipelines.select_backend``).
@@ -64,7 +64,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastlt.config import Config, config_from_dict
+from fastlt.config.loader import Config, config_from_dict
 
 ENGINES = ("auto", "deepspeed", "torch")
 
@@ -200,16 +200,16 @@ class FastltStep:
     engine_label: str
 
     def __call__(self, batch):
-        from fastlt.objective import train_step
+        from fastlt.method.objective import train_step
 
         return train_step(self.engine, self.objective, batch, rectify=True)
 
 
 def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
-    from fastlt.engine import PlainEngine, precision_of
+    from fastlt.training.engine import PlainEngine, precision_of
     from fastlt.models import build_model
-    from fastlt.objective import ConCutMixObjective, compile_step
-    from fastlt.schedule import build_optimizer
+    from fastlt.method.objective import ConCutMixObjective, compile_step
+    from fastlt.training.schedule import build_optimizer
 
     device = cfg.run.device
     engine_kind = select_engine()
@@ -219,8 +219,8 @@ def build_fastlt_step(cfg: Config, class_counts) -> FastltStep:
     if engine_kind == "deepspeed":
         import deepspeed
 
-        from fastlt import distributed as dist
-        from fastlt.engine import build_engine
+        from fastlt.training import distributed as dist
+        from fastlt.training.engine import build_engine
 
         bound = os.environ.get("DS_ACCELERATOR")
         if torch.distributed.is_initialized() and bound not in (None, device):
@@ -525,7 +525,7 @@ def test_published_losses_match_fastlt():
     cost only: BalSCL as published vs BalancedSupConLoss, eager soft CE vs LA-CE on a soft label."""
     import torch.nn.functional as F
 
-    from fastlt.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
+    from fastlt.method.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
     from published_baseline import PublishedBalSCL, published_soft_ce
 
     g = torch.Generator().manual_seed(3)

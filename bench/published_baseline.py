@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from fastlt.cutmix import area_lambda, sample_box
+from fastlt.method.cutmix import area_lambda, sample_box
 from fastlt.pipelines import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -112,8 +112,8 @@ def _overrides(args) -> list[str]:
 
 
 def _load(args):
-    from fastlt.config import load_config
-    from fastlt.recipes import resolve_config
+    from fastlt.config.loader import load_config
+    from fastlt.config.recipes import resolve_config
 
     return load_config(resolve_config(args.config), _overrides(args))
 
@@ -121,7 +121,7 @@ def _load(args):
 def run_cli(fn: Callable[[], None]) -> int:
     """Run fn() and turn the expected failures into one clear message and an exit code."""
     from fastlt.errors import FastltError, TrainingInterrupted, exit_code
-    from fastlt.signals import SecondInterrupt
+    from fastlt.training.signals import SecondInterrupt
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
 
@@ -152,7 +152,7 @@ def run_cli(fn: Callable[[], None]) -> int:
 
 def _train(args) -> int:
     def go():
-        from fastlt.trainer import train
+        from fastlt.training.trainer import train
 
         train(_load(args), resume=args.resume)
 
@@ -161,10 +161,10 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     def go():
-        from fastlt.evaluate import checkpoint_run_dir, run_eval, write_metrics
+        from fastlt.training.evaluate import checkpoint_run_dir, run_eval, write_metrics
         from fastlt.files import check_output_file
-        from fastlt.logger import format_metrics
-        from fastlt.plots import write_eval_report
+        from fastlt.reports.logger import format_metrics
+        from fastlt.reports.plots import write_eval_report
 
         if args.out:  # before the evaluation, not after it
             check_output_file(args.out, "--out")
@@ -194,7 +194,7 @@ def _data(args) -> int:
     found = []
 
     def go():
-        from fastlt.dataset_report import load_target, write_report
+        from fastlt.reports.dataset_report import load_target, write_report
 
         t = load_target(args.target, root=args.root, num_classes=args.num_classes, class_names=args.class_names,
                         overrides=_overrides(args))
@@ -210,8 +210,8 @@ def _data(args) -> int:
 
 def _inspect(args) -> int:
     def go():
-        from fastlt.evaluate import checkpoint_run_dir
-        from fastlt.label_inspect import inspect_labels
+        from fastlt.training.evaluate import checkpoint_run_dir
+        from fastlt.reports.label_inspect import inspect_labels
 
         out = args.out or checkpoint_run_dir(args.checkpoint) / "inspect"
         paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples, epoch=args.epoch,
@@ -223,7 +223,7 @@ def _inspect(args) -> int:
 
 def _recipes(args) -> int:
     def go():
-        from fastlt.recipes import format_recipes
+        from fastlt.config.recipes import format_recipes
 
         print(format_recipes(), flush=True)
 
@@ -232,11 +232,11 @@ def _recipes(args) -> int:
 
 def _profile(args) -> int:
     # Before torch loads: kineto's own error lines (e.g. "gpuGetDeviceCount failed" on a machine
-    # without a GPU) stay off the console; fastlt.profiling reports a CUDA run that recorded nothing.
+    # without a GPU) stay off the console; fastlt.reports.profiling reports a CUDA run that recorded nothing.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
     def go():
-        from fastlt.profiling import format_report, profile_run
+        from fastlt.reports.profiling import format_report, profile_run
 
         summary = profile_run(_load(args), steps=args.steps, warmup=args.warmup, phase=args.phase, out=args.out,
                               top=args.top)

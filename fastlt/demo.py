@@ -1,5 +1,5 @@
 """``fastlt demo``: ConCutMix on the cached synthetic long-tailed set of the ``demo`` recipe
-(``configs/demo.yaml``, shipped with the package: ``fastlt.recipes``), ending with one summary
+(``configs/demo.yaml``, shipped with the package: ``fastlt.config.recipes``), ending with one summary
 of overall / many / medium / few-shot accuracy against chance.
 """
 from __future__ import annotations
@@ -9,11 +9,11 @@ import math
 import time
 from pathlib import Path
 
-from fastlt.logger import format_metrics
+from fastlt.reports.logger import format_metrics
 
 __all__ = ["DEMO_CONFIG", "demo_summary", "run_demo"]
 
-#: The demo's recipe, by name (``fastlt.recipes.resolve_config``): found in an installed package too.
+#: The demo's recipe, by name (``fastlt.config.recipes.resolve_config``): found in an installed package too.
 DEMO_CONFIG = "demo"
 
 
@@ -41,7 +41,7 @@ def demo_summary(result: dict, metrics: dict, wall: float) -> str:
 
 def run_demo(cfg, *, name_given: bool) -> str:
     """Train ``cfg`` (in a fresh timestamped run directory unless run.name was given); the summary."""
-    from fastlt.trainer import train
+    from fastlt.training.trainer import train
 
     if not name_given:
         cfg.run.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"

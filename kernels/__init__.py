@@ -4,12 +4,12 @@ ARCHITECTURE §3, "Kernel contract": every kernel has a pure-PyTorch reference i
 (the spec), a parity test under ``TRITON_INTERPRET=1`` and a benchmark in ``bench/``; the
 backend is chosen in one place, :func:`select_backend`.
 
-* ``fastlt.labels.rectify_labels`` → :mod:`fastlt.kernels.rectify` (fused similarity, then
+* ``fastlt.method.labels.rectify_labels`` → :mod:`fastlt.kernels.rectify` (fused similarity, then
   :mod:`fastlt.kernels.select`: radix top-K, normalisation, γ and blend; §1 steps 1–5);
-* ``fastlt.losses.soft_cross_entropy`` (used by ``LogitAdjustedCrossEntropy`` for soft
+* ``fastlt.method.losses.soft_cross_entropy`` (used by ``LogitAdjustedCrossEntropy`` for soft
   targets) → :mod:`fastlt.kernels.soft_ce` (fused logit-adjusted soft CE, online softmax,
   the gradient written by the forward launch);
-* ``fastlt.losses.balanced_supcon_loss`` (used by ``BalancedSupConLoss``) →
+* ``fastlt.method.losses.balanced_supcon_loss`` (used by ``BalancedSupConLoss``) →
   :mod:`fastlt.kernels.balscl` (fused BalSCL over one contrast set and a range of anchor
   rows, the single-process and the distributed form; forward and backward);
 * :func:`rectify_labels_compact` / :func:`soft_cross_entropy_compact` — the label as K

@@ -1,6 +1,6 @@
 """Fused balanced supervised contrastive loss (BCL's L_BalSCL, ARCHITECTURE §1) in Triton.
 
-The spec is ``fastlt.losses.reference_balanced_supcon_loss``. Items x_k (N, D), labels y_k,
+The spec is ``fastlt.method.losses.reference_balanced_supcon_loss``. Items x_k (N, D), labels y_k,
 anchors a_i = x_{s+i} for i < M (s = ``anchor_start``), l_ik = a_i·x_k / T. For anchor i the
 contrast set is every k ≠ s+i; w_ik = 1 / (n_{y_k} − [y_k = y_i]) with n_c the number of
 items of class c among all N; P_i = {k ≠ s+i : y_k = y_i}, c_i = |P_i|;
@@ -51,7 +51,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from fastlt.losses import resolve_supcon_args
+from fastlt.method.losses import resolve_supcon_args
 
 from ._jit import cdiv, fp32_dot_precision, jit, next_pow2, upcast_dot
 
@@ -388,7 +388,7 @@ torch.library.register_autograd("fastlt::balscl_forward", _autograd_backward, se
 
 def balanced_supcon_loss_triton(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
                                 anchor_start: int = 0, num_anchors: int | None = None) -> Tensor:
-    """``fastlt.losses.balanced_supcon_loss`` from the fused kernels (same arguments and result;
+    """``fastlt.method.losses.balanced_supcon_loss`` from the fused kernels (same arguments and result;
     the loss is fp32 whatever the items' dtype, the gradient in the items' dtype)."""
     m = resolve_supcon_args(items, item_labels, num_classes, temperature, anchor_start, num_anchors)
     if items.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -6,9 +6,9 @@ indices and their weights ŝ, γ, and (label_a, label_b, λ) — so that the tra
 from embeddings to the loss without a B×C label tensor: (B, K) indices and weights instead
 of (B, C) floats, e.g. 30 instead of 1000 or 8142 entries per sample.
 
-* :func:`rectify_labels_compact` — same arguments as ``fastlt.labels.rectify_labels``;
+* :func:`rectify_labels_compact` — same arguments as ``fastlt.method.labels.rectify_labels``;
 * :func:`soft_cross_entropy_compact` — L_cls = −(1/B) Σ_i Σ_j ŷ_ij log softmax(x_i + bias)_j,
-  equal to ``fastlt.losses.reference_soft_cross_entropy(logits, label.to_dense(), bias)``.
+  equal to ``fastlt.method.losses.reference_soft_cross_entropy(logits, label.to_dense(), bias)``.
 
 Both dispatch through ``fastlt.kernels.select_backend``. The PyTorch paths are the specs:
 :func:`reference_rectify_labels_compact` follows ``reference_rectify_labels`` step by step
@@ -22,8 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastlt.labels import _MIN_SQ_DIST, area_label, confidence, topk_mask, validate_rectify_args
-from fastlt.losses import reference_soft_cross_entropy
+from fastlt.method.labels import _MIN_SQ_DIST, area_label, confidence, topk_mask, validate_rectify_args
+from fastlt.method.losses import reference_soft_cross_entropy
 
 from .dispatch import select_backend
 
@@ -86,7 +86,7 @@ def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor
                                      class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
                                      temperature: float = 1.0,
                                      log_count_sum: Tensor | float | None = None) -> CompactLabel:
-    """PyTorch path: the steps of ``fastlt.labels.reference_rectify_labels`` (same selection,
+    """PyTorch path: the steps of ``fastlt.method.labels.reference_rectify_labels`` (same selection,
     ``topk_mask``), stopping short of the (B, C) label. ``index`` is ascending in each row."""
     class_counts = torch.as_tensor(class_counts, device=z.device)
     validate_rectify_args(z, centers, label_a, label_b, lam, class_counts, topk, normalize, temperature,
@@ -116,8 +116,8 @@ def reference_rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor
 def rectify_labels_compact(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                            class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
                            temperature: float = 1.0, log_count_sum: Tensor | float | None = None) -> CompactLabel:
-    """The rectified label ŷ as a :class:`CompactLabel`; arguments as ``fastlt.labels.rectify_labels``
-    (``log_count_sum``: Σ log N_i from ``fastlt.labels.sum_log_counts``, computed once per run)."""
+    """The rectified label ŷ as a :class:`CompactLabel`; arguments as ``fastlt.method.labels.rectify_labels``
+    (``log_count_sum``: Σ log N_i from ``fastlt.method.labels.sum_log_counts``, computed once per run)."""
     if select_backend(z.device) == "triton":
         from .rectify import rectify_labels_compact_triton
 

@@ -29,14 +29,14 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from fastlt.labels import validate_rectify_args
+from fastlt.method.labels import validate_rectify_args
 
 from ._jit import cdiv, fp32_dot_precision, jit, next_pow2, upcast_dot
 from .select import launch_select
 
 __all__ = ["rectify_labels_compact_triton", "rectify_labels_triton"]
 
-_MIN_SQ_DIST = 1e-12  # same clamp as fastlt.labels (a sample on a center stays finite)
+_MIN_SQ_DIST = 1e-12  # same clamp as fastlt.method.labels (a sample on a center stays finite)
 
 
 @jit
@@ -187,7 +187,7 @@ def rectify_labels_triton(z: Tensor, centers: Tensor, label_a: Tensor, label_b: 
                           _block_c_select: int | None = None) -> Tensor:
     """Dense (B, C) float32 ŷ from the fused kernels; same contract as ``reference_rectify_labels``.
 
-    ``log_count_sum``: Σ log N_i (``fastlt.labels.sum_log_counts``), computed once per run;
+    ``log_count_sum``: Σ log N_i (``fastlt.method.labels.sum_log_counts``), computed once per run;
     None: every row of the selection kernel sums the C logs itself. ``_block_c_select`` (tests
     only) forces the row tile of the selection kernel, to exercise rows spanning several tiles
     at small C.

@@ -18,7 +18,7 @@ searched in registers; longer rows are streamed in BLOCK_C tiles at each pass. A
 
 **Ties** at the threshold go to the lower class index: a running exclusive prefix count of
 the tied entries across tiles keeps the first ``need`` of them — the rule of
-``fastlt.labels.topk_mask``.
+``fastlt.method.labels.topk_mask``.
 
 Then, streaming the row in BLOCK_P tiles: the normaliser over the kept entries (L1, or
 softmax with temperature; step 3), γ from the class counts of label_a and label_b with
@@ -148,7 +148,7 @@ def _select_kernel(s_ptr, out_ptr, la_ptr, lb_ptr, lam_ptr, counts_ptr, logsum_p
         total += tl.sum(tl.where(keep, v, 0.0), axis=0)
 
     # γ = ω·log(λ·N_a + (1−λ)·N_b) / Σ log N_i, in fp64 like the reference. Σ log N_i is
-    # computed once per run by the caller (fastlt.labels.sum_log_counts); without it every row
+    # computed once per run by the caller (fastlt.method.labels.sum_log_counts); without it every row
     # sums the C logs itself. Labels outside [0, C) are not read (masked loads); they make γ
     # NaN, which poisons the row visibly.
     if HAS_LOG_SUM:

@@ -2,7 +2,7 @@
 
 L = (1/B) Σ_i [ lse_i · Σ_j t_ij − Σ_j t_ij x_ij ],  x = logits + τ·log π (the ``bias``),
 which equals −(1/B) Σ_i Σ_j t_ij log softmax(x_i)_j, the spec of
-``fastlt.losses.reference_soft_cross_entropy`` (Σ_j t_ij is kept rather than assumed 1).
+``fastlt.method.losses.reference_soft_cross_entropy`` (Σ_j t_ij is kept rather than assumed 1).
 ∂L/∂x_ij = g/B · (p_ij · Σ_j t_ij − t_ij),  p = exp(x − lse);  ∂L/∂t_ij = −g/B · (x_ij − lse_i).
 
 One program per row, one launch. The kernel streams the row in BLOCK_C tiles with an online
@@ -238,7 +238,7 @@ def _needs_grad(t: Tensor | None) -> bool:
 def soft_cross_entropy_triton(logits: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
     """−(1/B) Σ_i Σ_j target_ij · log softmax(logits_i + bias)_j from the fused kernel.
 
-    Same contract as ``fastlt.losses.reference_soft_cross_entropy``: fp32 loss, gradients to
+    Same contract as ``fastlt.method.losses.reference_soft_cross_entropy``: fp32 loss, gradients to
     logits (in their dtype), target and bias when they require them (written by the forward
     launch, scaled by the backward).
     """

@@ -12,7 +12,7 @@ the variable set from the start. Exactly one of the two paths runs.
 :func:`count_launches` counts the kernel launches (and host reads) of one call, for the
 benchmarks: CUDA kernel events on a GPU, dispatched PyTorch operators plus fastlt's Triton
 launches on the CPU. :func:`analyse_events` is that count over any windows of a profiler's
-events; ``fastlt profile`` (``fastlt.profiling``) uses it per training step.
+events; ``fastlt profile`` (``fastlt.reports.profiling``) uses it per training step.
 """
 from __future__ import annotations
 

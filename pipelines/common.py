@@ -11,10 +11,10 @@ number of ranks with the same data, and lets the DALI and torch backends draw th
 sample indices, CutMix boxes, λ and augmentation parameters for the same spec.
 
 - :class:`StreamPlan`: the background (canvas) and foreground (patch) index streams, global
-  sequences from ``fastlt.sampling`` sharded step-major: rank r of W takes samples
+  sequences from ``fastlt.method.sampling`` sharded step-major: rank r of W takes samples
   r·B … r·B + B − 1 of every global step of B·W samples.
 - :func:`cutmix_boxes`: per batch (one coin and one box for the whole global step, the
-  reference behaviour) or per sample, λ = 1 − clipped box area/(H·W) (fastlt.cutmix).
+  reference behaviour) or per sample, λ = 1 − clipped box area/(H·W) (fastlt.method.cutmix).
 - :class:`Substitutes` / :func:`load_with_policy`: ``on_error: skip`` replaces a bad image by
   another image of the same class, chosen by a keyed draw, so the label stays right and the
   run stays deterministic; ``raise`` names the file.
@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fastlt.cutmix import area_lambda, sample_box
+from fastlt.method.cutmix import area_lambda, sample_box
 from fastlt.errors import BadImageError, PipelineError
 
 __all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
@@ -92,7 +92,7 @@ class StreamPlan:
     foreground_kind: str = "balanced"
 
     def __post_init__(self):
-        from fastlt.sampling import make_sampler, steps_per_epoch  # local: cheap import in DALI workers
+        from fastlt.method.sampling import make_sampler, steps_per_epoch  # local: cheap import in DALI workers
 
         self.labels = np.asarray(self.labels, dtype=np.int64)
         seed = _check_nonneg_int("seed", self.seed)
@@ -109,7 +109,7 @@ class StreamPlan:
     def epoch_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(background, foreground) dataset indices of this rank for ``epoch``: steps × B each,
         sample i of step s at s·B + i."""
-        from fastlt.sampling import shard_step_major
+        from fastlt.method.sampling import shard_step_major
 
         epoch = _check_nonneg_int("epoch", epoch)
         if self._cache is None or self._cache[0] != epoch:
@@ -144,8 +144,8 @@ def cutmix_boxes(seed: int, epoch: int, step: int, positions: Sequence[int], h: 
     Per batch: one coin with probability ``prob`` and one box, keyed by (seed, epoch, step),
     for every sample of the global step on every rank (the reference behaviour). Per sample:
     a coin and a box for each sample, keyed by its global position. The box is drawn by
-    :func:`fastlt.cutmix.sample_box` (λ0 ~ Beta(α, α), r = √(1−λ0), centre uniform, clipped)
-    and λ = 1 − clipped area/(H·W) by :func:`fastlt.cutmix.area_lambda`.
+    :func:`fastlt.method.cutmix.sample_box` (λ0 ~ Beta(α, α), r = √(1−λ0), centre uniform, clipped)
+    and λ = 1 − clipped area/(H·W) by :func:`fastlt.method.cutmix.area_lambda`.
 
     Returns ``(boxes, lam, applied)``: int64 (n, 4) rows ``(y0, x0, y1, x1)`` (all zero where
     not applied), float32 (n,), bool (n,) for the n = len(positions) samples.

@@ -169,7 +169,7 @@ class DaliPipelineBase:
         dead = [p for p in procs if p.exitcode is not None]
         if not dead:
             return
-        for p in procs:  # the rest ignore SIGTERM (fastlt.signals), so DALI's shutdown would wait on them
+        for p in procs:  # the rest ignore SIGTERM (fastlt.training.signals), so DALI's shutdown would wait on them
             if p.exitcode is None:
                 p.kill()
                 p.join(5)

@@ -2,7 +2,7 @@
 section, the option lists of the data path, the normalisation constants, and the one
 description of a training / validation pipeline that every backend is built from.
 
-No torch and no DALI here: ``fastlt.config`` imports these lists and the trainer, ``fastlt
+No torch and no DALI here: ``fastlt.config.loader`` imports these lists and the trainer, ``fastlt
 eval`` and the benchmarks build their specs with :func:`train_spec` / :func:`val_spec`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fastlt.errors import ConfigError
-from fastlt.typed_config import one_of, positive
+from fastlt.config.typed import one_of, positive
 
 from .randaugment import check_randaugment
 
@@ -110,9 +110,9 @@ class TrainPipelineSpec:
     batch_size: int = 256
     """Per-rank batch size; incomplete last batches are dropped."""
     background_sampler: str = "uniform"
-    """Sampler kind of the background (canvas) stream (fastlt.sampling)."""
+    """Sampler kind of the background (canvas) stream (fastlt.method.sampling)."""
     foreground_sampler: str = "balanced"
-    """Sampler kind of the foreground (patch) stream (fastlt.sampling)."""
+    """Sampler kind of the foreground (patch) stream (fastlt.method.sampling)."""
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -185,7 +185,7 @@ class ValPipelineSpec:
 
 def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
                device: str = "cpu") -> TrainPipelineSpec:
-    """The training pipeline spec of a :class:`fastlt.config.Config` for one rank (``batch_size`` per
+    """The training pipeline spec of a :class:`fastlt.config.loader.Config` for one rank (``batch_size`` per
     rank), delivering the images in the layout and dtype the model's first layer takes."""
     d, m, ds = cfg.data, cfg.method, cfg.deepspeed
     mean, std = normalization(d.normalization)
@@ -201,7 +201,7 @@ def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int 
 
 
 def val_spec(cfg, dataset, *, rank: int = 0, world_size: int = 1, device: str = "cpu") -> ValPipelineSpec:
-    """The validation pipeline spec of a :class:`fastlt.config.Config` for one rank."""
+    """The validation pipeline spec of a :class:`fastlt.config.loader.Config` for one rank."""
     d = cfg.data
     mean, std = normalization(d.normalization)
     return ValPipelineSpec(dataset=dataset, recipe=d.augment_recipe, image_size=d.image_size,

@@ -249,7 +249,7 @@ def loss_before_and_after_training(pipeline, dataset, epochs: int = 8) -> tuple[
     OpenMP workers spinning against them make a step tens of times slower on a 2-core machine.
     """
     import torch
-    from fastlt.losses import LogitAdjustedCrossEntropy
+    from fastlt.method.losses import LogitAdjustedCrossEntropy
     from fastlt.models import BCLModel
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Config loading (fastlt.config), the recipe files of configs/ against ARCHITECTURE §2, and the
+"""Config loading (fastlt.config.loader), the recipe files of configs/ against ARCHITECTURE §2, and the
 pieces of the trainer that are pure functions of the config (DeepSpeed dict, LR schedule)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from fastlt.config import Config, ConfigError, config_to_dict, flat_keys, load_config, save_config
+from fastlt.config.loader import Config, ConfigError, config_to_dict, flat_keys, load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -201,7 +201,7 @@ def test_invalid_values_are_rejected_with_the_key(tmp_path, override, fragment):
 def test_channels_last_with_any_engine_mode(tmp_path, overrides, flat):
     """channels-last inputs work with every engine mode; only the weights of DeepSpeed's flat
     buffers (ZeRO, bf16/fp16 mode) stay NCHW (the e2e bf16 + ZeRO-2 run in test_train uses it)."""
-    from fastlt.engine import flat_parameters
+    from fastlt.training.engine import flat_parameters
     from fastlt.pipelines import train_spec
 
     cfg = load_config(_write(tmp_path, SYNTH), ["model.channels_last=true", *overrides])
@@ -273,7 +273,7 @@ def test_loading_a_config_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, fastlt.config as c; c.load_config('configs/imagenet_lt_resnext50_90ep.yaml'); "
+    code = ("import sys, fastlt.config.loader as c; c.load_config('configs/imagenet_lt_resnext50_90ep.yaml'); "
             "print(sorted(m for m in ('torch', 'deepspeed', 'nvidia.dali', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -347,7 +347,7 @@ def _cfg(tmp_path, *overrides) -> Config:
 
 
 def test_deepspeed_config_from_ours(tmp_path):
-    from fastlt.engine import deepspeed_config
+    from fastlt.training.engine import deepspeed_config
 
     cfg = _cfg(tmp_path, "data.batch_size=128", "deepspeed.grad_accum_steps=2", "deepspeed.zero_stage=1",
                "deepspeed.grad_clip=5", "deepspeed.precision=bf16", "deepspeed.autocast=false")
@@ -375,7 +375,7 @@ def test_deepspeed_config_from_ours(tmp_path):
 
 
 def test_epoch_lr_cosine_with_warmup(tmp_path):
-    from fastlt.schedule import EpochLR
+    from fastlt.training.schedule import EpochLR
 
     cfg = _cfg(tmp_path, "optim.lr=0.2", "optim.epochs=10", "optim.warmup_epochs=2", "optim.schedule=cos")
     lr = EpochLR(cfg.optim)
@@ -390,7 +390,7 @@ def test_epoch_lr_cosine_with_warmup(tmp_path):
 
 
 def test_epoch_lr_step_schedule(tmp_path):
-    from fastlt.schedule import EpochLR
+    from fastlt.training.schedule import EpochLR
 
     cfg = _cfg(tmp_path, "optim.lr=0.15", "optim.epochs=200", "optim.warmup_epochs=5", "optim.schedule=step",
                "optim.milestones=[160, 180]")

@@ -1,4 +1,4 @@
-"""fastlt.cutmix and the per-step CutMix decisions against ARCHITECTURE §1 "CutMix": the box side
+"""fastlt.method.cutmix and the per-step CutMix decisions against ARCHITECTURE §1 "CutMix": the box side
 is ⌊H·r⌋ with r = √(1 − λ0), centred uniformly, clipped to the image; λ comes from the clipped box.
 """
 import copy
@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 
-from fastlt.cutmix import area_lambda, sample_box
+from fastlt.method.cutmix import area_lambda, sample_box
 from fastlt.pipelines.common import cutmix_boxes
 
 

@@ -419,7 +419,7 @@ def test_synthetic_refuses_foreign_directory_and_bad_args(tmp_path):
 def test_cifar_subset_is_concutmix_s_seed_10_and_independent_of_run_seed(fake_cifar_root):
     """data.cifar_subset_seed (default 10, ConCutMix's dataset/cifar.py) picks the kept images;
     run.seed, which seeds everything else, does not change them."""
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.data.build import build_datasets
 
     def subset(run_seed=0, **data):

@@ -1,5 +1,5 @@
 """Dataset layouts (fastlt.data.folder: ``data.kind: folder``, ``data.class_names``) and
-``fastlt data`` (fastlt.dataset_report).
+``fastlt data`` (fastlt.reports.dataset_report).
 
 The synthetic set of make_synthetic_lt is laid out as ``root/train/<class>/<i>.jpg`` with a
 list file ``train.txt`` written class by class: the folder reader and the list reader see the
@@ -81,7 +81,7 @@ def test_folder_and_list_give_identical_batches(lt, backend):
 
 
 def _cfg(root: Path, **data):
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
 
     return config_from_dict({"data": {"kind": "folder", "root": str(root), **data}})
 
@@ -115,7 +115,7 @@ def test_folder_config_builds_datasets_and_names_classes(lt, tmp_path):
 
 
 def test_class_names_file_for_a_list_dataset(lt, tmp_path):
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.data.build import build_datasets
 
     made, _ = lt
@@ -179,7 +179,7 @@ def test_data_command_counts_classes_and_finds_the_bad_files(lt, tmp_path):
     assert rows[0] == "index,name,train_images,group"
     assert rows[2] == f"1,001,{counts[1]},{'medium' if counts[1] >= 20 else 'few'}"
     with Image.open(report / "class_histogram.png") as im:
-        from fastlt.plots import SIZES
+        from fastlt.reports.plots import SIZES
 
         assert im.size == SIZES["class_histogram.png"]
         assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 20  # a drawn plot, not a blank canvas

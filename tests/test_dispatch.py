@@ -18,8 +18,8 @@ import torch
 
 from fastlt.kernels import dispatch
 from fastlt.kernels.dispatch import select_backend
-from fastlt.labels import rectify_labels, reference_rectify_labels
-from fastlt.losses import reference_soft_cross_entropy, soft_cross_entropy
+from fastlt.method.labels import rectify_labels, reference_rectify_labels
+from fastlt.method.losses import reference_soft_cross_entropy, soft_cross_entropy
 
 NO_TRITON = "ImportError: No module named 'triton'"
 
@@ -146,8 +146,8 @@ _CALL_BOTH = """
 
     z, c = torch.randn(3, 4), torch.randn(5, 4)
     lab, lam, counts = torch.tensor([0, 1, 2]), torch.full((3,), 0.5), torch.tensor([3, 4, 5, 6, 7])
-    rect = attempt(lambda: fastlt.labels.rectify_labels(z, c, lab, lab, lam, counts, topk=2, omega=1.0))
-    ce = attempt(lambda: fastlt.losses.soft_cross_entropy(torch.randn(3, 5), torch.full((3, 5), 0.2)))
+    rect = attempt(lambda: fastlt.method.labels.rectify_labels(z, c, lab, lab, lam, counts, topk=2, omega=1.0))
+    ce = attempt(lambda: fastlt.method.losses.soft_cross_entropy(torch.randn(3, 5), torch.full((3, 5), 0.2)))
 """
 
 
@@ -156,7 +156,7 @@ def test_explicit_triton_on_cpu_without_interpreter_is_an_error_in_a_fresh_proce
     out = _run_fresh(_script("""
         import json, sys
         import torch
-        import fastlt, fastlt.kernels, fastlt.labels, fastlt.losses
+        import fastlt, fastlt.kernels, fastlt.method.labels, fastlt.method.losses
         imported_triton = "triton" in sys.modules
     """, _CALL_BOTH, """
         print(json.dumps(dict(imported_triton=imported_triton, rect=rect, ce=ce)))
@@ -174,7 +174,7 @@ def test_users_without_triton_can_import_and_run_fastlt():
         sys.modules["triton"] = None  # what Python does for a module that is not there: import fails
         import os
         import torch
-        import fastlt, fastlt.kernels, fastlt.labels, fastlt.losses
+        import fastlt, fastlt.kernels, fastlt.method.labels, fastlt.method.losses
         from fastlt.kernels import dispatch
     """, _CALL_BOTH, """
         auto = dict(rect=rect, ce=ce, cuda=dispatch.select_backend("cuda"))

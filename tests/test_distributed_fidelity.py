@@ -37,7 +37,7 @@ def _batch():
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    from fastlt.losses import BalancedSupConLoss
+    from fastlt.method.losses import BalancedSupConLoss
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -53,7 +53,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_global_balscl_over_two_gloo_ranks_is_the_one_process_loss_and_gradient(tmp_path):
-    from fastlt.losses import BalancedSupConLoss
+    from fastlt.method.losses import BalancedSupConLoss
 
     world = 2
     mp.spawn(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
@@ -137,7 +137,7 @@ def test_zero_shards_are_not_read_by_another_partitioning(tmp_path, capsys):
     assert "--set deepspeed.zero_stage=1" in err[0]
     # On another number of ranks the message offers a start from the checkpoint's weights:
     # model.pretrained reads a ZeRO checkpoint directory (the module file holds whole weights).
-    from fastlt.checkpoint import CheckpointManager, read_meta
+    from fastlt.training.checkpoint import CheckpointManager, read_meta
     from fastlt.errors import CheckpointError
     from fastlt.models.pretrained import read_state_dict
 

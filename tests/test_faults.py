@@ -45,7 +45,7 @@ def error_line(text: str) -> str:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     """The synthetic dataset of tiny_config, generated once for this module."""
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.data.build import build_datasets
 
     root = tmp_path_factory.mktemp("synthetic") / "tiny"
@@ -141,7 +141,7 @@ def test_1_divergence_on_an_epochs_last_step_saves_no_nonfinite_checkpoint(tmp_p
     while its loss (computed before the update) is finite. Before the change that epoch's
     checkpoint was written with 32 non-finite tensors, keep_last=1 deleted the good one, and
     the error named the bad one as "the last good checkpoint"."""
-    from fastlt.checkpoint import tag_for
+    from fastlt.training.checkpoint import tag_for
     from fastlt.files import safe_load
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
@@ -307,7 +307,7 @@ def first_used_at(cfg: dict, epoch: int, step: int) -> int:
     first time at ``step`` of ``epoch`` (as background or foreground), never before."""
     import numpy as np
 
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.data.build import build_datasets
     from fastlt.pipelines.common import StreamPlan
 
@@ -334,7 +334,7 @@ def test_5_bad_training_image_keeps_the_steps_before_it(data_root, tmp_path, bac
     with the weights of an uninterrupted run."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="DALI is not installed")
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.data.build import build_datasets
     from fastlt.files import safe_load
 

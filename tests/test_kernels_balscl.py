@@ -1,6 +1,6 @@
 """The fused balanced contrastive loss (fastlt.kernels.balscl) against the spec.
 
-ARCHITECTURE §1 "Losses", L_BalSCL. The spec is ``fastlt.losses.reference_balanced_supcon_loss``
+ARCHITECTURE §1 "Losses", L_BalSCL. The spec is ``fastlt.method.losses.reference_balanced_supcon_loss``
 (itself checked against the literal loop of tests/spec_formulas.py through the module, here
 and in tests/test_losses.py). Forward and gradients with respect to every item, fp32 and bf16
 items with their own tolerances, over a grid of shapes chosen to hit the kernels' branches
@@ -24,7 +24,7 @@ from fastlt.kernels import dispatch  # noqa: E402
 from fastlt.kernels.testing import (count_launches, describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
-from fastlt.losses import BalancedSupConLoss, balanced_supcon_loss, reference_balanced_supcon_loss  # noqa: E402
+from fastlt.method.losses import BalancedSupConLoss, balanced_supcon_loss, reference_balanced_supcon_loss  # noqa: E402
 from spec_formulas import loop_balanced_supcon  # noqa: E402
 
 DEVICE = kernel_device()

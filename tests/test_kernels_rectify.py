@@ -24,7 +24,7 @@ from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.kernels import rectify_labels_compact, reference_rectify_labels_compact  # noqa: E402
-from fastlt.labels import rectify_labels, reference_rectify_labels, sum_log_counts  # noqa: E402
+from fastlt.method.labels import rectify_labels, reference_rectify_labels, sum_log_counts  # noqa: E402
 from spec_formulas import dense_rectify_labels  # noqa: E402
 
 DEVICE = kernel_device()

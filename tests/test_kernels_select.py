@@ -4,7 +4,7 @@ The radix select finds the K-th largest similarity digit by digit on its fp32 bi
 (four 8-bit passes): rows built from their bit patterns drive each pass — the top three bytes
 equal (the fourth pass decides), values spread over the whole range (the first decides), few
 values per byte (each pass narrows the candidates) — in registers and streamed over tiles. The
-kept classes must be exactly those of ``fastlt.labels.topk_mask`` (ties to the lower index).
+kept classes must be exactly those of ``fastlt.method.labels.topk_mask`` (ties to the lower index).
 The whole label against the reference is in tests/test_kernels_rectify.py.
 """
 from fastlt.kernels.testing import prepare_interpreter
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
-from fastlt.labels import topk_mask  # noqa: E402
+from fastlt.method.labels import topk_mask  # noqa: E402
 
 DEVICE = kernel_device()
 _SKIP = skip_reason_in_process()
@@ -63,7 +63,7 @@ RADIX_CASES = [
 @pytest.mark.parametrize("pattern,c,k,block", RADIX_CASES)
 def test_radix_select_keeps_exactly_the_top_k(pattern, c, k, block):
     """The selection kernel on hand-made similarity rows keeps exactly the classes of
-    fastlt.labels.topk_mask (the K largest, ties to the lower index)."""
+    fastlt.method.labels.topk_mask (the K largest, ties to the lower index)."""
     from fastlt.kernels.select import launch_select
 
     b = 5

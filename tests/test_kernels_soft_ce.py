@@ -1,7 +1,7 @@
 """The fused logit-adjusted soft cross-entropy (fastlt.kernels.soft_ce) against the spec.
 
 ARCHITECTURE §1 "Losses": L_cls = −(1/B) Σ_i Σ_j ŷ_ij · log softmax(x_i + τ·log π)_j. The
-reference is ``fastlt.losses.reference_soft_cross_entropy``; gradients are checked against
+reference is ``fastlt.method.losses.reference_soft_cross_entropy``; gradients are checked against
 autograd through it. Also the compact-label path (``fastlt.kernels.soft_cross_entropy_compact``),
 checked against the reference loss on the densified label.
 
@@ -20,8 +20,8 @@ from fastlt.kernels import (CompactLabel, rectify_labels_compact,  # noqa: E402
 from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
-from fastlt.labels import reference_rectify_labels  # noqa: E402
-from fastlt.losses import (LogitAdjustedCrossEntropy, log_prior, reference_soft_cross_entropy,  # noqa: E402
+from fastlt.method.labels import reference_rectify_labels  # noqa: E402
+from fastlt.method.losses import (LogitAdjustedCrossEntropy, log_prior, reference_soft_cross_entropy,  # noqa: E402
                            soft_cross_entropy)
 
 DEVICE = kernel_device()

@@ -1,10 +1,10 @@
-"""fastlt.labels against the literal B×C×D formulation of ARCHITECTURE §1 (tests/spec_formulas.py)."""
+"""fastlt.method.labels against the literal B×C×D formulation of ARCHITECTURE §1 (tests/spec_formulas.py)."""
 import math
 
 import pytest
 import torch
 
-from fastlt.labels import area_label, confidence, rectify_labels
+from fastlt.method.labels import area_label, confidence, rectify_labels
 from spec_formulas import dense_rectify_labels
 
 

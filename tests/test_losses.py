@@ -1,12 +1,12 @@
-"""fastlt.losses against ARCHITECTURE §1 "Losses", written out in the tests."""
+"""fastlt.method.losses against ARCHITECTURE §1 "Losses", written out in the tests."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlt.labels import area_label
-from fastlt.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
+from fastlt.method.labels import area_label
+from fastlt.method.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
 from spec_formulas import loop_balanced_supcon
 
 

@@ -1,11 +1,11 @@
-"""fastlt.metrics.shot_accuracy against ARCHITECTURE §1 "Evaluation"."""
+"""fastlt.reports.metrics.shot_accuracy against ARCHITECTURE §1 "Evaluation"."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fastlt.metrics import shot_accuracy
+from fastlt.reports.metrics import shot_accuracy
 
 
 def test_groups_and_per_class_averaging():

@@ -84,7 +84,7 @@ def test_freeze_bn_keeps_running_statistics_in_training():
 def test_sync_bn_converts_every_batchnorm_and_needs_cuda(tmp_path, capsys):
     from conftest import tiny_config, write_config
     from fastlt.cli import train_main
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.models import build_model
 
     cfg = tiny_config(tmp_path / "data", tmp_path, model={"sync_bn": True}, run={"device": "cpu"})

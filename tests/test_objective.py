@@ -19,7 +19,7 @@ from fastlt.kernels import CompactLabel, dispatch, reference_rectify_labels_comp
 from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
-from fastlt.label_stats import area_argmax, per_sample_stats  # noqa: E402
+from fastlt.method.label_stats import area_argmax, per_sample_stats  # noqa: E402
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon  # noqa: E402
 
 DEVICE = kernel_device()
@@ -78,8 +78,8 @@ def _step_inputs(b=6, c=7, d=8, seed=0, device="cpu"):
 
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 def test_compact_triton_step_equals_the_dense_formulation(monkeypatch):
-    from fastlt.config import MethodConfig
-    from fastlt.objective import ConCutMixObjective
+    from fastlt.config.loader import MethodConfig
+    from fastlt.method.objective import ConCutMixObjective
 
     monkeypatch.setenv("FASTLT_KERNELS", "triton")
     dispatch._reset_for_tests()
@@ -121,12 +121,12 @@ test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEV
 def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     """run.compile: the model and the objective through torch.compile (inductor, CPU C++ code)."""
     from conftest import tiny_config
-    from fastlt.config import config_from_dict
-    from fastlt.engine import PlainEngine
+    from fastlt.config.loader import config_from_dict
+    from fastlt.training.engine import PlainEngine
     from fastlt.models import build_model
-    from fastlt.objective import ConCutMixObjective, compile_step, train_step
+    from fastlt.method.objective import ConCutMixObjective, compile_step, train_step
     from fastlt.pipelines import TrainBatch
-    from fastlt.schedule import build_optimizer
+    from fastlt.training.schedule import build_optimizer
 
     cfg = config_from_dict(tiny_config(tmp_path, tmp_path))
     torch.manual_seed(0)

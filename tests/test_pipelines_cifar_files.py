@@ -201,7 +201,7 @@ def test_cifar_recipe_trains_on_32px_jpegs(train32, backend):
 def test_list_config_with_the_cifar_recipe_runs_from_config_to_batches(jpegs32, backend):
     """``data.kind: list`` + ``augment_recipe: cifar`` is a valid config, and its datasets feed both
     pipelines (the path the trainer takes)."""
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
     from fastlt.data.build import build_datasets
     from fastlt.pipelines import train_spec, val_spec
 

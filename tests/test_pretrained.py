@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from fastlt.checkpoint import save_weights
+from fastlt.training.checkpoint import save_weights
 from fastlt.errors import CheckpointError
 from fastlt.models import BCLModel
 from fastlt.models.pretrained import load_pretrained

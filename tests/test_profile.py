@@ -1,4 +1,4 @@
-"""``fastlt profile`` (fastlt.profiling) on CPU: the real entry point, the trainer's own setup, the
+"""``fastlt profile`` (fastlt.reports.profiling) on CPU: the real entry point, the trainer's own setup, the
 real torch pipeline on the tiny synthetic dataset.
 
 * the trace files: ``trace.json`` parses as JSON and names fastlt's ranges and PyTorch's

@@ -1,4 +1,4 @@
-"""The shipped recipes (fastlt.recipes): ``--config`` takes a recipe name, ``fastlt recipes``
+"""The shipped recipes (fastlt.config.recipes): ``--config`` takes a recipe name, ``fastlt recipes``
 lists them with their published top-1, and a wheel installed outside the source tree finds
 them — ``fastlt recipes`` and a one-epoch ``fastlt demo`` run from there."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, child_env
 
 from fastlt.errors import ConfigError
-from fastlt.recipes import format_recipes, list_recipes, recipe_dir, resolve_config
+from fastlt.config.recipes import format_recipes, list_recipes, recipe_dir, resolve_config
 
 # ARCHITECTURE §2, the top-1 column.
 PUBLISHED = {"imagenet_lt_resnext50_90ep": 59.76, "imagenet_lt_resnext50_180ep": 60.37,
@@ -83,7 +83,7 @@ def _run(installed, *args, timeout=300):
 
 def test_installed_wheel_lists_recipes_and_runs_the_demo(installed_wheel):
     target, work, env = installed_wheel
-    where = subprocess.run([sys.executable, "-c", "import fastlt, fastlt.recipes as r; print(fastlt.__file__); "
+    where = subprocess.run([sys.executable, "-c", "import fastlt, fastlt.config.recipes as r; print(fastlt.__file__); "
                             "print(r.recipe_dir())"], capture_output=True, text=True, cwd=work, env=env, check=True)
     module, recipes = where.stdout.split()
     assert Path(module).is_relative_to(target) and Path(recipes) == target / "fastlt" / "configs"

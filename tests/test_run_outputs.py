@@ -92,10 +92,10 @@ def test_label_diagnostics_are_logged_per_interval(run):
 
 
 def test_step_stats_match_the_formulas():
-    """fastlt.label_stats against ARCHITECTURE §1 written out sample by sample."""
+    """fastlt.method.label_stats against ARCHITECTURE §1 written out sample by sample."""
     from fastlt.kernels import CompactLabel, reference_rectify_labels_compact
-    from fastlt.label_stats import STAT_COLUMNS, interval_fields, step_stats
-    from fastlt.labels import area_label, reference_rectify_labels
+    from fastlt.method.label_stats import STAT_COLUMNS, interval_fields, step_stats
+    from fastlt.method.labels import area_label, reference_rectify_labels
     from fastlt.pipelines import TrainBatch
 
     g = torch.Generator().manual_seed(4)
@@ -153,7 +153,7 @@ def _png_size(path):
 
 
 def test_run_writes_plots_csv_class_map_and_the_pretrained_start(run):
-    from fastlt.plots import SIZES
+    from fastlt.reports.plots import SIZES
 
     d = run["dir"]
     for name in ("per_class_accuracy.png", "shot_groups.png", "training_curves.png"):
@@ -188,7 +188,7 @@ def _cli(capsys, *args) -> str:
 
 
 def test_eval_writes_per_class_csv_and_plots(run, tmp_path, capsys):
-    from fastlt.plots import SIZES
+    from fastlt.reports.plots import SIZES
 
     d = run["dir"]
     out = _cli(capsys, "eval", "--config", d / "config.yaml", "--checkpoint", d / "last.pt", "--out",
@@ -203,7 +203,7 @@ def test_eval_writes_per_class_csv_and_plots(run, tmp_path, capsys):
 
 
 def test_inspect_renders_the_labels_of_real_batches(run, tmp_path, capsys):
-    from fastlt.label_inspect import CELL, COLUMNS, HEADER
+    from fastlt.reports.label_inspect import CELL, COLUMNS, HEADER
 
     d = run["dir"]
     out = _cli(capsys, "inspect", "--config", d / "config.yaml", "--checkpoint", d / "best.pt", "--samples", "6",
@@ -228,8 +228,8 @@ def test_inspect_renders_the_labels_of_real_batches(run, tmp_path, capsys):
 def test_tensorboard_can_be_turned_off(tmp_path):
     import io
 
-    from fastlt.config import config_from_dict
-    from fastlt.logger import RunLogger
+    from fastlt.config.loader import config_from_dict
+    from fastlt.reports.logger import RunLogger
 
     synth = {"kind": "synthetic", "root": str(tmp_path)}
     assert config_from_dict({"data": synth, "run": {"tensorboard": False}}).run.tensorboard is False
@@ -250,7 +250,7 @@ def test_a_resumed_run_replaces_the_steps_it_replays_in_tensorboard(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fastlt.logger import RunLogger
+    from fastlt.reports.logger import RunLogger
 
     def launch(steps, offset):
         log = RunLogger(tmp_path, stream=io.StringIO(), tensorboard=True)

@@ -1,4 +1,4 @@
-"""fastlt.sampling (ARCHITECTURE §1 "Samplers", §3 "Distributed") on the real Places-LT training
+"""fastlt.method.sampling (ARCHITECTURE §1 "Samplers", §3 "Distributed") on the real Places-LT training
 labels: class frequencies by chi-square tests, exact uniform coverage, determinism, and the
 step-major sharding that makes a global step the same samples for any number of ranks."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fastlt.sampling import SAMPLER_KINDS, global_position, make_sampler, shard_step_major, steps_per_epoch
+from fastlt.method.sampling import SAMPLER_KINDS, global_position, make_sampler, shard_step_major, steps_per_epoch
 
 P_MIN = 1e-3  # fixed seeds: these p-values are deterministic, not flaky
 

@@ -1,4 +1,4 @@
-"""The trainer (fastlt.trainer, fastlt.checkpoint, fastlt.evaluate, fastlt.cli) on CPU.
+"""The trainer (fastlt.training.trainer, fastlt.training.checkpoint, fastlt.training.evaluate, fastlt.cli) on CPU.
 
 End-to-end runs go through the real entry point (`python -m fastlt.train`, one process,
 DeepSpeed with gloo) and the real torch pipeline on a tiny cached synthetic dataset:
@@ -99,7 +99,7 @@ def test_short_run_loss_falls_and_writes_the_run_directory(tmp_path, data_root):
     assert metrics["train_class_counts"] == TRAIN_COUNTS
     for name in ("best.pt", "last.pt"):
         assert set(weights(run / name)) == set(weights(run / "last.pt"))
-    from fastlt.config import config_to_dict, load_config
+    from fastlt.config.loader import config_to_dict, load_config
 
     saved = load_config(run / "config.yaml")
     assert config_to_dict(saved) == config_to_dict(load_config(tmp_path / "short.yaml"))
@@ -240,7 +240,7 @@ def test_bf16_zero2_accumulation_and_clipping_run_end_to_end(tmp_path, data_root
 
 
 def _cfg(data_root, tmp_path, **data):
-    from fastlt.config import config_from_dict
+    from fastlt.config.loader import config_from_dict
 
     cfg = tiny_config(data_root, tmp_path)
     cfg["data"].update(data)
@@ -298,8 +298,8 @@ def _step_inputs(b=6, c=5, d=4, seed=0):
 
 @pytest.mark.parametrize("rectify", [False, True])
 def test_objective_matches_the_spec(tmp_path, data_root, rectify):
-    from fastlt.config import config_from_dict
-    from fastlt.objective import ConCutMixObjective
+    from fastlt.config.loader import config_from_dict
+    from fastlt.method.objective import ConCutMixObjective
 
     cfg = config_from_dict(tiny_config(data_root, tmp_path, method={"alpha": 2.0, "beta": 0.6, "tau": 0.8,
                                                                      "topk": 2, "temperature": 0.1,
@@ -331,8 +331,8 @@ def test_objective_matches_the_spec(tmp_path, data_root, rectify):
 
 
 def test_rectified_label_sends_no_gradient_into_z_or_centers(tmp_path, data_root):
-    from fastlt.config import config_from_dict
-    from fastlt.objective import ConCutMixObjective
+    from fastlt.config.loader import config_from_dict
+    from fastlt.method.objective import ConCutMixObjective
 
     cfg = config_from_dict(tiny_config(data_root, tmp_path, method={"beta": 0.0, "topk": 2}))
     batch, counts, logits, z_raw, centers_raw = _step_inputs()
@@ -367,8 +367,8 @@ class _Engine:
 
 
 def test_checkpoint_save_is_atomic_pruned_and_survives_ctrl_c(tmp_path):
-    from fastlt.checkpoint import CheckpointManager, load_weights
-    from fastlt.signals import StopFlag
+    from fastlt.training.checkpoint import CheckpointManager, load_weights
+    from fastlt.training.signals import StopFlag
 
     mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
     stale = tmp_path / "checkpoints" / "epoch0001_step000000.partial"
@@ -389,7 +389,7 @@ def test_checkpoint_save_is_atomic_pruned_and_survives_ctrl_c(tmp_path):
 
 
 def test_resolve_rejects_what_is_not_a_complete_checkpoint(tmp_path):
-    from fastlt.checkpoint import CheckpointManager
+    from fastlt.training.checkpoint import CheckpointManager
     from fastlt.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -413,7 +413,7 @@ class _Payload:
 
 
 def test_checkpoints_are_loaded_without_arbitrary_pickle(tmp_path):
-    from fastlt.checkpoint import load_weights
+    from fastlt.training.checkpoint import load_weights
     from fastlt.errors import CheckpointError
     from fastlt.files import safe_load
 
@@ -433,7 +433,7 @@ def test_checkpoints_are_loaded_without_arbitrary_pickle(tmp_path):
 def test_logger_fixed_fields_jsonl_and_rank0_only(tmp_path):
     import io
 
-    from fastlt.logger import RunLogger
+    from fastlt.reports.logger import RunLogger
 
     rec = {"epoch": 3, "epochs": 30, "step": 40, "steps": 400, "ce": 1.5, "scl": float("nan"), "loss": 2.0,
            "lr": 0.1, "img_per_s": 1234.5, "data_wait": 0.125}

@@ -1,6 +1,6 @@
 """Long-tailed datasets: list files, image folders, CIFAR-LT and a synthetic long-tailed image set.
 
-Four sources feed the samplers (``fastlt.sampling``) and the pipelines
+Four sources feed the samplers (``fastlt.method.sampling``) and the pipelines
 (``fastlt.pipelines``); each exposes ``labels`` (int64), ``class_counts`` (the N_j of
 ARCHITECTURE §1) and ``num_classes``:
 

@@ -1,6 +1,6 @@
 """The ``data`` section of the config (datasets, views, batch size, samplers; ARCHITECTURE §1,
 §2) and the dataset kinds. The option lists come from the modules that own them: dataset
-profiles and CIFAR names from ``fastlt.data``, samplers from ``fastlt.sampling``, view recipes,
+profiles and CIFAR names from ``fastlt.data``, samplers from ``fastlt.method.sampling``, view recipes,
 normalisations and the bad-input policy from ``fastlt.pipelines.spec``.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 from fastlt.errors import ConfigError
 from fastlt.pipelines.randaugment import check_randaugment
 from fastlt.pipelines.spec import NORMALIZATIONS, ON_ERROR, RECIPES
-from fastlt.sampling import SAMPLER_KINDS
-from fastlt.typed_config import one_of, positive
+from fastlt.method.sampling import SAMPLER_KINDS
+from fastlt.config.typed import one_of, positive
 
 from .cifar import CIFAR_NAMES
 from .profile import IMB_TYPES

@@ -148,7 +148,7 @@ class BCLModel(nn.Module):
 
 
 def build_model(cfg, num_classes: int) -> nn.Module:
-    """The BCL model of a :class:`fastlt.config.Config` (its ``model`` section) for C classes;
+    """The BCL model of a :class:`fastlt.config.loader.Config` (its ``model`` section) for C classes;
     with ``model.sync_bn`` its BatchNorm layers synchronise their statistics over the ranks."""
     m = cfg.model
     model = BCLModel(m.backbone, num_classes, feat_dim=m.feat_dim, use_norm=m.use_norm, hidden_dim=m.hidden_dim,

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
-from fastlt.typed_config import one_of, positive
+from fastlt.config.typed import one_of, positive
 
 __all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig", "check_input_size"]
 

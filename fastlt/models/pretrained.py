@@ -9,7 +9,7 @@ What can be loaded:
   ``module.`` prefix are unwrapped) — into the backbone; the file's classifier (``fc.*``,
   ``head.*``) has no place in a backbone built without one and is reported as unexpected;
 * a fastlt ``best.pt`` / ``last.pt``, checkpoint directory or run directory
-  (``fastlt.checkpoint.load_weights``) — its ``backbone.*`` tensors with scope ``backbone``,
+  (``fastlt.training.checkpoint.load_weights``) — its ``backbone.*`` tensors with scope ``backbone``,
   or the whole model (classifier and both heads too) with scope ``all``.
 
 Loading is strict where it matters: a tensor whose shape differs (a classifier of another C,
@@ -60,7 +60,7 @@ def _is_state_dict(obj) -> bool:
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], bool]:
     """(tensors by name, whether the file is fastlt's own BCL weights), read safely from ``path``."""
-    from fastlt.checkpoint import load_weights
+    from fastlt.training.checkpoint import load_weights
     from fastlt.files import safe_load
 
     path = check_pretrained_path(str(path))

@@ -15,7 +15,7 @@ import torch
 def main(argv):
     from deepspeed.accelerator import get_accelerator
 
-    import fastlt.objective as objective
+    import fastlt.method.objective as objective
     from fastlt.cli import train_main
     from fastlt.models.bcl import BCLModel
 

@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastlt.checkpoint import CheckpointManager, model_signature
+from fastlt.training.checkpoint import CheckpointManager, model_signature
 from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError
 from fastlt.files import check_writable_dir
 
@@ -56,7 +56,7 @@ def steps_per_epoch(cfg, num_train: int, world_size: int) -> int:
     step-major shards), capped by run.max_steps_per_epoch, in whole optimizer steps (a partial
     accumulation at the end of an epoch would carry gradients into the next epoch and into no
     checkpoint)."""
-    from fastlt.sampling import steps_per_epoch as whole_steps
+    from fastlt.method.sampling import steps_per_epoch as whole_steps
 
     steps = whole_steps(num_train, cfg.data.batch_size // world_size, world_size)
     if cfg.run.max_steps_per_epoch:
@@ -75,7 +75,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def config_signature(cfg, num_classes: int) -> dict:
-    """The model signature (``fastlt.checkpoint.model_signature``) of ``cfg``'s model, from a copy
+    """The model signature (``fastlt.training.checkpoint.model_signature``) of ``cfg``'s model, from a copy
     built on the meta device: shapes only, no memory, no initialisation cost."""
     import torch
 

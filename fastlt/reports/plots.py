@@ -5,7 +5,7 @@ pyplot state), and the per-class CSV.
   many / medium / few-shot bands of ARCHITECTURE §1 "Evaluation" shaded, group means drawn;
 * :func:`plot_shot_groups` — overall / many / medium / few accuracy as bars;
 * :func:`plot_training_curves` — from a run's ``log.jsonl``: losses, learning rate, training
-  and evaluation accuracy, the label diagnostics of ``fastlt.label_stats``, throughput;
+  and evaluation accuracy, the label diagnostics of ``fastlt.method.label_stats``, throughput;
 * :func:`plot_class_histogram` — a dataset's images per class, largest first, log y, bands
   shaded (``fastlt data``);
 * :func:`write_run_report` (end of a run) and :func:`write_eval_report` (``fastlt eval``)
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastlt.metrics import FEW_SHOT, MANY_SHOT
+from fastlt.reports.metrics import FEW_SHOT, MANY_SHOT
 
 __all__ = ["SIZES", "plot_class_histogram", "plot_per_class", "plot_shot_groups", "plot_training_curves",
            "shot_group", "write_eval_report", "write_per_class_csv", "write_run_report"]
@@ -305,7 +305,7 @@ def write_run_report(run_dir: str | os.PathLike, metrics: dict, train_counts,
 
 def write_eval_report(out_dir: str | os.PathLike, metrics: dict,
                       log_jsonl: str | os.PathLike | None = None) -> list[Path]:
-    """``fastlt eval``'s set in ``out_dir`` from a :func:`fastlt.evaluate.run_eval` result (which
+    """``fastlt eval``'s set in ``out_dir`` from a :func:`fastlt.training.evaluate.run_eval` result (which
     carries the training class counts and names); the training curves too when ``log_jsonl``
     exists. Returns the paths written."""
     out_dir = Path(out_dir)

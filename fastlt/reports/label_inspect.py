@@ -5,9 +5,9 @@ Batches come from the real training pipeline of the config (same samplers, CutMi
 views as training, at the checkpoint's epoch unless another is asked for). The model of the
 checkpoint runs the training forward pass over cat[view 0, view 1, view 2] (train mode, as
 the training step does, under ``no_grad``), and for each mixed sample the area label
-y = λ·onehot(a) + (1−λ)·onehot(b) and the rectified label ŷ (``fastlt.labels.rectify_labels``
+y = λ·onehot(a) + (1−λ)·onehot(b) and the rectified label ŷ (``fastlt.method.labels.rectify_labels``
 with the config's ω, K and normalisation) are computed, with γ, ‖ŷ − y‖₁, whether the
-arg-max changed and the top-K mass outside {a, b} (``fastlt.label_stats``).
+arg-max changed and the top-K mass outside {a, b} (``fastlt.method.label_stats``).
 
 Written to the output folder:
 
@@ -51,8 +51,8 @@ def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: 
                     max_batches: int, device, precision=None, mean, std) -> list[dict]:
     """Up to ``samples`` mixed samples of ``pipeline``'s epoch with their labels (see the module docstring)."""
     from fastlt.kernels import rectify_labels_compact
-    from fastlt.label_stats import per_sample_stats
-    from fastlt.labels import area_label
+    from fastlt.method.label_stats import per_sample_stats
+    from fastlt.method.labels import area_label
 
     m = cfg.method
     counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64, device=device)
@@ -206,9 +206,9 @@ def inspect_labels(cfg, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
     """``fastlt inspect``: write labels.png, labels.html and labels.json; returns (paths, samples)."""
     from fastlt.data.build import build_datasets
     from fastlt.data.folder import read_class_map
-    from fastlt.distributed import resolve_device
-    from fastlt.engine import precision_of
-    from fastlt.evaluate import checkpoint_run_dir, load_checkpoint_model
+    from fastlt.training.distributed import resolve_device
+    from fastlt.training.engine import precision_of
+    from fastlt.training.evaluate import checkpoint_run_dir, load_checkpoint_model
     from fastlt.pipelines import build_train_pipeline, normalization, select_backend, train_spec
 
     if samples < 1:

@@ -7,7 +7,7 @@
   dtype, used by the training step, the trainer's evaluation and ``fastlt eval`` alike;
 * :func:`build_engine` — SGD + ``deepspeed.initialize`` + safe checkpoint I/O + memory format,
   as the trainer and the train-step benchmark use it;
-* :class:`PlainEngine` — the engine calls ``fastlt.objective.train_step`` makes, on a plain
+* :class:`PlainEngine` — the engine calls ``fastlt.method.objective.train_step`` makes, on a plain
   ``torch.optim`` optimizer (your own loop, or a machine without DeepSpeed);
 * :func:`deepspeed_extra_warning` — the ``deepspeed.extra`` keys DeepSpeed's config never reads.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastlt.errors import ConfigError
-from fastlt.typed_config import one_of, positive
+from fastlt.config.typed import one_of, positive
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ def precision_of(ds: DeepSpeedSection) -> Precision:
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
-    """DeepSpeed's config dict, built from a :class:`fastlt.config.Config`."""
+    """DeepSpeed's config dict, built from a :class:`fastlt.config.loader.Config`."""
     ds = cfg.deepspeed
     if cfg.data.batch_size % world_size:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of ranks "
@@ -164,13 +164,13 @@ def build_engine(cfg, model, world_size: int):
     """(engine, ds_config): ``model`` wrapped by ``deepspeed.initialize`` with SGD (``optim``),
     checkpoint reads and writes made safe and atomic, and channels-last where asked.
 
-    The process group must already be up (``fastlt.distributed.init_distributed``).
+    The process group must already be up (``fastlt.training.distributed.init_distributed``).
     """
     import deepspeed
     import torch
 
     from fastlt.files import install_safe_checkpoint_engine
-    from fastlt.schedule import build_optimizer
+    from fastlt.training.schedule import build_optimizer
 
     ds_config = deepspeed_config(cfg, world_size)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -185,7 +185,7 @@ def build_engine(cfg, model, world_size: int):
 
 
 class PlainEngine:
-    """What ``fastlt.objective.train_step`` calls on a DeepSpeed engine (``engine(x)``,
+    """What ``fastlt.method.objective.train_step`` calls on a DeepSpeed engine (``engine(x)``,
     ``backward``, ``step``), on a plain ``torch.optim`` optimizer. Mixed precision is autocast
     around the forward (``autocast_dtype``, e.g. ``precision_of(ds).autocast_dtype``), as
     DeepSpeed's ``torch_autocast`` does; ``step`` leaves the gradients None."""

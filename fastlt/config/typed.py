@@ -2,8 +2,8 @@
 sections share.
 
 Each component declares its config section as a ``@dataclass(kw_only=True)`` next to its
-option lists (``fastlt.models.config``, ``fastlt.data.config``, ``fastlt.method``,
-``fastlt.schedule``, ``fastlt.engine``, ``fastlt.pipelines.spec``); ``fastlt.config``
+option lists (``fastlt.models.config``, ``fastlt.data.config``, ``fastlt.method.config``,
+``fastlt.training.schedule``, ``fastlt.training.engine``, ``fastlt.pipelines.spec``); ``fastlt.config.loader``
 assembles them. This module turns nested dicts (parsed YAML, ``--set`` overrides) into those
 dataclasses:
 

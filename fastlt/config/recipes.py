@@ -23,7 +23,7 @@ from fastlt.errors import ConfigError
 __all__ = ["Recipe", "format_recipes", "list_recipes", "recipe_dir", "resolve_config"]
 
 _TOP1 = re.compile(r"\s*[—-]+\s*published top-1 ([\d.]+)(\s*\(unconfirmed\))?\s*$")
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # fastlt/
 
 
 @dataclass(frozen=True)

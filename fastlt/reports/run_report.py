@@ -1,6 +1,6 @@
 """What a training run tells its user at the start and leaves in its run directory at the end
 (rank 0): the opening lines (model, data, ranks, pipeline, label schedule), ``metrics.json``,
-the plots and per-class CSV (``fastlt.plots``) and the closing line, which names the best
+the plots and per-class CSV (``fastlt.reports.plots``) and the closing line, which names the best
 epoch and how often the run was evaluated (ARCHITECTURE §1 "Evaluation").
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastlt.files import json_text, write_text_atomic
-from fastlt.logger import format_metrics
+from fastlt.reports.logger import format_metrics
 
 __all__ = ["closing_line", "opening_lines", "write_metrics_json", "write_plots"]
 
@@ -50,9 +50,9 @@ def write_metrics_json(run_dir: Path, cfg, data, *, history: list, best: dict | 
 
 
 def write_plots(run_dir: Path, last_eval: dict, data, log) -> None:
-    """The run's PNG plots and per-class CSV (``fastlt.plots``). A plot that fails is reported, and
+    """The run's PNG plots and per-class CSV (``fastlt.reports.plots``). A plot that fails is reported, and
     the finished run (weights, metrics.json) stays as it is."""
-    from fastlt.plots import write_run_report
+    from fastlt.reports.plots import write_run_report
 
     try:
         paths = write_run_report(run_dir, last_eval, data.class_counts, data.class_names)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlt.method import LABEL_NORMALIZATIONS as NORMALIZATIONS
+from fastlt.method.config import LABEL_NORMALIZATIONS as NORMALIZATIONS
 
 __all__ = [
     "NORMALIZATIONS",
@@ -109,11 +109,11 @@ def validate_rectify_args(z: Tensor, centers: Tensor, label_a: Tensor, label_b: 
         if isinstance(log_count_sum, Tensor):
             if log_count_sum.numel() != 1 or not log_count_sum.is_floating_point():
                 raise ValueError("rectify_labels: log_count_sum must be one floating-point value, "
-                                 "fastlt.labels.sum_log_counts(class_counts); got a tensor of shape "
+                                 "fastlt.method.labels.sum_log_counts(class_counts); got a tensor of shape "
                                  f"{tuple(log_count_sum.shape)} and dtype {log_count_sum.dtype}")
         elif isinstance(log_count_sum, bool) or not isinstance(log_count_sum, (int, float)):
             raise ValueError("rectify_labels: log_count_sum must be a tensor or a number "
-                             f"(fastlt.labels.sum_log_counts(class_counts)); got {type(log_count_sum).__name__}")
+                             f"(fastlt.method.labels.sum_log_counts(class_counts)); got {type(log_count_sum).__name__}")
 
 
 def topk_mask(s: Tensor, k: int) -> Tensor:

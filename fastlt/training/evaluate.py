@@ -1,9 +1,9 @@
 """Evaluation (ARCHITECTURE §1 "Evaluation"): top-1 on the balanced val/test split and
-many/medium/few-shot accuracy (``fastlt.metrics.shot_accuracy``, groups from the training
+many/medium/few-shot accuracy (``fastlt.reports.metrics.shot_accuracy``, groups from the training
 class counts).
 
 * :func:`predict` runs the model over one rank's share of a validation pipeline, in the
-  run's precision (``fastlt.engine.precision_of``: the same dtypes as the training step);
+  run's precision (``fastlt.training.engine.precision_of``: the same dtypes as the training step);
 * :func:`evaluate_model` gathers every rank's predictions and returns the metrics (identical
   on every rank; the val pipelines shard without padding, so every image counts once);
 * :func:`run_eval` is ``fastlt eval``: a config plus a checkpoint (best.pt / last.pt, a
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastlt.distributed import gather_variable
-from fastlt.engine import Precision
+from fastlt.training.distributed import gather_variable
+from fastlt.training.engine import Precision
 
 __all__ = ["checkpoint_run_dir", "evaluate_model", "load_checkpoint_model", "predict", "run_eval", "write_metrics"]
 
@@ -58,7 +58,7 @@ def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, pre
                    channels_last: bool = False) -> dict:
     """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n
     and per_class_n (evaluated images per class)."""
-    from fastlt.metrics import shot_accuracy
+    from fastlt.reports.metrics import shot_accuracy
 
     preds, labels = predict(model, batches, device=device, precision=precision, channels_last=channels_last)
     preds, labels = gather_variable(preds), gather_variable(labels)
@@ -72,7 +72,7 @@ def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, pre
 def load_checkpoint_model(cfg, checkpoint: str | Path, num_classes: int) -> tuple[nn.Module, dict]:
     """(the config's model with the checkpoint's weights, on the CPU; the checkpoint's meta).
     Raises CheckpointError when the checkpoint belongs to another model."""
-    from fastlt.checkpoint import load_weights, model_signature
+    from fastlt.training.checkpoint import load_weights, model_signature
     from fastlt.errors import CheckpointError
     from fastlt.models import build_model
 
@@ -98,8 +98,8 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
     (or CIFAR/synthetic data) of the config must be readable too.
     """
     from fastlt.data.build import build_datasets
-    from fastlt.distributed import resolve_device
-    from fastlt.engine import precision_of
+    from fastlt.training.distributed import resolve_device
+    from fastlt.training.engine import precision_of
     from fastlt.errors import ConfigError, DataError
     from fastlt.pipelines import build_val_pipeline, select_backend, val_spec
 

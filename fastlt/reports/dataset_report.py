@@ -7,7 +7,7 @@ relative to ``--root``, default the list's folder) or a config / recipe name (it
 training would build them). The report:
 
 * the training class histogram as text (classes per 1-2-5 bin of images per class) and as a
-  PNG (``class_histogram.png``: log-scale counts, many / medium / few bands, fastlt.plots);
+  PNG (``class_histogram.png``: log-scale counts, many / medium / few bands, fastlt.reports.plots);
 * images, classes, largest and smallest classes, imbalance factor (max / min images per class),
   classes and images per shot group (many > 100, medium 20–100, few < 20 training images);
 * a header check of every image file of every split (PIL parses the header; a JPEG must end
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
-from fastlt.plots import plot_class_histogram, shot_group
+from fastlt.reports.plots import plot_class_histogram, shot_group
 
 _BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>")
 
@@ -69,9 +69,9 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
             return DatasetTarget(path.stem, f"list file {path} (root {ds.root})", ds, names)
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"fastlt data {target}: {e}") from None
-    from fastlt.config import load_config
+    from fastlt.config.loader import load_config
     from fastlt.data.build import build_datasets
-    from fastlt.recipes import resolve_config
+    from fastlt.config.recipes import resolve_config
 
     cfg = load_config(resolve_config(target), list(overrides))
     data = build_datasets(cfg)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlt.method import SCL_SCOPES
+from fastlt.method.config import SCL_SCOPES
 
 __all__ = ["BalancedSupConLoss", "LogitAdjustedCrossEntropy", "balanced_supcon_loss", "log_prior",
            "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "soft_cross_entropy"]
@@ -243,7 +243,7 @@ class BalancedSupConLoss(nn.Module):
         self.register_buffer("center_labels", torch.arange(self.num_classes), persistent=False)
 
     def forward(self, centers: Tensor, features: Tensor, labels: Tensor) -> Tensor:
-        from fastlt import distributed as dist
+        from fastlt.training import distributed as dist
 
         if features.dim() != 3 or features.shape[1] != 2:
             raise ValueError(f"BalancedSupConLoss: features must be (B, 2, D); got {tuple(features.shape)}")

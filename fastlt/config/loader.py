@@ -11,9 +11,9 @@ section        class                                  declared in
 =============  =====================================  ========================================
 model          ModelConfig                            fastlt.models.config
 data           DataConfig (+ SyntheticConfig)         fastlt.data.config
-method         MethodConfig                           fastlt.method
-optim          OptimConfig                            fastlt.schedule
-deepspeed      DeepSpeedSection                       fastlt.engine
+method         MethodConfig                           fastlt.method.config
+optim          OptimConfig                            fastlt.training.schedule
+deepspeed      DeepSpeedSection                       fastlt.training.engine
 pipeline       PipelineConfig                         fastlt.pipelines.spec
 run            RunConfig                              here
 =============  =====================================  ========================================
@@ -22,7 +22,7 @@ run            RunConfig                              here
   :func:`read_recipe`), applies dotted ``key=value`` overrides (values parsed as YAML:
   ``optim.lr=0.05``, ``optim.milestones=[160,180]``) and returns a validated :class:`Config`.
 * Unknown keys and wrong types raise :class:`~fastlt.errors.ConfigError`, naming the key and
-  the closest valid keys (``fastlt.typed_config``).
+  the closest valid keys (``fastlt.config.typed``).
 * ``save_config(cfg, path)`` writes the resolved configuration (no ``base:``) into the run
   directory.
 
@@ -39,13 +39,13 @@ from typing import Any
 import yaml
 
 from fastlt.data.config import DataConfig, SyntheticConfig
-from fastlt.engine import DeepSpeedSection
+from fastlt.training.engine import DeepSpeedSection
 from fastlt.errors import ConfigError
-from fastlt.method import MethodConfig
+from fastlt.method.config import MethodConfig
 from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig
-from fastlt.schedule import OptimConfig
-from fastlt.typed_config import build_section, flat_keys as _flat_keys, load_yaml, one_of, positive, set_dotted
+from fastlt.training.schedule import OptimConfig
+from fastlt.config.typed import build_section, flat_keys as _flat_keys, load_yaml, one_of, positive, set_dotted
 
 __all__ = [
     "BASE_KEY",

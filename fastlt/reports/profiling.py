@@ -1,10 +1,10 @@
 """``fastlt profile``: training steps of a run under ``torch.profiler``, and what they cost.
 
-The run is built by the trainer itself (:meth:`fastlt.trainer.Trainer.setup`: the same process
+The run is built by the trainer itself (:meth:`fastlt.training.trainer.Trainer.setup`: the same process
 group, model, DeepSpeed engine, objective and training pipeline as ``fastlt train``, in the run
 directory ``<run.output_dir>/<run.name>-profile``). ``warmup`` steps run first, unrecorded
 (cuDNN autotuning, compilation, the pipeline's first batches); then ``steps`` steps of
-:func:`fastlt.objective.train_step` are recorded, each fetching its batch from the real pipeline
+:func:`fastlt.method.objective.train_step` are recorded, each fetching its batch from the real pipeline
 (range ``fastlt::data``) and training on it (range ``fastlt::train_step``, inside which the step
 names its parts ``fastlt::forward`` / ``objective`` / ``backward`` / ``optimizer_step``), in one
 label phase: ``rectified`` (the ConCutMix label, epochs after ``method.l_d_warm``; the default) or
@@ -70,13 +70,13 @@ def profile_run(cfg, *, steps: int = 5, warmup: int = 3, phase: str = "rectified
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name}: must be an integer >= {least}; got {value!r}")
     epochs = phase_epochs(cfg, phase)
-    from fastlt import distributed as dist
+    from fastlt.training import distributed as dist
 
     world = dist.process_info().world_size
     if world > 1:
         raise ConfigError(f"fastlt profile records one process; this one is a rank of a world of {world} "
                           "(run it without a launcher)")
-    from fastlt.trainer import Trainer
+    from fastlt.training.trainer import Trainer
 
     run_dir = default_run_dir(cfg)
     trainer = Trainer(cfg, run_dir=run_dir)
@@ -135,7 +135,7 @@ def _profile(trainer, epochs: range, steps: int, warmup: int, phase: str, out: P
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     from fastlt.kernels.testing import analyse_events, event_windows
-    from fastlt.objective import train_step
+    from fastlt.method.objective import train_step
 
     cuda = trainer.dev.type == "cuda"
     rectify = phase == "rectified"

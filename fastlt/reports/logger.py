@@ -5,7 +5,7 @@
   share of the interval's wall time spent waiting for the next batch — printed and appended
   to ``train.log``;
   followed, when the trainer measured them, by the training accuracy on the classification view
-  and the label diagnostics of ``fastlt.label_stats`` (γ, ‖ŷ − y‖₁, arg-max changes, top-K
+  and the label diagnostics of ``fastlt.method.label_stats`` (γ, ‖ŷ − y‖₁, arg-max changes, top-K
   mass outside {a, b}; only while rectified labels are in use);
 * the same record as one JSON object per line in ``log.jsonl`` (``"event": "train"``),
   next to the other events (``eval``, ``checkpoint``, ``info``, ...);
@@ -143,7 +143,7 @@ class RunLogger:
     def train(self, rec: dict) -> None:
         """One log interval: keys epoch, epochs, step, steps, ce, scl, loss, lr, img_per_s, data_wait;
         optionally global_step (TensorBoard's step), train_acc and the label fields of
-        ``fastlt.label_stats.interval_fields``."""
+        ``fastlt.method.label_stats.interval_fields``."""
         if not self.enabled:
             return
         self._emit(format_train_line(rec))

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
-from fastlt.typed_config import one_of, positive
+from fastlt.config.typed import one_of, positive
 
 __all__ = ["EpochLR", "OptimConfig", "SCHEDULES", "build_optimizer"]
 

@@ -222,7 +222,7 @@ def average_buffers(module: torch.nn.Module) -> None:
 
 def replica_digests(module: torch.nn.Module) -> list[str]:
     """Every rank's weights digest; raises if data parallelism left the replicas different."""
-    from fastlt.checkpoint import weights_digest
+    from fastlt.models.signature import weights_digest
 
     mine = weights_digest(module)
     world = _world()

@@ -1,13 +1,13 @@
 """The ``method`` section of the config: ConCutMix + BCL hyper-parameters (ARCHITECTURE §1) and
-their option lists. ``fastlt.labels`` (the rectified label), ``fastlt.losses`` (LA-CE, BalSCL)
-and ``fastlt.objective`` (the training objective) implement what these settings describe.
+their option lists. ``fastlt.method.labels`` (the rectified label), ``fastlt.method.losses`` (LA-CE, BalSCL)
+and ``fastlt.method.objective`` (the training objective) implement what these settings describe.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
-from fastlt.typed_config import one_of, positive
+from fastlt.config.typed import one_of, positive
 
 __all__ = ["LABEL_NORMALIZATIONS", "MethodConfig", "SCL_SCOPES"]
 

@@ -1,21 +1,21 @@
 """The ConCutMix + BCL trainer on a DeepSpeed engine (ARCHITECTURE §2 recipes, §3 "Engine").
 
-:class:`Trainer` runs one :class:`~fastlt.config.Config`:
+:class:`Trainer` runs one :class:`~fastlt.config.loader.Config`:
 
 1. before any process group exists: the device, the run directory and the resume target,
    the datasets, the epoch length and the validation images are checked
-   (``fastlt.preflight``), so a wrong path, class count, batch size or a damaged checkpoint
+   (``fastlt.training.preflight``), so a wrong path, class count, batch size or a damaged checkpoint
    stops the run with one message before DeepSpeed starts and before anything is written;
-2. the process group, the model, the DeepSpeed engine (``fastlt.engine``), the objective
-   (``fastlt.objective``), the per-epoch LR (``fastlt.schedule``) and the pipelines;
-3. epochs of :func:`~fastlt.objective.train_step`, a resumable checkpoint every
-   ``run.checkpoint_every`` epochs (``fastlt.checkpoint``; never of a non-finite state), then
+2. the process group, the model, the DeepSpeed engine (``fastlt.training.engine``), the objective
+   (``fastlt.method.objective``), the per-epoch LR (``fastlt.training.schedule``) and the pipelines;
+3. epochs of :func:`~fastlt.method.objective.train_step`, a resumable checkpoint every
+   ``run.checkpoint_every`` epochs (``fastlt.training.checkpoint``; never of a non-finite state), then
    evaluation every ``run.eval_every`` epochs (after the checkpoint: a failing evaluation
    never costs the epoch, and a resume from that checkpoint evaluates first).
 
 The host waits for the device only at log intervals, epoch ends, evaluation and
 checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
-SIGTERM (``fastlt.signals``) stop at a step boundary after a checkpoint; so does an unreadable
+SIGTERM (``fastlt.training.signals``) stop at a step boundary after a checkpoint; so does an unreadable
 training image (``data.on_error: raise``) in a one-process run, whose resume starts at its batch.
 """
 from __future__ import annotations
@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlt import distributed as dist
-from fastlt.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
-from fastlt.config import Config, save_resolved_config
+from fastlt.training import distributed as dist
+from fastlt.training.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
+from fastlt.config.loader import Config, save_resolved_config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
-from fastlt.label_stats import interval_fields
-from fastlt.logger import RunLogger, format_metrics
-from fastlt.run_report import closing_line, opening_lines, write_metrics_json, write_plots
-from fastlt.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
+from fastlt.method.label_stats import interval_fields
+from fastlt.reports.logger import RunLogger, format_metrics
+from fastlt.reports.run_report import closing_line, opening_lines, write_metrics_json, write_plots
+from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
                               steps_per_epoch)
-from fastlt.signals import StopFlag
+from fastlt.training.signals import StopFlag
 
 __all__ = ["Trainer", "train"]
 
@@ -47,7 +47,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | os.PathLike | None = None):
         from fastlt.data.build import build_datasets
-        from fastlt.engine import deepspeed_config, precision_of
+        from fastlt.training.engine import deepspeed_config, precision_of
 
         self.cfg = cfg
         self.resume = resume
@@ -77,12 +77,12 @@ class Trainer:
 
     def setup(self) -> None:
         """Step 2 of the module docstring: process group, model, engine, objective, schedule and
-        pipelines (``fit`` calls it; ``fastlt.profiling`` builds its run with it too)."""
-        from fastlt.engine import build_engine, deepspeed_extra_warning
+        pipelines (``fit`` calls it; ``fastlt.reports.profiling`` builds its run with it too)."""
+        from fastlt.training.engine import build_engine, deepspeed_extra_warning
         from fastlt.models import build_model
-        from fastlt.objective import ConCutMixObjective, compile_step
+        from fastlt.method.objective import ConCutMixObjective, compile_step
         from fastlt.pipelines import build_train_pipeline, build_val_pipeline, select_backend, train_spec, val_spec
-        from fastlt.schedule import EpochLR
+        from fastlt.training.schedule import EpochLR
 
         cfg = self.cfg
         dist.prepare_process_env(self.device)
@@ -153,7 +153,7 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------
 
     def evaluate(self, epoch: int) -> dict:
-        from fastlt.evaluate import evaluate_model
+        from fastlt.training.evaluate import evaluate_model
 
         metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
                                  precision=self.precision, channels_last=self.cfg.model.channels_last)
@@ -211,7 +211,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, start_step: int) -> int:
         """Train one epoch from start_step; returns the step reached (== steps_per_epoch if complete)."""
-        from fastlt.objective import STEP_COLUMNS, train_step
+        from fastlt.method.objective import STEP_COLUMNS, train_step
 
         cfg = self.cfg
         rectify = epoch > cfg.method.l_d_warm

@@ -33,7 +33,6 @@ code when it is loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -46,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastlt.distributed import barrier
+from fastlt.models.signature import signature_diff, model_signature, weights_digest
+from fastlt.training.distributed import barrier
 from fastlt.errors import CheckpointError, OutputError
 from fastlt.files import damage, safe_load, torch_save_atomic, write_text_atomic
 
@@ -118,34 +118,6 @@ def nonfinite_state(engine) -> int:
 # --------------------------------------------------------------------------------------
 # Model signature: refuse to resume another model's checkpoint with a clear message
 # --------------------------------------------------------------------------------------
-
-
-def model_signature(model: torch.nn.Module, cfg) -> dict:
-    """What must match for a checkpoint to belong to this model."""
-    shapes = [f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items()]
-    return {
-        "backbone": cfg.model.backbone,
-        "num_classes": int(getattr(model, "num_classes", 0)),
-        "feat_dim": cfg.model.feat_dim,
-        "use_norm": cfg.model.use_norm,
-        "hidden_dim": cfg.model.hidden_dim,
-        "num_tensors": len(shapes),
-        "shapes_sha1": hashlib.sha1("\n".join(shapes).encode()).hexdigest(),
-    }
-
-
-def _signature_diff(saved: dict, current: dict) -> list[str]:
-    return [f"{k}: checkpoint {saved.get(k)!r}, this config {current.get(k)!r}"
-            for k in current if saved.get(k) != current.get(k)]
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 over the names and raw bytes of a module's state dict (parameters and buffers)."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +193,7 @@ class CheckpointManager:
         if any(path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO / bf16 mode: a shard per rank
             files += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
         rngs = [path / f"rng_rank{r:05d}.pt" for r in ranks]
-        missing_rng = [f.name for f in rngs if not f.is_file()]  # not fatal: see fastlt.preflight
+        missing_rng = [f.name for f in rngs if not f.is_file()]  # not fatal: see fastlt.training.preflight
         for f in files + [f for f in rngs if f.is_file()]:
             if (why := damage(f)) is not None:
                 raise CheckpointError(f"checkpoint {path} cannot be used: {f.name}: {why}")
@@ -341,7 +313,7 @@ class CheckpointManager:
 
     def check_compatible(self, path: Path, meta: dict, signature: dict, *, zero_stage: int = 0) -> None:
         """CheckpointError unless checkpoint ``path`` (its ``meta``) fits this model and world size."""
-        diff = _signature_diff(meta.get("signature", {}), signature)
+        diff = signature_diff(meta.get("signature", {}), signature)
         if diff:
             raise CheckpointError(f"checkpoint {path} belongs to a different model ({'; '.join(diff)}). Resume it "
                                   "with the config it was trained with (config.yaml in its run directory), or "

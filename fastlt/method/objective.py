@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastlt.config import COMPILE_MODES
+from fastlt.config.loader import COMPILE_MODES
 from fastlt.kernels import CompactLabel, rectify_labels_compact
-from fastlt.label_stats import STAT_COLUMNS, step_stats
-from fastlt.labels import sum_log_counts
-from fastlt.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
+from fastlt.method.label_stats import STAT_COLUMNS, step_stats
+from fastlt.method.labels import sum_log_counts
+from fastlt.method.losses import BalancedSupConLoss, LogitAdjustedCrossEntropy
 
 __all__ = ["STEP_COLUMNS", "ConCutMixObjective", "compile_step", "train_step"]
 
@@ -50,7 +50,7 @@ class ConCutMixObjective(nn.Module):
     """L = α·LA-CE(logits of view 0, label) + β·BalSCL(views 1, 2) (ARCHITECTURE §1).
 
     Args:
-        method: the ``method`` config section (:class:`fastlt.method.MethodConfig`).
+        method: the ``method`` config section (:class:`fastlt.method.config.MethodConfig`).
         class_counts: (C,) training images per class.
     """
 
@@ -84,7 +84,7 @@ class ConCutMixObjective(nn.Module):
 
     def forward(self, out, batch, *, rectify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(loss, ce, scl, label diagnostics) for a model output over the step's images and its
-        TrainBatch; the diagnostics are ``fastlt.label_stats.step_stats`` sums, on the device."""
+        TrainBatch; the diagnostics are ``fastlt.method.label_stats.step_stats`` sums, on the device."""
         m = self.method
         b = batch.label_a.shape[0]
         logits = out.logits[:b]
@@ -119,8 +119,8 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
     ``batch.images`` goes to the model as it is: the pipelines deliver it as one (3B, 3, H, W)
     tensor in the model's memory format and dtype. ``engine`` is the DeepSpeed engine, or
     anything with its three calls (``engine(x)``, ``engine.backward(loss)``, ``engine.step()``;
-    ``fastlt.engine.PlainEngine`` gives them on a plain ``torch.optim`` optimizer). Returns the
-    detached (loss, ce, scl) followed by the label diagnostics (``fastlt.label_stats.STAT_COLUMNS``)
+    ``fastlt.training.engine.PlainEngine`` gives them on a plain ``torch.optim`` optimizer). Returns the
+    detached (loss, ce, scl) followed by the label diagnostics (``fastlt.method.label_stats.STAT_COLUMNS``)
     as one float32 tensor on the device (:data:`STEP_COLUMNS`); nothing here waits for the device.
     Under ``torch.profiler`` the four parts are the ranges ``fastlt::forward``,
     ``fastlt::objective``, ``fastlt::backward`` and ``fastlt::optimizer_step``.
