@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastlt-installed
+# The test suite covers the DALI pipelines too, so `make` installs a DALI extra (CPU operators
+# need no GPU): dali-cuda13 matches torch's default CUDA 13 wheels; DALI_EXTRA=dali-cuda12 for
+# a CUDA 12 torch.
+DALI_EXTRA ?= dali-cuda13
 
 .PHONY: install test bench demo clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,$(DALI_EXTRA)]'
 	touch $(STAMP)
 
 install: $(STAMP)

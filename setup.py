@@ -29,12 +29,15 @@ setup(
         "tqdm>=4.60,<5",
         "pillow>=10,<13",
         "deepspeed>=0.15,<0.20",
-        "nvidia-dali-cuda130>=1.50,<3",
         "safetensors>=0.4,<1",
         "tensorboard>=2.14,<3",
         "matplotlib>=3.7,<4",
     ],
+    # DALI as DALI ships it, one wheel per CUDA major version: pick the one matching your torch
+    # build (torch.version.cuda). Without either, training uses the torch DataLoader backend.
     extras_require={
+        "dali-cuda12": ["nvidia-dali-cuda120>=1.50,<3"],
+        "dali-cuda13": ["nvidia-dali-cuda130>=1.51,<3"],
         "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6,<7", "scipy>=1.10,<2"],
     },
     entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},

@@ -14,7 +14,8 @@ The trainer uses four entry points::
 The backend is decided in one place, :func:`select_backend`: ``auto`` takes DALI when
 ``nvidia.dali`` imports and the torch loader otherwise (the environment variable
 ``FASTLT_PIPELINE=dali|torch`` overrides ``auto``); an explicit ``dali`` that cannot be met
-raises instead of falling back. The choice is logged once.
+raises instead of falling back. The choice is logged once, with its reason
+(:func:`choose_backend`); the trainer prints both in its opening lines.
 
 Layout: ``spec`` (what is asked for; no torch), ``batch`` (what comes out), ``common``
 (keyed randomness, sample streams, bad-input policy), ``transforms`` + ``torch_loader`` (the
@@ -41,13 +42,16 @@ if TYPE_CHECKING:
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN", "INAT_STD",
            "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainBatch",
            "TrainPipeline", "TrainPipelineSpec", "ValPipelineSpec", "build_train_pipeline", "build_val_pipeline",
-           "dali_available", "normalization", "select_backend", "train_spec", "val_spec"]
+           "choose_backend", "dali_available", "normalization", "select_backend", "train_spec", "val_spec"]
 
 _ENV = "FASTLT_PIPELINE"
 _logged: set[tuple[str, str]] = set()
 
-DALI_INSTALL_HINT = ("install DALI with `pip install nvidia-dali-cuda130` (CUDA 13 wheels; they include the CPU "
-                     "operators used without a GPU), or set pipeline.backend: torch")
+#: How to get DALI: fastlt's extras follow DALI's own wheels, one per CUDA major version (the
+#: wheels include the CPU operators used without a GPU). Match the CUDA of your torch build.
+DALI_INSTALL_HINT = ("install the DALI extra of your CUDA major version, `pip install fastlt[dali-cuda12]` or "
+                     "`pip install fastlt[dali-cuda13]` (DALI's nvidia-dali-cuda120 / nvidia-dali-cuda130 wheels), "
+                     "or set pipeline.backend: torch")
 
 
 def __getattr__(name: str):
@@ -78,8 +82,9 @@ def dali_available() -> tuple[bool, str]:
     return True, getattr(dali, "__version__", "unknown")
 
 
-def select_backend(requested: str = "auto") -> str:
-    """Resolve ``pipeline.backend`` to "dali" or "torch" (see the module docstring)."""
+def choose_backend(requested: str = "auto") -> tuple[str, str]:
+    """(backend, why) for ``pipeline.backend``: "dali" or "torch" and the reason, in words
+    (requested by the config or the environment, or what ``auto`` found). Logs nothing."""
     if requested not in PIPELINE_BACKENDS:
         raise ValueError(f"pipeline.backend must be one of {PIPELINE_BACKENDS}; got {requested!r}")
     source = "config"
@@ -91,9 +96,18 @@ def select_backend(requested: str = "auto") -> str:
     if requested == "dali" and not ok:
         raise RuntimeError(f"pipeline.backend 'dali' was requested ({source}) but nvidia.dali does not import "
                            f"({info}); {DALI_INSTALL_HINT}")
-    chosen = requested if requested != "auto" else ("dali" if ok else "torch")
-    why = f"requested by {source}" if requested != "auto" else (
-        f"auto: DALI {info} imports" if ok else f"auto: DALI not importable ({info})")
+    if requested != "auto":
+        return requested, f"requested by {source}"
+    if ok:
+        return "dali", f"auto: DALI {info} imports"
+    return "torch", (f"auto: nvidia.dali does not import ({info}); for the DALI pipelines "
+                     + DALI_INSTALL_HINT.removesuffix(", or set pipeline.backend: torch"))
+
+
+def select_backend(requested: str = "auto") -> str:
+    """Resolve ``pipeline.backend`` to "dali" or "torch" (see the module docstring and
+    :func:`choose_backend`); the choice and its reason are logged once."""
+    chosen, why = choose_backend(requested)
     if (chosen, why) not in _logged:
         _logged.add((chosen, why))
         LOG.info("data pipeline backend: %s (%s)", chosen, why)

@@ -265,7 +265,7 @@ def test_explicit_dali_without_dali_raises(monkeypatch):
     import fastlt.pipelines as pipelines
 
     monkeypatch.setattr(pipelines, "dali_available", lambda: (False, "ImportError: No module named 'nvidia'"))
-    with pytest.raises(RuntimeError, match="pip install nvidia-dali"):
+    with pytest.raises(RuntimeError, match=r"pip install fastlt\[dali-cuda12\]"):
         select_backend("dali")
     assert select_backend("auto") == "torch"
     monkeypatch.setenv("FASTLT_PIPELINE", "torch")

@@ -291,6 +291,9 @@ class Trainer:
                                   steps=self.steps_per_epoch, micro=self.ds_config["train_micro_batch_size_per_gpu"],
                                   run_dir=self.run_dir, first_epoch=epoch):
             self.log.info(line)
+        from fastlt.pipelines import choose_backend  # the reason of the choice select_backend made above
+
+        self.log.info(f"data pipeline: {self.backend} ({choose_backend(cfg.pipeline.backend)[1]})")
         last_eval_epoch = None
         with self.stop:
             if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
