@@ -19,7 +19,8 @@ setup(
               "fastlt.reports", "fastlt.kernels", "fastlt.pipelines", "fastlt.configs"],
     package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines",
                  "fastlt.configs": "configs"},
-    package_data={"fastlt.configs": ["*.yaml"]},
+    # The published split lists that may be redistributed (fastlt.data.published), with their BSD licence.
+    package_data={"fastlt.configs": ["*.yaml"], "fastlt.data": ["splits/*.txt.gz", "splits/LICENSE"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",

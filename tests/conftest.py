@@ -20,16 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# /work/shared/data/splits: the published ImageNet-LT / Places-LT / iNaturalist18 lists
-# (the images themselves are not on this machine).
-SPLITS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "splits"
+# The published ImageNet-LT / Places-LT / iNaturalist18 lists shipped with fastlt, gzip-compressed
+# (fastlt.data.published; the images themselves are not on this machine).
+SPLITS_DIR = Path(__file__).resolve().parents[1] / "fastlt" / "data" / "splits"
 
 
 @pytest.fixture(scope="session")
 def splits_dir() -> Path:
-    """Directory of the real split list files; skips when the shared data is absent."""
-    if not (SPLITS_DIR / "Places_LT_train.txt").is_file():
-        pytest.skip(f"real split lists not found in {SPLITS_DIR} (needs the shared data checkout)")
+    """Directory of the shipped split lists (``<name>.txt.gz``)."""
     return SPLITS_DIR
 
 
@@ -38,7 +36,7 @@ def places_train(splits_dir):
     """Places-LT training list (labels and counts only: root points nowhere real)."""
     from fastlt.data import LongTailedList
 
-    return LongTailedList(splits_dir / "no-images", splits_dir / "Places_LT_train.txt")
+    return LongTailedList(splits_dir / "no-images", splits_dir / "Places_LT_train.txt.gz")
 
 
 # Fake CIFAR sizes: per-class train / test images. Small, but in the real on-disk format.

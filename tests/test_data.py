@@ -3,6 +3,7 @@ CIFAR-LT profiles of ARCHITECTURE §2 on fake batches, and the synthetic long-ta
 from __future__ import annotations
 
 import collections
+import gzip
 import json
 import math
 import os
@@ -47,17 +48,18 @@ def test_places_lt_train_counts(places_train, splits_dir):
     c = d.class_counts
     assert (c > 100).sum() == 131 and ((c >= 20) & (c <= 100)).sum() == 163 and (c < 20).sum() == 71
     # Independent count with plain Python.
-    lines = (splits_dir / "Places_LT_train.txt").read_text().split("\n")
+    lines = gzip.decompress((splits_dir / "Places_LT_train.txt.gz").read_bytes()).decode().split("\n")
     counter = collections.Counter(int(ln.split(" ")[-1]) for ln in lines if ln.strip())
     assert [counter[j] for j in range(365)] == c.tolist()
-    assert d.paths[0] == "places365_standard/train/airfield/00004851.jpg" and d.labels[0] == 0
-    assert d.paths[-1] == "places365_standard/train/zen_garden/00000151.jpg" and d.labels[-1] == 364
+    assert d.paths[0] == "train/airfield/00004851.jpg" and d.labels[0] == 0
+    assert d.paths[-1] == "train/zen_garden/00000151.jpg" and d.labels[-1] == 364
 
 
 @pytest.mark.parametrize(
     "name, n, classes, per_class",
-    [("Places_LT_val.txt", 7300, 365, 20), ("ImageNet_LT_val.txt", 20000, 1000, 20),
-     ("ImageNet_LT_test.txt", 50000, 1000, 50), ("iNaturalist18_val.txt", 24426, 8142, 3)],
+    [("Places_LT_val.txt.gz", 7300, 365, 20), ("Places_LT_test.txt.gz", 36500, 365, 100),
+     ("ImageNet_LT_val.txt.gz", 20000, 1000, 20), ("ImageNet_LT_test.txt.gz", 50000, 1000, 50),
+     ("iNaturalist18_val.txt.gz", 24426, 8142, 3)],
 )
 def test_balanced_eval_lists(splits_dir, name, n, classes, per_class):
     d = LongTailedList(splits_dir, splits_dir / name, num_classes=classes, require_all_classes=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fcntl
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from fastlt.errors import DataError
 from .cifar import cifar_lt
 from .folder import ImageFolderLT, read_class_names
 from .lists import LongTailedList
+from .published import describe, missing_list_hint, root_hint, shipped_entry, shipped_list
 from .synthetic import make_synthetic_lt
 
 __all__ = ["Datasets", "build_datasets"]
@@ -32,6 +33,8 @@ class Datasets:
     class_counts: np.ndarray
     class_names: list[str] | None = None
     """Names of the classes in index order (folder datasets, or data.class_names), else None."""
+    notes: list[str] = field(default_factory=list)
+    """What the build decided that a user should read (a shipped list used in place of a missing one)."""
 
 
 def _check_num_classes(cfg, found: int, source: str) -> None:
@@ -40,11 +43,18 @@ def _check_num_classes(cfg, found: int, source: str) -> None:
                         f"set data.num_classes={found} (or 0 to take it from the dataset)")
 
 
-def _list_dataset(cfg, key: str, *, train: bool) -> LongTailedList:
+def _list_dataset(cfg, key: str, *, train: bool, notes: list[str]) -> LongTailedList:
     path = cfg.data.path(key)
+    if not path.is_file() and (shipped := shipped_list(path.name)) is not None:
+        # A published list fastlt ships (fastlt.data.published): the user needs only the images.
+        notes.append(f"data.{key}: {path} does not exist; using {describe(shipped_entry(path.name))}, "
+                     f"shipped with fastlt ({shipped})")
+        path = shipped
     if not path.is_file():
+        where = missing_list_hint(path.name)
         raise DataError(f"data.{key}: list file {path} does not exist (data.root={cfg.data.root!r}); "
-                        f"point data.root at the dataset folder and data.{key} at its list file")
+                        + (f"{where}, and put it in data.root (or point data.{key} at it)" if where else
+                           f"point data.root at the dataset folder and data.{key} at its list file"))
     try:
         return LongTailedList(cfg.data.root, path, cfg.data.num_classes, require_all_classes=train)
     except ValueError as e:
@@ -125,12 +135,12 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
         return _folder_datasets(cfg, need_train)
     # kind == "list"
     if not root.is_dir():
-        raise DataError(f"data.root: {root} does not exist; point it at the folder the paths in "
-                        f"{d.train_list} are relative to (e.g. --set data.root=/datasets/ImageNet)")
-    train = _list_dataset(cfg, "train_list", train=True) if need_train else None
-    val = _list_dataset(cfg, "val_list", train=False)
-    test = _list_dataset(cfg, "test_list", train=False) if d.test_list else None
+        raise DataError(f"data.root: {root} does not exist; point it at {root_hint(d.train_list)}")
+    notes: list[str] = []
+    train = _list_dataset(cfg, "train_list", train=True, notes=notes) if need_train else None
+    val = _list_dataset(cfg, "val_list", train=False, notes=notes)
+    test = _list_dataset(cfg, "test_list", train=False, notes=notes) if d.test_list else None
     names = _class_names(cfg, d.num_classes)
     if train is None:
-        return Datasets(None, val, test, d.num_classes, np.zeros(d.num_classes, dtype=np.int64), names)
-    return Datasets(train, val, test, train.num_classes, np.asarray(train.class_counts), names)
+        return Datasets(None, val, test, d.num_classes, np.zeros(d.num_classes, dtype=np.int64), names, notes)
+    return Datasets(train, val, test, train.num_classes, np.asarray(train.class_counts), names, notes)

@@ -4,6 +4,7 @@ pipelines decode on the GPU (nvJPEG) or the torch loader decodes with PIL.
 """
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -49,9 +50,13 @@ class LongTailedList:
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
         try:
-            text = self.list_file.read_text(encoding="utf-8")
+            # A .gz list (the published lists shipped with fastlt, fastlt.data.published) is read as it is.
+            raw = self.list_file.read_bytes()
+            text = (gzip.decompress(raw) if self.list_file.suffix == ".gz" else raw).decode("utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"list file {self.list_file} does not exist") from None
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise ValueError(f"{self.list_file}: not a readable gzip file ({e})") from None
         except UnicodeDecodeError as e:
             line = e.object[: e.start].count(b"\n") + 1
             raise ValueError(f"{self.list_file}: line {line} is not valid UTF-8 ({e.reason})") from None

@@ -47,6 +47,24 @@ class DatasetTarget:
     class_names: list[str] | None = None
     others: dict = field(default_factory=dict)
     """Further splits to header-check, by name (val, test)."""
+    checks: list[str] = field(default_factory=list)
+    """Which published split each list file is (fastlt.data.published), and the build's notes."""
+
+
+def _list_checks(datasets) -> list[str]:
+    """One line per list file: which published split it is (checksum verified), or how it differs."""
+    from fastlt.data.published import file_digest, identify
+
+    lines = []
+    for split, ds in datasets:
+        if ds is None or not hasattr(ds, "list_file"):
+            continue
+        _, line = identify(ds.list_file)
+        if not line:
+            digest, n = file_digest(ds.list_file)
+            line = f"not a published split list fastlt knows ({n} lines, sha256 {digest})"
+        lines.append(f"{split} list {ds.list_file}: {line}")
+    return lines
 
 
 def load_target(target: str, *, root: str | None = None, num_classes: int | None = None,
@@ -55,7 +73,14 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data import ImageFolderLT, LongTailedList
     from fastlt.data.folder import read_class_names
 
+    from fastlt.data.published import root_hint, shipped_list
+
     path = Path(target)
+    if not path.exists() and (shipped := shipped_list(target)) is not None:
+        if root is None:  # the list's own folder is the package: the images are elsewhere
+            raise DataError(f"fastlt data {target}: this published list ships with fastlt ({shipped}); give the "
+                            f"folder of its images with --root: {root_hint(target).replace('--set data.root=', '--root ')}")
+        path = shipped  # a published list by its name: the copy shipped with fastlt
     try:
         if path.is_dir():
             train_dir = path / "train" if (path / "train").is_dir() else path
@@ -66,7 +91,8 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
         if path.is_file() and path.suffix not in (".yaml", ".yml"):
             ds = LongTailedList(root if root is not None else path.parent, path, num_classes)
             names = read_class_names(class_names, ds.num_classes) if class_names else None
-            return DatasetTarget(path.stem, f"list file {path} (root {ds.root})", ds, names)
+            return DatasetTarget(path.name.removesuffix(".gz").removesuffix(".txt"), f"list file {path} (root {ds.root})",
+                                 ds, names, checks=_list_checks([("the", ds)]))
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"fastlt data {target}: {e}") from None
     from fastlt.config.loader import load_config
@@ -77,7 +103,8 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",
-                         data.train, data.class_names, others)
+                         data.train, data.class_names, others,
+                         checks=[*data.notes, *_list_checks([("train", data.train), *others.items()])])
 
 
 def _check_one(dataset, i: int, decode: bool) -> str | None:
@@ -152,7 +179,7 @@ def _summary(t: DatasetTarget, bad: dict[str, list], checked: bool) -> list[str]
     def name(i):
         return f"{class_label(t.class_names, int(i))} ({int(counts[i])})"
 
-    lines = [f"dataset {t.name}: {t.source}", f"  {n} training images in {c} classes"]
+    lines = [f"dataset {t.name}: {t.source}", *(f"  {x}" for x in t.checks), f"  {n} training images in {c} classes"]
     lines.append(f"  images per class: max {int(counts.max())}, median {float(np.median(counts)):g}, "
                  f"min {int(counts.min())}; imbalance factor {imb:.1f} (max / min)")
     for group, rule in (("many", "> 100"), ("medium", "20-100"), ("few", "< 20")):

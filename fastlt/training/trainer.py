@@ -293,7 +293,8 @@ class Trainer:
             self.log.info(line)
         from fastlt.pipelines import choose_backend  # the reason of the choice select_backend made above
 
-        self.log.info(f"data pipeline: {self.backend} ({choose_backend(cfg.pipeline.backend)[1]})")
+        for line in (*self.data.notes, f"data pipeline: {self.backend} ({choose_backend(cfg.pipeline.backend)[1]})"):
+            self.log.info(line)
         last_eval_epoch = None
         with self.stop:
             if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
