@@ -1,10 +1,10 @@
 """fastlt: a performance-engineered ConCutMix / BCL trainer for long-tailed recognition.
 
-`kernels/` and `pipelines/` live at the top of the repository (ARCHITECTURE §3) but are
+`kernels/` and `pipelines/` live at the top of the repository (docs/design.md §3) but are
 installed only as `fastlt.kernels` and `fastlt.pipelines` through `package_dir`: both
 top-level names are taken on PyPI, so they must never be installed as top-level packages.
 The recipes of `configs/` are installed as package data in `fastlt/configs/` (fastlt.config.recipes
-finds them there, or in the source tree).
+finds them there, or in the source tree), and the documents of `docs/` in `fastlt/docs/`.
 """
 from setuptools import setup
 
@@ -16,11 +16,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastlt", "fastlt.config", "fastlt.data", "fastlt.method", "fastlt.models", "fastlt.training",
-              "fastlt.reports", "fastlt.kernels", "fastlt.pipelines", "fastlt.configs"],
+              "fastlt.reports", "fastlt.kernels", "fastlt.pipelines", "fastlt.configs", "fastlt.docs"],
     package_dir={"fastlt": "fastlt", "fastlt.kernels": "kernels", "fastlt.pipelines": "pipelines",
-                 "fastlt.configs": "configs"},
+                 "fastlt.configs": "configs", "fastlt.docs": "docs"},
     # The published split lists that may be redistributed (fastlt.data.published), with their BSD licence.
-    package_data={"fastlt.configs": ["*.yaml"], "fastlt.data": ["splits/*.txt.gz", "splits/LICENSE"]},
+    # docs/*.md as fastlt/docs: `fastlt recipes` cites docs/design.md, so an installed fastlt carries it.
+    package_data={"fastlt.configs": ["*.yaml"], "fastlt.data": ["splits/*.txt.gz", "splits/LICENSE"],
+                  "fastlt.docs": ["*.md"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",

@@ -1,7 +1,7 @@
 """Training-pipeline throughput: the DALI CPU graph against the torch DataLoader
 backend on this machine, same recipe, same cores, same data, rounds interleaved.
 
-Both backends produce the full training batch of ARCHITECTURE §3 at 224 px with the
+Both backends produce the full training batch of docs/design.md §3 at 224 px with the
 ImageNet-style recipe of §1 (view 0: RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4, 0),
 timm's RandAugment 'rand-n2-m10-mstd0.5'; views 1–2: RandomResizedCrop, flip, jitter p 0.8,
 grayscale p 0.2; the foreground view where CutMix pastes, per batch with probability 0.5), from

@@ -114,7 +114,7 @@ class StepCase:
 
 
 def _imagenet_method() -> dict:
-    # The ImageNet-LT recipe of ARCHITECTURE §2 (ResNeXt-50 row).
+    # The ImageNet-LT recipe of docs/design.md §2 (ResNeXt-50 row).
     return dict(alpha=1.0, beta=0.35, tau=0.99, l_d_warm=0, scaling_factor=[200, 255], topk=30, temperature=0.07,
                 cutmix_prob=0.5)
 
@@ -154,7 +154,7 @@ CASES = [
                       synthetic=dict(num_classes=20, imb_factor=0.02, n_max=250, image_size=40, n_val=1, seed=0),
                       augment_recipe="imagenet", image_size=32, normalization="imagenet", batch_size=32,
                       randaugment=True),
-            # The CIFAR recipe's loss settings (ARCHITECTURE §2), K limited by the 20 classes.
+            # The CIFAR recipe's loss settings (docs/design.md §2), K limited by the 20 classes.
             method=dict(alpha=2.0, beta=0.6, tau=1.0, l_d_warm=0, scaling_factor=[20, 255], topk=5,
                         temperature=0.1, cutmix_prob=0.5),
             optim=dict(lr=0.1, momentum=0.9, weight_decay=5e-4),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for fastlt (ARCHITECTURE §3: kernel parity on the device, then benchmarks).
+# One-shot GPU check for fastlt (docs/design.md §3: kernel parity on the device, then benchmarks).
 #
 #   OUT=/path/to/results bash bench/gpu_check.sh      # default OUT: ./gpu_out
 #

@@ -35,7 +35,7 @@ from fastlt.pipelines import IMAGENET_MEAN, IMAGENET_STD
 
 
 def published_transforms(size: int):
-    """The three ImageNet-recipe views of ARCHITECTURE §1 in torchvision's classic API."""
+    """The three ImageNet-recipe views of docs/design.md §1 in torchvision's classic API."""
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4, 0.0),
                        T.RandAugment(2, 10), T.ToTensor(), normalize])

@@ -1,6 +1,6 @@
 """Triton kernels for fastlt, installed as ``fastlt.kernels`` (see setup.py's package_dir).
 
-ARCHITECTURE §3, "Kernel contract": every kernel has a pure-PyTorch reference in the library
+docs/design.md §3, "Kernel contract": every kernel has a pure-PyTorch reference in the library
 (the spec), a parity test under ``TRITON_INTERPRET=1`` and a benchmark in ``bench/``; the
 backend is chosen in one place, :func:`select_backend`.
 

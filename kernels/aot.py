@@ -3,7 +3,7 @@
 ``python -m fastlt.kernels.aot --arch 90`` runs the full Triton pipeline (TTIR → TTGIR →
 LLVM → PTX → cubin, with the ptxas bundled in triton) for each kernel in the configurations
 the launchers of :mod:`fastlt.kernels.rectify`, :mod:`fastlt.kernels.soft_ce` (and the others) choose at
-the benchmark shapes of ARCHITECTURE §1 (C = 1000 and 8142, fp32/bf16/fp16), and reports
+the benchmark shapes of docs/design.md §1 (C = 1000 and 8142, fp32/bf16/fp16), and reports
 registers and spill (stack) bytes per thread from the cubin. The CPU CI runs it
 (tests/test_kernels_rectify.py) so that a kernel which only works in the interpreter, or
 that starts spilling registers, cannot pass; it does not replace the GPU parity tests of

@@ -1,4 +1,4 @@
-"""Fused balanced supervised contrastive loss (BCL's L_BalSCL, ARCHITECTURE §1) in Triton.
+"""Fused balanced supervised contrastive loss (BCL's L_BalSCL, docs/design.md §1) in Triton.
 
 The spec is ``fastlt.method.losses.reference_balanced_supcon_loss``. Items x_k (N, D), labels y_k,
 anchors a_i = x_{s+i} for i < M (s = ``anchor_start``), l_ik = a_i·x_k / T. For anchor i the

@@ -1,6 +1,6 @@
 """The ConCutMix label in compact form, and the soft cross-entropy that consumes it.
 
-ARCHITECTURE §1 steps 1–5 give ŷ = γ·ŝ + (1 − γ)·y, where ŝ has only K non-zero entries
+docs/design.md §1 steps 1–5 give ŷ = γ·ŝ + (1 − γ)·y, where ŝ has only K non-zero entries
 per row and y only two. :class:`CompactLabel` keeps exactly those pieces — the K kept class
 indices and their weights ŝ, γ, and (label_a, label_b, λ) — so that the training step can go
 from embeddings to the loss without a B×C label tensor: (B, K) indices and weights instead

@@ -1,6 +1,6 @@
 """The one place where fastlt chooses between its Triton kernels and the PyTorch references.
 
-ARCHITECTURE §3 ("Kernel contract") and STYLE ("Decide backends once"):
+docs/design.md §3 ("Kernel contract", "Decide backends once"):
 
 * ``FASTLT_KERNELS`` unset (or ``auto``): Triton for CUDA tensors when ``triton`` imports,
   the PyTorch reference otherwise (CPU tensors, or no triton installed);

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for ConCutMix's rectified label (ARCHITECTURE §1, steps 1–5).
+"""Fused Triton kernels for ConCutMix's rectified label (docs/design.md §1, steps 1–5).
 
 Two launches, no B×C×D tensor and no B×C temporary besides one (B, C) fp32 buffer — the
 dense output itself, or, for the compact form, a scratch buffer freed on return:

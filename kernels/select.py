@@ -1,4 +1,4 @@
-"""Top-K selection, normalisation, γ and blend of ConCutMix's label (ARCHITECTURE §1, steps 2–5).
+"""Top-K selection, normalisation, γ and blend of ConCutMix's label (docs/design.md §1, steps 2–5).
 
 The second of the two launches of :mod:`fastlt.kernels.rectify`: ``_select_kernel``, grid
 (B,), one program per row of the (B, C) similarity matrix s written by the first launch.

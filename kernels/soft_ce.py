@@ -1,4 +1,4 @@
-"""Fused logit-adjusted soft cross-entropy in Triton (ARCHITECTURE §1, "Losses", L_cls).
+"""Fused logit-adjusted soft cross-entropy in Triton (docs/design.md §1, "Losses", L_cls).
 
 L = (1/B) Σ_i [ lse_i · Σ_j t_ij − Σ_j t_ij x_ij ],  x = logits + τ·log π (the ``bias``),
 which equals −(1/B) Σ_i Σ_j t_ij log softmax(x_i)_j, the spec of

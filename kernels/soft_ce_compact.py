@@ -1,4 +1,4 @@
-"""Fused logit-adjusted soft cross-entropy against the compact ConCutMix label (ARCHITECTURE §1).
+"""Fused logit-adjusted soft cross-entropy against the compact ConCutMix label (docs/design.md §1).
 
 The label ŷ = γ·scatter(index, weight) + (1−γ)·(λ·onehot(a) + (1−λ)·onehot(b)) is given as
 (index (B, K), weight (B, K), γ, label_a, label_b, λ) — the form the rectification kernel

@@ -1,4 +1,4 @@
-"""Helpers for testing fastlt's Triton kernels against their references (ARCHITECTURE §3).
+"""Helpers for testing fastlt's Triton kernels against their references (docs/design.md §3).
 
 On a machine with CUDA the parity tests run the compiled kernels on the GPU. On a CPU
 machine they run in Triton's interpreter, which must be switched on with

@@ -1,6 +1,6 @@
 """Data pipelines for fastlt, installed as `fastlt.pipelines` (see setup.py's package_dir):
 the DALI training/validation graphs and the torch DataLoader backend, both producing the
-typed training batch of ARCHITECTURE §3.
+typed training batch of docs/design.md §3.
 
 The trainer uses four entry points::
 

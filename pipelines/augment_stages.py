@@ -1,5 +1,5 @@
 """One augmentation stage as plain numbers: the vocabulary shared by the keyed DALI sources
-(which draw RandAugment and CIFAR10Policy choices, ARCHITECTURE §1 "Views") and the DALI graph
+(which draw RandAugment and CIFAR10Policy choices, docs/design.md §1 "Views") and the DALI graph
 (``dali_augment``), which applies them.
 
 A stage is ``(kind, interp, params)``: ``kind`` one of the ``KIND_*`` codes, ``interp`` one of

@@ -1,4 +1,4 @@
-"""The pipeline contract (ARCHITECTURE §3): one typed training batch whatever the backend.
+"""The pipeline contract (docs/design.md §3): one typed training batch whatever the backend.
 
 Every backend (DALI on GPU, DALI on CPU, torch DataLoader) yields :class:`TrainBatch`
 objects for a :class:`~fastlt.pipelines.spec.TrainPipelineSpec`; the trainer depends on

@@ -1,4 +1,4 @@
-"""The reference's CIFAR-10 AutoAugment policy for the CIFAR classification view (ARCHITECTURE
+"""The reference's CIFAR-10 AutoAugment policy for the CIFAR classification view (docs/design.md
 §1 "Views": RandomCrop(32, pad 4) + flip + CIFAR10Policy).
 
 The reference (ConCutMix's ``utils.CIFAR10Policy``, after the AutoAugment paper's CIFAR-10

@@ -1,11 +1,11 @@
 """What every pipeline backend shares: keyed randomness, the paired sample streams, the
-CutMix draw, the dataset check and bad-input handling (ARCHITECTURE §1 "Samplers" and
+CutMix draw, the dataset check and bad-input handling (docs/design.md §1 "Samplers" and
 "CutMix", §3 pipeline contract).
 
 Every random choice of a training pipeline is a pure function of a key
 ``(seed, epoch, global step or global sample position, stream)`` — never of the rank, the
 number of ranks, how many workers or threads ran, what ran before, or whether the pipeline
-was rebuilt (ARCHITECTURE §3 "Distributed = one big GPU"). That is what makes both backends
+was rebuilt (docs/design.md §3 "Distributed = one big GPU"). That is what makes both backends
 deterministic and resumable at any step (``start_step``), lets a run resume on another
 number of ranks with the same data, and lets the DALI and torch backends draw the *same*
 sample indices, CutMix boxes, λ and augmentation parameters for the same spec.
@@ -139,7 +139,7 @@ class StreamPlan:
 def cutmix_boxes(seed: int, epoch: int, step: int, positions: Sequence[int], h: int, w: int, *, prob: float,
                  per_sample: bool, alpha: float = 1.0):
     """The CutMix decisions for the samples at global ``positions`` of global step ``step``
-    (ARCHITECTURE §1 "CutMix").
+    (docs/design.md §1 "CutMix").
 
     Per batch: one coin with probability ``prob`` and one box, keyed by (seed, epoch, step),
     for every sample of the global step on every rank (the reference behaviour). Per sample:

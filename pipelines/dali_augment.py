@@ -1,4 +1,4 @@
-"""DALI operators for the augmentation stages of ``augment_stages`` (ARCHITECTURE §1 "Views":
+"""DALI operators for the augmentation stages of ``augment_stages`` (docs/design.md §1 "Views":
 timm's RandAugment on the classification view, the reference's CIFAR10Policy, and PIL's
 GaussianBlur on the CIFAR sim views), written to give PIL's pixels.
 

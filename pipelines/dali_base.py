@@ -1,4 +1,4 @@
-"""What the DALI training and validation pipelines share (ARCHITECTURE §3): device and dataset
+"""What the DALI training and validation pipelines share (docs/design.md §3): device and dataset
 checks, the lifetime of the DALI pipeline object, copying DALI outputs into torch tensors, and
 the recovery from a decoder failure — traced back to the file with PIL, then reported
 (``on_error: raise``) or left out on a rebuilt pipeline (``skip``) — and the check that the

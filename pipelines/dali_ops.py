@@ -1,4 +1,4 @@
-"""DALI graph helpers shared by the training and validation pipelines (ARCHITECTURE §1
+"""DALI graph helpers shared by the training and validation pipelines (docs/design.md §1
 "Views", §3 pipeline contract): decode, crop-and-resize, flip, colour, blur, RandAugment /
 CIFAR10Policy with externally drawn (keyed) choices, and normalisation to NCHW float.
 

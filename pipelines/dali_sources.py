@@ -1,5 +1,5 @@
 """Per-sample sources of the DALI training graph: the background and foreground streams of
-ARCHITECTURE §1 ("Samplers", "Views", "CutMix"), each a pure function of
+docs/design.md §1 ("Samplers", "Views", "CutMix"), each a pure function of
 (epoch, sample index), so that a rebuilt pipeline continues exactly where the last one stopped.
 
 DALI calls a source in its Python worker processes (``fn.external_source(parallel=True,
@@ -31,7 +31,7 @@ from .randaugment import RandAugmentDraw
 
 __all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "pil_blur_taps", "rrc_window"]
 
-#: RandomResizedCrop defaults (torchvision / ARCHITECTURE §1): area scale and aspect ratio ranges.
+#: RandomResizedCrop defaults (torchvision / docs/design.md §1): area scale and aspect ratio ranges.
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CIFAR_SIM_SCALE = (0.2, 1.0)

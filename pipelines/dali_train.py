@@ -1,6 +1,6 @@
 """The DALI training pipeline (``pipeline.backend: dali``): two keyed per-sample
 sources (background from the uniform sampler, foreground from the balanced one), decode,
-the three background views and the foreground view of ARCHITECTURE §1 "Views", CutMix with
+the three background views and the foreground view of docs/design.md §1 "Views", CutMix with
 ``fn.multi_paste`` and λ from the clipped box (§1 "CutMix"), normalisation to NCHW float —
 producing the same :class:`TrainBatch` as the torch backend (§3).
 

@@ -1,4 +1,4 @@
-"""The DALI validation pipeline (ARCHITECTURE §1 "Evaluation"): decode, resize the shorter side to 256/224·size and centre-crop size
+"""The DALI validation pipeline (docs/design.md §1 "Evaluation"): decode, resize the shorter side to 256/224·size and centre-crop size
 (ImageNet-style recipes), CIFAR-recipe images resized to size × size (arrays of that size as they
 are), normalised to NCHW float.
 

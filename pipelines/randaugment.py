@@ -1,4 +1,4 @@
-"""RandAugment of the classification view, as the reference configures it (ARCHITECTURE §1
+"""RandAugment of the classification view, as the reference configures it (docs/design.md §1
 "Views"): timm's ``rand_augment_transform('rand-n2-m10-mstd0.5', {translate_const:
 int(size·0.45), img_mean: dataset mean in 0–255})``.
 

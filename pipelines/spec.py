@@ -1,4 +1,4 @@
-"""What a pipeline is asked for (ARCHITECTURE §3, pipeline contract): the ``pipeline`` config
+"""What a pipeline is asked for (docs/design.md §3, pipeline contract): the ``pipeline`` config
 section, the option lists of the data path, the normalisation constants, and the one
 description of a training / validation pipeline that every backend is built from.
 
@@ -20,7 +20,7 @@ __all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGE_DTYPES", "IMAGENET_ME
            "INAT_STD", "MEMORY_FORMATS", "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
            "ValPipelineSpec", "check_extra", "normalization", "train_spec", "val_spec"]
 
-# Normalisation constants of ARCHITECTURE §2.
+# Normalisation constants of docs/design.md §2.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INAT_MEAN = (0.466, 0.471, 0.380)
@@ -33,7 +33,7 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inat": (INAT_MEAN,
 
 #: "imagenet": RandomResizedCrop views from image files (ImageNet-LT, iNat, Places, synthetic);
 #: "cifar": small images — CIFAR arrays, or files resized to image_size first where they are not
-#: that size — with pad-crop + the reference's CIFAR10Policy for view 0 (ARCHITECTURE §1 "Views").
+#: that size — with pad-crop + the reference's CIFAR10Policy for view 0 (docs/design.md §1 "Views").
 RECIPES = ("imagenet", "cifar")
 #: A missing or corrupt image: "raise" names the file; "skip" substitutes another image of its class.
 ON_ERROR = ("raise", "skip")
@@ -76,7 +76,7 @@ def check_extra(extra: dict) -> None:
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    """Which data pipeline backend produces the batches (ARCHITECTURE §3, pipeline contract)."""
+    """Which data pipeline backend produces the batches (docs/design.md §3, pipeline contract)."""
 
     backend: str = "auto"
     """auto (DALI when it imports, else torch), torch or dali; an explicit request that cannot be met is an error."""
@@ -104,7 +104,7 @@ class TrainPipelineSpec:
     (``fastlt.data.ArrayDataset``; recipe "cifar"), with ``labels``. Under recipe "cifar" an
     image that is not image_size × image_size is resized to it first (bilinear, aspect not kept)."""
     recipe: str = "imagenet"
-    """Augmentation recipe, one of RECIPES (ARCHITECTURE §1 "Views")."""
+    """Augmentation recipe, one of RECIPES (docs/design.md §1 "Views")."""
     image_size: int = 224
     """Side of the square training views."""
     batch_size: int = 256

@@ -1,11 +1,11 @@
 """The torch DataLoader backend (``pipeline.backend: torch``): the fallback where DALI is not
 installed and the baseline of ``bench/bench_pipeline.py``. It produces the same
-:class:`~fastlt.pipelines.batch.TrainBatch` as the DALI graphs (ARCHITECTURE §3).
+:class:`~fastlt.pipelines.batch.TrainBatch` as the DALI graphs (docs/design.md §3).
 
 One DataLoader item is one whole step: a worker reads the step's background and foreground
 images (``read_bytes`` + PIL decode, or in-memory arrays; under the CIFAR recipe resized to
 the view size where they are not that size), makes the three background views and the
-foreground view of ARCHITECTURE §1 "Views" (``transforms.py``), and applies CutMix to the
+foreground view of docs/design.md §1 "Views" (``transforms.py``), and applies CutMix to the
 classification view with the step's keyed box (``common.py``).
 Every random choice is seeded from (seed, epoch, global sample position) — the augmentations
 through torch's generator, re-seeded per sample inside ``torch.random.fork_rng`` so the

@@ -1,4 +1,4 @@
-"""The augmentation recipes of ARCHITECTURE §1 "Views" as torchvision (v2) transforms, for
+"""The augmentation recipes of docs/design.md §1 "Views" as torchvision (v2) transforms, for
 the torch DataLoader backend; the DALI graphs in ``dali_train.py`` implement the same
 recipes with DALI operators.
 

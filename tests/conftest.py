@@ -239,7 +239,7 @@ def fresh_interpreter_rerun(module_file: str, skip_reason: str | None, device: s
 def loss_before_and_after_training(pipeline, dataset, epochs: int = 8) -> tuple[float, float]:
     """A tiny training loop fed by ``pipeline`` (not the DeepSpeed trainer, which has its own
     tests): ResNet-32 BCL model, logit-adjusted CE on the area label y = λ·onehot(a) +
-    (1 − λ)·onehot(b) (ARCHITECTURE §1). Returns the mean loss on epoch 0's batches before and
+    (1 − λ)·onehot(b) (docs/design.md §1). Returns the mean loss on epoch 0's batches before and
     after ``epochs`` epochs: the same images both times, so the comparison does not depend on
     which batches a short noisy run happens to end on. Closes the pipeline.
 

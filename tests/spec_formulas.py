@@ -1,4 +1,4 @@
-"""ARCHITECTURE §1 written out literally, independent of the library's implementation.
+"""docs/design.md §1 written out literally, independent of the library's implementation.
 
 These are the slow, obvious formulations the tests check the library against and the
 benchmarks use as the "published implementation" baselines:
@@ -15,7 +15,7 @@ import torch
 @torch.no_grad()
 def dense_rectify_labels(z, centers, label_a, label_b, lam, class_counts, *, topk, omega, normalize="l1",
                          temperature=1.0):
-    """Steps 1–5 of ARCHITECTURE §1 with a materialised (B, C, D) difference tensor."""
+    """Steps 1–5 of docs/design.md §1 with a materialised (B, C, D) difference tensor."""
     z = z.detach().float()
     c = centers.detach().float()
     b, num_classes = z.shape[0], c.shape[0]
@@ -50,7 +50,7 @@ def dense_rectify_labels(z, centers, label_a, label_b, lam, class_counts, *, top
 
 
 def loop_balanced_supcon(centers, features, labels, temperature):
-    """BCL's loss, one anchor and one contrast item at a time (ARCHITECTURE §1, L_BalSCL)."""
+    """BCL's loss, one anchor and one contrast item at a time (docs/design.md §1, L_BalSCL)."""
     b = features.shape[0]
     items = [features[i, 0] for i in range(b)] + [features[i, 1] for i in range(b)] + list(centers)
     item_labels = [int(l) for l in labels] * 2 + list(range(centers.shape[0]))

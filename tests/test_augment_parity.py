@@ -1,4 +1,4 @@
-"""View-0 augmentations of ARCHITECTURE §1 "Views" against the implementations they reproduce.
+"""View-0 augmentations of docs/design.md §1 "Views" against the implementations they reproduce.
 
 - Per op: each of timm's 15 RandAugment ops (timm's own ``AugmentOp``, PIL) and each op of
   the reference's CIFAR10Policy (``cifar_policy.pil_op``, PIL) at fixed magnitudes, signs and

@@ -1,4 +1,4 @@
-"""Config loading (fastlt.config.loader), the recipe files of configs/ against ARCHITECTURE §2, and the
+"""Config loading (fastlt.config.loader), the recipe files of configs/ against docs/design.md §2, and the
 pieces of the trainer that are pure functions of the config (DeepSpeed dict, LR schedule)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastlt.config.loader import Config, ConfigError, config_to_dict, flat_keys,
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
-# ARCHITECTURE §2, transcribed independently of the YAML files:
+# docs/design.md §2, transcribed independently of the YAML files:
 # file: (backbone, epochs, lr, batch, accum, wd, tau, l_d_warm, (a, b), K, use_norm, D, temp, alpha, beta,
 #        schedule, warmup, milestones)
 IMAGENET = dict(use_norm=True, D=1024, temp=0.07, alpha=1.0, beta=0.35, schedule="cos", warmup=0, milestones=[],
@@ -251,7 +251,7 @@ def _sections(cls=Config):
 
 
 def test_every_field_has_a_docstring():
-    """STYLE: a docstring under each field of every section, wherever the section is declared."""
+    """House style: a docstring under each field of every section, wherever the section is declared."""
     import ast
     import inspect
     import textwrap

@@ -1,4 +1,4 @@
-"""fastlt.method.cutmix and the per-step CutMix decisions against ARCHITECTURE §1 "CutMix": the box side
+"""fastlt.method.cutmix and the per-step CutMix decisions against docs/design.md §1 "CutMix": the box side
 is ⌊H·r⌋ with r = √(1 − λ0), centred uniformly, clipped to the image; λ comes from the clipped box.
 """
 import copy

@@ -1,5 +1,5 @@
 """fastlt.data: list files (real ImageNet-LT / Places-LT / iNat18 splits and bad input),
-CIFAR-LT profiles of ARCHITECTURE §2 on fake batches, and the synthetic long-tailed set."""
+CIFAR-LT profiles of docs/design.md §2 on fake batches, and the synthetic long-tailed set."""
 from __future__ import annotations
 
 import collections
@@ -20,7 +20,7 @@ from conftest import FAKE_CIFAR
 
 
 def spec_counts(n_max, num_classes, imb_factor, imb_type):
-    """ARCHITECTURE §2 as written: ⌊n_max · IF^(−c/(C−1))⌋ with IF = 1/imb_factor (exp);
+    """docs/design.md §2 as written: ⌊n_max · IF^(−c/(C−1))⌋ with IF = 1/imb_factor (exp);
     n_max for the first half, n_max/IF for the rest (step); at least one image."""
     IF = 1.0 / imb_factor
     if imb_type == "exp":
@@ -44,7 +44,7 @@ def test_places_lt_train_counts(places_train, splits_dir):
     assert d.num_classes == 365 and d.class_counts.shape == (365,)
     assert d.class_counts.sum() == len(d)
     assert d.class_counts.max() == 4980 and d.class_counts.min() == 5
-    # Shot groups of ARCHITECTURE §1 (many > 100, medium 20..100, few < 20).
+    # Shot groups of docs/design.md §1 (many > 100, medium 20..100, few < 20).
     c = d.class_counts
     assert (c > 100).sum() == 131 and ((c >= 20) & (c <= 100)).sum() == 163 and (c < 20).sum() == 71
     # Independent count with plain Python.

@@ -1,4 +1,4 @@
-"""Kernel backend selection, fastlt.kernels.dispatch (ARCHITECTURE §3, "Kernel contract").
+"""Kernel backend selection, fastlt.kernels.dispatch (docs/design.md §3, "Kernel contract").
 
 Triton for CUDA tensors when triton imports, PyTorch otherwise; FASTLT_KERNELS=torch|triton
 overrides; an explicit request that cannot be met raises, never falls back. The decision

@@ -1,4 +1,4 @@
-"""The paper's objective at any world size (ARCHITECTURE §3 "Distributed = one big GPU"):
+"""The paper's objective at any world size (docs/design.md §3 "Distributed = one big GPU"):
 
 * the global BalSCL over gloo: each rank holds half of a batch of leaf features; the mean of the
   ranks' losses is the one-process loss on the whole batch, and each rank's feature gradient

@@ -1,6 +1,6 @@
 """The fused balanced contrastive loss (fastlt.kernels.balscl) against the spec.
 
-ARCHITECTURE §1 "Losses", L_BalSCL. The spec is ``fastlt.method.losses.reference_balanced_supcon_loss``
+docs/design.md §1 "Losses", L_BalSCL. The spec is ``fastlt.method.losses.reference_balanced_supcon_loss``
 (itself checked against the literal loop of tests/spec_formulas.py through the module, here
 and in tests/test_losses.py). Forward and gradients with respect to every item, fp32 and bf16
 items with their own tolerances, over a grid of shapes chosen to hit the kernels' branches

@@ -1,4 +1,4 @@
-"""The fused label kernels (fastlt.kernels.rectify) against the spec, ARCHITECTURE §1 steps 1–5.
+"""The fused label kernels (fastlt.kernels.rectify) against the spec, docs/design.md §1 steps 1–5.
 
 Runs the compiled kernels on a GPU, or Triton's interpreter on CPU tensors (CI). Interpreter
 mode is slow, so the shapes are a representative grid, not the cartesian product of

@@ -1,4 +1,4 @@
-"""The selection kernel (fastlt.kernels.select) on hand-made similarity rows, ARCHITECTURE §1 step 2.
+"""The selection kernel (fastlt.kernels.select) on hand-made similarity rows, docs/design.md §1 step 2.
 
 The radix select finds the K-th largest similarity digit by digit on its fp32 bit pattern
 (four 8-bit passes): rows built from their bit patterns drive each pass — the top three bytes

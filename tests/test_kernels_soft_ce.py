@@ -1,6 +1,6 @@
 """The fused logit-adjusted soft cross-entropy (fastlt.kernels.soft_ce) against the spec.
 
-ARCHITECTURE §1 "Losses": L_cls = −(1/B) Σ_i Σ_j ŷ_ij · log softmax(x_i + τ·log π)_j. The
+docs/design.md §1 "Losses": L_cls = −(1/B) Σ_i Σ_j ŷ_ij · log softmax(x_i + τ·log π)_j. The
 reference is ``fastlt.method.losses.reference_soft_cross_entropy``; gradients are checked against
 autograd through it. Also the compact-label path (``fastlt.kernels.soft_cross_entropy_compact``),
 checked against the reference loss on the densified label.

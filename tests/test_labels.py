@@ -1,4 +1,4 @@
-"""fastlt.method.labels against the literal B×C×D formulation of ARCHITECTURE §1 (tests/spec_formulas.py)."""
+"""fastlt.method.labels against the literal B×C×D formulation of docs/design.md §1 (tests/spec_formulas.py)."""
 import math
 
 import pytest
@@ -85,7 +85,7 @@ def test_confidence_matches_formula_and_is_small_with_published_omega():
     gamma = confidence(y, counts, 200 / 255).item()
     want = 200 / 255 * math.log(0.75 * 1280 + 0.25 * 5) / sum(math.log(n) for n in counts.tolist())
     assert gamma == pytest.approx(want, rel=1e-6)
-    assert 1e-4 < gamma < 1e-2  # ARCHITECTURE §1: γ is of the order of 1e-3 with the published ω
+    assert 1e-4 < gamma < 1e-2  # docs/design.md §1: γ is of the order of 1e-3 with the published ω
 
 
 def test_no_gradient_flows_and_low_precision_inputs():

@@ -1,4 +1,4 @@
-"""fastlt.method.losses against ARCHITECTURE §1 "Losses", written out in the tests."""
+"""fastlt.method.losses against docs/design.md §1 "Losses", written out in the tests."""
 import math
 
 import pytest

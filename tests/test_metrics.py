@@ -1,4 +1,4 @@
-"""fastlt.reports.metrics.shot_accuracy against ARCHITECTURE §1 "Evaluation"."""
+"""fastlt.reports.metrics.shot_accuracy against docs/design.md §1 "Evaluation"."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The training objective's label path and its compiled form (ARCHITECTURE §1 "Losses"):
+"""The training objective's label path and its compiled form (docs/design.md §1 "Losses"):
 
 * the compact label's arg-max and diagnostics equal the dense label's, ties and a = b included;
 * a step's loss and gradients with the compact label through the Triton kernels (the step the
@@ -91,7 +91,7 @@ def test_compact_triton_step_equals_the_dense_formulation(monkeypatch):
         got = torch.autograd.grad(loss, [logits, z_raw, centers_raw])
     finally:
         dispatch._reset_for_tests()
-    # The dense formulation of ARCHITECTURE §1, written out: (B, C) labels, where(), log-softmax.
+    # The dense formulation of docs/design.md §1, written out: (B, C) labels, where(), log-softmax.
     b = len(batch)
     want_leaves = [t.detach().clone().requires_grad_() for t in (logits, z_raw, centers_raw)]
     lg, zr, cr = want_leaves

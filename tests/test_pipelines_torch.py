@@ -1,4 +1,4 @@
-"""The torch DataLoader backend against the pipeline contract (ARCHITECTURE §1 "Views",
+"""The torch DataLoader backend against the pipeline contract (docs/design.md §1 "Views",
 "CutMix", §3 pipeline contract) and the bad-input rules (``data.on_error``).
 
 The expected values are written here independently of the library: the deterministic

@@ -17,7 +17,7 @@ from conftest import REPO, child_env
 from fastlt.errors import ConfigError
 from fastlt.config.recipes import format_recipes, list_recipes, recipe_dir, resolve_config
 
-# ARCHITECTURE §2, the top-1 column.
+# docs/design.md §2, the top-1 column.
 PUBLISHED = {"imagenet_lt_resnext50_90ep": 59.76, "imagenet_lt_resnext50_180ep": 60.37,
              "imagenet_lt_resnet50_100ep": 58.49, "inat18_resnet50_100ep": 72.06, "cifar100_lt_if100": 53.16,
              "cifar100_lt_if50": 57.40, "cifar100_lt_if10": 64.53, "cifar10_lt_if100": 86.07,
@@ -93,6 +93,9 @@ def test_installed_wheel_lists_recipes_and_runs_the_demo(installed_wheel):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^imagenet_lt_resnext50_90ep +59\.76 ", proc.stdout, re.M), proc.stdout
     assert str(target / "fastlt" / "configs") in proc.stdout
+    # What the installed fastlt cites and uses ships with it: the design document and the split lists.
+    assert str(target / "fastlt" / "docs" / "design.md") in proc.stdout
+    assert (target / "fastlt" / "data" / "splits" / "ImageNet_LT_val.txt.gz").is_file()
 
     proc = _run(installed_wheel, "demo", "--set", "optim.epochs=1", "optim.warmup_epochs=0",
                 "run.max_steps_per_epoch=4", "pipeline.num_workers=0")

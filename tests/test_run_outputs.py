@@ -92,7 +92,7 @@ def test_label_diagnostics_are_logged_per_interval(run):
 
 
 def test_step_stats_match_the_formulas():
-    """fastlt.method.label_stats against ARCHITECTURE §1 written out sample by sample."""
+    """fastlt.method.label_stats against docs/design.md §1 written out sample by sample."""
     from fastlt.kernels import CompactLabel, reference_rectify_labels_compact
     from fastlt.method.label_stats import STAT_COLUMNS, interval_fields, step_stats
     from fastlt.method.labels import area_label, reference_rectify_labels

@@ -1,4 +1,4 @@
-"""fastlt.method.sampling (ARCHITECTURE §1 "Samplers", §3 "Distributed") on the real Places-LT training
+"""fastlt.method.sampling (docs/design.md §1 "Samplers", §3 "Distributed") on the real Places-LT training
 labels: class frequencies by chi-square tests, exact uniform coverage, determinism, and the
 step-major sharding that makes a global step the same samples for any number of ranks."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def places_labels(places_train):
 
 
 def spec_class_probs(kind, counts):
-    """Class probabilities of ARCHITECTURE §1: uniform, ∝ 1/N_j, ∝ √N_j."""
+    """Class probabilities of docs/design.md §1: uniform, ∝ 1/N_j, ∝ √N_j."""
     counts = np.asarray(counts, dtype=float)
     w = {"balanced": np.ones_like(counts), "reverse": 1.0 / counts, "sqrt": np.sqrt(counts)}[kind]
     return w / w.sum()

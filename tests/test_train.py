@@ -3,7 +3,7 @@
 End-to-end runs go through the real entry point (`python -m fastlt.train`, one process,
 DeepSpeed with gloo) and the real torch pipeline on a tiny cached synthetic dataset:
 a short run whose loss falls, exact resume (epoch boundary and Ctrl-C mid-epoch), the NaN
-stop, and the failure messages. The step itself (ARCHITECTURE §1 losses and labels) is
+stop, and the failure messages. The step itself (docs/design.md §1 losses and labels) is
 checked in-process against formulas written here and in tests/spec_formulas.py.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_s
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 
 REPO = Path(__file__).resolve().parent.parent
-# The exponential profile of ARCHITECTURE §2 for n_max 40, imb_factor 0.2 (IF 5), 6 classes.
+# The exponential profile of docs/design.md §2 for n_max 40, imb_factor 0.2 (IF 5), 6 classes.
 TRAIN_COUNTS = [math.floor(40 * 0.2 ** (c / 5)) for c in range(NUM_CLASSES)]
 TRAIN_LINE = re.compile(r"^epoch +\d+/\d+ step +\d+/\d+ \| ce -?[\d.]+ \| scl -?[\d.]+ \| loss -?[\d.]+ \| "
                         r"lr [\d.e+-]+ \| +[\d.]+ img/s \| data wait +[\d.]+%"
@@ -269,7 +269,7 @@ def test_wrong_num_classes_is_reported_with_the_key(data_root, tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# The step (ARCHITECTURE §1) against formulas written here
+# The step (docs/design.md §1) against formulas written here
 # --------------------------------------------------------------------------------------
 
 

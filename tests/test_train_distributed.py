@@ -1,5 +1,5 @@
 """Two ranks through the `deepspeed` launcher on CPU (DS_ACCELERATOR=cpu, gloo), as a cluster
-launches fastlt (ARCHITECTURE §3 "Distributed"): ZeRO-1 partitions the SGD state over the two
+launches fastlt (docs/design.md §3 "Distributed"): ZeRO-1 partitions the SGD state over the two
 ranks, both replicas must hold identical weights after the steps, and a 2-rank resume loads
 the ZeRO shards back.
 

@@ -1,5 +1,5 @@
 """The sample sequence is a function of the global step and the global sample position, never
-of the rank or the number of ranks (ARCHITECTURE §3 "Distributed = one big GPU"): with the same
+of the rank or the number of ranks (docs/design.md §3 "Distributed = one big GPU"): with the same
 seed and global batch, the union over ranks of a step's batches — indices, CutMix coins and
 boxes, λ, and every augmentation parameter (checked through the pixels they produce) — is the
 same for 1, 2 and 4 ranks, on both pipeline backends.

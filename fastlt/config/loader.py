@@ -1,7 +1,7 @@
 """The training configuration: the sections of every component assembled into one typed
 :class:`Config`, loaded from YAML recipes.
 
-Every hyper-parameter of ARCHITECTURE §1–2 has a field (α, β, τ, l_d_warm, ω as
+Every hyper-parameter of docs/design.md §1–2 has a field (α, β, τ, l_d_warm, ω as
 ``scaling_factor``, K, temperatures, D, use_norm, the LR schedule, DeepSpeed settings), so a
 recipe file in ``configs/`` is a complete, reviewable description of a run. Each section is
 declared by the component that owns it, with its option lists:

@@ -6,8 +6,9 @@ as ``fastlt/configs/`` (setup.py ``package_data``), so that an installed fastlt 
 * :func:`resolve_config` — what ``--config`` accepts: a path (it wins), or a recipe name
   (``imagenet_lt_resnext50_90ep``, with or without ``.yaml``);
 * :func:`list_recipes` / :func:`format_recipes` — ``fastlt recipes``: each recipe with its
-  description and published top-1, read from the recipe's first line
-  (``# <description> — published top-1 59.76``).
+  description, published top-1 and fastlt's own top-1, read from the recipe's first line
+  (``# <description> — published top-1 59.76``, and ``; fastlt top-1 <x>`` once a full run of
+  fastlt has measured it: until then the table says "not yet measured").
 
 No torch here.
 """
@@ -20,21 +21,25 @@ from pathlib import Path
 
 from fastlt.errors import ConfigError
 
-__all__ = ["Recipe", "format_recipes", "list_recipes", "recipe_dir", "resolve_config"]
+__all__ = ["NOT_MEASURED", "Recipe", "design_doc", "format_recipes", "list_recipes", "recipe_dir", "resolve_config"]
 
-_TOP1 = re.compile(r"\s*[—-]+\s*published top-1 ([\d.]+)(\s*\(unconfirmed\))?\s*$")
+_TOP1 = re.compile(r"\s*[—-]+\s*published top-1 ([\d.]+)(\s*\(unconfirmed\))?\s*(?:;\s*fastlt top-1 ([\d.]+)\s*)?$")
+_FASTLT_ONLY = re.compile(r"\s*[—-]+\s*fastlt top-1 ([\d.]+)\s*$")
+NOT_MEASURED = "not yet measured"
 _PACKAGE = Path(__file__).resolve().parent.parent  # fastlt/
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One recipe file: its name (the file stem), path, first-line description and published top-1."""
+    """One recipe file: its name (the file stem), path, first-line description, published top-1
+    and the top-1 fastlt's own full run of it reached (None: not yet measured)."""
 
     name: str
     path: Path
     description: str
     top1: float | None
     unconfirmed: bool = False
+    fastlt_top1: float | None = None
 
 
 def recipe_dir() -> Path:
@@ -46,6 +51,15 @@ def recipe_dir() -> Path:
                       f"{_PACKAGE.parent / 'configs'} (source checkout) holds YAML files; reinstall fastlt")
 
 
+def design_doc() -> Path:
+    """fastlt's design document, docs/design.md: installed as ``fastlt/docs/design.md`` (setup.py
+    ``package_data``), or in the source checkout."""
+    for candidate in (_PACKAGE / "docs" / "design.md", _PACKAGE.parent / "docs" / "design.md"):
+        if candidate.is_file():
+            return candidate
+    return _PACKAGE.parent / "docs" / "design.md"
+
+
 def _read(path: Path) -> Recipe:
     first = ""
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -54,8 +68,10 @@ def _read(path: Path) -> Recipe:
         break
     m = _TOP1.search(first)
     top1 = float(m.group(1)) if m else None
-    desc = first[: m.start()] if m else first
-    return Recipe(path.stem, path, desc.strip().rstrip("."), top1, bool(m and m.group(2)))
+    own = m.group(3) if m else ((f := _FASTLT_ONLY.search(first)) and f.group(1))
+    end = m.start() if m else (f.start() if own else len(first))
+    return Recipe(path.stem, path, first[:end].strip().rstrip("."), top1, bool(m and m.group(2)),
+                  float(own) if own else None)
 
 
 def list_recipes() -> list[Recipe]:
@@ -83,14 +99,21 @@ def resolve_config(arg: str) -> Path:
 
 
 def format_recipes(recipes: list[Recipe] | None = None) -> str:
-    """The ``fastlt recipes`` table: name, published top-1, description; then where they live."""
+    """The ``fastlt recipes`` table: name, published top-1, fastlt's top-1, description; then
+    where the figures come from and where the recipes live."""
     recipes = list_recipes() if recipes is None else recipes
     width = max(len(r.name) for r in recipes)
-    lines = [f"{'recipe':<{width}}  top-1   description", f"{'-' * width}  ------  {'-' * 40}"]
+    own_w = len(NOT_MEASURED)
+    lines = [f"{'recipe':<{width}}  {'paper':>6}   {'fastlt':<{own_w}}  description",
+             f"{'-' * width}  {'-' * 7}  {'-' * own_w}  {'-' * 40}"]
     for r in recipes:
         top1 = f"{'-':>6} " if r.top1 is None else f"{r.top1:6.2f}" + ("*" if r.unconfirmed else " ")
-        lines.append(f"{r.name:<{width}}  {top1} {r.description}")
+        own = NOT_MEASURED if r.fastlt_top1 is None else f"{r.fastlt_top1:.2f}"
+        lines.append(f"{r.name:<{width}}  {top1}  {own:<{own_w}}  {r.description}")
     lines.append("")
-    lines.append("top-1: the published result of the recipe (ARCHITECTURE §2; * unconfirmed), - where none is.")
+    lines.append(f"paper: the published top-1 of the recipe (* unconfirmed), - where none is; where each comes from: "
+                 f"docs/design.md §2 ({design_doc()}).")
+    lines.append("fastlt: top-1 of a full run of the recipe with fastlt, once one is recorded; the demo's expected "
+                 "figures are in the README, \"Demo\".")
     lines.append(f"recipes in {recipe_dir()}; train one with `fastlt train --config NAME` (a path also works).")
     return "\n".join(lines)

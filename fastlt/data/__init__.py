@@ -2,7 +2,7 @@
 
 Four sources feed the samplers (``fastlt.method.sampling``) and the pipelines
 (``fastlt.pipelines``); each exposes ``labels`` (int64), ``class_counts`` (the N_j of
-ARCHITECTURE §1) and ``num_classes``:
+docs/design.md §1) and ``num_classes``:
 
 - :mod:`~fastlt.data.lists` — :class:`LongTailedList`, the ImageNet-LT / iNaturalist 2018 /
   Places-LT list format (``relative/path.jpg label`` per line);

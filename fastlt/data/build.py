@@ -24,7 +24,7 @@ __all__ = ["Datasets", "build_datasets"]
 
 @dataclass
 class Datasets:
-    """The datasets of a run and the training class counts N_j (ARCHITECTURE §1)."""
+    """The datasets of a run and the training class counts N_j (docs/design.md §1)."""
 
     train: object
     val: object

@@ -1,4 +1,4 @@
-"""CIFAR-10-LT / CIFAR-100-LT (ARCHITECTURE §2) from the standard python pickle batches, and the
+"""CIFAR-10-LT / CIFAR-100-LT (docs/design.md §2) from the standard python pickle batches, and the
 in-memory array dataset they load into. Nothing is downloaded.
 
 The batches are pickles, and a plain ``pickle.load`` runs whatever code a crafted file names.

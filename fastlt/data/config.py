@@ -1,4 +1,4 @@
-"""The ``data`` section of the config (datasets, views, batch size, samplers; ARCHITECTURE §1,
+"""The ``data`` section of the config (datasets, views, batch size, samplers; docs/design.md §1,
 §2) and the dataset kinds. The option lists come from the modules that own them: dataset
 profiles and CIFAR names from ``fastlt.data``, samplers from ``fastlt.method.sampling``, view recipes,
 normalisations and the bad-input policy from ``fastlt.pipelines.spec``.
@@ -58,7 +58,7 @@ class SyntheticConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the images come from and how they are turned into batches (ARCHITECTURE §1, §2)."""
+    """Where the images come from and how they are turned into batches (docs/design.md §1, §2)."""
 
     kind: str = "list"
     """"list" (ImageNet-LT / iNat18 / Places-LT list files), "cifar" (CIFAR-LT from the python
@@ -91,7 +91,7 @@ class DataConfig:
     imb_factor: float = 0.01
     """n_min / n_max of the CIFAR-LT profile (0.01 = IF 100, 0.02 = IF 50, 0.1 = IF 10)."""
     imb_type: str = "exp"
-    """CIFAR-LT profile: exp or step (ARCHITECTURE §2)."""
+    """CIFAR-LT profile: exp or step (docs/design.md §2)."""
     cifar_subset_seed: int = 10
     """Seed of the per-class shuffle that picks which CIFAR images the long-tailed subset keeps
     (kind "cifar"). 10 is ConCutMix's (its dataset/cifar.py); LDAM-DRW and BCL use 0. Only the
@@ -99,13 +99,13 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Parameters of the synthetic dataset (kind "synthetic")."""
     augment_recipe: str = "imagenet"
-    """View recipe of ARCHITECTURE §1: imagenet (RandomResizedCrop + RandAugment / sim views)
+    """View recipe of docs/design.md §1: imagenet (RandomResizedCrop + RandAugment / sim views)
     or cifar (pad-crop + CIFAR10Policy / RandomResizedCrop + blur), the latter for small images of
     any data.kind: images that are not image_size × image_size are resized to it first."""
     image_size: int = 224
     """Side of the square training and evaluation views."""
     normalization: str = "imagenet"
-    """Mean/std of ARCHITECTURE §2: imagenet, inat or cifar."""
+    """Mean/std of docs/design.md §2: imagenet, inat or cifar."""
     batch_size: int = 256
     """Global batch per micro-step over all ranks (split evenly); the optimizer sees
     batch_size × deepspeed.grad_accum_steps images per step."""

@@ -1,9 +1,9 @@
-"""Long-tailed class-count profiles (ARCHITECTURE §2) and the argument checks the dataset
+"""Long-tailed class-count profiles (docs/design.md §2) and the argument checks the dataset
 modules share.
 
 Imbalance convention: ``imb_factor`` is the ratio n_min / n_max ≤ 1, as in the LDAM-DRW / BCL
 code (``imb_factor=0.01`` is "IF 100" in the papers' tables). Class c keeps
-⌊n_max · imb_factor^(c/(C−1))⌋ images, which is ARCHITECTURE §2's ⌊n_max · IF^(−c/(C−1))⌋
+⌊n_max · imb_factor^(c/(C−1))⌋ images, which is docs/design.md §2's ⌊n_max · IF^(−c/(C−1))⌋
 with IF = 1/imb_factor.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ IMB_TYPES = ("exp", "step")
 
 
 def long_tail_counts(n_max: int, num_classes: int, imb_factor: float, imb_type: str = "exp") -> np.ndarray:
-    """Per-class image counts of a long-tailed profile (ARCHITECTURE §2), as int64.
+    """Per-class image counts of a long-tailed profile (docs/design.md §2), as int64.
 
     ``exp``: class c keeps ⌊n_max · imb_factor^(c/(C−1))⌋; ``step``: the first ⌊C/2⌋ classes
     keep n_max, the others ⌊n_max · imb_factor⌋. ``imb_factor`` = n_min / n_max ∈ (0, 1].

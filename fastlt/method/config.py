@@ -1,4 +1,4 @@
-"""The ``method`` section of the config: ConCutMix + BCL hyper-parameters (ARCHITECTURE §1) and
+"""The ``method`` section of the config: ConCutMix + BCL hyper-parameters (docs/design.md §1) and
 their option lists. ``fastlt.method.labels`` (the rectified label), ``fastlt.method.losses`` (LA-CE, BalSCL)
 and ``fastlt.method.objective`` (the training objective) implement what these settings describe.
 """
@@ -20,7 +20,7 @@ SCL_SCOPES = ("global", "local")
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """ConCutMix + BCL hyper-parameters (ARCHITECTURE §1)."""
+    """ConCutMix + BCL hyper-parameters (docs/design.md §1)."""
 
     alpha: float = 1.0
     """α, weight of the logit-adjusted cross-entropy in L = α·L_cls + β·L_BalSCL."""

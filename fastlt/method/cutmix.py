@@ -1,4 +1,4 @@
-"""CutMix boxes and area labels (ARCHITECTURE §1, "CutMix"): the one definition both pipeline
+"""CutMix boxes and area labels (docs/design.md §1, "CutMix"): the one definition both pipeline
 backends use.
 
 Pure functions, as in timm's mixup: :func:`sample_box` draws λ0 ~ Beta(α, α), a cut ratio

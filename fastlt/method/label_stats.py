@@ -1,4 +1,4 @@
-"""What the ConCutMix label step does to the labels, measured on the device (ARCHITECTURE §1,
+"""What the ConCutMix label step does to the labels, measured on the device (docs/design.md §1,
 "Semantically consistent label", steps 4–5).
 
 With the published ω the confidence γ = ω·log(Σ_j N_j y_j)/Σ_i log N_i is of the order of

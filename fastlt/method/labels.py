@@ -1,4 +1,4 @@
-"""ConCutMix's semantically consistent label (ARCHITECTURE §1, steps 1–5).
+"""ConCutMix's semantically consistent label (docs/design.md §1, steps 1–5).
 
 The CutMix area label y = λ·onehot(a) + (1−λ)·onehot(b) is rectified with the similarity
 between the mixed sample's (unnormalised, detached) contrastive embedding z and the
@@ -135,7 +135,7 @@ def topk_mask(s: Tensor, k: int) -> Tensor:
 def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
                              class_counts: Tensor, *, topk: int, omega: float, normalize: str = "l1",
                              temperature: float = 1.0, log_count_sum: Tensor | float | None = None) -> Tensor:
-    """Pure-PyTorch specification of the ConCutMix label (ARCHITECTURE §1, steps 1–5).
+    """Pure-PyTorch specification of the ConCutMix label (docs/design.md §1, steps 1–5).
 
     Args:
         z: (B, D) unnormalised contrastive embeddings of the mixed samples (any float dtype).

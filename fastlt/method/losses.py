@@ -1,4 +1,4 @@
-"""Losses of ConCutMix / BCL (ARCHITECTURE §1, "Losses"): L = α·L_cls + β·L_BalSCL.
+"""Losses of ConCutMix / BCL (docs/design.md §1, "Losses"): L = α·L_cls + β·L_BalSCL.
 
 * :class:`LogitAdjustedCrossEntropy` — L_cls, CE(x + τ·log π, target) with a hard target
   (B,) or a soft target (B, C): −Σ_j ŷ_j · log softmax(x + τ·log π)_j, batch mean.
@@ -181,7 +181,7 @@ def reference_balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_class
 
 def balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
                          anchor_start: int = 0, num_anchors: int | None = None) -> Tensor:
-    """BCL's balanced supervised contrastive loss over one contrast set (ARCHITECTURE §1, L_BalSCL).
+    """BCL's balanced supervised contrastive loss over one contrast set (docs/design.md §1, L_BalSCL).
 
     Args:
         items: (N, D) L2-normalised contrast items: the 2·B·W views of all W ranks (or the 2B

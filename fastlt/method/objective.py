@@ -1,4 +1,4 @@
-"""The training objective and step of ConCutMix + BCL (ARCHITECTURE §1 "Losses", steps of the
+"""The training objective and step of ConCutMix + BCL (docs/design.md §1 "Losses", steps of the
 "Semantically consistent label").
 
 One step:
@@ -47,7 +47,7 @@ def _phase(name: str):
 
 
 class ConCutMixObjective(nn.Module):
-    """L = α·LA-CE(logits of view 0, label) + β·BalSCL(views 1, 2) (ARCHITECTURE §1).
+    """L = α·LA-CE(logits of view 0, label) + β·BalSCL(views 1, 2) (docs/design.md §1).
 
     Args:
         method: the ``method`` config section (:class:`fastlt.method.config.MethodConfig`).

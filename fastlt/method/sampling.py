@@ -1,4 +1,4 @@
-"""Index samplers for the two ConCutMix streams (ARCHITECTURE §1, "Samplers"), and their
+"""Index samplers for the two ConCutMix streams (docs/design.md §1, "Samplers"), and their
 step-major sharding over ranks (§3 "Distributed = one big GPU").
 
 Each training step pairs a *background* (canvas) index with a *foreground* (patch) index.

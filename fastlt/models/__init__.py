@@ -1,4 +1,4 @@
-"""BCL models (ARCHITECTURE §1, "Model (BCL)"): backbone → classifier, contrastive head and
+"""BCL models (docs/design.md §1, "Model (BCL)"): backbone → classifier, contrastive head and
 center head.
 
 * :mod:`fastlt.models.config` — the ``model`` config section and the backbone names (no torch);

@@ -1,4 +1,4 @@
-"""BCL models (ARCHITECTURE §1, "Model (BCL)").
+"""BCL models (docs/design.md §1, "Model (BCL)").
 
 backbone → feature h; then
 * classifier: NormedLinear (logits = 30 · normalize(h) · normalize(W), cosine) or a plain
@@ -45,7 +45,7 @@ def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
     classifier (``num_classes=0``); extra kwargs (e.g. ``img_size`` for ViT) go to timm.
     The ResNet/ResNeXt backbones keep the reference initialisation: timm's default
     ``zero_init_last=True`` would start the last BatchNorm γ of every residual block at 0,
-    the reference's torchvision-style ResNeXt keeps it at 1 (ARCHITECTURE §1 "Views").
+    the reference's torchvision-style ResNeXt keeps it at 1 (docs/design.md §1 "Model (BCL)").
     """
     if name == "resnet32":
         if kwargs:
@@ -85,7 +85,7 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class BCLModel(nn.Module):
-    """Backbone + classifier + contrastive head + center head (ARCHITECTURE §1).
+    """Backbone + classifier + contrastive head + center head (docs/design.md §1).
 
     Args:
         backbone: a name from :data:`BACKBONES` or a module mapping images to (N, h)

@@ -1,6 +1,6 @@
 """The CIFAR ResNet-32 backbone of BCL / LDAM-DRW (He et al. 2016, §4.2): 6n+2 layers on 32 px
 inputs, option-A identity shortcuts, Kaiming-normal convolutions; returns the pooled 64-d
-feature h (ARCHITECTURE §1, "Model (BCL)").
+feature h (docs/design.md §1, "Model (BCL)").
 """
 from __future__ import annotations
 

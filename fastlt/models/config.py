@@ -1,4 +1,4 @@
-"""The ``model`` section of the config and the backbone names (ARCHITECTURE §1, "Model (BCL)").
+"""The ``model`` section of the config and the backbone names (docs/design.md §1, "Model (BCL)").
 
 Kept free of torch so that loading a config does not import it; the modules that build the
 networks are ``fastlt.models.bcl`` and ``fastlt.models.cifar_resnet``.
@@ -24,7 +24,7 @@ PRETRAINED_SCOPES = ("backbone", "all")
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The BCL model (ARCHITECTURE §1, "Model (BCL)")."""
+    """The BCL model (docs/design.md §1, "Model (BCL)")."""
 
     backbone: str = "resnet32"
     """Backbone name: resnet32 (CIFAR), resnet50, resnext50_32x4d, resnext101_32x4d,

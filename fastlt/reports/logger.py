@@ -1,4 +1,4 @@
-"""Run logging for the trainer: rank 0 only, for people and for machines (STYLE "Logs").
+"""Run logging for the trainer: rank 0 only, for people and for machines.
 
 * one fixed-field line per log interval — epoch, step, CE, SCL, loss, lr, img/s (training
   samples per second over all ranks; each sample is three views through the model) and the

@@ -1,4 +1,4 @@
-"""Evaluation metrics (ARCHITECTURE §1, "Evaluation"): top-1 on the balanced split and
+"""Evaluation metrics (docs/design.md §1, "Evaluation"): top-1 on the balanced split and
 many-shot (N_j > 100), medium-shot (20 ≤ N_j ≤ 100) and few-shot (N_j < 20) accuracy.
 
 Group accuracies are averages of per-class accuracies within the group, so that a group's

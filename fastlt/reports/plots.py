@@ -2,7 +2,7 @@
 pyplot state), and the per-class CSV.
 
 * :func:`plot_per_class` — per-class accuracy against training-image count (log x), the
-  many / medium / few-shot bands of ARCHITECTURE §1 "Evaluation" shaded, group means drawn;
+  many / medium / few-shot bands of docs/design.md §1 "Evaluation" shaded, group means drawn;
 * :func:`plot_shot_groups` — overall / many / medium / few accuracy as bars;
 * :func:`plot_training_curves` — from a run's ``log.jsonl``: losses, learning rate, training
   and evaluation accuracy, the label diagnostics of ``fastlt.method.label_stats``, throughput;

@@ -1,7 +1,7 @@
 """What a training run tells its user at the start and leaves in its run directory at the end
 (rank 0): the opening lines (model, data, ranks, pipeline, label schedule), ``metrics.json``,
 the plots and per-class CSV (``fastlt.reports.plots``) and the closing line, which names the best
-epoch and how often the run was evaluated (ARCHITECTURE §1 "Evaluation").
+epoch and how often the run was evaluated (docs/design.md §1 "Evaluation").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resumable checkpoints and model weights (ARCHITECTURE §3 "Distributed": model, optimizer,
+"""Resumable checkpoints and model weights (docs/design.md §3 "Distributed": model, optimizer,
 scheduler, sampler and RNG state, so that a resumed run continues the same sample sequence).
 
 Layout of a run directory::

@@ -1,4 +1,4 @@
-"""Processes and ranks (ARCHITECTURE §3 "Distributed", "Engine"): the device, the process
+"""Processes and ranks (docs/design.md §3 "Distributed", "Engine"): the device, the process
 environment DeepSpeed reads, the process group, and the few collective helpers the trainer
 and the evaluation need.
 
@@ -10,7 +10,7 @@ and the evaluation need.
 * :func:`barrier`, :func:`any_rank`, :func:`mean_over_ranks`, :func:`gather_variable`,
   :func:`average_buffers`, :func:`replica_digests` — collectives that are no-ops in a world of one;
 * :func:`all_gather_with_grad`, :func:`all_gather_tensor` — the global batch's features and
-  labels for the balanced contrastive loss (ARCHITECTURE §3: its contrast set is the global
+  labels for the balanced contrastive loss (docs/design.md §3: its contrast set is the global
   batch plus the centers).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``deepspeed`` section of the config and the DeepSpeed engine built from it
-(ARCHITECTURE §3 "Engine"): precision, ZeRO stage, gradient accumulation and clipping.
+(docs/design.md §3 "Engine"): precision, ZeRO stage, gradient accumulation and clipping.
 
 * :class:`DeepSpeedSection` — the section, with the precision names;
 * :func:`deepspeed_config` — DeepSpeed's config dict, the only place DeepSpeed settings come from;

@@ -1,4 +1,4 @@
-"""Evaluation (ARCHITECTURE §1 "Evaluation"): top-1 on the balanced val/test split and
+"""Evaluation (docs/design.md §1 "Evaluation"): top-1 on the balanced val/test split and
 many/medium/few-shot accuracy (``fastlt.reports.metrics.shot_accuracy``, groups from the training
 class counts).
 

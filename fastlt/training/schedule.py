@@ -1,4 +1,4 @@
-"""The ``optim`` section of the config: SGD and the per-epoch learning rate (ARCHITECTURE §2).
+"""The ``optim`` section of the config: SGD and the per-epoch learning rate (docs/design.md §2).
 
 * :class:`OptimConfig` — the section, with the schedule names;
 * :func:`build_optimizer` — SGD over the model's parameters, as the reference trains;
@@ -21,7 +21,7 @@ SCHEDULES = ("cos", "step")
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """SGD and the per-epoch learning-rate schedule (ARCHITECTURE §2)."""
+    """SGD and the per-epoch learning-rate schedule (docs/design.md §2)."""
 
     epochs: int = 200
     """Training epochs."""
@@ -74,7 +74,7 @@ def build_optimizer(optim: OptimConfig, parameters):
 
 
 class EpochLR:
-    """The per-epoch learning rate of ARCHITECTURE §2 (the BCL reference's adjust_learning_rate):
+    """The per-epoch learning rate of docs/design.md §2 (the BCL reference's adjust_learning_rate):
     epoch e < warmup: lr·(e+1)/warmup; then cos: lr·½(1 + cos(π(e − warmup + 1)/(epochs − warmup + 1)));
     step: lr·gamma^(number of milestones ≤ e)."""
 

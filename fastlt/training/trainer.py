@@ -1,4 +1,4 @@
-"""The ConCutMix + BCL trainer on a DeepSpeed engine (ARCHITECTURE §2 recipes, §3 "Engine").
+"""The ConCutMix + BCL trainer on a DeepSpeed engine (docs/design.md §2 recipes, §3 "Engine").
 
 :class:`Trainer` runs one :class:`~fastlt.config.loader.Config`:
 
