@@ -27,7 +27,7 @@ __all__ = ["CB_COMMIT", "DATASETS", "PUBLISHED", "DatasetSource", "PublishedList
 
 #: The commit of https://github.com/facebookresearch/classifier-balancing the shipped lists come from.
 CB_COMMIT = "f162adef63fdf592d0b8a0f6e52bc481fc08785f"
-_CB = f"https://github.com/facebookresearch/classifier-balancing/tree/{CB_COMMIT[:7]}/data"
+_CB = f"https://github.com/facebookresearch/classifier-balancing/tree/{CB_COMMIT}/data"
 
 
 @dataclass(frozen=True)
