@@ -20,13 +20,13 @@ def _tracked_text_files() -> list[Path]:
 
 
 def test_nothing_cites_documents_outside_the_repository():
-    this = Path(__file__).resolve()
+    outside = "ARCHI" + "TECTURE"  # spelled in two parts so that grep finds no citation here either
     for path in _tracked_text_files():
-        if path == this or not path.is_file():
+        if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8")
-        assert "ARCHITECTURE" not in text, path
-        assert "../shared" not in text and "STYLE.md" not in text, path
+        assert outside not in text, path
+        assert "../" + "shared" not in text and "STYLE" + ".md" not in text, path
 
 
 def test_cited_sections_and_headings_exist():
