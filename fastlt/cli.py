@@ -1,12 +1,14 @@
 """The command line: every ``fastlt`` command and ``python -m fastlt.train`` (setup.py:
 ``fastlt=fastlt.cli:main``). All argument parsing lives here.
 
-    fastlt train --config configs/X.yaml [--set key=value ...] [--resume auto|PATH]
+    fastlt train --config configs/X.yaml [--set key=value ...] [--epochs N] [--resume auto|PATH]
     fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
     fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
     fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
     fastlt recipes                                                        # the shipped recipes, published top-1
+    fastlt config --config C [--set ...] [--epochs N] [--world-size W]    # resolved YAML + DeepSpeed JSON
+    fastlt --version
     fastlt profile --config C [--steps N] [--warmup W] [--phase area|rectified] [--out D]  # torch.profiler
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
 
@@ -40,8 +42,15 @@ def _add_config_args(p: argparse.ArgumentParser, *, default_config: str | None =
                    help="override a config value, e.g. --set optim.lr=0.05 method.l_d_warm=10 (repeatable)")
 
 
+def _add_epochs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="shorten or lengthen the recipe to N epochs: warm-up, milestones, method.l_d_warm and the "
+                        "evaluation/checkpoint cadence keep their share of the run (printed); --set still wins")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
+    _add_epochs_arg(p)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: continue from the run directory's latest checkpoint; PATH: a checkpoint directory")
 
@@ -50,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fastlt`` parser with its sub-commands."""
     from fastlt.demo import DEMO_CONFIG
 
+    from fastlt import __version__
+
     p = argparse.ArgumentParser(prog="fastlt", description="ConCutMix + BCL long-tailed training (DeepSpeed).")
+    p.add_argument("--version", action="version", version=f"fastlt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train_args(sub.add_parser("train", help="train from a YAML recipe (same as python -m fastlt.train)"))
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val or test list")
@@ -64,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
+    _add_epochs_arg(d)
+    c = sub.add_parser("config", help="print the resolved config (YAML) and the DeepSpeed config it generates (JSON)")
+    _add_config_args(c)
+    _add_epochs_arg(c)
+    c.add_argument("--world-size", type=int, default=1, metavar="W",
+                   help="ranks the DeepSpeed config is generated for (default 1; a run uses its launcher's)")
     a = sub.add_parser("data", help="class histogram (text + PNG), shot groups and unreadable files of a dataset",
                        description="Exit code 1 when unreadable files were found.")
     a.add_argument("target", help="an image folder (root/train/<class>/... or root/<class>/...), a list file, "
@@ -104,6 +122,12 @@ def _train_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    # DeepSpeed's conventional arguments (deepspeed.add_config_arguments): every run is a DeepSpeed
+    # run, so --deepspeed changes nothing; a --deepspeed_config JSON merges into deepspeed.extra.
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed_config", "--deepscale_config", default=None, metavar="JSON",
+                   help="a DeepSpeed config file, merged into deepspeed.extra (keys fastlt derives from its own "
+                        "settings, such as train_batch_size, are refused with the fastlt key to set instead)")
     return p
 
 
@@ -115,7 +139,39 @@ def _load(args):
     from fastlt.config.loader import load_config
     from fastlt.config.recipes import resolve_config
 
-    return load_config(resolve_config(args.config), _overrides(args))
+    epochs, notes = getattr(args, "epochs", None), []
+    cfg = load_config(resolve_config(args.config), _overrides(args), epochs=epochs, notes=notes)
+    if getattr(args, "deepspeed_config", None):
+        cfg = _with_deepspeed_json(cfg, args.deepspeed_config)
+    if epochs is not None and os.environ.get("RANK", "0") == "0":
+        print(f"--epochs {epochs}: " + ("; ".join(notes) if notes else "the recipe already has that length"),
+              flush=True)
+    return cfg
+
+
+def _with_deepspeed_json(cfg, path: str):
+    """``cfg`` with the DeepSpeed config file ``path`` merged into ``deepspeed.extra`` (validated
+    again, so keys fastlt owns are refused by name)."""
+    import json
+
+    from fastlt.config.loader import config_from_dict, config_to_dict
+    from pathlib import Path
+
+    from fastlt.errors import ConfigError
+
+    if not Path(path).is_file():  # also refuses a FIFO or a folder: opening one could block or fail obscurely
+        raise ConfigError(f"--deepspeed_config {path}: not a regular file; pass a DeepSpeed JSON config file")
+    try:
+        extra = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--deepspeed_config {path}: cannot be read as UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"--deepspeed_config {path}: the top level must be a JSON object of DeepSpeed settings")
+    tree = config_to_dict(cfg)
+    tree["deepspeed"]["extra"] = {**tree["deepspeed"]["extra"], **extra}
+    return config_from_dict(tree)
 
 
 def run_cli(fn: Callable[[], None]) -> int:
@@ -221,6 +277,27 @@ def _inspect(args) -> int:
     return run_cli(go)
 
 
+def _config(args) -> int:
+    def go():
+        import json
+
+        import yaml
+
+        from fastlt.config.loader import config_to_dict
+        from fastlt.errors import ConfigError
+        from fastlt.training.engine import deepspeed_config
+
+        if args.world_size < 1:
+            raise ConfigError(f"--world-size: must be >= 1; got {args.world_size}")
+        cfg = _load(args)
+        print("# resolved config (what a run saves as config.yaml)")
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        print(f"# DeepSpeed config for {args.world_size} rank(s) (what a run saves as ds_config.json)")
+        print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2), flush=True)
+
+    return run_cli(go)
+
+
 def _recipes(args) -> int:
     def go():
         from fastlt.config.recipes import format_recipes
@@ -254,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
     return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "inspect": _inspect,
-            "recipes": _recipes, "profile": _profile}[args.command](args)
+            "recipes": _recipes, "profile": _profile, "config": _config}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,13 @@ def test_run_writes_plots_csv_class_map_and_the_pretrained_start(run):
     assert plots and plots[-1]["msg"].startswith("plots: per_class_accuracy.png")
 
 
+def test_run_saves_the_deepspeed_config_it_used(run):
+    ds = json.loads((run["dir"] / "ds_config.json").read_text())
+    batch = run["cfg"]["data"]["batch_size"]  # one rank: the whole global batch per micro-step
+    assert ds["train_micro_batch_size_per_gpu"] == batch and ds["train_batch_size"] == batch
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+
+
 def _cli(capsys, *args) -> str:
     """``fastlt args...`` in this process (the command-line entry point, without another interpreter start)."""
     from fastlt.cli import main

@@ -65,8 +65,11 @@ def _extra_fields(rec: dict) -> str:
 
 
 def format_metrics(m: dict) -> str:
-    """'overall 61.20 | many 80.00 | medium 59.10 | few 40.00' (nan for an empty group)."""
-    return " | ".join(f"{k} {m[k]:.2f}" for k in ("overall", "many", "medium", "few"))
+    """'overall 61.20 | many 80.00 | medium 59.10 | few 40.00' ('—' for a group with no class)."""
+    def value(v) -> str:
+        return "—" if v is None or math.isnan(v) else f"{v:.2f}"
+
+    return " | ".join(f"{k} {value(m[k])}" for k in ("overall", "many", "medium", "few"))
 
 
 class RunLogger:

@@ -31,6 +31,7 @@ from torch import Tensor
 from fastlt.training import distributed as dist
 from fastlt.training.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
 from fastlt.config.loader import Config, save_resolved_config
+from fastlt.files import json_text, write_text_atomic
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
 from fastlt.reports.logger import RunLogger, format_metrics
@@ -156,7 +157,8 @@ class Trainer:
         from fastlt.training.evaluate import evaluate_model
 
         metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
-                                 precision=self.precision, channels_last=self.cfg.model.channels_last)
+                                 precision=self.precision, channels_last=self.cfg.model.channels_last,
+                                 shots=(self.cfg.run.many_shot, self.cfg.run.few_shot))
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
         self.last_eval = metrics
         self.history = [h for h in self.history if h["epoch"] != epoch] + [{"epoch": epoch, **summary}]
@@ -280,6 +282,7 @@ class Trainer:
         if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
             if changed := save_resolved_config(cfg, self.run_dir / "config.yaml"):
                 self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
+            write_text_atomic(self.run_dir / "ds_config.json", json_text(self.ds_config, indent=2))
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
 
