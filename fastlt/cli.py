@@ -8,6 +8,7 @@
     fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
     fastlt recipes                                                        # the shipped recipes, published top-1
     fastlt config --config C [--set ...] [--epochs N] [--world-size W]    # resolved YAML + DeepSpeed JSON
+    fastlt export --checkpoint runs/X/best.pt [--out D]                   # timm-loadable safetensors
     fastlt --version
     fastlt profile --config C [--steps N] [--warmup W] [--phase area|rectified] [--out D]  # torch.profiler
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--epoch", type=int, default=None, help="epoch of the sample sequence (default: the checkpoint's)")
     i.add_argument("--topk", type=int, default=3, help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
+    x = sub.add_parser("export", help="write a trained model's backbone and classifier as timm-loadable safetensors")
+    x.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
+    x.add_argument("--out", default=None, help="output folder (default: export/ in the checkpoint's run directory)")
+    x.add_argument("--config", default=None,
+                   help="the run's config, when it set model.backbone_kwargs (e.g. a ViT's img_size)")
     r = sub.add_parser("profile", help="record training steps with torch.profiler: Chrome/Perfetto trace, TensorBoard "
                                        "profile, top operators/kernels, kernel launches and host syncs per step")
     _add_config_args(r)
@@ -298,6 +304,24 @@ def _config(args) -> int:
     return run_cli(go)
 
 
+def _export(args) -> int:
+    def go():
+        from fastlt.models.export import export_timm
+        from fastlt.training.evaluate import checkpoint_run_dir
+
+        kwargs = {}
+        if args.config:
+            from fastlt.config.loader import load_config
+            from fastlt.config.recipes import resolve_config
+
+            kwargs = dict(load_config(resolve_config(args.config)).model.backbone_kwargs)
+        out = args.out or checkpoint_run_dir(args.checkpoint) / "export"
+        files = export_timm(args.checkpoint, out, backbone_kwargs=kwargs)
+        print(f"exported: {', '.join(str(f) for f in files)}", flush=True)
+
+    return run_cli(go)
+
+
 def _recipes(args) -> int:
     def go():
         from fastlt.config.recipes import format_recipes
@@ -331,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
     return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "inspect": _inspect,
-            "recipes": _recipes, "profile": _profile, "config": _config}[args.command](args)
+            "recipes": _recipes, "profile": _profile, "config": _config,
+            "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ class Trainer:
         deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
         self.data = build_datasets(cfg)
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
+        from fastlt.models.bcl import check_backbone
+
+        check_backbone(cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
         if cfg.model.pretrained:
             from fastlt.models.pretrained import check_pretrained_path
 
