@@ -329,8 +329,20 @@ def save_resolved_config(cfg: Config, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     changed = []
     if path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        changed = config_diff(old, config_to_dict(cfg))
+        text = path.read_text(encoding="utf-8")
+        changed = config_diff(yaml.safe_load(text) or {}, config_to_dict(cfg))
+        if changed:  # keep the earlier launch's config, named by when that launch wrote it
+            import time
+
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            history = path.parent / "config_history"
+            history.mkdir(exist_ok=True)
+            kept = history / f"config-{stamp}.yaml"
+            n = 1
+            while kept.exists():
+                n += 1
+                kept = history / f"config-{stamp}-{n}.yaml"
+            kept.write_text(text, encoding="utf-8")
     save_config(cfg, path)
     return changed
 
