@@ -1,12 +1,15 @@
 """The command line: every ``fastlt`` command and ``python -m fastlt.train`` (setup.py:
 ``fastlt=fastlt.cli:main``). All argument parsing lives here.
 
-    fastlt train --config configs/X.yaml [--set key=value ...] [--resume auto|PATH]
+    fastlt train --config configs/X.yaml [--set key=value ...] [--epochs N] [--resume auto|PATH]
     fastlt eval  --config configs/X.yaml --checkpoint runs/X/best.pt [--split val|test] [--out F] [--report-dir D]
     fastlt demo  [--config C] [--set key=value ...]
     fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
     fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
     fastlt recipes                                                        # the shipped recipes, published top-1
+    fastlt config --config C [--set ...] [--epochs N] [--world-size W]    # resolved YAML + DeepSpeed JSON
+    fastlt export --checkpoint runs/X/best.pt [--out D]                   # timm-loadable safetensors
+    fastlt --version
     fastlt profile --config C [--steps N] [--warmup W] [--phase area|rectified] [--out D]  # torch.profiler
     python -m fastlt.train --config ...            # = fastlt train; what `deepspeed --module` launches
 
@@ -40,8 +43,15 @@ def _add_config_args(p: argparse.ArgumentParser, *, default_config: str | None =
                    help="override a config value, e.g. --set optim.lr=0.05 method.l_d_warm=10 (repeatable)")
 
 
+def _add_epochs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="shorten or lengthen the recipe to N epochs: warm-up, milestones, method.l_d_warm and the "
+                        "evaluation/checkpoint cadence keep their share of the run (printed); --set still wins")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
+    _add_epochs_arg(p)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: continue from the run directory's latest checkpoint; PATH: a checkpoint directory")
 
@@ -50,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fastlt`` parser with its sub-commands."""
     from fastlt.demo import DEMO_CONFIG
 
+    from fastlt import __version__
+
     p = argparse.ArgumentParser(prog="fastlt", description="ConCutMix + BCL long-tailed training (DeepSpeed).")
+    p.add_argument("--version", action="version", version=f"fastlt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train_args(sub.add_parser("train", help="train from a YAML recipe (same as python -m fastlt.train)"))
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val or test list")
@@ -64,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
+    _add_epochs_arg(d)
+    c = sub.add_parser("config", help="print the resolved config (YAML) and the DeepSpeed config it generates (JSON)")
+    _add_config_args(c)
+    _add_epochs_arg(c)
+    c.add_argument("--world-size", type=int, default=1, metavar="W",
+                   help="ranks the DeepSpeed config is generated for (default 1; a run uses its launcher's)")
     a = sub.add_parser("data", help="class histogram (text + PNG), shot groups and unreadable files of a dataset",
                        description="Exit code 1 when unreadable files were found.")
     a.add_argument("target", help="an image folder (root/train/<class>/... or root/<class>/...), a list file, "
@@ -87,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--epoch", type=int, default=None, help="epoch of the sample sequence (default: the checkpoint's)")
     i.add_argument("--topk", type=int, default=3, help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
+    x = sub.add_parser("export", help="write a trained model's backbone and classifier as timm-loadable safetensors")
+    x.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
+    x.add_argument("--out", default=None, help="output folder (default: export/ in the checkpoint's run directory)")
+    x.add_argument("--config", default=None,
+                   help="the run's config, when it set model.backbone_kwargs (e.g. a ViT's img_size)")
     r = sub.add_parser("profile", help="record training steps with torch.profiler: Chrome/Perfetto trace, TensorBoard "
                                        "profile, top operators/kernels, kernel launches and host syncs per step")
     _add_config_args(r)
@@ -104,6 +128,12 @@ def _train_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    # DeepSpeed's conventional arguments (deepspeed.add_config_arguments): every run is a DeepSpeed
+    # run, so --deepspeed changes nothing; a --deepspeed_config JSON merges into deepspeed.extra.
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed_config", "--deepscale_config", default=None, metavar="JSON",
+                   help="a DeepSpeed config file, merged into deepspeed.extra (keys fastlt derives from its own "
+                        "settings, such as train_batch_size, are refused with the fastlt key to set instead)")
     return p
 
 
@@ -115,7 +145,39 @@ def _load(args):
     from fastlt.config.loader import load_config
     from fastlt.config.recipes import resolve_config
 
-    return load_config(resolve_config(args.config), _overrides(args))
+    epochs, notes = getattr(args, "epochs", None), []
+    cfg = load_config(resolve_config(args.config), _overrides(args), epochs=epochs, notes=notes)
+    if getattr(args, "deepspeed_config", None):
+        cfg = _with_deepspeed_json(cfg, args.deepspeed_config)
+    if epochs is not None and os.environ.get("RANK", "0") == "0":
+        print(f"--epochs {epochs}: " + ("; ".join(notes) if notes else "the recipe already has that length"),
+              flush=True)
+    return cfg
+
+
+def _with_deepspeed_json(cfg, path: str):
+    """``cfg`` with the DeepSpeed config file ``path`` merged into ``deepspeed.extra`` (validated
+    again, so keys fastlt owns are refused by name)."""
+    import json
+
+    from fastlt.config.loader import config_from_dict, config_to_dict
+    from pathlib import Path
+
+    from fastlt.errors import ConfigError
+
+    if not Path(path).is_file():  # also refuses a FIFO or a folder: opening one could block or fail obscurely
+        raise ConfigError(f"--deepspeed_config {path}: not a regular file; pass a DeepSpeed JSON config file")
+    try:
+        extra = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--deepspeed_config {path}: cannot be read as UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"--deepspeed_config {path}: the top level must be a JSON object of DeepSpeed settings")
+    tree = config_to_dict(cfg)
+    tree["deepspeed"]["extra"] = {**tree["deepspeed"]["extra"], **extra}
+    return config_from_dict(tree)
 
 
 def run_cli(fn: Callable[[], None]) -> int:
@@ -221,6 +283,45 @@ def _inspect(args) -> int:
     return run_cli(go)
 
 
+def _config(args) -> int:
+    def go():
+        import json
+
+        import yaml
+
+        from fastlt.config.loader import config_to_dict
+        from fastlt.errors import ConfigError
+        from fastlt.training.engine import deepspeed_config
+
+        if args.world_size < 1:
+            raise ConfigError(f"--world-size: must be >= 1; got {args.world_size}")
+        cfg = _load(args)
+        print("# resolved config (what a run saves as config.yaml)")
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        print(f"# DeepSpeed config for {args.world_size} rank(s) (what a run saves as ds_config.json)")
+        print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2), flush=True)
+
+    return run_cli(go)
+
+
+def _export(args) -> int:
+    def go():
+        from fastlt.models.export import export_timm
+        from fastlt.training.evaluate import checkpoint_run_dir
+
+        kwargs = {}
+        if args.config:
+            from fastlt.config.loader import load_config
+            from fastlt.config.recipes import resolve_config
+
+            kwargs = dict(load_config(resolve_config(args.config)).model.backbone_kwargs)
+        out = args.out or checkpoint_run_dir(args.checkpoint) / "export"
+        files = export_timm(args.checkpoint, out, backbone_kwargs=kwargs)
+        print(f"exported: {', '.join(str(f) for f in files)}", flush=True)
+
+    return run_cli(go)
+
+
 def _recipes(args) -> int:
     def go():
         from fastlt.config.recipes import format_recipes
@@ -254,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
     args = build_parser().parse_args(argv)
     return {"train": _train, "eval": _eval, "demo": _demo, "data": _data, "inspect": _inspect,
-            "recipes": _recipes, "profile": _profile}[args.command](args)
+            "recipes": _recipes, "profile": _profile, "config": _config,
+            "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ def test_normed_linear_is_scaled_cosine():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet18'"):
-        BCLModel("resnet18", 10)
+    with pytest.raises(ValueError, match="'resnet18x' is neither resnet32 nor a timm model"):
+        BCLModel("resnet18x", 10)
     with pytest.raises(ValueError, match="num_features"):
         BCLModel(torch.nn.Linear(3, 4), 10)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):

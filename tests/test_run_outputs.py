@@ -66,6 +66,50 @@ def test_tensorboard_event_files_hold_the_scalars(run):
     assert [e.value for e in acc.Scalars("eval/overall")] == pytest.approx([r["overall"] for r in evals])
 
 
+def test_tensorboard_holds_the_config_the_hparams_and_eval_by_epoch(run):
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run["dir"]), size_guidance={"tensors": 0})
+    acc.Reload()
+    (text,) = acc.Tensors("config/text_summary")
+    shown = yaml.safe_load("\n".join(line[4:] for line in text.tensor_proto.string_val[0].decode().splitlines()))
+    assert shown == yaml.safe_load((run["dir"] / "config.yaml").read_text())
+    evals = events(run["dir"], "eval")
+    by_epoch = acc.Scalars("eval_by_epoch/overall")
+    assert [e.step for e in by_epoch] == [r["epoch"] for r in evals]
+    assert [e.value for e in by_epoch] == pytest.approx([r["overall"] for r in evals])
+    hp = EventAccumulator(str(run["dir"] / "hparams"))
+    hp.Reload()
+    final = json.loads((run["dir"] / "metrics.json").read_text())["final"]
+    assert hp.Scalars("hparam/final_overall")[0].value == pytest.approx(final["overall"])
+    plugin = hp.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+    assert b"optim.lr" in plugin and b"method.topk" in plugin
+
+
+def test_a_changed_config_is_kept_and_each_change_logged(tmp_path):
+    from fastlt.config.loader import load_config
+    from fastlt.config.recipes import resolve_config
+    from fastlt.reports.logger import RunLogger
+    from fastlt.reports.run_report import record_launch
+
+    log = RunLogger(tmp_path, tensorboard=False, stream=open(tmp_path / "out.txt", "w"))
+    first = load_config(resolve_config("demo"), ["optim.epochs=3", "optim.lr=0.1"])
+    assert record_launch(first, {"train_batch_size": 8}, tmp_path, log, 0) == []
+    assert not (tmp_path / "config_history").exists()
+    second = load_config(resolve_config("demo"), ["optim.epochs=24", "optim.lr=0.05"])
+    changed = record_launch(second, {"train_batch_size": 8}, tmp_path, log, 10)
+    assert changed == ["optim.epochs: 3 -> 24", "optim.lr: 0.1 -> 0.05"]
+    (kept,) = (tmp_path / "config_history").iterdir()
+    import yaml
+
+    assert yaml.safe_load(kept.read_text())["optim"]["epochs"] == 3
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["epochs"] == 24
+    log.close()
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert "  config changed: optim.epochs: 3 -> 24" in lines and "  config changed: optim.lr: 0.1 -> 0.05" in lines
+
+
 def test_label_diagnostics_are_logged_per_interval(run):
     train = events(run["dir"], "train")
     assert len(train) == 2 * TINY_STEPS // 2
@@ -176,6 +220,13 @@ def test_run_writes_plots_csv_class_map_and_the_pretrained_start(run):
     assert plots and plots[-1]["msg"].startswith("plots: per_class_accuracy.png")
 
 
+def test_run_saves_the_deepspeed_config_it_used(run):
+    ds = json.loads((run["dir"] / "ds_config.json").read_text())
+    batch = run["cfg"]["data"]["batch_size"]  # one rank: the whole global batch per micro-step
+    assert ds["train_micro_batch_size_per_gpu"] == batch and ds["train_batch_size"] == batch
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+
+
 def _cli(capsys, *args) -> str:
     """``fastlt args...`` in this process (the command-line entry point, without another interpreter start)."""
     from fastlt.cli import main
@@ -228,7 +279,8 @@ def test_inspect_renders_the_labels_of_real_batches(run, tmp_path, capsys):
 def test_tensorboard_can_be_turned_off(tmp_path):
     import io
 
-    from fastlt.config.loader import config_from_dict
+    from fastlt.config.loader import load_config
+    from fastlt.config.recipes import resolve_config
     from fastlt.reports.logger import RunLogger
 
     synth = {"kind": "synthetic", "root": str(tmp_path)}

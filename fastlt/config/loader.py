@@ -31,6 +31,7 @@ Loading a config imports neither torch nor DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "read_recipe",
+    "rescale_epochs",
     "save_config",
     "save_resolved_config",
 ]
@@ -115,6 +117,10 @@ class RunConfig:
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory (rank 0): losses, lr, throughput,
     training accuracy, label diagnostics and evaluation; false turns them off."""
+    many_shot: int = 100
+    """Classes with more than many_shot training images are many-shot (the long-tail convention)."""
+    few_shot: int = 20
+    """Classes with fewer than few_shot training images are few-shot; the rest are medium-shot."""
 
     def __post_init__(self):
         one_of("run.device", self.device, DEVICES)
@@ -125,6 +131,11 @@ class RunConfig:
         positive("run.checkpoint_every", self.checkpoint_every)
         positive("run.keep_last", self.keep_last)
         positive("run.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        positive("run.many_shot", self.many_shot, allow_zero=True)
+        positive("run.few_shot", self.few_shot, allow_zero=True)
+        if self.few_shot > self.many_shot + 1:
+            raise ConfigError(f"run.few_shot ({self.few_shot}) must not exceed run.many_shot + 1 "
+                              f"({self.many_shot + 1}): a class cannot be both many-shot and few-shot")
         if self.name and (os.sep in self.name or self.name in (".", "..")):
             raise ConfigError(f"run.name: must be a plain folder name without '{os.sep}'; got {self.name!r}")
 
@@ -247,9 +258,59 @@ def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     return _merge_tree(read_recipe(target, (*_chain, path)), tree)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or start from the defaults when path is None) and apply overrides."""
+def _half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))  # not round(): banker's rounding would turn 0.5 epochs into 0
+
+
+def rescale_epochs(tree: dict, epochs: int) -> list[str]:
+    """Shorten (or lengthen) a recipe to ``epochs`` epochs in place: every epoch-based key keeps its
+    share of the run — warm-up, the step schedule's milestones, ``method.l_d_warm`` (the share of
+    epochs with area labels) and the evaluation / checkpoint cadence. Returns 'key: old -> new'
+    for each key it set."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"--epochs: must be a whole number >= 1; got {epochs!r}")
+    optim, method, run = (tree.setdefault(k, {}) for k in ("optim", "method", "run"))
+    if not all(isinstance(x, dict) for x in (optim, method, run)):
+        raise ConfigError("--epochs: the optim, method and run sections must be mappings")
+    old = optim.get("epochs", OptimConfig.epochs)
+    if not isinstance(old, int) or old < 1:
+        raise ConfigError(f"--epochs: optim.epochs of the recipe must be a whole number >= 1; got {old!r}")
+    f = epochs / old
+    new = {"optim.epochs": epochs}
+    warm = optim.get("warmup_epochs", OptimConfig.warmup_epochs)
+    if isinstance(warm, int):
+        new["optim.warmup_epochs"] = min(_half_up(warm * f), epochs - 1)
+    miles = optim.get("milestones")
+    if isinstance(miles, list) and all(isinstance(m, int) for m in miles):
+        new["optim.milestones"] = sorted({min(max(_half_up(m * f), 1), max(epochs - 1, 1)) for m in miles})
+    warm_labels = method.get("l_d_warm", MethodConfig.l_d_warm)
+    if isinstance(warm_labels, int) and warm_labels >= 0:
+        # l_d_warm + 1 epochs use area labels: keep that share of the run (at least one epoch).
+        new["method.l_d_warm"] = max(_half_up((warm_labels + 1) * f), 1) - 1
+    for key, default in (("eval_every", RunConfig.eval_every), ("checkpoint_every", RunConfig.checkpoint_every)):
+        every = run.get(key, default)
+        if isinstance(every, int):
+            new[f"run.{key}"] = max(_half_up(every * f), 1)
+    changed = []
+    for dotted, value in new.items():
+        section, key = dotted.split(".")
+        before = tree[section].get(key)
+        if before != value:
+            changed.append(f"{dotted}: {before!r} -> {value!r}")
+        tree[section][key] = value
+    return changed
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                epochs: int | None = None, notes: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from the defaults when path is None), rescale it to ``epochs``
+    (:func:`rescale_epochs`, before the overrides, so an override still wins) and apply the
+    overrides. ``notes``, when given, receives what ``epochs`` changed."""
     tree: dict = read_recipe(path) if path is not None else {}
+    if epochs is not None:
+        changed = rescale_epochs(tree, epochs)
+        if notes is not None:
+            notes.extend(changed)
     for text in overrides:
         parts, value = parse_override(text)
         if parts == [BASE_KEY]:
@@ -268,8 +329,20 @@ def save_resolved_config(cfg: Config, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     changed = []
     if path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        changed = config_diff(old, config_to_dict(cfg))
+        text = path.read_text(encoding="utf-8")
+        changed = config_diff(yaml.safe_load(text) or {}, config_to_dict(cfg))
+        if changed:  # keep the earlier launch's config, named by when that launch wrote it
+            import time
+
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            history = path.parent / "config_history"
+            history.mkdir(exist_ok=True)
+            kept = history / f"config-{stamp}.yaml"
+            n = 1
+            while kept.exists():
+                n += 1
+                kept = history / f"config-{stamp}-{n}.yaml"
+            kept.write_text(text, encoding="utf-8")
     save_config(cfg, path)
     return changed
 

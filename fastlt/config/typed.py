@@ -32,7 +32,7 @@ import yaml
 
 from fastlt.errors import ConfigError
 
-__all__ = ["build_section", "field_types", "flat_keys", "load_yaml", "one_of", "positive", "set_dotted",
+__all__ = ["Problems", "build_section", "field_types", "flat_keys", "load_yaml", "one_of", "positive", "set_dotted",
            "unknown_key"]
 
 
@@ -185,6 +185,37 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+
+class Problems:
+    """The problems of one config, collected so that one message names them all.
+
+    ``check(fn, *args)`` runs a validator and keeps its ConfigError; ``need(ok, message)`` keeps
+    ``message`` when ``ok`` is false; ``raise_if_any()`` raises one ConfigError listing them
+    (numbered when there are several)."""
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def check(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            self.items.extend(getattr(e, "problems", None) or [str(e)])  # nested sections: one flat list
+            return None
+
+    def need(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.items.append(message)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        error = ConfigError(self.items[0] if len(self.items) == 1 else f"{len(self.items)} problems in the config: "
+                            + "; ".join(f"({i}) {m}" for i, m in enumerate(self.items, 1)))
+        error.problems = list(self.items)
+        raise error
+
+
 def build_section(root, cls, data, prefix: str = ""):
     """Build and validate the dataclass ``cls`` (a section of ``root``) from a nested dict."""
     if data is None:
@@ -194,15 +225,18 @@ def build_section(root, cls, data, prefix: str = ""):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r} ({type(data).__name__})")
     hints = field_types(cls)
     kwargs = {}
+    problems = Problems()  # every section's problem at once, not one relaunch per error
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in hints:
-            raise unknown_key(root, key, list(hints))
+            problems.items.append(str(unknown_key(root, key, list(hints))))
+            continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_section(root, tp, value, key + ".")
+            kwargs[name] = problems.check(build_section, root, tp, value, key + ".")
         else:
-            kwargs[name] = _coerce(key, value, tp)
+            kwargs[name] = problems.check(_coerce, key, value, tp)
+    problems.raise_if_any()
     return cls(**kwargs)
 
 

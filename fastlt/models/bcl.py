@@ -10,9 +10,8 @@ backbone → feature h; then
 The model returns both the L2-normalised z / centers (for the contrastive loss) and the
 unnormalised ones (for the ConCutMix label rectification).
 
-Backbones (``fastlt.models.config.BACKBONES``): ``resnet32`` (``fastlt.models.cifar_resnet``)
-and, through timm with no pretrained download, ``resnet50``, ``resnext50_32x4d``,
-``resnext101_32x4d``, ``vit_small_patch16_224`` and ``vit_base_patch16_224``.
+Backbones: ``resnet32`` (``fastlt.models.cifar_resnet``) and any timm model by name, with no
+pretrained download (``fastlt.models.config.BACKBONES`` lists the published recipes' ones).
 """
 from __future__ import annotations
 
@@ -23,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cifar_resnet import resnet32
-from .config import BACKBONES, TIMM_BACKBONES
+from fastlt.errors import ConfigError
 
-__all__ = ["BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "build_model"]
+from .config import BACKBONES
+
+__all__ = ["BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "build_model", "check_backbone"]
 
 NORMED_LINEAR_SCALE = 30.0
 
@@ -38,28 +39,44 @@ class BCLOutput(NamedTuple):
     centers_raw: Tensor  # (C, D) unnormalised
 
 
+def check_backbone(name: str) -> None:
+    """ConfigError unless ``name`` is resnet32 or a model timm can build (with a "did you mean")."""
+    if name == "resnet32":
+        return
+    import difflib
+
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+        raise ConfigError(f"model.backbone: {name!r} is neither resnet32 nor a timm model{hint}")
+
+
 def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:
     """Build a backbone by name; returns (module mapping images to (N, h) features, h).
 
-    timm backbones are built with ``pretrained=False`` (nothing is downloaded) and no
-    classifier (``num_classes=0``); extra kwargs (e.g. ``img_size`` for ViT) go to timm.
-    The ResNet/ResNeXt backbones keep the reference initialisation: timm's default
-    ``zero_init_last=True`` would start the last BatchNorm γ of every residual block at 0,
-    the reference's torchvision-style ResNeXt keeps it at 1 (docs/design.md §1 "Model (BCL)").
+    ``resnet32`` is the CIFAR ResNet-32; any other name is a timm model, built with
+    ``pretrained=False`` (nothing is downloaded) and no classifier (``num_classes=0``), its
+    feature width h read from the built model (``num_features``); extra kwargs (e.g.
+    ``img_size`` for ViT) go to timm. timm's ResNet family (resnet*, resnext*, ...) keeps the
+    reference initialisation: timm's default ``zero_init_last=True`` would start the last
+    BatchNorm γ of every residual block at 0, the reference's torchvision-style ResNeXt keeps it
+    at 1 (docs/design.md §1 "Model (BCL)").
     """
     if name == "resnet32":
         if kwargs:
             raise ValueError(f"resnet32 takes no backbone options; got {sorted(kwargs)}")
         net = resnet32()
         return net, net.num_features
-    if name in TIMM_BACKBONES:
-        import timm  # imported lazily: timm is only needed for the ImageNet-size backbones
+    check_backbone(name)
+    import timm  # imported lazily: timm is only needed for the ImageNet-size backbones
+    from timm.models import model_entrypoint
 
-        if name.startswith(("resnet", "resnext")):
-            kwargs.setdefault("zero_init_last", False)
-        net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        return net, net.num_features
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if model_entrypoint(name.split(".")[0]).__module__ == "timm.models.resnet":
+        kwargs.setdefault("zero_init_last", False)
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    return net, int(net.num_features)
 
 
 class NormedLinear(nn.Module):

@@ -13,10 +13,12 @@ from fastlt.config.typed import one_of, positive
 
 __all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig", "check_input_size"]
 
-#: Backbones built through timm (no pretrained download).
+#: The timm backbones of the shipped recipes (tested one by one); ``model.backbone`` takes any timm
+#: model name besides (checked against timm's registry before a run starts).
 TIMM_BACKBONES = ("resnet50", "resnext50_32x4d", "resnext101_32x4d", "vit_small_patch16_224", "vit_base_patch16_224")
-#: Every backbone name ``model.backbone`` accepts: the CIFAR ResNet-32 written here, then timm's.
+#: The backbones of the shipped recipes: the CIFAR ResNet-32 written here, then timm's.
 BACKBONES = ("resnet32",) + TIMM_BACKBONES
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 #: What ``model.pretrained`` initialises (fastlt.models.pretrained): the backbone only, or the
 #: whole BCL model (backbone, classifier and both heads; a fastlt best.pt / last.pt only).
 PRETRAINED_SCOPES = ("backbone", "all")
@@ -27,8 +29,9 @@ class ModelConfig:
     """The BCL model (docs/design.md §1, "Model (BCL)")."""
 
     backbone: str = "resnet32"
-    """Backbone name: resnet32 (CIFAR), resnet50, resnext50_32x4d, resnext101_32x4d,
-    vit_small_patch16_224, vit_base_patch16_224."""
+    """Backbone name: resnet32 (the CIFAR ResNet-32), or any timm model name (resnet50,
+    resnext50_32x4d, vit_base_patch16_224, resnet18, convnext_tiny, ...); its feature width is
+    read from the built model."""
     feat_dim: int = 128
     """D, the contrastive projection dimension (1024 ImageNet/iNat/Places, 128 CIFAR)."""
     use_norm: bool = False
@@ -53,7 +56,9 @@ class ModelConfig:
     """What model.pretrained initialises: backbone, or all (the whole model; fastlt weights only)."""
 
     def __post_init__(self):
-        one_of("model.backbone", self.backbone, BACKBONES)
+        if not isinstance(self.backbone, str) or not _NAME.match(self.backbone):
+            raise ConfigError(f"model.backbone: expected resnet32 or a timm model name such as resnet50; "
+                              f"got {self.backbone!r}")
         positive("model.feat_dim", self.feat_dim)
         one_of("model.pretrained_scope", self.pretrained_scope, PRETRAINED_SCOPES)
         if self.hidden_dim is not None:

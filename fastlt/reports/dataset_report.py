@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
-from fastlt.reports.plots import plot_class_histogram, shot_group
+from fastlt.reports.metrics import DEFAULT_SHOTS, Shots, shot_group
+from fastlt.reports.plots import plot_class_histogram
 
 _BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>")
 
@@ -49,6 +50,8 @@ class DatasetTarget:
     """Further splits to header-check, by name (val, test)."""
     checks: list[str] = field(default_factory=list)
     """Which published split each list file is (fastlt.data.published), and the build's notes."""
+    shots: Shots = DEFAULT_SHOTS
+    """Shot-group thresholds (a config's run.many_shot / run.few_shot)."""
 
 
 def _list_checks(datasets) -> list[str]:
@@ -104,7 +107,7 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",
                          data.train, data.class_names, others,
-                         checks=[*data.notes, *_list_checks([("train", data.train), *others.items()])])
+                         shots=Shots(cfg.run.many_shot, cfg.run.few_shot), checks=[*data.notes, *_list_checks([("train", data.train), *others.items()])])
 
 
 def _check_one(dataset, i: int, decode: bool) -> str | None:
@@ -146,7 +149,7 @@ def check_images(dataset, *, decode: bool = False, workers: int = 8, progress: b
     return bad
 
 
-def histogram_lines(counts, width: int = 40) -> list[str]:
+def histogram_lines(counts, width: int = 40, shots: Shots = DEFAULT_SHOTS) -> list[str]:
     """Classes per 1-2-5 bin of images per class, as text bars (only the bins from min to max)."""
     counts = np.asarray(counts, dtype=np.int64)
     edges = [1]
@@ -162,7 +165,7 @@ def histogram_lines(counts, width: int = 40) -> list[str]:
         lo, hi = edges[i], edges[i + 1] - 1
         label = f"{lo}" if lo == hi else f"{lo}-{hi}"
         bar = "#" * max(1 if per_bin[i] else 0, round(width * per_bin[i] / top))
-        groups = dict.fromkeys((shot_group(lo), shot_group(hi)))
+        groups = dict.fromkeys((shot_group(lo, shots), shot_group(hi, shots)))
         lines.append(f"  {label:>11} images | {bar:<{width}} {per_bin[i]:>5} classes ({'/'.join(groups)}-shot)")
     return lines
 
@@ -182,8 +185,9 @@ def _summary(t: DatasetTarget, bad: dict[str, list], checked: bool) -> list[str]
     lines = [f"dataset {t.name}: {t.source}", *(f"  {x}" for x in t.checks), f"  {n} training images in {c} classes"]
     lines.append(f"  images per class: max {int(counts.max())}, median {float(np.median(counts)):g}, "
                  f"min {int(counts.min())}; imbalance factor {imb:.1f} (max / min)")
-    for group, rule in (("many", "> 100"), ("medium", "20-100"), ("few", "< 20")):
-        sel = np.array([shot_group(int(x)) == group for x in counts])
+    many, few = t.shots
+    for group, rule in (("many", f"> {many}"), ("medium", f"{few}-{many}"), ("few", f"< {few}")):
+        sel = np.array([shot_group(int(x), t.shots) == group for x in counts])
         lines.append(f"  {group + '-shot':<11} ({rule:>6} images): {int(sel.sum()):>5} classes, "
                      f"{int(counts[sel].sum()):>7} images")
     if (counts == 0).any():
@@ -193,7 +197,7 @@ def _summary(t: DatasetTarget, bad: dict[str, list], checked: bool) -> list[str]
     for split, ds in t.others.items():
         lines.append(f"  {split}: {len(ds)} images in {int((np.asarray(ds.class_counts) > 0).sum())} classes")
     lines.append("  histogram (classes per bin of training images per class):")
-    lines += histogram_lines(counts)
+    lines += histogram_lines(counts, shots=t.shots)
     if not checked:
         lines.append("  header check: skipped (--no-check)")
     elif not any(hasattr(ds, "read_bytes") for ds in (t.train, *t.others.values())):
@@ -224,12 +228,12 @@ def write_report(t: DatasetTarget, out_dir: str | os.PathLike, *, check: bool = 
     files = [plot_class_histogram(out / "class_histogram.png", counts,
                                   title=f"{t.name}: {int(counts.sum())} images, {counts.size} classes, imbalance "
                                         f"factor {counts.max() / max(counts.min(), 1):.1f}",
-                                  class_names=t.class_names)]
+                                  class_names=t.class_names, shots=t.shots)]
     with open(out / "class_counts.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["index", "name", "train_images", "group"])
         for i, c in enumerate(counts):
-            w.writerow([i, t.class_names[i] if t.class_names else "", int(c), shot_group(int(c))])
+            w.writerow([i, t.class_names[i] if t.class_names else "", int(c), shot_group(int(c), t.shots)])
     files.append(out / "class_counts.csv")
     (out / "report.txt").write_text(text + "\n", encoding="utf-8")
     files.append(out / "report.txt")

@@ -65,8 +65,11 @@ def _extra_fields(rec: dict) -> str:
 
 
 def format_metrics(m: dict) -> str:
-    """'overall 61.20 | many 80.00 | medium 59.10 | few 40.00' (nan for an empty group)."""
-    return " | ".join(f"{k} {m[k]:.2f}" for k in ("overall", "many", "medium", "few"))
+    """'overall 61.20 | many 80.00 | medium 59.10 | few 40.00' ('—' for a group with no class)."""
+    def value(v) -> str:
+        return "—" if v is None or math.isnan(v) else f"{v:.2f}"
+
+    return " | ".join(f"{k} {value(m[k])}" for k in ("overall", "many", "medium", "few"))
 
 
 class RunLogger:
@@ -99,21 +102,44 @@ class RunLogger:
         if self._text is not None:
             self._text.write(line + "\n")
 
+    def _writer(self, step: int):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Opened at the launch's first record: a resumed run replays the steps after its checkpoint,
+            # and purge_step hides what an earlier launch of this run wrote from that step on.
+            self._tb = SummaryWriter(log_dir=str(self.run_dir), flush_secs=30, purge_step=step)
+        return self._tb
+
     def _scalars(self, kind: str, fields: dict) -> None:
         if not self._want_tb or "global_step" not in fields:
             return
         step = int(fields["global_step"])
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # Opened at the first scalar: a resumed run replays the steps after its checkpoint, and
-            # purge_step hides what an earlier launch of this run wrote from that step on.
-            self._tb = SummaryWriter(log_dir=str(self.run_dir), flush_secs=30, purge_step=step)
+        tb = self._writer(step)
         for key, tag in TB_TAGS[kind].items():
             v = fields.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v):
-                self._tb.add_scalar(tag, float(v), step)
+                tb.add_scalar(tag, float(v), step)
+                if kind == "eval" and isinstance(fields.get("epoch"), int):  # the same figure against epoch
+                    tb.add_scalar(tag.replace("eval/", "eval_by_epoch/"), float(v), fields["epoch"])
         if kind == "eval":
+            tb.flush()
+
+    def text(self, tag: str, text: str, global_step: int) -> None:
+        """A block of text in TensorBoard's Text tab (e.g. the resolved config), shown verbatim."""
+        if self._want_tb:
+            block = "\n".join("    " + line for line in text.splitlines())  # markdown code block: kept as is
+            self._writer(global_step).add_text(tag, block, global_step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's hyper-parameters and final figures for TensorBoard's HParams tab, which
+        compares runs side by side (``tensorboard --logdir runs``)."""
+        if not self._want_tb:
+            return
+        values = {f"hparam/{k}": float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
+        if values:
+            self._writer(0).add_hparams(hparams, values, run_name="hparams")
             self._tb.flush()
 
     def _record(self, event: str, fields: dict) -> None:

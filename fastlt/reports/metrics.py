@@ -8,13 +8,36 @@ balanced val/test splits this equals the sample average.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["FEW_SHOT", "MANY_SHOT", "shot_accuracy"]
+__all__ = ["DEFAULT_SHOTS", "FEW_SHOT", "MANY_SHOT", "Shots", "shot_accuracy", "shot_group", "shots_of"]
 
-#: Many-shot classes have more than MANY_SHOT training images, few-shot ones fewer than FEW_SHOT.
+#: Many-shot classes have more than MANY_SHOT training images, few-shot ones fewer than FEW_SHOT
+#: (the long-tail convention; ``run.many_shot`` / ``run.few_shot`` change them for a run).
 MANY_SHOT, FEW_SHOT = 100, 20
+
+
+class Shots(NamedTuple):
+    """The shot-group thresholds: many-shot above ``many`` training images, few-shot below ``few``."""
+
+    many: int = MANY_SHOT
+    few: int = FEW_SHOT
+
+
+DEFAULT_SHOTS = Shots()
+
+
+def shot_group(count: int, shots: Shots = DEFAULT_SHOTS) -> str:
+    """many (> shots.many training images), medium or few (< shots.few)."""
+    return "many" if count > shots.many else ("few" if count < shots.few else "medium")
+
+
+def shots_of(metrics: dict) -> Shots:
+    """The thresholds a metrics dict was computed with (the convention for older files)."""
+    t = metrics.get("shot_thresholds") or {}
+    return Shots(int(t.get("many", MANY_SHOT)), int(t.get("few", FEW_SHOT)))
 
 
 def _as_int_array(x, name: str) -> np.ndarray:
@@ -53,8 +76,8 @@ def shot_accuracy(preds, labels, train_class_counts, many: int = MANY_SHOT, few:
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"shot_accuracy: labels must lie in [0, {num_classes}); got range "
                          f"[{labels.min()}, {labels.max()}]")
-    if few > many:
-        raise ValueError(f"shot_accuracy: few ({few}) must not exceed many ({many})")
+    if few > many + 1:  # few = many + 1 leaves the medium group empty; more would overlap many and few
+        raise ValueError(f"shot_accuracy: few ({few}) must not exceed many + 1 ({many + 1})")
     total = np.bincount(labels, minlength=num_classes)
     correct = np.bincount(labels[preds == labels], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -66,4 +89,5 @@ def shot_accuracy(preds, labels, train_class_counts, many: int = MANY_SHOT, few:
         sel = member & evaluated
         out[name] = float(per_class[sel].mean()) if sel.any() else math.nan
     out["per_class"] = [float(v) for v in per_class]
+    out["shot_thresholds"] = {"many": int(many), "few": int(few)}
     return out

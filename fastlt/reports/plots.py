@@ -23,21 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fastlt.reports.metrics import FEW_SHOT, MANY_SHOT
+from fastlt.reports.metrics import DEFAULT_SHOTS, Shots, shot_group, shots_of
 
 __all__ = ["SIZES", "plot_class_histogram", "plot_per_class", "plot_shot_groups", "plot_training_curves",
-           "shot_group", "write_eval_report", "write_per_class_csv", "write_run_report"]
+           "write_eval_report", "write_per_class_csv", "write_run_report"]
 
 DPI = 100
 #: File name -> (width, height) in pixels of every PNG written here.
 SIZES = {"per_class_accuracy.png": (1200, 700), "shot_groups.png": (800, 560), "training_curves.png": (1500, 900),
          "class_histogram.png": (1200, 650)}
 GROUP_COLOURS = {"many": "#4c9a5a", "medium": "#d9a227", "few": "#c8553d"}
-
-
-def shot_group(count: int) -> str:
-    """many (> MANY_SHOT training images), medium or few (< FEW_SHOT)."""
-    return "many" if count > MANY_SHOT else ("few" if count < FEW_SHOT else "medium")
 
 
 def _figure(name: str):
@@ -58,9 +53,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _shade_count_bands(ax, lo: float, hi: float, *, vertical: bool) -> None:
+def _shade_count_bands(ax, lo: float, hi: float, *, vertical: bool, shots: Shots = DEFAULT_SHOTS) -> None:
     """Shade the few / medium / many ranges of the training-image count on a log axis."""
-    edges = {"few": (lo, FEW_SHOT - 0.5), "medium": (FEW_SHOT - 0.5, MANY_SHOT + 0.5), "many": (MANY_SHOT + 0.5, hi)}
+    edges = {"few": (lo, shots.few - 0.5), "medium": (shots.few - 0.5, shots.many + 0.5), "many": (shots.many + 0.5, hi)}
     for group, (a, b) in edges.items():
         a, b = max(a, lo), min(b, hi)
         if a >= b:
@@ -86,19 +81,19 @@ def _plain_log_ticks(axis) -> None:
 
 
 def plot_per_class(path: str | os.PathLike, per_class, train_counts, *, title: str = "",
-                   class_names: list[str] | None = None) -> Path:
+                   class_names: list[str] | None = None, shots: Shots = DEFAULT_SHOTS) -> Path:
     """Per-class accuracy (%) against training images per class (log x), bands shaded."""
     acc = np.asarray(per_class, dtype=float)
     counts = np.asarray(train_counts, dtype=float)
     fig = _figure("per_class_accuracy.png")
     ax = fig.add_axes((0.07, 0.19, 0.88, 0.71))  # room below for the legend: inside, it hid points
     lo, hi = max(counts.min() * 0.8, 0.5), counts.max() * 1.25
-    _shade_count_bands(ax, lo, hi, vertical=True)
+    _shade_count_bands(ax, lo, hi, vertical=True, shots=shots)
     ok = ~np.isnan(acc)
-    colours = [GROUP_COLOURS[shot_group(int(c))] for c in counts[ok]]
+    colours = [GROUP_COLOURS[shot_group(int(c), shots)] for c in counts[ok]]
     ax.scatter(counts[ok], acc[ok], c=colours, s=28, edgecolors="black", linewidths=0.4, zorder=3)
     for group in ("many", "medium", "few"):
-        sel = ok & np.array([shot_group(int(c)) == group for c in counts])
+        sel = ok & np.array([shot_group(int(c), shots) == group for c in counts])
         if sel.any():
             a, b = counts[sel].min(), counts[sel].max()
             ax.hlines(acc[sel].mean(), a * 0.9, b * 1.1, colors=GROUP_COLOURS[group], linestyles="--", lw=1.5,
@@ -123,9 +118,12 @@ def plot_per_class(path: str | os.PathLike, per_class, train_counts, *, title: s
 
 def plot_shot_groups(path: str | os.PathLike, metrics: dict, train_counts, *, title: str = "") -> Path:
     """Bars of overall / many / medium / few-shot accuracy, with the classes in each group."""
-    groups = [shot_group(int(c)) for c in train_counts]
+    groups = [shot_group(int(c), shots_of(metrics)) for c in train_counts]
     names = ["overall", "many", "medium", "few"]
-    labels = [f"overall\n({len(groups)} classes)"] + [f"{g}-shot\n({groups.count(g)} classes)" for g in names[1:]]
+    shots = shots_of(metrics)
+    rule = {"many": f"> {shots.many}", "medium": f"{shots.few}–{shots.many}", "few": f"< {shots.few}"}
+    labels = [f"overall\n({len(groups)} classes)"] + [f"{g}-shot ({rule[g]})\n({groups.count(g)} classes)"
+                                                       for g in names[1:]]
     vals = [metrics.get(k, math.nan) for k in names]
     fig = _figure("shot_groups.png")
     ax = fig.add_axes((0.1, 0.14, 0.85, 0.74))
@@ -133,7 +131,7 @@ def plot_shot_groups(path: str | os.PathLike, metrics: dict, train_counts, *, ti
     heights = [0.0 if v is None or math.isnan(v) else v for v in vals]
     bars = ax.bar(range(4), heights, color=colours, edgecolor="black", linewidth=0.6)
     for bar, v in zip(bars, vals):
-        text = "no class" if v is None or math.isnan(v) else f"{v:.2f}"
+        text = "—" if v is None or math.isnan(v) else f"{v:.2f}"  # an empty group: no class to average
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1.5, text, ha="center", va="bottom",
                 fontsize=11)
     ax.set_xticks(range(4), labels)
@@ -237,7 +235,7 @@ def plot_training_curves(path: str | os.PathLike, log_jsonl: str | os.PathLike, 
 
 
 def plot_class_histogram(path: str | os.PathLike, counts, *, title: str = "",
-                         class_names: list[str] | None = None) -> Path:
+                         class_names: list[str] | None = None, shots: Shots = DEFAULT_SHOTS) -> Path:
     """Images per class, classes sorted largest first, log y, many / medium / few bands shaded."""
     counts = np.asarray(counts, dtype=float)
     order = np.argsort(-counts, kind="stable")
@@ -245,8 +243,8 @@ def plot_class_histogram(path: str | os.PathLike, counts, *, title: str = "",
     fig = _figure("class_histogram.png")
     ax = fig.add_axes((0.08, 0.11, 0.84, 0.78))
     lo, hi = max(sorted_counts.min() * 0.7, 0.7), sorted_counts.max() * 1.5
-    _shade_count_bands(ax, lo, hi, vertical=False)
-    colours = [GROUP_COLOURS[shot_group(int(c))] for c in sorted_counts]
+    _shade_count_bands(ax, lo, hi, vertical=False, shots=shots)
+    colours = [GROUP_COLOURS[shot_group(int(c), shots)] for c in sorted_counts]
     ax.bar(np.arange(counts.size), sorted_counts, width=0.85 if counts.size <= 100 else 1.0, color=colours,
            linewidth=0)
     if counts.size <= 40:  # few enough to name every bar
@@ -276,7 +274,7 @@ def write_per_class_csv(path: str | os.PathLike, metrics: dict, train_counts,
         w.writerow(["index", "name", "train_images", "group", "eval_images", "accuracy"])
         for i, (count, acc) in enumerate(zip(train_counts, metrics["per_class"])):
             name = class_names[i] if class_names is not None else ""
-            w.writerow([i, name, int(count), shot_group(int(count)), evaluated[i],
+            w.writerow([i, name, int(count), shot_group(int(count), shots_of(metrics)), evaluated[i],
                         "" if acc is None or math.isnan(acc) else f"{acc:.4f}"])
     os.replace(tmp, path)
     return path
@@ -285,7 +283,7 @@ def write_per_class_csv(path: str | os.PathLike, metrics: dict, train_counts,
 def _report(out_dir: Path, metrics: dict, train_counts, class_names, title: str, log_jsonl: Path | None) -> list[Path]:
     paths = [
         plot_per_class(out_dir / "per_class_accuracy.png", metrics["per_class"], train_counts, title=title,
-                       class_names=class_names),
+                       class_names=class_names, shots=shots_of(metrics)),
         plot_shot_groups(out_dir / "shot_groups.png", metrics, train_counts, title=title),
     ]
     if log_jsonl is not None and log_jsonl.is_file():

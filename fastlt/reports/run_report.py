@@ -10,7 +10,42 @@ from pathlib import Path
 from fastlt.files import json_text, write_text_atomic
 from fastlt.reports.logger import format_metrics
 
-__all__ = ["closing_line", "opening_lines", "write_metrics_json", "write_plots"]
+__all__ = ["closing_line", "hparams_of", "opening_lines", "record_launch", "write_metrics_json", "write_plots"]
+
+
+def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int) -> list[str]:
+    """Rank 0, at every launch of a run: the resolved ``config.yaml`` (the launch before it kept in
+    ``config_history/`` under its launch time when it differed), the generated ``ds_config.json``
+    and the config as TensorBoard text. Returns the changes against the previous launch, which are
+    also logged, one warning line each, so that a continued run with another config is seen."""
+    import yaml
+
+    from fastlt.config.loader import config_to_dict, save_resolved_config
+
+    changed = save_resolved_config(cfg, run_dir / "config.yaml")
+    if changed:
+        log.event("warning", f"config changed since the last launch of this run ({len(changed)} key(s); the earlier "
+                             f"config is kept in {run_dir / 'config_history'}):", changed=changed)
+        for line in changed:
+            log.info(f"  config changed: {line}")
+    write_text_atomic(run_dir / "ds_config.json", json_text(ds_config, indent=2))
+    log.text("config", yaml.safe_dump(config_to_dict(cfg), sort_keys=False), global_step)
+    return changed
+
+
+def hparams_of(cfg) -> dict:
+    """The scalar hyper-parameters of a run, dotted (for TensorBoard's hparams plugin): every
+    number, bool and string of the config, lists and mappings left out."""
+    from fastlt.config.loader import config_to_dict
+
+    def flat(tree: dict, prefix: str = ""):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            elif isinstance(v, (bool, int, float, str)):
+                yield f"{prefix}{k}", v
+
+    return dict(flat(config_to_dict(cfg)))
 
 
 def opening_lines(cfg, data, *, world_size: int, device: str, backend: str, steps: int, micro: int, run_dir: Path,

@@ -55,15 +55,16 @@ def predict(model: nn.Module, batches, *, device, precision: Precision | None = 
 
 
 def evaluate_model(model: nn.Module, batches, train_class_counts, *, device, precision: Precision | None = None,
-                   channels_last: bool = False) -> dict:
+                   channels_last: bool = False, shots=None) -> dict:
     """shot_accuracy over the whole split (all ranks' shares): overall, many, medium, few, per_class, n
     and per_class_n (evaluated images per class)."""
-    from fastlt.reports.metrics import shot_accuracy
+    from fastlt.reports.metrics import FEW_SHOT, MANY_SHOT, shot_accuracy
 
     preds, labels = predict(model, batches, device=device, precision=precision, channels_last=channels_last)
     preds, labels = gather_variable(preds), gather_variable(labels)
     counts = np.asarray(train_class_counts)
-    out = shot_accuracy(preds.cpu(), labels.cpu(), counts)
+    many, few = shots if shots is not None else (MANY_SHOT, FEW_SHOT)
+    out = shot_accuracy(preds.cpu(), labels.cpu(), counts, many=many, few=few)
     out["n"] = int(labels.numel())
     out["per_class_n"] = np.bincount(labels.cpu().numpy(), minlength=counts.size).tolist()
     return out
@@ -121,7 +122,7 @@ def run_eval(cfg, checkpoint: str | Path, split: str = "val") -> dict:
     backend = select_backend(cfg.pipeline.backend)
     batches = build_val_pipeline(val_spec(cfg, dataset, device=device), backend)
     metrics = evaluate_model(model, batches, data.class_counts, device=device, precision=precision,
-                             channels_last=cfg.model.channels_last)
+                             channels_last=cfg.model.channels_last, shots=(cfg.run.many_shot, cfg.run.few_shot))
     metrics.update(split=split, checkpoint=str(checkpoint), train_class_counts=[int(c) for c in data.class_counts],
                    class_names=data.class_names)
     return metrics

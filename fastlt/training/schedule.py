@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
-from fastlt.config.typed import one_of, positive
+from fastlt.config.typed import Problems, one_of, positive
 
 __all__ = ["EpochLR", "OptimConfig", "SCHEDULES", "build_optimizer"]
 
@@ -43,26 +43,27 @@ class OptimConfig:
     """Factor of the step schedule."""
 
     def __post_init__(self):
-        positive("optim.epochs", self.epochs)
-        positive("optim.lr", self.lr)
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"optim.momentum: must be in [0, 1); got {self.momentum!r}")
-        positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        one_of("optim.schedule", self.schedule, SCHEDULES)
-        positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
-        if self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"optim.warmup_epochs ({self.warmup_epochs}) must be < optim.epochs ({self.epochs})")
-        if sorted(self.milestones) != list(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise ConfigError(f"optim.milestones: must be increasing positive epochs; got {self.milestones!r}")
-        if self.schedule == "step" and not self.milestones:
-            raise ConfigError("optim.milestones: the step schedule needs milestones, e.g. [160, 180]")
-        if self.schedule == "step" and self.milestones[-1] >= self.epochs:
-            raise ConfigError(f"optim.milestones: {self.milestones} reaches past optim.epochs "
-                              f"({self.epochs}); milestones must be < epochs")
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"optim.gamma: must be in (0, 1]; got {self.gamma!r}")
-        if self.nesterov and self.momentum == 0:
-            raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+        # Every problem of the section in one message (shortening a recipe often breaks several).
+        problems = Problems()
+        check, need = problems.check, problems.need
+        check(positive, "optim.epochs", self.epochs)
+        check(positive, "optim.lr", self.lr)
+        need(0 <= self.momentum < 1, f"optim.momentum: must be in [0, 1); got {self.momentum!r}")
+        check(positive, "optim.weight_decay", self.weight_decay, allow_zero=True)
+        check(one_of, "optim.schedule", self.schedule, SCHEDULES)
+        check(positive, "optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        need(self.warmup_epochs < self.epochs,
+             f"optim.warmup_epochs ({self.warmup_epochs}) must be < optim.epochs ({self.epochs})")
+        need(sorted(self.milestones) == list(self.milestones) and all(m > 0 for m in self.milestones),
+             f"optim.milestones: must be increasing positive epochs; got {self.milestones!r}")
+        need(self.schedule != "step" or bool(self.milestones),
+             "optim.milestones: the step schedule needs milestones, e.g. [160, 180]")
+        need(self.schedule != "step" or not self.milestones or self.milestones[-1] < self.epochs,
+             f"optim.milestones: {self.milestones} reaches past optim.epochs ({self.epochs}); milestones must be "
+             "< epochs")
+        need(0 < self.gamma <= 1, f"optim.gamma: must be in (0, 1]; got {self.gamma!r}")
+        need(not (self.nesterov and self.momentum == 0), "optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+        problems.raise_if_any()
 
 
 def build_optimizer(optim: OptimConfig, parameters):

@@ -30,11 +30,12 @@ from torch import Tensor
 
 from fastlt.training import distributed as dist
 from fastlt.training.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
-from fastlt.config.loader import Config, save_resolved_config
+from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
 from fastlt.reports.logger import RunLogger, format_metrics
-from fastlt.reports.run_report import closing_line, opening_lines, write_metrics_json, write_plots
+from fastlt.reports.run_report import (closing_line, hparams_of, opening_lines, record_launch, write_metrics_json,
+                                      write_plots)
 from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
                               steps_per_epoch)
 from fastlt.training.signals import StopFlag
@@ -63,6 +64,9 @@ class Trainer:
         deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
         self.data = build_datasets(cfg)
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
+        from fastlt.models.bcl import check_backbone
+
+        check_backbone(cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
         if cfg.model.pretrained:
             from fastlt.models.pretrained import check_pretrained_path
 
@@ -156,7 +160,8 @@ class Trainer:
         from fastlt.training.evaluate import evaluate_model
 
         metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
-                                 precision=self.precision, channels_last=self.cfg.model.channels_last)
+                                 precision=self.precision, channels_last=self.cfg.model.channels_last,
+                                 shots=(self.cfg.run.many_shot, self.cfg.run.few_shot))
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
         self.last_eval = metrics
         self.history = [h for h in self.history if h["epoch"] != epoch] + [{"epoch": epoch, **summary}]
@@ -278,8 +283,7 @@ class Trainer:
         elif self.resume is not None:
             self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
         if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
-            if changed := save_resolved_config(cfg, self.run_dir / "config.yaml"):
-                self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
+            record_launch(cfg, self.ds_config, self.run_dir, self.log, int(self.engine.global_steps))
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
 
@@ -370,6 +374,8 @@ class Trainer:
                                train_time=self.train_time, world_size=self.world_size, device=self.device,
                                digests=digests)
             write_plots(self.run_dir, self.last_eval, self.data, self.log)
+            self.log.hparams(hparams_of(self.cfg), {"final_overall": final.get("overall"), "best_overall":
+                                                    (self.best or {}).get("overall")})
         self.log.event("done", closing_line(self.cfg, final, self.best, self.history, self.train_time, self.run_dir),
                        evaluated_epochs=[h["epoch"] for h in self.history],
                        **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
