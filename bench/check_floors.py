@@ -43,7 +43,8 @@ def run_device() -> str:
 
 def check(times: dict[str, float], floors: dict[str, dict], device: str) -> tuple[list[str], int, int]:
     """The report lines, the number of failed floors and the number not measured on this device."""
-    lines = [f"{'ratio':<48} {'measured':>9} {'floor':>7}  verdict"]
+    w = max([len("ratio"), *map(len, floors)])
+    lines = [f"{'ratio':<{w}} {'measured':>9} {'floor':>7}  verdict"]
     failed = not_measured = 0
     for name, spec in floors.items():
         base, cand = times.get(spec["baseline"]), times.get(spec["candidate"])
@@ -58,7 +59,7 @@ def check(times: dict[str, float], floors: dict[str, dict], device: str) -> tupl
             else:
                 verdict, not_measured = f"not measured ({floor_device(spec)} floor; this run is on {device})", \
                     not_measured + 1
-            lines.append(f"{name:<48} {'-':>9} {shown}  {verdict}")
+            lines.append(f"{name:<{w}} {'-':>9} {shown}  {verdict}")
             continue
         ratio = base / cand
         if floor is None:
@@ -67,7 +68,7 @@ def check(times: dict[str, float], floors: dict[str, dict], device: str) -> tupl
             verdict = "ok"
         else:
             verdict, failed = "BELOW FLOOR", failed + 1
-        lines.append(f"{name:<48} {ratio:>9.2f} {shown}  {verdict}")
+        lines.append(f"{name:<{w}} {ratio:>9.2f} {shown}  {verdict}")
     return lines, failed, not_measured
 
 
