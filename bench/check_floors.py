@@ -1,11 +1,18 @@
 """Regression guard for `make bench`: speed-up ratios (never absolute times) against committed floors.
 
-Reads a pytest-benchmark JSON file and bench/floors.json, whose entries name a benchmark group,
-its baseline test and its candidate test, and the minimum ratio baseline_time / candidate_time.
-Times are each test's fastest round (pytest-benchmark's `min`): on a shared, noisy machine the
-minimum is the least disturbed estimate of what the code costs.
-Prints one line per floor and exits non-zero if any measured ratio is below its floor.
-Floors whose tests did not run (e.g. GPU-only) are reported as skipped, not failed.
+Reads one or more pytest-benchmark JSON files and bench/floors.json, whose entries name a
+benchmark group, its baseline test and its candidate test, the minimum ratio
+baseline_time / candidate_time, and a note saying which claim the floor guards and how it was
+set. Times are each test's fastest round (pytest-benchmark's `min`): on a shared, noisy machine
+the minimum is the least disturbed estimate of what the code costs.
+
+A floor belongs to the device in its test ids (`[cuda-...]`: a GPU floor; anything else: a CPU
+floor). Floors of the device this run is on must have their results: a missing result is a
+failure (a benchmark that errored and wrote nothing must not pass). Floors of another device
+are reported as "not measured" and decide nothing; the last line says how many were. An entry
+whose `min_ratio` is null records a dropped claim: its ratio is printed when measured, never
+checked. Exit status: 0 when every floor of this device was measured and holds, 1 when one is
+below its floor or has no result, 2 when a results file is missing.
 """
 from __future__ import annotations
 
@@ -15,34 +22,74 @@ import sys
 from pathlib import Path
 
 
-def load_times(path: Path) -> dict[str, float]:
-    data = json.loads(path.read_text())
-    return {b["name"]: b["stats"]["min"] for b in data["benchmarks"]}
+def load_times(paths: list[Path]) -> dict[str, float]:
+    times: dict[str, float] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+    return times
+
+
+def floor_device(spec: dict) -> str:
+    """'cuda' for a floor whose tests carry the CUDA device in their ids, else 'cpu'."""
+    return "cuda" if any("[cuda-" in spec[k] for k in ("baseline", "candidate")) else "cpu"
+
+
+def run_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check(times: dict[str, float], floors: dict[str, dict], device: str) -> tuple[list[str], int, int]:
+    """The report lines, the number of failed floors and the number not measured on this device."""
+    w = max([len("ratio"), *map(len, floors)])
+    lines = [f"{'ratio':<{w}} {'measured':>9} {'floor':>7}  verdict"]
+    failed = not_measured = 0
+    for name, spec in floors.items():
+        base, cand = times.get(spec["baseline"]), times.get(spec["candidate"])
+        floor = spec["min_ratio"]
+        shown = f"{floor:>7.2f}" if floor is not None else f"{'-':>7}"
+        if base is None or cand is None:
+            if floor is None:
+                verdict = "not measured (claim dropped, no floor)"
+            elif floor_device(spec) == device:
+                verdict, failed = f"FAILED: no result for {spec['baseline'] if base is None else spec['candidate']}", \
+                    failed + 1
+            else:
+                verdict, not_measured = f"not measured ({floor_device(spec)} floor; this run is on {device})", \
+                    not_measured + 1
+            lines.append(f"{name:<{w}} {'-':>9} {shown}  {verdict}")
+            continue
+        ratio = base / cand
+        if floor is None:
+            verdict = "reported (claim dropped, no floor)"
+        elif ratio >= floor:
+            verdict = "ok"
+        else:
+            verdict, failed = "BELOW FLOOR", failed + 1
+        lines.append(f"{name:<{w}} {ratio:>9.2f} {shown}  {verdict}")
+    return lines, failed, not_measured
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path, help="pytest-benchmark --benchmark-json output")
+    p.add_argument("results", type=Path, nargs="+", help="pytest-benchmark --benchmark-json output(s)")
     p.add_argument("--floors", type=Path, default=Path(__file__).with_name("floors.json"))
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="the device this run's floors must hold on (default: cuda when torch sees one, else cpu)")
     args = p.parse_args(argv)
-    if not args.results.exists():
-        print(f"check_floors: {args.results} not found; run the benchmarks first (make bench)", file=sys.stderr)
-        return 2
-    means = load_times(args.results)
-    floors = json.loads(args.floors.read_text())
-    failed = 0
-    print(f"{'ratio':<48} {'measured':>9} {'floor':>7}  verdict")
-    for name, spec in floors.items():
-        base, cand = means.get(spec["baseline"]), means.get(spec["candidate"])
-        if base is None or cand is None:
-            print(f"{name:<48} {'-':>9} {spec['min_ratio']:>7.2f}  skipped (not run here)")
-            continue
-        ratio = base / cand
-        ok = ratio >= spec["min_ratio"]
-        failed += not ok
-        print(f"{name:<48} {ratio:>9.2f} {spec['min_ratio']:>7.2f}  {'ok' if ok else 'BELOW FLOOR'}")
+    for path in args.results:
+        if not path.exists():
+            print(f"check_floors: {path} not found; run the benchmarks first (make bench)", file=sys.stderr)
+            return 2
+    device = args.device or run_device()
+    lines, failed, not_measured = check(load_times(args.results), json.loads(args.floors.read_text()), device)
+    print("\n".join(lines))
+    if not_measured:
+        print(f"check_floors: {not_measured} floor(s) of another device not measured in this {device} run")
     if failed:
-        print(f"check_floors: {failed} ratio(s) below their floor", file=sys.stderr)
+        print(f"check_floors: {failed} {device} floor(s) below their floor or without a result", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -25,6 +25,20 @@ import pytest
 SPLITS_DIR = Path(__file__).resolve().parents[1] / "fastlt" / "data" / "splits"
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_generators():
+    """Every test starts from the same global random state (torch, numpy, random), so a test
+    that draws unseeded inputs (a model's initial weights, ``torch.randn`` without a
+    generator) sees the same values whichever tests ran before it."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def splits_dir() -> Path:
     """Directory of the shipped split lists (``<name>.txt.gz``)."""
@@ -172,12 +186,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_TAKEN = ("EADDRINUSE", "address already in use")
+PORT_ATTEMPTS = 3
+
+
 def launch_deepspeed(config: Path, *extra: str, ranks: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N --module fastlt.train`` on CPU (one process per rank, gloo)."""
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "fastlt.train",
-           "--config", str(config), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=child_env(DS_ACCELERATOR="cpu"))
+    """``deepspeed --num_gpus N --module fastlt.train`` on CPU (one process per rank, gloo).
+
+    The launcher needs its rendezvous port up front, so a free one is picked and released
+    before rank 0's store binds it; another process can take it in between. A launch whose
+    store found the port taken is retried on a new port (up to PORT_ATTEMPTS launches)."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), "--module", "fastlt.train",
+               "--config", str(config), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env=child_env(DS_ACCELERATOR="cpu"))
+        if proc.returncode == 0 or not any(m in proc.stdout + proc.stderr for m in PORT_TAKEN):
+            break
+        if attempt == PORT_ATTEMPTS:
+            raise AssertionError(f"deepspeed launcher: the rendezvous port was taken by another process before the "
+                                 f"store bound it, {PORT_ATTEMPTS} launches in a row (last port {port})")
     if proc.returncode != 0:
         raise AssertionError(f"deepspeed launcher exit code {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
                              f"\n--- stderr\n{proc.stderr[-5000:]}")

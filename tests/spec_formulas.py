@@ -6,6 +6,10 @@ benchmarks use as the "published implementation" baselines:
 * :func:`dense_rectify_labels` — the ConCutMix label with the B×C×D broadcast of the
   published code (‖z − c_j‖ computed directly), a sort for top-K and explicit one-hots.
 * :func:`loop_balanced_supcon` — BCL's loss as a Python loop over anchors and items.
+* :func:`spec_soft_cross_entropy` — the logit-adjusted soft cross-entropy, in fp64 with an
+  explicit log-sum-exp (gradients by autograd through it).
+* :func:`spec_balanced_supcon` — BCL's loss in the distributed form (any contrast set of
+  items, any row range of anchors), in fp64, one anchor row at a time.
 """
 from __future__ import annotations
 
@@ -68,3 +72,36 @@ def loop_balanced_supcon(centers, features, labels, temperature):
         total = total + anchor_loss
     return total / (2 * b)
 
+
+
+def spec_soft_cross_entropy(logits, target, bias=None):
+    """−(1/B) Σ_i Σ_j t_ij (x_ij + b_j − log Σ_k exp(x_ik + b_k)), in fp64."""
+    x = logits.double()
+    if bias is not None:
+        x = x + bias.double()
+    shift = x.max(dim=1, keepdim=True).values.detach()
+    log_z = shift + torch.log(torch.exp(x - shift).sum(dim=1, keepdim=True))
+    return -(target.double() * (x - log_z)).sum() / x.shape[0]
+
+
+def spec_balanced_supcon(items, item_labels, num_classes, temperature, anchor_start=0, num_anchors=None):
+    """BCL's loss over a contrast set: items (N, D) L2-normalised, anchors items[start:start+M]
+    (None: every row up to the C center rows at the end). For anchor i, over k ≠ i:
+    L_i = −mean_{k: y_k = y_i} [ s_ik/T − log Σ_k exp(s_ik/T) / n_i(y_k) ], with n_i(c) the
+    number of items of class c in i's contrast set; the loss is the mean of L_i (fp64)."""
+    x = items.double()
+    y = item_labels.long().tolist()
+    n = x.shape[0]
+    m = n - num_classes - anchor_start if num_anchors is None else num_anchors
+    total = x.new_zeros(())
+    for i in range(anchor_start, anchor_start + m):
+        others = [k for k in range(n) if k != i]
+        count = {}
+        for k in others:
+            count[y[k]] = count.get(y[k], 0) + 1
+        logits = (x[others] @ x[i]) / temperature
+        weights = torch.tensor([1.0 / count[y[k]] for k in others], dtype=torch.float64, device=x.device)
+        log_denom = torch.logsumexp(logits + torch.log(weights), dim=0)
+        positive = torch.tensor([y[k] == y[i] for k in others], device=x.device)
+        total = total - (logits[positive] - log_denom).mean()
+    return total / m

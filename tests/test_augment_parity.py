@@ -48,7 +48,9 @@ BICUBIC_TOL = (16, 0.6)   # OpenCV's cubic a = -0.75 vs PIL's transform a = -1 [
 CIFAR_TOL = {op: EXACT for op in ("invert", "contrast", "sharpness", "autocontrast", "posterize", "color",
                                   "brightness", "solarize", "translateX", "translateY")}
 CIFAR_TOL.update({"equalize": (1, 0.5), "shearX": BICUBIC_TOL, "shearY": BICUBIC_TOL,
-                  "rotate": (255, 0.05)})  # nearest: PIL's 16.16 fixed point picks a neighbour [4, 0.003]
+                  # nearest: PIL's 16.16 fixed point picks a neighbour now and then, off by one
+                  # pixel's difference from its neighbour [8, 0.005 on 2026-12-03; 3x and 4x allowed]
+                  "rotate": (24, 0.02)})
 
 
 @pytest.fixture(scope="module")

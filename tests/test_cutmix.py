@@ -57,7 +57,7 @@ def test_box_centres_cover_the_whole_image():
                "bottom": any(b.y1 == 32 for b in boxes), "right": any(b.x1 == 32 for b in boxes)}
     assert all(touches.values()), touches
     # E[box area] over Beta(1, 1) is 1/2 of the image before clipping; clipping takes some away.
-    frac = np.mean([1 - area_lambda(b, 32, 32) for b in boxes])
+    frac = np.mean([_paste_count(b, 32, 32) / 32 ** 2 for b in boxes])
     assert 0.25 < frac < 0.5
 
 
@@ -70,7 +70,7 @@ def test_per_batch_decision_is_one_coin_and_one_box_per_step():
         if applied.any():
             mixed_steps += 1
             assert (boxes == boxes[0]).all() and np.unique(lam).size == 1
-            assert lam[0] == pytest.approx(area_lambda(tuple(boxes[0]), 24, 24))
+            assert lam[0] == pytest.approx(1 - _paste_count(tuple(boxes[0]), 24, 24) / 24 ** 2)
         else:
             assert (lam == 1).all() and (boxes == 0).all()
         # Every rank's share of the global step sees the same coin and box.

@@ -5,6 +5,10 @@ GPU hot path):
   and checkpoint — counted by wrapping DeepSpeed's accelerator ``synchronize`` and
   ``torch.cuda.synchronize`` over a multi-epoch run (DeepSpeed's own throughput timer, which
   synchronises every step unless switched off, is the control);
+* the host reads no tensor value inside a training step (``.item()``, ``.cpu()``,
+  ``.tolist()``, ``bool()``, ...: each a wait for the device on a GPU) except the CPU-only
+  input checks, and reads them only at the end of a log interval — counted by wrapping those
+  ``torch.Tensor`` methods for the step's duration; a planted ``.item()`` is caught;
 * the pipelines deliver one (3B, 3, H, W) tensor in the model's memory format and dtype, and
   the model's forward receives exactly that storage (pointer, strides, dtype), on both backends.
 """
@@ -25,9 +29,16 @@ PROBE = Path(__file__).parent / "probes" / "step_probe.py"
 EPOCHS, STEPS, LOG_EVERY = 3, 6, 2
 
 
-def _probe(cfg_path: Path, *overrides: str) -> dict:
+# Reads a step may make on CPU only: the label range checks that run on CPU tensors only
+# (guarded by ``device.type == "cpu"``; on CUDA they are skipped, as their comments say).
+CPU_ONLY_CHECKS = {"fastlt/method/losses.py:resolve_supcon_args", "kernels/compact.py:_validate_compact",
+                   "kernels/rectify.py:_prepare"}
+
+
+def _probe(cfg_path: Path, *overrides: str, plant: bool = False) -> dict:
     proc = subprocess.run([sys.executable, str(PROBE), "--config", str(cfg_path), *(("--set", *overrides) if overrides
-                                                                                   else ())],
+                                                                                   else ()),
+                           *(("--plant-item",) if plant else ())],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=child_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -59,6 +70,36 @@ def test_host_syncs_at_most_once_per_interval_epoch_eval_and_checkpoint(tmp_path
     control = _probe(write_config(tmp_path / "timers.yaml", cfg),
                      "deepspeed.extra={timers: {throughput: {enabled: true}}}")
     assert control["syncs"]["accelerator"] >= 4, control["syncs"]
+
+
+def _reads(got: dict, where: str) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for r in got["host_reads"]:
+        if r["in"] == where:
+            out.setdefault(r["step"], []).append(r)
+    return out
+
+
+def test_host_reads_values_only_at_log_interval_ends(tmp_path, data_root):
+    """One epoch of 6 steps, log_every 4: interval ends after steps 3 and 5 (the epoch's last)."""
+    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 1}, run={"name": "reads", "log_every": 4})
+    got = _probe(write_config(tmp_path / "reads.yaml", cfg))
+    assert len(got["steps"]) == STEPS
+    in_step = [r for r in got["host_reads"] if r["in"] == "step"]
+    assert {r["site"] for r in in_step} <= CPU_ONLY_CHECKS, in_step
+    ends = _reads(got, "interval_end")
+    assert sorted(ends) == [3, 5], ends
+    # The interval's one copy of its per-step values to the host is among the reads there.
+    assert all(any(r["method"] == "cpu" and r["site"] == "fastlt/training/trainer.py:_end_interval" for r in rs)
+               for rs in ends.values()), ends
+
+
+def test_host_read_counter_catches_an_item_planted_in_the_step(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path, optim={"epochs": 1}, run={"name": "planted", "max_steps_per_epoch": 2})
+    got = _probe(write_config(tmp_path / "planted.yaml", cfg), plant=True)
+    planted = [r for r in got["host_reads"] if r["in"] == "step" and r["site"] not in CPU_ONLY_CHECKS]
+    assert [(r["step"], r["method"], r["site"]) for r in planted] == [
+        (0, "item", "tests/probes/step_probe.py:planted"), (1, "item", "tests/probes/step_probe.py:planted")]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.skipif(

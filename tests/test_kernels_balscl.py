@@ -25,7 +25,7 @@ from fastlt.kernels.testing import (count_launches, describe_mismatch, kernel_de
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.losses import BalancedSupConLoss, balanced_supcon_loss, reference_balanced_supcon_loss  # noqa: E402
-from spec_formulas import loop_balanced_supcon  # noqa: E402
+from spec_formulas import loop_balanced_supcon, spec_balanced_supcon  # noqa: E402
 
 DEVICE = kernel_device()
 _SKIP = skip_reason_in_process()
@@ -41,6 +41,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:Runti
 # error is a few bf16 units relative to the largest gradient entry.
 LOSS_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1e-5)}
 GRAD_TOL = {torch.float32: dict(atol=2e-6, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+# Against the independent spec (tests/spec_formulas.py's spec_balanced_supcon: fp64, one anchor
+# at a time, autograd for the gradient), measured over every case that checks it (2026-12-03,
+# TRITON_INTERPRET=1): loss max relative 1.1e-7 (bound 1e-6, ~9x); gradient max |Δ| / max |∂L|
+# 4.8e-6 for fp32 and fp64 items (the T = 0.01 case; 4e-7 at most otherwise; bound 2e-5, ~4x)
+# and 7.4e-3 for bf16 (the gradient's rounding to bf16; bound 2e-2, ~2.7x).
+SPEC_LOSS_RTOL = 1e-6
+SPEC_GRAD_REL_TO_MAX = {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 2e-2}
 
 
 
@@ -79,6 +86,18 @@ def _loss_and_grad(fn, items, labels, c, temperature, start, m, grad_out):
     return loss.detach(), x.grad
 
 
+def _check_spec(loss, grad, items, labels, c, temperature, start, m, grad_out, what):
+    """A kernel call's loss and ∂L/∂items against spec_balanced_supcon (shares no code with the
+    library's reference)."""
+    x = items.detach().double().clone().requires_grad_()
+    want = spec_balanced_supcon(x, labels, c, temperature, start, m)
+    want.backward(torch.tensor(float(grad_out), dtype=torch.float64, device=x.device))
+    rel = float((loss.double() - want).abs() / want.abs())
+    gmax = float(x.grad.abs().max())
+    _check(loss.double(), want.detach(), f"{what}: loss vs spec", atol=0.0, rtol=SPEC_LOSS_RTOL)
+    _check(grad.double(), x.grad, f"{what}: ∂L/∂items vs spec", atol=SPEC_GRAD_REL_TO_MAX[grad.dtype] * gmax, rtol=0.0)
+
+
 # (views, C, D, anchor_start, anchors, dtype, T, grad_output, geometry): the branch each case hits.
 CASES = [
     (2, 3, 16, 0, 2, torch.float32, 0.1, 1.0, None),     # N = 5 < one item tile; 2 anchors in a 16-row block
@@ -112,6 +131,7 @@ def test_forward_and_gradients_match_reference(triton_backend, geometry, views, 
     what = f"N={views + c} C={c} D={d} anchors [{start}, {start + m}) {dtype}"
     _check(loss, want_loss, f"loss {what}", **LOSS_TOL[dtype])
     _check(grad, want_grad, f"∂L/∂items {what}", **GRAD_TOL[dtype], relative_to_max=dtype != torch.float32)
+    _check_spec(loss, grad, items, labels, c, temperature, start, m, grad_out, what)
     # Items that are neither anchors nor positives of any anchor still get gradient through
     # the denominators: the whole contrast set is differentiated.
     assert bool((grad.float().abs().sum(1) > 0).all())
@@ -219,6 +239,7 @@ def test_custom_ops_are_registered_for_torch_compile(triton_backend):
     want, want_grad = _loss_and_grad(reference_balanced_supcon_loss, items, labels, 4, 0.1, 2, 8, 1.0)
     _check(loss, want, "compiled loss", **LOSS_TOL[torch.float32])
     _check(x.grad, want_grad, "compiled ∂L/∂items", **GRAD_TOL[torch.float32])
+    _check_spec(loss.detach(), x.grad, items, labels, 4, 0.1, 2, 8, 1.0, "compiled")
 
 
 @needs_kernels
@@ -231,12 +252,14 @@ def test_fp64_and_strided_items(triton_backend):
     assert grad.dtype == torch.float64
     _check(loss, want, "fp64 loss", **LOSS_TOL[torch.float32])
     _check(grad, want_grad, "fp64 ∂L/∂items", **GRAD_TOL[torch.float32])
+    _check_spec(loss, grad, items, labels, 4, 0.1, 0, None, 1.0, "fp64")
     column_major = items.float().t().contiguous().t()
     assert column_major.stride() == (1, items.shape[0])
     loss, grad = _loss_and_grad(balanced_supcon_loss, column_major, labels, 4, 0.1, 3, 6, 1.0)
     want, want_grad = _loss_and_grad(reference_balanced_supcon_loss, column_major, labels, 4, 0.1, 3, 6, 1.0)
     _check(loss, want, "strided loss", **LOSS_TOL[torch.float32])
     _check(grad, want_grad, "strided ∂L/∂items", **GRAD_TOL[torch.float32])
+    _check_spec(loss, grad, column_major, labels, 4, 0.1, 3, 6, 1.0, "strided")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -21,6 +21,7 @@ from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E
                                     skip_reason_in_process)
 from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.labels import reference_rectify_labels  # noqa: E402
+from spec_formulas import dense_rectify_labels, spec_soft_cross_entropy  # noqa: E402
 from fastlt.method.losses import (LogitAdjustedCrossEntropy, log_prior, reference_soft_cross_entropy,  # noqa: E402
                            soft_cross_entropy)
 
@@ -52,6 +53,26 @@ def _check(got, want, what, **tol):
     msg = describe_mismatch(got, want, what=what, **tol)
     if msg:
         pytest.fail(msg)
+
+
+# Against the independent spec (tests/spec_formulas.py: fp64, explicit log-sum-exp, autograd
+# for the gradient), measured over every case that checks it (2026-12-03, TRITON_INTERPRET=1).
+# The loss: fp32 accumulation vs fp64, max relative 1.2e-7; LOSS_TOL's rtol 1e-5 bounds it.
+# The gradient: entries near zero come from a cancellation (softmax·Σt − t) that fp32 cannot
+# resolve relative to themselves, so the bound is relative to the largest entry: measured
+# max |Δ| / max |∂L| 2.5e-7 (fp32), 6.0e-3 (bf16: the kernel's one rounding to bf16 plus the
+# fp32 path's), 6.2e-4 (fp16); the bounds below leave ~8x, ~2.7x and ~3x.
+SPEC_GRAD_REL_TO_MAX = {torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def _check_spec(loss, grad, logits, target, bias, grad_out, what):
+    """``loss`` and ∂L/∂logits ``grad`` of a kernel call against spec_soft_cross_entropy."""
+    x = logits.detach().clone().double().requires_grad_()
+    want = spec_soft_cross_entropy(x, target.detach(), None if bias is None else bias.detach())
+    want.backward(torch.tensor(float(grad_out), dtype=torch.float64, device=x.device))
+    _check(loss.detach().double(), want.detach(), f"{what}: loss vs spec", **LOSS_TOL)
+    atol = SPEC_GRAD_REL_TO_MAX[grad.dtype] * float(x.grad.abs().max())
+    _check(grad.double(), x.grad, f"{what}: ∂L/∂logits vs spec", atol=atol, rtol=0.0)
 
 
 def _target(kind, b, c, g):
@@ -109,6 +130,7 @@ def test_forward_and_gradients_match_autograd_on_reference(triton_backend, b, c,
     _check(loss, want, f"loss B={b} C={c} {dtype} {kind}", **LOSS_TOL)
     assert x.grad.dtype == dtype
     _check(x.grad, xr.grad, f"∂L/∂logits B={b} C={c} {dtype} {kind}", **_grad_tol(dtype, grad_out))
+    _check_spec(loss, x.grad, logits, target, bias, grad_out, f"B={b} C={c} {dtype} {kind}")
     if other_grads:
         _check(t.grad, tr.grad, "∂L/∂target", **GRAD_TOL[torch.float32])
         if bb is not None:
@@ -139,6 +161,7 @@ def test_forward_writes_the_gradient_and_backward_only_scales_it(triton_backend)
     xr = logits.detach().clone().requires_grad_()
     (beta * reference_soft_cross_entropy(xr, target, bias)).backward()
     _check(logits.grad, xr.grad, "β·L gradient", **GRAD_TOL[torch.float32])
+    _check_spec(reference_soft_cross_entropy(xr, target, bias), logits.grad, logits, target, bias, 0.35, "β·L")
     with torch.no_grad():
         assert count_launches(lambda: soft_cross_entropy(logits, target, bias), DEVICE)["triton"] == 1
 
@@ -212,6 +235,7 @@ def test_custom_ops_are_registered_for_torch_compile(triton_backend):
     want_loss.backward(torch.tensor(-1.5))
     _check(loss, want_loss, "compiled loss", **LOSS_TOL)
     _check(logits.grad, x.grad, "compiled ∂L/∂logits", **GRAD_TOL[torch.float32])
+    _check_spec(loss, logits.grad, logits, target, bias, -1.5, "compiled")
 
     # The compact path too: label and loss in one graph.
     z, centers, a, bb, lam, counts = _compact_inputs(7, 10, 3, seed=6)
@@ -278,17 +302,24 @@ def test_compact_label_loss_matches_dense_reference(triton_backend, b, c, k, dty
     want.backward(g_out)
     _check(loss, want, f"compact loss B={b} C={c} K={k}", **LOSS_TOL)
     _check(x.grad, xr.grad, f"compact ∂L/∂logits B={b} C={c} K={k}", **_grad_tol(dtype, grad_out))
+    # The spec's label (B×C×D, stable sort, one-hots) through the spec's loss.
+    spec_label = dense_rectify_labels(z, centers, a, bb, lam_t, counts, **kw)
+    _check_spec(loss, x.grad, logits, spec_label, bias, grad_out, f"compact B={b} C={c} K={k}")
 
 
 @needs_kernels
 def test_compact_reference_reproduces_the_dense_spec():
-    """The PyTorch compact path (no FASTLT_KERNELS override: CPU → torch) equals the spec."""
+    """The PyTorch compact path (no FASTLT_KERNELS override: CPU → torch) equals the dense
+    reference and the independent spec (tests/spec_formulas.py's B×C×D formulation, whose
+    distance rounds differently: the tolerance of tests/test_kernels_rectify.py's SPEC_TOL)."""
     z, centers, a, bb, lam, counts = _compact_inputs(7, 100, 30, seed=1)
     for normalize in ("l1", "softmax"):
         kw = dict(topk=30, omega=200 / 255, normalize=normalize, temperature=0.3)
         label = reference_rectify_labels_compact(z, centers, a, bb, lam, counts, **kw)
         _check(label.to_dense(), reference_rectify_labels(z, centers, a, bb, lam, counts, **kw), normalize,
                atol=1e-7, rtol=1e-6)
+        _check(label.to_dense(), dense_rectify_labels(z, centers, a, bb, lam, counts, **kw), f"{normalize} vs spec",
+               atol=1e-6, rtol=1e-5)
 
 
 @needs_kernels

@@ -76,14 +76,20 @@ def test_la_ce_soft_target_and_area_label_equivalence():
     a = torch.tensor([0, 1, 2, 3, 4, 0])
     b = torch.tensor([4, 3, 2, 1, 0, 0])
     lam = torch.tensor([0.1, 0.5, 0.9, 1.0, 0.0, 0.3])
-    soft = loss(logits, area_label(a, b, lam, 5))
+    # The area label written out: λ on class a, 1 − λ on class b (both on a when a == b).
+    y = torch.zeros(6, 5)
+    for i in range(6):
+        y[i, a[i]] += lam[i]
+        y[i, b[i]] += 1 - lam[i]
+    torch.testing.assert_close(area_label(a, b, lam, 5), y)
+    soft = loss(logits, y)
     adj = logits + torch.log(counts / counts.sum())
     per = lam * F.cross_entropy(adj, a, reduction="none") + (1 - lam) * F.cross_entropy(adj, b, reduction="none")
     torch.testing.assert_close(soft, per.mean())
     (g,) = torch.autograd.grad(soft, logits)
     assert torch.isfinite(g).all()
     # d/dx of soft CE is (softmax(x + τ log π) − y) / B
-    torch.testing.assert_close(g, (torch.softmax(adj, 1) - area_label(a, b, lam, 5)).detach() / 6)
+    torch.testing.assert_close(g, (torch.softmax(adj, 1) - y).detach() / 6)
 
 
 def test_la_ce_rejects_bad_input():

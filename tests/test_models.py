@@ -34,11 +34,17 @@ def test_head_widths_follow_spec():
 
 
 def test_normed_linear_is_scaled_cosine():
-    fc = NormedLinear(5, 3)
-    x = torch.randn(4, 5)
-    want = 30 * F.normalize(x, dim=1) @ F.normalize(fc.weight, dim=0)
-    torch.testing.assert_close(fc(x), want)
-    assert fc(x).abs().max() <= 30 + 1e-4
+    """Hand-picked inputs and class vectors whose cosines are known: output = 30 · cos(x, w_j)
+    whatever the lengths of x and w_j."""
+    fc = NormedLinear(3, 3)
+    with torch.no_grad():  # columns: class 0 along e0 (length 2), class 1 along e1, class 2 along e0 + e1
+        fc.weight.copy_(torch.tensor([[2.0, 0.0, 5.0], [0.0, 0.5, 5.0], [0.0, 0.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, -3.0, 0.0], [0.0, 0.0, 7.0], [4.0, 4.0, 0.0]])
+    r = 30 / 2 ** 0.5  # cos 45° · 30
+    want = torch.tensor([[30.0, 0.0, r], [0.0, -30.0, -r], [0.0, 0.0, 0.0], [r, r, 30.0]])
+    # fp32 normalisations and a 3-term dot product: a few ulp of 30.
+    torch.testing.assert_close(fc(x), want, atol=1e-5, rtol=1e-6)
+    assert fc.class_weights().shape == (3, 3) and torch.equal(fc.class_weights()[2], torch.tensor([5.0, 5.0, 0.0]))
 
 
 def test_bad_arguments():

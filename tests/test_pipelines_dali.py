@@ -56,9 +56,12 @@ def run_epoch(p, epoch=0, start_step=0):
     return list(p.epoch(epoch, start_step))
 
 
-def test_backend_is_dali_when_installed():
-    assert select_backend("auto") in ("dali", "torch")  # env may force torch
-    assert select_backend("dali") == "dali"
+def test_backend_is_dali_when_installed(monkeypatch):
+    monkeypatch.delenv("FASTLT_PIPELINE", raising=False)
+    assert select_backend("auto") == "dali"  # this module runs only where DALI imports
+    assert select_backend("dali") == "dali" and select_backend("torch") == "torch"
+    monkeypatch.setenv("FASTLT_PIPELINE", "torch")  # the environment overrides auto only
+    assert select_backend("auto") == "torch" and select_backend("dali") == "dali"
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +172,10 @@ def test_same_streams_and_cutmix_as_the_torch_backend(train_ds):
     d = build_train_pipeline(TrainPipelineSpec(**spec), "dali")
     t = build_train_pipeline(TrainPipelineSpec(**spec), "torch")
     try:
-        for x, y in zip(run_epoch(d, 2), run_epoch(t, 2)):
+        dali_epoch, torch_epoch = run_epoch(d, 2), run_epoch(t, 2)
+        # Both yield the whole epoch (drop_last: len(train_ds) // B steps), or zip would hide one ending early.
+        assert len(dali_epoch) == len(torch_epoch) == len(train_ds) // B > 0
+        for x, y in zip(dali_epoch, torch_epoch):
             for name in ("label_a", "label_b", "lam", "mixed"):
                 assert torch.equal(getattr(x, name), getattr(y, name)), name
             assert (x.image - y.image).abs().mean() < 0.02
@@ -344,6 +350,7 @@ def test_val_shards_without_padding_and_centre_crops(synth):
                 for x, y in got:
                     assert x.shape[1:] == (3, SIZE, SIZE) and x.dtype == torch.float32 and y.dtype == torch.int64
                 passes.append(got)
+            assert len(passes[0]) == len(passes[1]) > 0
             assert all(torch.equal(a[0], b[0]) for a, b in zip(*passes))
             labels = torch.cat([y for _, y in passes[0]]).numpy()
             np.testing.assert_array_equal(labels, val.labels[rank::3])

@@ -134,15 +134,16 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
     cfg = dict(base_run["cfg"], pipeline=dict(base_run["cfg"]["pipeline"], num_workers=2),
                run=dict(base_run["cfg"]["run"], name="intr", output_dir=str(tmp_path)))
     path = write_config(tmp_path / "i.yaml", cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # The trainer waits after epoch 0's step 2 for the signal (FASTLT_TEST_PAUSE_AT, test-only):
+    # the Ctrl-C (SIGINT to the whole process group, workers included) lands at a known step
+    # however fast or slow the machine runs the loop.
+    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO,
+                            env=child_env(FASTLT_TEST_PAUSE_AT="0:2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     seen = []
-    # Ctrl-C (SIGINT to the whole process group) as soon as epoch 0 starts: the whole tiny run
-    # takes about a second, so waiting for a logged step let it finish first on a busy machine.
-    # The trainer still completes the step in flight and stops inside epoch 0.
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("epoch 0/2: lr"):
+        if line.startswith("fastlt-test: paused at epoch 0 step 2"):
             os.killpg(proc.pid, signal.SIGINT)
             break
     out, err = proc.communicate(timeout=240)
@@ -151,7 +152,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
     assert "Traceback" not in err
     latest = (tmp_path / "intr" / "checkpoints" / "latest").read_text()
     epoch, step = map(int, re.match(r"epoch(\d+)_step(\d+)", latest).groups())
-    assert latest != "epoch0002_step000000", "the run finished before the signal arrived"
+    assert latest == "epoch0000_step000003", latest
     done = fastlt("--config", path, "--resume", "auto")
     assert f"epoch {epoch} step {step}" in done.stdout
     assert_same_weights(weights(base_run["dir"] / "last.pt"), weights(tmp_path / "intr" / "last.pt"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +48,6 @@ class ProcessInfo:
     local_world_size: int
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env_int(*keys: str, default: int) -> int:
     for key in keys:
         if os.environ.get(key, "").isdigit():
@@ -82,7 +75,10 @@ def prepare_process_env(device: str) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Port 0: the rendezvous store of a world of one binds a free port itself. (Picking a
+        # free port here, closing it and passing it on left a window in which another process
+        # could take it before the store bound it.)
+        os.environ.setdefault("MASTER_PORT", "0")
 
 
 def init_distributed(device: str, proc: ProcessInfo) -> None:

@@ -3,14 +3,23 @@
 The first SIGINT/SIGTERM only sets :attr:`StopFlag.requested`; the trainer finishes the step
 in flight (or the checkpoint being written), saves the position and exits. A second SIGINT
 aborts at once; files already saved are complete either way.
+
+Test-only: ``FASTLT_TEST_PAUSE_AT=<epoch>:<step>`` makes the trainer stop after that step of
+that epoch (0-based) has trained, print ``fastlt-test: paused at epoch E step S`` to stdout and
+wait for a SIGINT/SIGTERM before going on, so that a test's signal lands at a known step
+instead of racing the training loop. Not for users: a run with it set waits for a signal.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import time
 
-__all__ = ["SecondInterrupt", "StopFlag"]
+__all__ = ["SecondInterrupt", "StopFlag", "pause_for_test"]
+
+PAUSE_ENV = "FASTLT_TEST_PAUSE_AT"
+PAUSE_LIMIT_S = 600.0  # a test that never signals fails instead of hanging
 
 
 class SecondInterrupt(KeyboardInterrupt):
@@ -52,3 +61,17 @@ class StopFlag:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         return False
+
+
+def pause_for_test(stop: StopFlag, epoch: int, step: int) -> None:
+    """The test-only pause of the module docstring: a no-op unless ``FASTLT_TEST_PAUSE_AT`` names
+    this (epoch, step); then wait until ``stop`` is requested by a signal."""
+    at = os.environ.get(PAUSE_ENV)
+    if not at or at != f"{epoch}:{step}":
+        return
+    print(f"fastlt-test: paused at epoch {epoch} step {step}", flush=True)
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not stop.requested:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{PAUSE_ENV}={at}: no SIGINT/SIGTERM within {PAUSE_LIMIT_S:.0f} s")
+        time.sleep(0.02)  # the signal handler runs between these sleeps

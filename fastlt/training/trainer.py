@@ -38,7 +38,7 @@ from fastlt.reports.run_report import (closing_line, hparams_of, opening_lines, 
                                       write_plots)
 from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
                               steps_per_epoch)
-from fastlt.training.signals import StopFlag
+from fastlt.training.signals import StopFlag, pause_for_test
 
 __all__ = ["Trainer", "train"]
 
@@ -253,6 +253,7 @@ class Trainer:
                     return step
                 wait += time.perf_counter() - t0
                 buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
+                pause_for_test(self.stop, epoch, step)  # test-only (FASTLT_TEST_PAUSE_AT); a no-op otherwise
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
