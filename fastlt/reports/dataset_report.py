@@ -107,7 +107,8 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",
                          data.train, data.class_names, others,
-                         shots=Shots(cfg.run.many_shot, cfg.run.few_shot), checks=[*data.notes, *_list_checks([("train", data.train), *others.items()])])
+                         shots=Shots(cfg.run.many_shot, cfg.run.few_shot),
+                         checks=[*data.notes, *_list_checks([("train", data.train), *others.items()])])
 
 
 def _check_one(dataset, i: int, decode: bool) -> str | None:
