@@ -178,7 +178,7 @@ def test_wrong_types_name_the_key(tmp_path, override, fragment):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.backbone=resnet33", "did you mean 'resnet32'"),
+    ("model.backbone=../resnet32", "expected resnet32 or a timm model name"),
     ("method.scaling_factor=[1, 0]", "method.scaling_factor"),
     ("method.l_d_warm=-2", "method.l_d_warm"),
     ("method.cutmix_prob=1.5", "method.cutmix_prob"),

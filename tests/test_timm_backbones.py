@@ -34,6 +34,8 @@ def test_a_misspelt_backbone_is_refused_with_the_closest_names():
     with pytest.raises(ConfigError, match=r"model.backbone: 'resnet18x' is neither resnet32 nor a timm model; "
                                           r"did you mean .*resnet18"):
         check_backbone("resnet18x")
+    with pytest.raises(ConfigError, match=r"'resnet33' is neither .* did you mean .*resnet32\b"):
+        check_backbone("resnet33")  # fastlt's own CIFAR ResNet is among the suggestions
     cfg = load_config(resolve_config("demo"), ["model.backbone=convnext_atto"])  # any timm name is accepted
     assert cfg.model.backbone == "convnext_atto"
     with pytest.raises(ConfigError, match="expected resnet32 or a timm model name"):

@@ -48,7 +48,7 @@ def check_backbone(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
+        close = difflib.get_close_matches(name, ["resnet32", *timm.list_models()], n=3, cutoff=0.75)
         hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
         raise ConfigError(f"model.backbone: {name!r} is neither resnet32 nor a timm model{hint}")
 
