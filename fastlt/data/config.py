@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastlt.errors import ConfigError
 from fastlt.pipelines.randaugment import check_randaugment
-from fastlt.pipelines.spec import NORMALIZATIONS, ON_ERROR, RECIPES
+from fastlt.pipelines.spec import DEFAULT_MAX_IMAGE_PIXELS, NORMALIZATIONS, ON_ERROR, RECIPES
 from fastlt.method.sampling import SAMPLER_KINDS
 from fastlt.config.typed import one_of, positive
 
@@ -127,6 +127,10 @@ class DataConfig:
     """Standard deviation of the per-op magnitude, N(m, mstd) clipped to [0, 10] (timm's mstd)."""
     on_error: str = "raise"
     """A missing or corrupt image: raise (name the file) or skip (use another image of its class)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width × height, read from the file's header before decoding) taken; a file
+    claiming more is a bad image under data.on_error. 8192 × 8192 by default: a small PNG can
+    claim 20000 × 20000 pixels and take gigabytes to decode."""
 
     def __post_init__(self):
         one_of("data.kind", self.kind, DATA_KINDS)
@@ -138,6 +142,7 @@ class DataConfig:
         one_of("data.foreground_sampler", self.foreground_sampler, SAMPLER_KINDS)
         one_of("data.on_error", self.on_error, ON_ERROR)
         positive("data.num_classes", self.num_classes, allow_zero=True)
+        positive("data.max_image_pixels", self.max_image_pixels)
         positive("data.cifar_subset_seed", self.cifar_subset_seed, allow_zero=True)
         if self.num_classes == 1:
             raise ConfigError("data.num_classes: must be >= 2 (or 0 to take it from the dataset); got 1")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastlt.files import expect_file, read_regular
+
 from .profile import bincount, check_index
 
 __all__ = ["CLASS_MAP_FILE", "IMAGE_EXTENSIONS", "ImageFolderLT", "class_label", "read_class_map",
@@ -118,8 +120,7 @@ class ImageFolderLT:
         """The encoded (e.g. JPEG) bytes of image ``i``."""
         path = self.full_path(i)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_regular(path)  # a FIFO or device named like an image is refused, never read
         except FileNotFoundError:
             raise FileNotFoundError(f"image {path} does not exist any more (it was listed when {self.root} "
                                     "was scanned)") from None
@@ -143,10 +144,14 @@ def read_class_names(path: str | os.PathLike, num_classes: int) -> list[str]:
     Blank lines are not allowed (they would shift every later index); the number of names
     must equal ``num_classes``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    path = expect_file(path, "class-name file", error=ValueError)
+    try:
+        lines = read_regular(path).decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 ({e.reason})") from None
+    except OSError as e:
+        raise ValueError(f"class-name file {path} cannot be read: {e.strerror or e}") from None
     while lines and not lines[-1].strip():
         lines.pop()
     names = [ln.strip() for ln in lines]

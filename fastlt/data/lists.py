@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastlt.files import expect_file, read_regular
+
 from .profile import bincount, check_index, check_positive_int
 
 __all__ = ["LongTailedList"]
@@ -48,10 +50,15 @@ class LongTailedList:
         self.list_file = Path(list_file)
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
+        expect_file(self.list_file, "list file", error=ValueError,
+                    missing=f"list file {self.list_file} does not exist")
         try:
-            text = self.list_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"list file {self.list_file} does not exist") from None
+            raw = read_regular(self.list_file)
+        except OSError as e:
+            raise ValueError(f"list file {self.list_file} cannot be read: {e.strerror or e}") from None
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first path.
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             line = e.object[: e.start].count(b"\n") + 1
             raise ValueError(f"{self.list_file}: line {line} is not valid UTF-8 ({e.reason})") from None
@@ -149,8 +156,7 @@ class LongTailedList:
         i = self._index(i)
         path = self.full_path(i)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_regular(path)  # a FIFO or device named like an image is refused, never read
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"image {path} does not exist (line {self._line_numbers[i]} of {self.list_file}); "

@@ -18,7 +18,6 @@ training would build them). The report:
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
+from fastlt.pipelines.spec import DEFAULT_MAX_IMAGE_PIXELS
 from fastlt.reports.plots import plot_class_histogram, shot_group
 
 _BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>")
@@ -47,6 +47,8 @@ class DatasetTarget:
     class_names: list[str] | None = None
     others: dict = field(default_factory=dict)
     """Further splits to header-check, by name (val, test)."""
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are unreadable (the config's data.max_image_pixels)."""
 
 
 def load_target(target: str, *, root: str | None = None, num_classes: int | None = None,
@@ -77,22 +79,19 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",
-                         data.train, data.class_names, others)
+                         data.train, data.class_names, others, cfg.data.max_image_pixels)
 
 
-def _check_one(dataset, i: int, decode: bool) -> str | None:
+def _check_one(dataset, i: int, decode: bool, max_pixels: int) -> str | None:
     """None when image i reads, else the reason."""
-    from PIL import Image
-
-    from fastlt.pipelines.common import check_encoded_image
+    from fastlt.pipelines.common import check_encoded_image, decode_image
 
     try:
         data = dataset.read_bytes(i)
-        check_encoded_image(data)
+        check_encoded_image(data, max_pixels)
         if decode:
-            with Image.open(io.BytesIO(data)) as im:
-                im.convert("RGB").load()
-    except ValueError as e:  # check_encoded_image says what is wrong
+            decode_image(data, max_pixels)
+    except ValueError as e:  # check_encoded_image / decode_image say what is wrong (any decoder failure)
         return _BYTESIO.sub("", str(e))
     except (OSError, SyntaxError) as e:
         return f"{type(e).__name__}: {_BYTESIO.sub('', str(e))}"
@@ -100,7 +99,7 @@ def _check_one(dataset, i: int, decode: bool) -> str | None:
 
 
 def check_images(dataset, *, decode: bool = False, workers: int = 8, progress: bool = True,
-                 desc: str = "checking") -> list[tuple[str, str]]:
+                 desc: str = "checking", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
     """(path, reason) of every unreadable image of a file-backed dataset (none for arrays)."""
     if not hasattr(dataset, "read_bytes"):
         return []
@@ -112,7 +111,7 @@ def check_images(dataset, *, decode: bool = False, workers: int = 8, progress: b
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=None if progress else True,
                  leave=False) as bar:
-        for i, reason in enumerate(pool.map(lambda k: _check_one(dataset, k, decode), range(n), chunksize=64)):
+        for i, reason in enumerate(pool.map(lambda k: _check_one(dataset, k, decode, max_pixels), range(n), chunksize=64)):
             if reason is not None:
                 bad.append((dataset.full_path(i), reason))
             bar.update(1)
@@ -191,7 +190,8 @@ def write_report(t: DatasetTarget, out_dir: str | os.PathLike, *, check: bool = 
     bad: dict[str, list] = {}
     if check:
         for split, ds in (("train", t.train), *t.others.items()):
-            bad[split] = check_images(ds, decode=decode, workers=workers, progress=progress, desc=f"checking {split}")
+            bad[split] = check_images(ds, decode=decode, workers=workers, progress=progress, desc=f"checking {split}",
+                                      max_pixels=t.max_pixels)
     text = "\n".join(_summary(t, bad, check))
     counts = np.asarray(t.train.class_counts)
     files = [plot_class_histogram(out / "class_histogram.png", counts,

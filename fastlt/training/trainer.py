@@ -70,7 +70,7 @@ class Trainer:
         self.precision = precision_of(cfg.deepspeed)
         self.resume_notes = [] if self.resume_from is None else check_resume(
             self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
-        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank)
+        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank, max_pixels=cfg.data.max_image_pixels)
         self.stop = StopFlag()
 
     # -- setup -----------------------------------------------------------------------
