@@ -12,7 +12,7 @@ from fastlt.errors import ConfigError
 from fastlt.pipelines.randaugment import check_randaugment
 from fastlt.pipelines.spec import DEFAULT_MAX_IMAGE_PIXELS, NORMALIZATIONS, ON_ERROR, RECIPES
 from fastlt.method.sampling import SAMPLER_KINDS
-from fastlt.config.typed import one_of, positive
+from fastlt.config.typed import check_path, one_of, positive
 
 from .cifar import CIFAR_NAMES
 from .profile import IMB_TYPES
@@ -134,6 +134,8 @@ class DataConfig:
 
     def __post_init__(self):
         one_of("data.kind", self.kind, DATA_KINDS)
+        for key in ("root", "train_list", "val_list", "test_list", "train_dir", "val_dir", "test_dir", "class_names"):
+            check_path(f"data.{key}", getattr(self, key))
         one_of("data.cifar", self.cifar, CIFAR_NAMES)
         one_of("data.imb_type", self.imb_type, IMB_TYPES)
         one_of("data.augment_recipe", self.augment_recipe, RECIPES)

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
-from fastlt.config.typed import one_of, positive
+from fastlt.config.typed import check_path, one_of, positive
 
 __all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig", "check_input_size"]
 
@@ -53,6 +53,7 @@ class ModelConfig:
     """What model.pretrained initialises: backbone, or all (the whole model; fastlt weights only)."""
 
     def __post_init__(self):
+        check_path("model.pretrained", self.pretrained)
         one_of("model.backbone", self.backbone, BACKBONES)
         positive("model.feat_dim", self.feat_dim)
         one_of("model.pretrained_scope", self.pretrained_scope, PRETRAINED_SCOPES)

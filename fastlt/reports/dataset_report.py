@@ -57,15 +57,20 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data import ImageFolderLT, LongTailedList
     from fastlt.data.folder import read_class_names
 
+    from fastlt.files import kind_of
+
     path = Path(target)
+    kind = kind_of(path)
+    if kind not in ("file", "folder", "missing"):
+        raise DataError(f"fastlt data {target!r}: the target is {kind}; pass an image folder, a list file or a config")
     try:
-        if path.is_dir():
+        if kind == "folder":
             train_dir = path / "train" if (path / "train").is_dir() else path
             train = ImageFolderLT(train_dir)
             others = {s: ImageFolderLT(path / s, train.class_names, require_all_classes=False)
                       for s in ("val", "test") if train_dir != path and (path / s).is_dir()}
             return DatasetTarget(path.resolve().name, f"image folder {train_dir}", train, train.class_names, others)
-        if path.is_file() and path.suffix not in (".yaml", ".yml"):
+        if kind == "file" and path.suffix not in (".yaml", ".yml"):
             ds = LongTailedList(root if root is not None else path.parent, path, num_classes)
             names = read_class_names(class_names, ds.num_classes) if class_names else None
             return DatasetTarget(path.stem, f"list file {path} (root {ds.root})", ds, names)
@@ -75,7 +80,10 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data.build import build_datasets
     from fastlt.config.recipes import resolve_config
 
-    cfg = load_config(resolve_config(target), list(overrides))
+    if kind == "missing" and (path.suffix in (".yaml", ".yml") or path.parent != Path(".")):
+        raise DataError(f"fastlt data {target}: no such image folder, list file or config file; pass one of them "
+                        "(or a shipped recipe's name, see fastlt recipes)")
+    cfg = load_config(resolve_config(target, what="fastlt data"), list(overrides))
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",

@@ -63,10 +63,10 @@ class Trainer:
         deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
         self.data = build_datasets(cfg)
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
-        if cfg.model.pretrained:
-            from fastlt.models.pretrained import check_pretrained_path
+        if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
+            from fastlt.models.pretrained import check_pretrained
 
-            check_pretrained_path(cfg.model.pretrained)
+            check_pretrained(cfg, self.data.num_classes)
         self.precision = precision_of(cfg.deepspeed)
         self.resume_notes = [] if self.resume_from is None else check_resume(
             self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
