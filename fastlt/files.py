@@ -178,9 +178,12 @@ def _probe(folder: Path) -> OSError | None:
 def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     """Raise OutputError unless the folder ``path`` exists and can be written, or can be created
     (its nearest existing ancestor is a writable folder). Creates nothing."""
+    if (problem := path_problem(path)) is not None:
+        raise OutputError(f"{what} {os.fspath(path)!r} cannot be a path: {problem}")
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{what} {path} is a file, not a folder; move the file away or choose another path")
+        raise OutputError(f"{what} {path} is {'a file' if path.is_file() else kind_of(path)}, not a folder; move it "
+                          "away or choose another path")
     base = path
     while not base.exists() and base != base.parent:
         base = base.parent
@@ -197,11 +200,20 @@ def _require_new_files(folder: Path, what: str, path: Path) -> None:
                           f"({_REASONS.get(err.errno, err.strerror)}); choose a writable folder")
 
 
-def check_output_file(path: str | os.PathLike, what: str) -> None:
-    """Raise OutputError unless ``path`` can be written as a file (asked before the work that fills it)."""
+def check_output_file(path: str | os.PathLike, what: str, *, new: bool = False) -> None:
+    """Raise OutputError unless ``path`` can be written as a file (asked before the work that fills
+    it); with ``new``, an existing file is refused too (fastlt does not overwrite it)."""
+    if (problem := path_problem(path)) is not None:
+        raise OutputError(f"{what} {os.fspath(path)!r} cannot be a path: {problem}")
     path = Path(path)
-    if path.is_dir():
+    kind = kind_of(path)
+    if kind == "folder":
         raise OutputError(f"{what} {path} is a directory; give a file name, e.g. {path / 'metrics.json'}")
+    if kind not in ("missing", "file", "a broken link"):
+        raise OutputError(f"{what} {path} is {kind}, not a file that can be written; choose another path")
+    if new and kind == "file":
+        raise OutputError(f"{what} {path} already exists and fastlt does not overwrite it; choose a new name, or "
+                          "remove the file first")
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{what} {path}: the folder {parent} does not exist; create it or choose another path")

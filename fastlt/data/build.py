@@ -5,6 +5,7 @@ run before DeepSpeed starts.
 from __future__ import annotations
 
 import fcntl
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
+from fastlt.files import expect_dir, expect_file
 
 from .cifar import cifar_lt
 from .folder import ImageFolderLT, read_class_names
@@ -41,10 +43,9 @@ def _check_num_classes(cfg, found: int, source: str) -> None:
 
 
 def _list_dataset(cfg, key: str, *, train: bool) -> LongTailedList:
-    path = cfg.data.path(key)
-    if not path.is_file():
-        raise DataError(f"data.{key}: list file {path} does not exist (data.root={cfg.data.root!r}); "
-                        f"point data.root at the dataset folder and data.{key} at its list file")
+    path = expect_file(cfg.data.path(key), f"data.{key}: list file", error=DataError,
+                       missing=f"data.{key}: list file {cfg.data.path(key)} does not exist (data.root="
+                               f"{cfg.data.root!r}); point data.root at the dataset folder and data.{key} at its list file")
     try:
         return LongTailedList(cfg.data.root, path, cfg.data.num_classes, require_all_classes=train)
     except ValueError as e:
@@ -52,10 +53,10 @@ def _list_dataset(cfg, key: str, *, train: bool) -> LongTailedList:
 
 
 def _folder_dataset(cfg, key: str, *, train: bool, class_names: list[str] | None = None) -> ImageFolderLT:
-    path = cfg.data.path(key)
-    if not path.is_dir():
-        raise DataError(f"data.{key}: image folder {path} does not exist (data.root={cfg.data.root!r}); point "
-                        f"data.root at the dataset and data.{key} at the folder with one sub-folder per class")
+    path = expect_dir(cfg.data.path(key), f"data.{key}: image folder", error=DataError,
+                      missing=f"data.{key}: image folder {cfg.data.path(key)} does not exist (data.root="
+                              f"{cfg.data.root!r}); point data.root at the dataset and data.{key} at the folder "
+                              "with one sub-folder per class")
     try:
         return ImageFolderLT(path, class_names, require_all_classes=train)
     except ValueError as e:
@@ -95,7 +96,18 @@ def _exclusive(lock_path: Path):
 
 
 def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
-    """The train/val(/test) datasets of the config, with errors that name the config key."""
+    """The train/val(/test) datasets of the config, with errors that name the config key; a
+    method.topk above the number of classes is reported (K is then capped at C)."""
+    data = _build(cfg, need_train)
+    if cfg.method.topk > data.num_classes:
+        logging.getLogger("fastlt.data").warning(
+            f"method.topk={cfg.method.topk} is more than the {data.num_classes} classes of the dataset: the rectified "
+            f"label keeps all {data.num_classes} class similarities (K is capped at C); set method.topk<="
+            f"{data.num_classes} to say so")
+    return data
+
+
+def _build(cfg, need_train: bool) -> Datasets:
     d = cfg.data
     root = Path(d.root)
     if d.kind == "synthetic":
@@ -108,8 +120,8 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
         val = LongTailedList(made.root, made.val_list, made.num_classes, require_all_classes=False)
         return Datasets(train, val, None, made.num_classes, np.asarray(train.class_counts))
     if d.kind == "cifar":
-        if not root.is_dir():
-            raise DataError(f"data.root: {root} does not exist; it must hold the extracted "
+        expect_dir(root, "data.root:", error=DataError,
+                   missing=f"data.root: {root} does not exist; it must hold the extracted "
                             f"{'cifar-10-batches-py' if d.cifar == 'cifar10' else 'cifar-100-python'} folder")
         try:
             train = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=True, seed=d.cifar_subset_seed)
@@ -119,13 +131,13 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
         _check_num_classes(cfg, train.num_classes, d.cifar)
         return Datasets(train, val, None, train.num_classes, np.asarray(train.class_counts))
     if d.kind == "folder":
-        if not root.is_dir():
-            raise DataError(f"data.root: {root} does not exist; point it at the folder that holds "
+        expect_dir(root, "data.root:", error=DataError,
+                   missing=f"data.root: {root} does not exist; point it at the folder that holds "
                             f"{d.train_dir}/ and {d.val_dir}/ (one sub-folder per class in each)")
         return _folder_datasets(cfg, need_train)
     # kind == "list"
-    if not root.is_dir():
-        raise DataError(f"data.root: {root} does not exist; point it at the folder the paths in "
+    expect_dir(root, "data.root:", error=DataError,
+               missing=f"data.root: {root} does not exist; point it at the folder the paths in "
                         f"{d.train_list} are relative to (e.g. --set data.root=/datasets/ImageNet)")
     train = _list_dataset(cfg, "train_list", train=True) if need_train else None
     val = _list_dataset(cfg, "val_list", train=False)

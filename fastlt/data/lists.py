@@ -4,6 +4,7 @@ pipelines decode on the GPU (nvJPEG) or the torch loader decodes with PIL.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ __all__ = ["LongTailedList"]
 
 # How many offending entries an error message lists before it just gives the count.
 _SHOW_FIRST = 5
+_LOG = logging.getLogger("fastlt.data")
 
 
 class LongTailedList:
@@ -83,6 +85,7 @@ class LongTailedList:
             )
         self.paths: list[str] = [p[0] for p in parts]
         self.labels = self._parse_labels([p[1] for p in parts])
+        self._check_duplicates()
 
         lo, hi = int(self.labels.min()), int(self.labels.max())
         if lo < 0:
@@ -130,6 +133,27 @@ class LongTailedList:
                     f"an integer (int64); expected '<relative/path.jpg> <integer label>'"
                 ) from None
         raise AssertionError("unreachable: a label failed to parse but none was found")
+
+    def _check_duplicates(self) -> None:
+        """A path listed twice with two labels is a contradiction (ValueError); listed twice with
+        one label it would weigh twice in the class counts, the prior and the samplers (warning,
+        kept in ``duplicate_lines``: (line, line of its first occurrence))."""
+        first: dict[str, int] = {}
+        self.duplicate_lines: list[tuple[int, int]] = []
+        for k, p in enumerate(self.paths):
+            j = first.setdefault(p, k)
+            if j == k:
+                continue
+            if self.labels[j] != self.labels[k]:
+                raise ValueError(f"{self.list_file}: line {self._line_numbers[k]} lists {p} with label "
+                                 f"{self.labels[k]}, but line {self._line_numbers[j]} lists it with label "
+                                 f"{self.labels[j]}; an image has one class: remove one of the lines")
+            self.duplicate_lines.append((int(self._line_numbers[k]), int(self._line_numbers[j])))
+        if self.duplicate_lines:
+            shown = ", ".join(f"line {a} (= line {b})" for a, b in self.duplicate_lines[:_SHOW_FIRST])
+            _LOG.warning(f"{self.list_file}: {len(self.duplicate_lines)} line(s) repeat an image already listed "
+                         f"with the same label, so it counts twice in the class counts and the samplers: {shown}. "
+                         "Remove the repeated lines unless the weighting is meant")
 
     def __len__(self) -> int:
         return len(self.paths)
