@@ -347,12 +347,12 @@ def kind_of(path) -> str:
         return f"not a usable path: {_REASONS.get(e.errno, e.strerror or str(e))}"
 
 
-def _expect(path, want: str, what: str, error, missing: str | None):
+def _expect(path, want: str, what: str, error, missing: str | None, missing_error=None):
     kind = kind_of(path)
     if kind == want:
         return Path(path)
     if kind == "missing":
-        raise error(missing or f"{what} {os.fspath(path)} does not exist")
+        raise (missing_error or error)(missing or f"{what} {os.fspath(path)} does not exist")
     if kind.startswith("not a usable path"):
         raise error(f"{what} {os.fspath(path)!r} is {kind}; fix the name")
     if kind == "a broken link":
@@ -364,15 +364,16 @@ def _expect(path, want: str, what: str, error, missing: str | None):
     raise error(f"{what} {os.fspath(path)} is {found}, not {expected}; {fix}{why}")
 
 
-def expect_file(path, what: str, *, error=DataError, missing: str | None = None) -> Path:
+def expect_file(path, what: str, *, error=DataError, missing: str | None = None, missing_error=None) -> Path:
     """``path`` as a Path if it names a regular file; else ``error`` naming ``what`` and what the
-    path is instead (``missing``: the message when it does not exist)."""
-    return _expect(path, "file", what, error, missing)
+    path is instead (``missing``: the message when it does not exist, raised as ``missing_error``
+    if given, e.g. FileNotFoundError)."""
+    return _expect(path, "file", what, error, missing, missing_error)
 
 
-def expect_dir(path, what: str, *, error=DataError, missing: str | None = None) -> Path:
+def expect_dir(path, what: str, *, error=DataError, missing: str | None = None, missing_error=None) -> Path:
     """``path`` as a Path if it names a folder; else ``error`` as :func:`expect_file`."""
-    return _expect(path, "folder", what, error, missing)
+    return _expect(path, "folder", what, error, missing, missing_error)
 
 
 def read_regular(path) -> bytes:

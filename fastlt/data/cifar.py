@@ -151,7 +151,7 @@ def load_batch(path: str | os.PathLike) -> dict:
     """One CIFAR python batch (a dict; bytes keys for the official files), unpickled with the
     allowlist of :class:`_BatchUnpickler`; ValueError naming the file for anything else. Only a
     regular file is opened, and no allocation is larger than the file."""
-    expect_file(path, "CIFAR batch", error=ValueError)
+    expect_file(path, "CIFAR batch", error=ValueError, missing_error=FileNotFoundError)
     try:
         raw = read_regular(path)
     except OSError as e:

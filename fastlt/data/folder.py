@@ -62,7 +62,7 @@ class ImageFolderLT:
     def __init__(self, root: str | os.PathLike, class_names: list[str] | None = None,
                  num_classes: int | None = None, *, require_all_classes: bool = True) -> None:
         self.root = Path(root)
-        expect_dir(self.root, "image folder", error=ValueError,
+        expect_dir(self.root, "image folder", error=ValueError, missing_error=FileNotFoundError,
                    missing=f"image folder {self.root} does not exist (expected one sub-folder per class)")
         folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         loose = sorted(e.name for e in os.scandir(self.root) if e.is_file() and _is_image(e.name))
@@ -223,7 +223,7 @@ def read_class_names(path: str | os.PathLike, num_classes: int) -> list[str]:
     Blank lines are not allowed (they would shift every later index); the number of names
     must equal ``num_classes``.
     """
-    path = expect_file(path, "class-name file", error=ValueError)
+    path = expect_file(path, "class-name file", error=ValueError, missing_error=FileNotFoundError)
     try:
         lines = read_regular(path).decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as e:

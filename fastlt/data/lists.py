@@ -52,7 +52,7 @@ class LongTailedList:
         self.list_file = Path(list_file)
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
-        expect_file(self.list_file, "list file", error=ValueError,
+        expect_file(self.list_file, "list file", error=ValueError, missing_error=FileNotFoundError,
                     missing=f"list file {self.list_file} does not exist")
         try:
             raw = read_regular(self.list_file)

@@ -81,8 +81,8 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.config.recipes import resolve_config
 
     if kind == "missing" and (path.suffix in (".yaml", ".yml") or path.parent != Path(".")):
-        raise DataError(f"fastlt data {target}: no such image folder, list file or config file; pass one of them "
-                        "(or a shipped recipe's name, see fastlt recipes)")
+        raise DataError(f"fastlt data {target}: no such file, and no shipped recipe of that name; the target is an "
+                        "image folder, a list file or a config file (or a shipped recipe's name: fastlt recipes)")
     cfg = load_config(resolve_config(target, what="fastlt data"), list(overrides))
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
