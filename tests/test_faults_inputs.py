@@ -182,6 +182,7 @@ def test_5_symlink_loop_counts_each_real_image_once(tmp_path, caplog):
     os.symlink("../b", train / "b" / "back")
     os.symlink("0.png", train / "a" / "again.png")
     os.symlink(outside / "o.png", train / "a" / "ext.png")
+    os.symlink("../b", train / "a" / "tob")  # b's images must not also count as a's
     with caplog.at_level(logging.WARNING, logger="fastlt.data"):
         ds = ImageFolderLT(train)
     assert ds.class_counts.tolist() == [4, 5]  # a: 0, 1, 2 and the outside image; again.png is 0.png
@@ -190,7 +191,8 @@ def test_5_symlink_loop_counts_each_real_image_once(tmp_path, caplog):
     assert "3 symbolic link(s) loop back to a folder above them (not followed)" in notes
     assert "1 image(s) are reached a second time through links (counted once): " in notes and "again.png" in notes
     assert "1 link(s) lead outside the dataset root (followed): " in notes and "ext.png" in notes
-    assert len(ds.scan_notes) == 3 and all(n in caplog.text for n in ds.scan_notes)
+    assert "1 link(s) lead into another class's folder (not followed" in notes and "tob" in notes
+    assert len(ds.scan_notes) == 4 and all(n in caplog.text for n in ds.scan_notes)
 
 
 # ---------------------------------------------------------------- item 9: file kinds

@@ -150,16 +150,21 @@ class _Scan:
         self.loops: list[str] = []
         self.twice: list[str] = []
         self.outside: list[str] = []
+        self.crossing: list[str] = []
         self.special: list[str] = []
 
-    def inside(self, real: str) -> bool:
-        return real == self.root_real or real.startswith(self.root_real.rstrip(os.sep) + os.sep)
+    def inside(self, real: str, top: str | None = None) -> bool:
+        """Whether the real path ``real`` is ``top`` (default: the dataset root) or under it."""
+        top = self.root_real if top is None else top
+        return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
     def notes(self) -> list[str]:
         """One line per kind of finding, with the count and the first few."""
         out = []
         for items, what in ((self.loops, "symbolic link(s) loop back to a folder above them (not followed)"),
                             (self.twice, "image(s) are reached a second time through links (counted once)"),
+                            (self.crossing, "link(s) lead into another class's folder (not followed: the images "
+                                            "would take this class's label)"),
                             (self.outside, "link(s) lead outside the dataset root (followed)")):
             if items:
                 out.append(f"{len(items)} {what}: {', '.join(items[:_SHOW_FIRST])}"
@@ -171,15 +176,21 @@ def _walk_images(folder: Path, scan: _Scan | None = None) -> list[str]:
     """Image files under ``folder`` (nested folders included), relative to it, with '/' separators,
     sorted. Symbolic links are followed, but each real folder is entered once and each real file
     taken once (the first in path order): a link back to a folder above it would otherwise
-    multiply the class. What the scan met besides images is recorded in ``scan``."""
+    multiply the class. A link into another class's folder of the same dataset is not followed
+    (its images would be counted under two labels). What the scan met besides images is
+    recorded in ``scan``."""
     scan = scan or _Scan(folder)
     out = []
+    top = os.path.realpath(folder)
     stack: list[tuple[str, str, frozenset]] = [(os.fspath(folder), "", frozenset())]
     while stack:
         path, rel, above = stack.pop()
         real = os.path.realpath(path)
-        if real in above:
+        if real in above or (rel and scan.inside(top, real)):  # back to a folder above it (or the root)
             scan.loops.append(f"{path} -> {real}")
+            continue
+        if rel and scan.inside(real) and not scan.inside(real, top):
+            scan.crossing.append(f"{path} -> {real}")
             continue
         if real in scan.seen_dirs:
             scan.twice.append(f"the folder {path} (= {real}, already scanned)")
@@ -206,6 +217,9 @@ def _walk_images(folder: Path, scan: _Scan | None = None) -> list[str]:
                     scan.special.append(f"{e.path} ({kind_of(e.path)})")
                     continue
                 freal = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                if e.is_symlink() and scan.inside(freal) and not scan.inside(freal, top):
+                    scan.crossing.append(f"{e.path} -> {freal}")
+                    continue
                 if freal in scan.seen_files:
                     scan.twice.append(f"{e.path} (= {scan.seen_files[freal]})")
                     continue
