@@ -171,6 +171,7 @@ def test_folder_reader_accepts_or_refuses(scratch, entries, loose):
         cfg = config_from_dict({"data": {"kind": "folder", "root": str(root)}})
         data = build_datasets(cfg)
         seen = [os.path.realpath(data.train.full_path(i)) for i in range(len(data.train))]
+        seen = [p for p in seen if os.path.exists(p)]  # broken links: missing images, one per link
         assert len(seen) == len(set(seen)), "a real file was counted twice"
         return data
 

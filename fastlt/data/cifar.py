@@ -161,8 +161,7 @@ def load_batch(path: str | os.PathLike) -> dict:
         batch = _BatchUnpickler(io.BytesIO(raw), max(len(raw), 1), encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: {e}; the file is not a CIFAR python batch (nothing in it was run)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
-            RecursionError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle makes the unpickler raise (even SystemError)
         raise ValueError(f"{path}: not a CIFAR python batch (damaged or another format: {type(e).__name__}: {e})"
                          ) from None
     if not isinstance(batch, dict):
