@@ -38,6 +38,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fastlt: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _path(text: str) -> str:
+    """argparse type of every path argument: text no file system can take (a name over 255
+    bytes, a path over 4096) is refused here, before any command looks the path up."""
+    from fastlt.files import path_problem
+
+    if (problem := path_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}{'...' if len(text) > 60 else ''} cannot be a path: {problem}")
+    return text
+
+
 def _int_at_least(low: int):
     """argparse type: an int >= ``low`` (``--epoch -5`` is no epoch; ``--samples 0`` shows nothing)."""
     def parse(text: str) -> int:
@@ -54,17 +64,17 @@ def _int_at_least(low: int):
 
 def _add_config_args(p: argparse.ArgumentParser, *, default_config: str | None = None) -> None:
     if default_config is None:
-        p.add_argument("--config", required=True,
+        p.add_argument("--config", required=True, type=_path,
                        help="YAML recipe path, or a shipped recipe's name (fastlt recipes), e.g. cifar100_lt_if100")
     else:
-        p.add_argument("--config", default=default_config, help=f"YAML recipe (default: {default_config})")
+        p.add_argument("--config", default=default_config, type=_path, help=f"YAML recipe (default: {default_config})")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=0.05 method.l_d_warm=10 (repeatable)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
-    p.add_argument("--resume", default=None, metavar="auto|PATH",
+    p.add_argument("--resume", default=None, type=_path, metavar="auto|PATH",
                    help="auto: continue from the run directory's latest checkpoint; PATH: a checkpoint directory")
 
 
@@ -77,24 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sub.add_parser("train", help="train from a YAML recipe (same as python -m fastlt.train)"))
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val or test list")
     _add_config_args(e)
-    e.add_argument("--checkpoint", required=True,
+    e.add_argument("--checkpoint", required=True, type=_path,
                    help="best.pt / last.pt of a run, a checkpoint directory, or a run directory (its latest)")
     e.add_argument("--split", default="val", choices=("val", "test"))
-    e.add_argument("--out", default=None, help="also write the metrics (with per-class accuracy) to this JSON file")
-    e.add_argument("--report-dir", default=None,
+    e.add_argument("--out", default=None, type=_path,
+                   help="also write the metrics (with per-class accuracy) to this JSON file")
+    e.add_argument("--report-dir", default=None, type=_path,
                    help="where the plots and per_class.csv go (default: eval_<split>/ in the checkpoint's "
                         "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
     _add_config_args(d, default_config=str(DEMO_CONFIG))
     a = sub.add_parser("data", help="class histogram (text + PNG), shot groups and unreadable files of a dataset",
                        description="Exit code 1 when unreadable files were found.")
-    a.add_argument("target", help="an image folder (root/train/<class>/... or root/<class>/...), a list file, "
-                                  "or a config path / recipe name")
-    a.add_argument("--root", default=None,
+    a.add_argument("target", type=_path,
+                   help="an image folder (root/train/<class>/... or root/<class>/...), a list file, or a config path "
+                        "/ recipe name")
+    a.add_argument("--root", default=None, type=_path,
                    help="list files: the folder the paths are relative to (default: the list's)")
     a.add_argument("--num-classes", type=_int_at_least(2), default=None, help="list files: C (default: max label + 1)")
-    a.add_argument("--class-names", default=None, help="list files: a file with one class name per line")
-    a.add_argument("--out", default=None, help="report folder (default: runs/data-<name>)")
+    a.add_argument("--class-names", default=None, type=_path, help="list files: a file with one class name per line")
+    a.add_argument("--out", default=None, type=_path, help="report folder (default: runs/data-<name>)")
     a.add_argument("--no-check", dest="check", action="store_false", help="skip the header check of every image")
     a.add_argument("--decode", action="store_true", help="decode every image fully, not just its header (slower)")
     a.add_argument("--workers", type=_int_at_least(1), default=8, help="threads reading the images (default 8)")
@@ -103,11 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="render the ConCutMix label of mixed samples from the training pipeline "
                                        "(PNG grid + HTML page)")
     _add_config_args(i)
-    i.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
-    i.add_argument("--out", default=None, help="output folder (default: inspect/ in the checkpoint's run directory)")
+    i.add_argument("--checkpoint", required=True, type=_path,
+                   help="best.pt / last.pt, a checkpoint directory or a run directory")
+    i.add_argument("--out", default=None, type=_path,
+                   help="output folder (default: inspect/ in the checkpoint's run directory)")
     i.add_argument("--samples", type=_int_at_least(1), default=16, help="mixed samples to show (default 16)")
-    i.add_argument("--epoch", type=_int_at_least(0), default=None, help="epoch of the sample sequence (default: the checkpoint's)")
-    i.add_argument("--topk", type=_int_at_least(1), default=3, help="classes of the rectified label to list per sample (default 3)")
+    i.add_argument("--epoch", type=_int_at_least(0), default=None,
+                   help="epoch of the sample sequence (default: the checkpoint's)")
+    i.add_argument("--topk", type=_int_at_least(1), default=3,
+                   help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
     r = sub.add_parser("profile", help="record training steps with torch.profiler: Chrome/Perfetto trace, TensorBoard "
                                        "profile, top operators/kernels, kernel launches and host syncs per step")
@@ -116,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=_int_at_least(0), default=3, help="steps run before recording (default 3)")
     r.add_argument("--phase", default="rectified", metavar="area|rectified",
                    help="label phase: rectified (ConCutMix labels, after method.l_d_warm; default) or area (CutMix)")
-    r.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/<run.name>-profile/profile)")
+    r.add_argument("--out", default=None, type=_path,
+                   help="output folder (default: <run.output_dir>/<run.name>-profile/profile)")
     r.add_argument("--top", type=_int_at_least(1), default=15, help="rows of the self-time table (default 15)")
     return p
 

@@ -43,7 +43,8 @@ from .spec import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes",
            "check_dataset", "check_encoded_image", "SpawnedReaderSource", "cutmix_boxes", "decode_image",
-           "default_workers", "describe_error", "die_with_parent", "image_source_name", "image_storage", "keyed_rng", "keyed_seed", "load_with_policy", "worker_failure"]
+           "default_workers", "describe_error", "die_with_parent", "image_source_name", "image_storage", "keyed_rng",
+           "keyed_seed", "load_with_policy", "worker_failure"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 

@@ -45,7 +45,8 @@ def _check_num_classes(cfg, found: int, source: str) -> None:
 def _list_dataset(cfg, key: str, *, train: bool) -> LongTailedList:
     path = expect_file(cfg.data.path(key), f"data.{key}: list file", error=DataError,
                        missing=f"data.{key}: list file {cfg.data.path(key)} does not exist (data.root="
-                               f"{cfg.data.root!r}); point data.root at the dataset folder and data.{key} at its list file")
+                               f"{cfg.data.root!r}); point data.root at the dataset folder and data.{key} at its "
+                               "list file")
     try:
         return LongTailedList(cfg.data.root, path, cfg.data.num_classes, require_all_classes=train)
     except ValueError as e:

@@ -18,7 +18,10 @@ from .cifar import CIFAR_NAMES
 from .profile import IMB_TYPES
 from .synthetic import MAX_SYNTHETIC_CLASSES
 
-__all__ = ["DATA_KINDS", "DataConfig", "SyntheticConfig"]
+__all__ = ["DATA_KINDS", "DataConfig", "MAX_CLASSES", "SyntheticConfig"]
+
+#: The most classes fastlt takes (iNaturalist 2018 has 8142, iNaturalist 2021 10 000).
+MAX_CLASSES = 2**24
 
 #: Where the images come from: list files, CIFAR pickle batches, the generated synthetic set, or
 #: class sub-folders (fastlt.data.folder).
@@ -146,6 +149,9 @@ class DataConfig:
         positive("data.num_classes", self.num_classes, allow_zero=True)
         positive("data.max_image_pixels", self.max_image_pixels)
         positive("data.cifar_subset_seed", self.cifar_subset_seed, allow_zero=True)
+        if self.num_classes > MAX_CLASSES:
+            raise ConfigError(f"data.num_classes: at most {MAX_CLASSES} (the class counts, the classifier and the "
+                              f"prior hold one entry per class); got {self.num_classes}")
         if self.num_classes == 1:
             raise ConfigError("data.num_classes: must be >= 2 (or 0 to take it from the dataset); got 1")
         if not 0 < self.imb_factor <= 1:

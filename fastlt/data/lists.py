@@ -96,6 +96,9 @@ class LongTailedList:
             )
         if num_classes is None:
             num_classes = hi + 1
+        elif require_all_classes and num_classes > len(self.labels):
+            raise ValueError(f"{self.list_file}: num_classes is {num_classes}, but the list has only {len(self.labels)} "
+                             "entries, and every class needs a training image; pass the dataset's number of classes")
         elif hi >= num_classes:
             k = int(np.argmax(self.labels >= num_classes))
             raise ValueError(

@@ -119,7 +119,8 @@ def check_images(dataset, *, decode: bool = False, workers: int = 8, progress: b
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=None if progress else True,
                  leave=False) as bar:
-        for i, reason in enumerate(pool.map(lambda k: _check_one(dataset, k, decode, max_pixels), range(n), chunksize=64)):
+        reasons = pool.map(lambda k: _check_one(dataset, k, decode, max_pixels), range(n), chunksize=64)
+        for i, reason in enumerate(reasons):
             if reason is not None:
                 bad.append((dataset.full_path(i), reason))
             bar.update(1)
