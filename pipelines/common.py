@@ -41,7 +41,7 @@ from fastlt.errors import BadImageError, PipelineError
 
 from .spec import DEFAULT_MAX_IMAGE_PIXELS
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes",
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_FORMATS", "LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes",
            "check_dataset", "check_encoded_image", "SpawnedReaderSource", "cutmix_boxes", "decode_image",
            "default_workers", "describe_error", "die_with_parent", "image_source_name", "image_storage", "keyed_rng",
            "keyed_seed", "load_with_policy", "worker_failure"]
@@ -190,20 +190,35 @@ def image_source_name(dataset, index: int) -> str:
     return f"array image {index}"
 
 
+#: The image formats fastlt decodes: those both backends read (PIL and DALI's decoders). PIL
+#: knows many more, some of which run programs to decode (EPS runs Ghostscript on the file): a
+#: crafted file named like an image must not get there.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")  # JPEG opens MPO (camera) files too
+
+
 def _pil_open(data: bytes, max_pixels: int):
-    """PIL's lazy open of ``data`` (the header only), with PIL's own pixel limit no lower than
-    ``max_pixels`` (fastlt checks the size itself, naming data.max_image_pixels) and its
-    DecompressionBombWarning silenced."""
+    """PIL's lazy open of ``data`` (the header only) among :data:`IMAGE_FORMATS`, with PIL's own
+    pixel limit no lower than ``max_pixels`` (fastlt checks the size itself, naming
+    data.max_image_pixels) and its DecompressionBombWarning silenced."""
     import warnings
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and limit < max_pixels:  # PIL refuses above 2 x its limit, warns above it
         Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data))
+        try:
+            return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except UnidentifiedImageError:
+            try:  # name the format for the message; the header is parsed, nothing is decoded
+                with Image.open(io.BytesIO(data)) as other:
+                    found = other.format
+            except Exception:  # noqa: BLE001 - not an image at all
+                raise UnidentifiedImageError("cannot identify image file") from None
+            raise UnidentifiedImageError(f"it is in {found} format; fastlt reads {', '.join(IMAGE_FORMATS)} "
+                                         "only: convert it") from None
 
 
 def check_encoded_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:

@@ -148,6 +148,25 @@ def test_4_bomb_and_any_decoder_exception_are_bad_images_on_both_backends(image_
                          lambda i: decode_image(image_list.read_bytes(i)))
 
 
+def test_4_only_the_formats_both_backends_read_are_decoded():
+    """Before: PIL opened any format it knows (a GIF decoded on the torch backend but not on
+    DALI's; an EPS file named x.jpg would be handed to Ghostscript, a program, to decode)."""
+    from PIL import Image
+
+    from fastlt.pipelines.common import decode_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    for data, fmt in ((eps, "EPS"), (gif.getvalue(), "GIF")):
+        with pytest.raises(ValueError, match=f"it is in {fmt} format; fastlt reads JPEG, PNG, BMP, TIFF, WEBP"):
+            decode_image(data)
+    for fmt in ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format=fmt)
+        assert decode_image(buf.getvalue()).size == (8, 8)
+
+
 def test_4_max_image_pixels_is_a_config_key():
     """Before: no such key; the limit was PIL's global, whose breach raised the traceback above."""
     from fastlt.config.loader import config_from_dict

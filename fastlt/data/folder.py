@@ -270,9 +270,12 @@ def write_class_map(path: str | os.PathLike, names: list[str], counts) -> None:
 def read_class_map(run_dir: str | os.PathLike) -> list[str] | None:
     """The class names saved in a run directory by :func:`write_class_map`, or None."""
     path = Path(run_dir) / CLASS_MAP_FILE
-    if not path.is_file():
+    if not path.is_file():  # False for a FIFO or a device too: never opened
         return None
-    return [row["name"] for row in json.loads(path.read_text(encoding="utf-8"))]
+    try:
+        return [str(row["name"]) for row in json.loads(read_regular(path).decode("utf-8"))]
+    except (OSError, ValueError, TypeError, KeyError):  # a damaged map: the classes are shown by index
+        return None
 
 
 def class_label(names: list[str] | None, i: int) -> str:
