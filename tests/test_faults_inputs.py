@@ -403,6 +403,7 @@ def test_11_encodings_of_configs_and_lists(tmp_path):
     ("run.output_dir=" + "/".join(["d" * 200] * 30), r"run.output_dir: .* paths are at most 4096 bytes"),
     ("optim.lr=1e39", r"optim.lr: '1e39' overflows float32"),
     ("method.alpha=-4e38", r"method.alpha: '-4e38' overflows float32"),
+    ("method.temperature=1e-40", r"method.temperature: '1e-40' underflows float32"),
     ("data.batch_size=99999999999999999999", r"data.batch_size: 99999999999999999999 does not fit a 64-bit integer"),
 ])
 def test_12_path_text_and_number_overflow_are_config_errors(override, message):

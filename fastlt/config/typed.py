@@ -45,6 +45,7 @@ __all__ = ["MAX_YAML_VALUES", "build_section", "check_path", "field_types", "fla
 MAX_YAML_VALUES = 100_000
 _MAX_DEPTH = 64
 _FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38
 _INT64 = (-2**63, 2**63 - 1)
 
 
@@ -126,6 +127,9 @@ def _float32(key: str, value) -> float:
     if abs(out) > _FLOAT32_MAX:
         raise ConfigError(f"{key}: {value!r} overflows float32 (largest {_FLOAT32_MAX:.4g}), in which it is used; "
                           "give a smaller value")
+    if out != 0 and abs(out) < _FLOAT32_TINY:  # a denormal or 0 in float32; 1/x (a temperature) overflows
+        raise ConfigError(f"{key}: {value!r} underflows float32 (smallest normal {_FLOAT32_TINY:.4g}), in which it "
+                          "is used; give 0 or a larger value")
     return out
 
 
