@@ -23,7 +23,7 @@ import torch
 
 from conftest import tiny_config, tree_digest
 
-from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError, OutputError
+from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError
 
 
 def png_header(w: int, h: int) -> bytes:
@@ -544,6 +544,10 @@ def test_13_kind_changing_casts_are_refused(tmp_path):
                                                   rf"\({str(dtype)[6:]} in the file, float32 in the"):
             load_pretrained(model, tmp_path / "w.pth")
     state[name] = state[name].real.to(torch.float16)  # a precision cast between floats is allowed
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    for k in counters:  # and within integers (a counter saved as int32)
+        state[k] = state[k].to(torch.int32)
+    assert counters
     torch.save(state, tmp_path / "w.pth")
     assert "pretrained: " in load_pretrained(model, tmp_path / "w.pth")
 

@@ -284,8 +284,11 @@ def save_resolved_config(cfg: Config, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     changed = []
     if path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        changed = config_diff(old, config_to_dict(cfg))
+        try:  # the checks of a recipe: a damaged or crafted config.yaml is replaced, not walked
+            old = load_yaml(read_regular(path).decode("utf-8-sig"), str(path)) or {}
+        except (ConfigError, OSError, UnicodeDecodeError):
+            old = {}
+        changed = config_diff(old, config_to_dict(cfg)) if isinstance(old, dict) else []
     save_config(cfg, path)
     return changed
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from fastlt.errors import CheckpointError
@@ -114,14 +115,18 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], bool]:
 
 def check_tensor_kinds(source: dict[str, Tensor], own: dict[str, Tensor], path, where: str) -> None:
     """CheckpointError unless every tensor of ``source`` that ``own`` also names is of the same
-    kind: floating point into floating point (a precision cast is exact enough to allow), and
-    bool / integer / complex only into the very same dtype."""
+    kind — bool, integer, floating point or complex: a cast within a kind (fp16 -> fp32, an
+    int32 counter -> int64) keeps the numbers, a cast across kinds makes other ones."""
+    def kind(t: Tensor) -> str:
+        return ("bool" if t.dtype == torch.bool else "complex" if t.is_complex() else
+                "float" if t.is_floating_point() else "int")
+
     bad = []
     for k, t in own.items():
         s = source.get(k)
         if s is None or s.dtype == t.dtype:
             continue
-        if not (s.is_floating_point() and t.is_floating_point()):
+        if kind(s) != kind(t):
             bad.append(f"{k} ({str(s.dtype).replace('torch.', '')} in the file, "
                        f"{str(t.dtype).replace('torch.', '')} in the {where})")
     if bad:
@@ -163,8 +168,6 @@ def check_pretrained(cfg, num_classes: int) -> None:
     """Every check of :func:`load_pretrained` for ``cfg.model.pretrained``, against the config's
     model built on the meta device (no weights allocated): CheckpointError before anything is
     written when the file is missing, empty, unsafe or does not fit."""
-    import torch
-
     from fastlt.models import build_model
 
     with torch.device("meta"):
