@@ -205,7 +205,7 @@ class LongTailedList:
             if names is False:
                 try:
                     names = set(os.listdir(d))
-                except (FileNotFoundError, NotADirectoryError):
+                except (OSError, ValueError):  # missing, not a folder, a name too long, a NUL: none listed
                     names = None
                 listing[d] = names
             if names is None or name not in names:
