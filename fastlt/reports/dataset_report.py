@@ -173,6 +173,12 @@ def _summary(t: DatasetTarget, bad: dict[str, list], checked: bool) -> list[str]
     lines.append("  smallest classes: " + ", ".join(name(i) for i in order[::-1][:5]))
     for split, ds in t.others.items():
         lines.append(f"  {split}: {len(ds)} images in {int((np.asarray(ds.class_counts) > 0).sum())} classes")
+    for split, ds in (("train", t.train), *t.others.items()):  # loops, links leaving the root, repeated lines
+        lines += [f"  [{split}] note: {n}" for n in getattr(ds, "scan_notes", [])]
+        dups = getattr(ds, "duplicate_lines", [])
+        if dups:
+            lines.append(f"  [{split}] note: {len(dups)} list line(s) repeat an image already listed (first: line "
+                         f"{dups[0][0]} = line {dups[0][1]})")
     lines.append("  histogram (classes per bin of training images per class):")
     lines += histogram_lines(counts)
     if not checked:
