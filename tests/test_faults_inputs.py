@@ -279,6 +279,10 @@ def test_9_config_data_paths_are_checked_for_their_kind(tmp_path):
         build_datasets(cfg)
     with pytest.raises(DataError, match="data.val_list: list file .*val.txt is a FIFO"):
         in_thread(lambda: build_datasets(cfg, need_train=False))
+    (tmp_path / "cache").write_text("")  # before: make_synthetic_lt's ValueError traceback
+    cfg = config_from_dict({"data": {"kind": "synthetic", "root": str(tmp_path / "cache")}})
+    with pytest.raises(DataError, match="data.root: the synthetic dataset's cache .*cache is a regular file, not a folder"):
+        build_datasets(cfg)
 
 
 # ---------------------------------------------------------------- item 10: CIFAR batches validated

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
-from fastlt.files import expect_dir, expect_file
+from fastlt.files import expect_dir, expect_file, kind_of
 
 from .cifar import cifar_lt
 from .folder import ImageFolderLT, read_class_names
@@ -113,9 +113,14 @@ def _build(cfg, need_train: bool) -> Datasets:
     root = Path(d.root)
     if d.kind == "synthetic":
         s = d.synthetic
+        if kind_of(root) != "missing":  # the cache folder is created on first use
+            expect_dir(root, "data.root: the synthetic dataset's cache", error=DataError)
         with _exclusive(root.parent / f".{root.name}.lock"):
-            made = make_synthetic_lt(root, num_classes=s.num_classes, imb_factor=s.imb_factor, n_max=s.n_max,
-                                     image_size=s.image_size, seed=s.seed, n_val=s.n_val)
+            try:
+                made = make_synthetic_lt(root, num_classes=s.num_classes, imb_factor=s.imb_factor, n_max=s.n_max,
+                                         image_size=s.image_size, seed=s.seed, n_val=s.n_val)
+            except ValueError as e:  # a folder that holds something else
+                raise DataError(f"data.root: {e}") from None
         _check_num_classes(cfg, made.num_classes, "the synthetic dataset (data.synthetic.num_classes)")
         train = LongTailedList(made.root, made.train_list, made.num_classes)
         val = LongTailedList(made.root, made.val_list, made.num_classes, require_all_classes=False)
