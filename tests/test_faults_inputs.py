@@ -435,6 +435,19 @@ def test_12_a_batch_larger_than_memory_is_refused_with_its_size():
     deepspeed_config(config_from_dict({"data": {"kind": "synthetic", "root": "x"}}), 1)
 
 
+def test_12_a_class_count_that_cannot_be_allocated(tmp_path):
+    """Before: --num-classes 10^10 (fastlt data) allocated the class counts: a 74.5 GiB
+    ArrayMemoryError traceback."""
+    from fastlt.config.loader import config_from_dict
+    from fastlt.data import LongTailedList
+
+    (tmp_path / "l.txt").write_text("a.png 0\n")
+    with pytest.raises(ValueError, match=r"9999999999 of 10000000000 classes have no image \(first: \[1, 2, 3, 4, 5\]"):
+        LongTailedList(tmp_path, tmp_path / "l.txt", 10**10)
+    with pytest.raises(ConfigError, match=r"data.num_classes: at most 16777216"):
+        config_from_dict({"data": {"kind": "synthetic", "root": "x", "num_classes": 10**10}})
+
+
 @pytest.mark.parametrize("args, message", [
     (["inspect", "--config", "c", "--checkpoint", "p", "--epoch", "-5"], "fastlt inspect: argument --epoch: must be >= 0; got -5"),
     (["inspect", "--config", "c", "--checkpoint", "p", "--samples", "0"], "argument --samples: must be >= 1; got 0"),

@@ -96,9 +96,6 @@ class LongTailedList:
             )
         if num_classes is None:
             num_classes = hi + 1
-        elif require_all_classes and num_classes > len(self.labels):
-            raise ValueError(f"{self.list_file}: num_classes is {num_classes}, but the list has only {len(self.labels)} "
-                             "entries, and every class needs a training image; pass the dataset's number of classes")
         elif hi >= num_classes:
             k = int(np.argmax(self.labels >= num_classes))
             raise ValueError(
@@ -107,16 +104,19 @@ class LongTailedList:
                 f"pass the dataset's number of classes or fix the list"
             )
         self.num_classes: int = num_classes
-        self.class_counts = bincount(self.labels, num_classes)
         if require_all_classes:
-            empty = np.flatnonzero(self.class_counts == 0)
-            if empty.size:
+            # From the labels present, not from a count array of num_classes entries: a wrong
+            # num_classes of 10^10 is named here instead of allocating 80 GB.
+            present = np.unique(self.labels)
+            if present.size < num_classes:
+                empty = np.setdiff1d(np.arange(min(num_classes, present.size + _SHOW_FIRST)), present)
                 raise ValueError(
-                    f"{self.list_file}: {empty.size} of {num_classes} classes have no image "
+                    f"{self.list_file}: {num_classes - present.size} of {num_classes} classes have no image "
                     f"(first: {empty[:_SHOW_FIRST].tolist()}); every class in [0, {num_classes}) "
                     f"needs a training image. Fix num_classes or the list, or pass "
                     f"require_all_classes=False for a val/test list"
                 )
+        self.class_counts = bincount(self.labels, num_classes)
         if check_files:
             self.check_files()
 
