@@ -33,12 +33,44 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __all__ = ["build_parser", "main", "run_cli", "train_main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fastlt's one-line errors: ``fastlt: error: <command>: <what>`` and exit 2
+    (the usage is one ``--help`` away), for sub-commands too."""
+
+    def error(self, message):  # noqa: D102 - argparse's hook
+        self.exit(2, f"fastlt: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _path(text: str) -> str:
+    """argparse type of every path argument: text no file system can take (a name over 255
+    bytes, a path over 4096) is refused here, before any command looks the path up."""
+    from fastlt.files import path_problem
+
+    if (problem := path_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}{'...' if len(text) > 60 else ''} cannot be a path: {problem}")
+    return text
+
+
+def _int_at_least(low: int):
+    """argparse type: an int >= ``low`` (``--epoch -5`` is no epoch; ``--samples 0`` shows nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _add_config_args(p: argparse.ArgumentParser, *, default_config: str | None = None) -> None:
     if default_config is None:
-        p.add_argument("--config", required=True,
+        p.add_argument("--config", required=True, type=_path,
                        help="YAML recipe path, or a shipped recipe's name (fastlt recipes), e.g. cifar100_lt_if100")
     else:
-        p.add_argument("--config", default=default_config, help=f"YAML recipe (default: {default_config})")
+        p.add_argument("--config", default=default_config, type=_path, help=f"YAML recipe (default: {default_config})")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=0.05 method.l_d_warm=10 (repeatable)")
 
@@ -52,7 +84,7 @@ def _add_epochs_arg(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     _add_epochs_arg(p)
-    p.add_argument("--resume", default=None, metavar="auto|PATH",
+    p.add_argument("--resume", default=None, type=_path, metavar="auto|PATH",
                    help="auto: continue from the run directory's latest checkpoint; PATH: a checkpoint directory")
 
 
@@ -62,17 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastlt import __version__
 
-    p = argparse.ArgumentParser(prog="fastlt", description="ConCutMix + BCL long-tailed training (DeepSpeed).")
+    p = _Parser(prog="fastlt", description="ConCutMix + BCL long-tailed training (DeepSpeed).")
     p.add_argument("--version", action="version", version=f"fastlt {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train_args(sub.add_parser("train", help="train from a YAML recipe (same as python -m fastlt.train)"))
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val or test list")
     _add_config_args(e)
-    e.add_argument("--checkpoint", required=True,
+    e.add_argument("--checkpoint", required=True, type=_path,
                    help="best.pt / last.pt of a run, a checkpoint directory, or a run directory (its latest)")
     e.add_argument("--split", default="val", choices=("val", "test"))
-    e.add_argument("--out", default=None, help="also write the metrics (with per-class accuracy) to this JSON file")
-    e.add_argument("--report-dir", default=None,
+    e.add_argument("--out", default=None, type=_path,
+                   help="also write the metrics (with per-class accuracy) to this JSON file")
+    e.add_argument("--report-dir", default=None, type=_path,
                    help="where the plots and per_class.csv go (default: eval_<split>/ in the checkpoint's "
                         "run directory)")
     d = sub.add_parser("demo", help="train ConCutMix on the cached synthetic long-tailed dataset and report accuracy")
@@ -85,26 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks the DeepSpeed config is generated for (default 1; a run uses its launcher's)")
     a = sub.add_parser("data", help="class histogram (text + PNG), shot groups and unreadable files of a dataset",
                        description="Exit code 1 when unreadable files were found.")
-    a.add_argument("target", help="an image folder (root/train/<class>/... or root/<class>/...), a list file, "
-                                  "or a config path / recipe name")
-    a.add_argument("--root", default=None,
+    a.add_argument("target", type=_path,
+                   help="an image folder (root/train/<class>/... or root/<class>/...), a list file, or a config path "
+                        "/ recipe name")
+    a.add_argument("--root", default=None, type=_path,
                    help="list files: the folder the paths are relative to (default: the list's)")
-    a.add_argument("--num-classes", type=int, default=None, help="list files: C (default: max label + 1)")
-    a.add_argument("--class-names", default=None, help="list files: a file with one class name per line")
-    a.add_argument("--out", default=None, help="report folder (default: runs/data-<name>)")
+    a.add_argument("--num-classes", type=_int_at_least(2), default=None, help="list files: C (default: max label + 1)")
+    a.add_argument("--class-names", default=None, type=_path, help="list files: a file with one class name per line")
+    a.add_argument("--out", default=None, type=_path, help="report folder (default: runs/data-<name>)")
     a.add_argument("--no-check", dest="check", action="store_false", help="skip the header check of every image")
     a.add_argument("--decode", action="store_true", help="decode every image fully, not just its header (slower)")
-    a.add_argument("--workers", type=int, default=8, help="threads reading the images (default 8)")
+    a.add_argument("--workers", type=_int_at_least(1), default=8, help="threads reading the images (default 8)")
     a.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="configs: override a value, as for train")
     i = sub.add_parser("inspect", help="render the ConCutMix label of mixed samples from the training pipeline "
                                        "(PNG grid + HTML page)")
     _add_config_args(i)
-    i.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
-    i.add_argument("--out", default=None, help="output folder (default: inspect/ in the checkpoint's run directory)")
-    i.add_argument("--samples", type=int, default=16, help="mixed samples to show (default 16)")
-    i.add_argument("--epoch", type=int, default=None, help="epoch of the sample sequence (default: the checkpoint's)")
-    i.add_argument("--topk", type=int, default=3, help="classes of the rectified label to list per sample (default 3)")
+    i.add_argument("--checkpoint", required=True, type=_path,
+                   help="best.pt / last.pt, a checkpoint directory or a run directory")
+    i.add_argument("--out", default=None, type=_path,
+                   help="output folder (default: inspect/ in the checkpoint's run directory)")
+    i.add_argument("--samples", type=_int_at_least(1), default=16, help="mixed samples to show (default 16)")
+    i.add_argument("--epoch", type=_int_at_least(0), default=None,
+                   help="epoch of the sample sequence (default: the checkpoint's)")
+    i.add_argument("--topk", type=_int_at_least(1), default=3,
+                   help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
     x = sub.add_parser("export", help="write a trained model's backbone and classifier as timm-loadable safetensors")
     x.add_argument("--checkpoint", required=True, help="best.pt / last.pt, a checkpoint directory or a run directory")
@@ -114,17 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("profile", help="record training steps with torch.profiler: Chrome/Perfetto trace, TensorBoard "
                                        "profile, top operators/kernels, kernel launches and host syncs per step")
     _add_config_args(r)
-    r.add_argument("--steps", type=int, default=5, help="training steps recorded (default 5)")
-    r.add_argument("--warmup", type=int, default=3, help="steps run before recording (default 3)")
+    r.add_argument("--steps", type=_int_at_least(1), default=5, help="training steps recorded (default 5)")
+    r.add_argument("--warmup", type=_int_at_least(0), default=3, help="steps run before recording (default 3)")
     r.add_argument("--phase", default="rectified", metavar="area|rectified",
                    help="label phase: rectified (ConCutMix labels, after method.l_d_warm; default) or area (CutMix)")
-    r.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/<run.name>-profile/profile)")
-    r.add_argument("--top", type=int, default=15, help="rows of the self-time table (default 15)")
+    r.add_argument("--out", default=None, type=_path,
+                   help="output folder (default: <run.output_dir>/<run.name>-profile/profile)")
+    r.add_argument("--top", type=_int_at_least(1), default=15, help="rows of the self-time table (default 15)")
     return p
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastlt.train", description="Train ConCutMix + BCL (DeepSpeed).")
+    p = _Parser(prog="python -m fastlt.train", description="Train ConCutMix + BCL (DeepSpeed).")
     _add_train_args(p)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -229,7 +268,9 @@ def _eval(args) -> int:
         from fastlt.reports.plots import write_eval_report
 
         if args.out:  # before the evaluation, not after it
-            check_output_file(args.out, "--out")
+            check_output_file(args.out, "--out", new=True)
+        if args.report_dir:
+            _check_out_dir(args.report_dir, "--report-dir")
         m = run_eval(_load(args), args.checkpoint, args.split)
         print(f"{args.split} ({m['n']} images): {format_metrics(m)}")
         if args.out:
@@ -240,6 +281,13 @@ def _eval(args) -> int:
         print(f"plots and per-class CSV: {', '.join(str(p) for p in paths)}")
 
     return run_cli(go)
+
+
+def _check_out_dir(path, what: str) -> None:
+    """OutputError unless ``path`` is, or can become, a writable folder (not a file)."""
+    from fastlt.files import check_writable_dir
+
+    check_writable_dir(path, what)
 
 
 def _demo(args) -> int:
@@ -258,6 +306,8 @@ def _data(args) -> int:
     def go():
         from fastlt.reports.dataset_report import load_target, write_report
 
+        if args.out:
+            _check_out_dir(args.out, "--out")
         t = load_target(args.target, root=args.root, num_classes=args.num_classes, class_names=args.class_names,
                         overrides=_overrides(args))
         text, files, bad = write_report(t, args.out or os.path.join("runs", f"data-{t.name}"), check=args.check,
@@ -275,6 +325,8 @@ def _inspect(args) -> int:
         from fastlt.training.evaluate import checkpoint_run_dir
         from fastlt.reports.label_inspect import inspect_labels
 
+        if args.out:
+            _check_out_dir(args.out, "--out")
         out = args.out or checkpoint_run_dir(args.checkpoint) / "inspect"
         paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples, epoch=args.epoch,
                                      show_topk=args.topk)
@@ -338,6 +390,9 @@ def _profile(args) -> int:
 
     def go():
         from fastlt.reports.profiling import format_report, profile_run
+
+        if args.out:
+            _check_out_dir(args.out, "--out")
 
         summary = profile_run(_load(args), steps=args.steps, warmup=args.warmup, phase=args.phase, out=args.out,
                               top=args.top)

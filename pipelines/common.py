@@ -26,7 +26,6 @@ sample indices, CutMix boxes, λ and augmentation parameters for the same spec.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -39,9 +38,13 @@ import numpy as np
 from fastlt.method.cutmix import area_lambda, sample_box
 from fastlt.errors import BadImageError, PipelineError
 
-__all__ = ["LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes", "check_dataset", "check_encoded_image",
-           "SpawnedReaderSource", "cutmix_boxes", "default_workers", "describe_error", "die_with_parent",
-           "image_source_name", "image_storage", "keyed_rng", "keyed_seed", "load_with_policy", "worker_failure"]
+from .decode import IMAGE_FORMATS, check_encoded_image, decode_image, describe_error
+from .spec import DEFAULT_MAX_IMAGE_PIXELS
+
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_FORMATS", "LOG", "BadImageError", "Stream", "StreamPlan", "Substitutes",
+           "check_dataset", "check_encoded_image", "SpawnedReaderSource", "cutmix_boxes", "decode_image",
+           "default_workers", "describe_error", "die_with_parent", "image_source_name", "image_storage", "keyed_rng",
+           "keyed_seed", "load_with_policy", "worker_failure"]
 
 LOG = logging.getLogger("fastlt.pipelines")
 
@@ -172,11 +175,6 @@ def cutmix_boxes(seed: int, epoch: int, step: int, positions: Sequence[int], h: 
     return boxes, lam, applied
 
 
-def describe_error(e: BaseException) -> str:
-    """'Type: message' of a read/decode failure, without PIL's '<_io.BytesIO object at 0x…>'."""
-    return f"{type(e).__name__}: " + re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
-
-
 def image_source_name(dataset, index: int) -> str:
     """How to name image ``index`` of ``dataset`` in a message: its path and list line when known."""
     if hasattr(dataset, "full_path"):
@@ -185,31 +183,6 @@ def image_source_name(dataset, index: int) -> str:
             name += f" (line {dataset.line_number(index)} of {dataset.list_file})"
         return name
     return f"array image {index}"
-
-
-def check_encoded_image(data: bytes) -> tuple[int, int]:
-    """Parse the header of an encoded image and return its (height, width).
-
-    Raises ValueError for data that PIL cannot identify, and for a JPEG without its
-    end-of-image marker (a truncated file: decoders may otherwise fill the rest grey, or
-    abort deep inside a DALI graph where the file name is no longer known). Only the
-    header is parsed, not the pixels: this is cheap enough to run on every sample.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if len(data) == 0:
-        raise ValueError("the file is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            fmt = im.format
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"not a readable image ({describe_error(e)})") from None
-    if fmt == "JPEG" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        raise ValueError("truncated JPEG (no end-of-image marker)")
-    if h < 1 or w < 1:
-        raise ValueError(f"empty image of size {h}x{w}")
-    return h, w
 
 
 class Substitutes:

@@ -7,7 +7,6 @@ Python reader processes are alive before each run.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import signal
@@ -15,7 +14,7 @@ import warnings
 
 import torch
 
-from .common import (BadImageError, PipelineError, check_dataset, default_workers, die_with_parent,
+from .common import (BadImageError, PipelineError, check_dataset, decode_image, default_workers, die_with_parent,
                      image_source_name, image_storage)
 from .dali_sources import raise_from_worker
 
@@ -107,14 +106,11 @@ def cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _pil_decodes(dataset, index: int) -> str | None:
+def _pil_decodes(dataset, index: int, max_pixels: int) -> str | None:
     """None if PIL decodes image ``index`` fully, else why not."""
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(dataset.read_bytes(index))) as im:
-            im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
+        decode_image(dataset.read_bytes(index), max_pixels)
+    except (OSError, ValueError) as e:  # decode_image turns every decode failure into a ValueError
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -201,7 +197,7 @@ class DaliPipelineBase:
         for idx in dict.fromkeys(int(i) for i in candidates):
             if idx in self._bad:
                 continue
-            why = _pil_decodes(self.spec.dataset, idx)
+            why = _pil_decodes(self.spec.dataset, idx, self.spec.max_image_pixels)
             if why is not None:
                 culprits.append((idx, why))
         if not culprits:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .augment_stages import stack_stages
 from .cifar_policy import CIFAR10PolicyDraw
-from .common import (BadImageError, SpawnedReaderSource, Stream, StreamPlan, Substitutes, check_encoded_image,
+from .common import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, SpawnedReaderSource, Stream, StreamPlan, Substitutes, check_encoded_image,
                      cutmix_boxes, image_storage, keyed_rng, load_with_policy)
 from .randaugment import RandAugmentDraw
 
@@ -144,7 +144,7 @@ class SourceConfig:
     def __init__(self, *, dataset, recipe: str, plan: StreamPlan, image_size: int, augment: bool,
                  tables: AugmentTables, seed: int, rank: int, cutmix_prob: float, cutmix_per_sample: bool,
                  cutmix_alpha: float, on_error: str, base_epoch: int, base_step: int, bad=(),
-                 with_foreground: bool = False):
+                 with_foreground: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.dataset, self.recipe, self.plan = dataset, recipe, plan
         self.arrays = image_storage(dataset) == "arrays"  # decoded in memory, else encoded files
         self.size, self.augment, self.tables = image_size, augment, tables
@@ -154,6 +154,7 @@ class SourceConfig:
         self.base_epoch, self.base_step = base_epoch, base_step
         self.bad = tuple(sorted(int(b) for b in bad))
         self.with_foreground = with_foreground
+        self.max_pixels = max_pixels  # data.max_image_pixels, checked from the header before DALI decodes
 
 
 class _Source(SpawnedReaderSource):
@@ -192,7 +193,7 @@ class _Source(SpawnedReaderSource):
                 if i in known_bad and c.on_error == "skip":
                     raise ValueError("the DALI decoder failed on this file earlier in the run")
                 data = c.dataset.read_bytes(i)
-                hw = check_encoded_image(data)
+                hw = check_encoded_image(data, c.max_pixels)
                 return np.frombuffer(data, dtype=np.uint8), fit or hw
 
         (data, hw), used, skipped = load_with_policy(c.dataset, index, key, c.on_error, self._subst, load)

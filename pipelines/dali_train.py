@@ -158,7 +158,8 @@ class DaliTrainPipeline(DaliPipelineBase):
                            augment=s.augment, tables=self.tables, seed=s.seed, rank=s.rank,
                            cutmix_prob=s.cutmix_prob, cutmix_per_sample=s.cutmix_per_sample,
                            cutmix_alpha=s.cutmix_alpha, on_error=s.on_error, base_epoch=epoch, base_step=step,
-                           bad=self._bad, with_foreground=self.with_foreground)
+                           bad=self._bad, with_foreground=self.with_foreground,
+                           max_pixels=s.max_image_pixels)
         gpu = self._device.type == "cuda"
         start = s.extra.get("py_start_method", "spawn" if gpu else "fork")
         with quiet_dali_build(), readers_die_with_us():

@@ -17,7 +17,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import dali_ops as ops
-from .common import (LOG, BadImageError, SpawnedReaderSource, check_encoded_image, describe_error,
+from .common import (DEFAULT_MAX_IMAGE_PIXELS, LOG, BadImageError, SpawnedReaderSource, check_encoded_image, describe_error,
                      image_source_name, image_storage)
 from .dali_base import DaliPipelineBase, cuda_index, quiet_dali_build, readers_die_with_us, to_torch
 from .spec import ValPipelineSpec
@@ -41,8 +41,9 @@ class ValSource(SpawnedReaderSource):
     unreadable image was replaced by a placeholder (``skip``) — and the dataset index."""
 
     def __init__(self, dataset, recipe: str, indices: np.ndarray, batch_size: int, on_error: str, start: int = 0,
-                 bad=()):
+                 bad=(), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.dataset, self.recipe, self.indices = dataset, recipe, indices
+        self.max_pixels = max_pixels
         self.arrays = image_storage(dataset) == "arrays"
         self.batch_size, self.on_error, self.start = batch_size, on_error, start
         self.bad = frozenset(int(b) for b in bad)
@@ -56,7 +57,7 @@ class ValSource(SpawnedReaderSource):
             if i in self.bad:
                 raise ValueError("the DALI decoder failed on this file earlier in this pass")
             data = self.dataset.read_bytes(i)
-            check_encoded_image(data)
+            check_encoded_image(data, self.max_pixels)
             return np.frombuffer(data, dtype=np.uint8), True
         except (OSError, ValueError, SyntaxError) as e:
             name = image_source_name(self.dataset, i)
@@ -112,7 +113,7 @@ class DaliValPipeline(DaliPipelineBase):
         self._drop()
         s = self.spec
         source = ValSource(s.dataset, s.recipe, self.indices, s.batch_size, s.on_error,
-                           start=start_batch * s.batch_size, bad=self._bad)
+                           start=start_batch * s.batch_size, bad=self._bad, max_pixels=s.max_image_pixels)
         with quiet_dali_build(), readers_die_with_us():
             pipe = _val_graph(source, recipe=s.recipe, size=s.image_size, arrays=source.arrays, mean=list(s.mean),
                               std=list(s.std), device="gpu" if self.gpu else "cpu", batch_size=s.batch_size,

@@ -17,7 +17,7 @@ from fastlt.config.typed import one_of, positive
 from .randaugment import check_randaugment
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "EXTRA_KEYS", "IMAGE_DTYPES", "IMAGENET_MEAN", "IMAGENET_STD", "INAT_MEAN",
-           "INAT_STD", "MEMORY_FORMATS", "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
+           "DEFAULT_MAX_IMAGE_PIXELS", "INAT_STD", "MEMORY_FORMATS", "NORMALIZATIONS", "ON_ERROR", "PIPELINE_BACKENDS", "PipelineConfig", "RECIPES", "TrainPipelineSpec",
            "ValPipelineSpec", "check_extra", "normalization", "train_spec", "val_spec"]
 
 # Normalisation constants of docs/design.md §2.
@@ -37,6 +37,9 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inat": (INAT_MEAN,
 RECIPES = ("imagenet", "cifar")
 #: A missing or corrupt image: "raise" names the file; "skip" substitutes another image of its class.
 ON_ERROR = ("raise", "skip")
+#: ``data.max_image_pixels`` by default: 8192 × 8192. A decoded RGB image of that size is 192 MiB;
+#: a file whose header claims more is refused before decoding (a 48 KB PNG can claim 20000 × 20000).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 #: ``pipeline.backend``: "auto" (DALI when it imports, else torch), "dali" or "torch".
 PIPELINE_BACKENDS = ("auto", "dali", "torch")
 
@@ -140,6 +143,8 @@ class TrainPipelineSpec:
     """"cpu" or "cuda": where the batches are produced/delivered."""
     on_error: str = "raise"
     """Corrupt/missing image: "raise" names the file; "skip" substitutes another image of the same class."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """An encoded image whose header claims more pixels is a bad image (under ``on_error``), never decoded."""
     memory_format: str = "contiguous"
     """Layout of ``TrainBatch.images``: "contiguous" (NCHW) or "channels_last" (NHWC storage)."""
     dtype: str = "float32"
@@ -181,6 +186,7 @@ class ValPipelineSpec:
     num_workers: int = 2
     device: str = "cpu"
     on_error: str = "raise"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -197,7 +203,8 @@ def train_spec(cfg, dataset, *, batch_size: int, rank: int = 0, world_size: int 
         rank=rank, world_size=world_size, cutmix_prob=m.cutmix_prob, cutmix_per_sample=m.cutmix_per_sample,
         cutmix_alpha=m.cutmix_alpha, randaugment=d.randaugment, randaugment_n=d.randaugment_n,
         randaugment_m=d.randaugment_m, randaugment_mstd=d.randaugment_mstd, mean=mean, std=std,
-        num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error, extra=dict(cfg.pipeline.extra))
+        num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error, max_image_pixels=d.max_image_pixels,
+        extra=dict(cfg.pipeline.extra))
 
 
 def val_spec(cfg, dataset, *, rank: int = 0, world_size: int = 1, device: str = "cpu") -> ValPipelineSpec:
@@ -206,4 +213,5 @@ def val_spec(cfg, dataset, *, rank: int = 0, world_size: int = 1, device: str = 
     mean, std = normalization(d.normalization)
     return ValPipelineSpec(dataset=dataset, recipe=d.augment_recipe, image_size=d.image_size,
                            batch_size=d.eval_batch_size, rank=rank, world_size=world_size, mean=mean, std=std,
-                           num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error)
+                           num_workers=cfg.pipeline.num_workers, device=device, on_error=d.on_error,
+                           max_image_pixels=d.max_image_pixels)

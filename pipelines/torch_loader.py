@@ -16,7 +16,6 @@ decoding the skipped steps.
 from __future__ import annotations
 
 import contextlib
-import io
 import signal
 from typing import Iterator
 
@@ -25,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batch import TrainBatch, image_layout
-from .common import (LOG, BadImageError, PipelineError, Stream, StreamPlan, Substitutes, check_dataset, cutmix_boxes,
-                     default_workers, describe_error, image_source_name, image_storage, keyed_seed, load_with_policy)
+from .common import (DEFAULT_MAX_IMAGE_PIXELS, LOG, BadImageError, PipelineError, Stream, StreamPlan, Substitutes,
+                     check_dataset, cutmix_boxes, decode_image, default_workers, describe_error, image_source_name, image_storage, keyed_seed, load_with_policy)
 from .spec import TrainPipelineSpec, ValPipelineSpec, check_extra
 from .transforms import train_view_transforms, val_transform
 
@@ -70,7 +69,7 @@ def _worker_errors(iterator):
         raise dead from None
 
 
-def image_loader(dataset, recipe: str, size: int | None = None):
+def image_loader(dataset, recipe: str, size: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """A function index -> RGB PIL image; raises OSError/ValueError for a missing or undecodable
     file (handled by the ``on_error`` policy).
 
@@ -97,9 +96,8 @@ def image_loader(dataset, recipe: str, size: int | None = None):
         return load_array
 
     def load_file(i: int):
-        data = dataset.read_bytes(i)
-        with Image.open(io.BytesIO(data)) as im:
-            return fitted(im.convert("RGB"))  # convert forces the full decode: a truncated file fails here
+        # Header first (the pixel limit), then the full decode; any failure is a ValueError.
+        return fitted(decode_image(dataset.read_bytes(i), max_pixels))
 
     return load_file
 
@@ -118,7 +116,7 @@ class _StepDataset(Dataset):
                                                      randaugment_n=spec.randaugment_n,
                                                      randaugment_m=spec.randaugment_m,
                                                      randaugment_mstd=spec.randaugment_mstd)
-        self.load = image_loader(spec.dataset, spec.recipe, spec.image_size)
+        self.load = image_loader(spec.dataset, spec.recipe, spec.image_size, spec.max_image_pixels)
         self.substitutes = Substitutes(self.labels)
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
         self.dtype, self.memory_format = image_layout(spec)
@@ -241,7 +239,7 @@ class _ValDataset(Dataset):
         self.indices = indices
         self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
         self.transform = val_transform(spec.recipe, spec.image_size, spec.mean, spec.std)
-        self.load = image_loader(spec.dataset, spec.recipe, spec.image_size)
+        self.load = image_loader(spec.dataset, spec.recipe, spec.image_size, spec.max_image_pixels)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -42,11 +42,13 @@ import yaml
 from fastlt.data.config import DataConfig, SyntheticConfig
 from fastlt.training.engine import DeepSpeedSection
 from fastlt.errors import ConfigError
+from fastlt.files import expect_file, path_problem, read_regular
 from fastlt.method.config import MethodConfig
 from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig
 from fastlt.training.schedule import OptimConfig
-from fastlt.config.typed import build_section, flat_keys as _flat_keys, load_yaml, one_of, positive, set_dotted
+from fastlt.config.typed import (build_section, check_path, flat_keys as _flat_keys, load_yaml, one_of, positive,
+                                 set_dotted)
 
 __all__ = [
     "BASE_KEY",
@@ -124,6 +126,8 @@ class RunConfig:
 
     def __post_init__(self):
         one_of("run.device", self.device, DEVICES)
+        check_path("run.output_dir", self.output_dir)
+        check_path("run.name", self.name)
         one_of("run.compile", self.compile, COMPILE_MODES)
         positive("run.seed", self.seed, allow_zero=True)
         positive("run.log_every", self.log_every)
@@ -210,9 +214,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: the key {key!r} is not a dotted key such as optim.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML ({e.problem})") from None
+        value = load_yaml(raw, f"override {text!r}") if raw.strip() else ""
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the value after '=' is read as YAML)") from None
     return key.split("."), value
 
 
@@ -225,9 +229,19 @@ def _merge_tree(base: dict, top: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; recipes live in configs/, e.g. configs/demo.yaml")
-    tree = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    expect_file(path, "config file", error=ConfigError,
+                missing=f"config file {path} does not exist; recipes live in configs/, e.g. configs/demo.yaml")
+    try:
+        raw = read_regular(path)
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+                          ) from None
+    tree = load_yaml(text, str(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
     return tree
@@ -240,6 +254,8 @@ def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     and merges this file's sections over it, key by key; a base may have a base of its own.
     A chain that comes back to a file already in it is an error.
     """
+    if (problem := path_problem(path)) is not None:
+        raise ConfigError(f"config file {os.fspath(path)!r} cannot be a path: {problem}")
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(str(p.name) for p in (*_chain, path))
@@ -252,9 +268,9 @@ def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: '{BASE_KEY}:' must name a recipe file, e.g. {BASE_KEY}: cifar100_lt_if100.yaml; "
                           f"got {base!r}")
     target = path.parent / base
-    if not target.is_file():
-        raise ConfigError(f"{path}: '{BASE_KEY}: {base}' names {target}, which does not exist (a base is resolved "
-                          "relative to the file that names it)")
+    expect_file(target, f"{path}: '{BASE_KEY}: {base}' names", error=ConfigError,
+                missing=f"{path}: '{BASE_KEY}: {base}' names {target}, which does not exist (a base is resolved "
+                        "relative to the file that names it)")
     return _merge_tree(read_recipe(target, (*_chain, path)), tree)
 
 
@@ -329,8 +345,11 @@ def save_resolved_config(cfg: Config, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     changed = []
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        changed = config_diff(yaml.safe_load(text) or {}, config_to_dict(cfg))
+        try:  # the checks of a recipe: a damaged or crafted config.yaml is replaced, not walked
+            old = load_yaml(read_regular(path).decode("utf-8-sig"), str(path)) or {}
+        except (ConfigError, OSError, UnicodeDecodeError):
+            old = {}
+        changed = config_diff(old, config_to_dict(cfg)) if isinstance(old, dict) else []
         if changed:  # keep the earlier launch's config, named by when that launch wrote it
             import time
 
@@ -342,7 +361,7 @@ def save_resolved_config(cfg: Config, path: str | os.PathLike) -> list[str]:
             while kept.exists():
                 n += 1
                 kept = history / f"config-{stamp}-{n}.yaml"
-            kept.write_text(text, encoding="utf-8")
+            os.replace(path, kept)  # the file itself: what that launch wrote, byte for byte
     save_config(cfg, path)
     return changed
 

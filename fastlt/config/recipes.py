@@ -79,22 +79,30 @@ def list_recipes() -> list[Recipe]:
     return [_read(p) for p in sorted(recipe_dir().glob("*.yaml"))]
 
 
-def resolve_config(arg: str) -> Path:
+def resolve_config(arg: str, what: str = "--config") -> Path:
     """The recipe file ``--config arg`` means: an existing path, else a shipped recipe of that name.
 
     A missing path of the form ``configs/<name>.yaml`` (the README's commands, run outside the
     source tree) also resolves to the shipped recipe ``<name>``.
     """
+    from fastlt.files import kind_of
+
     path = Path(arg)
-    if path.is_file():
+    kind = kind_of(path)
+    if kind == "file":
         return path
+    if kind.startswith("not a usable path"):
+        raise ConfigError(f"{what} {arg!r} is {kind}")
+    if kind != "missing":
+        found = "a folder" if kind == "folder" else kind
+        raise ConfigError(f"{what} {arg} is {found}, not a YAML file; pass a recipe file or a shipped recipe's name")
     names = {p.stem: p for p in recipe_dir().glob("*.yaml")}
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if (path.parent == Path(".") or path.parent.name == "configs") and stem in names:
         return names[stem]
     close = difflib.get_close_matches(stem, list(names), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"--config {arg}: no such file, and no shipped recipe of that name{hint}. Pass a YAML path or "
+    raise ConfigError(f"{what} {arg}: no such file, and no shipped recipe of that name{hint}. Pass a YAML path or "
                       f"one of: {', '.join(sorted(names))} (`fastlt recipes` lists them)")
 
 

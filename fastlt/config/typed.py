@@ -13,7 +13,12 @@ dataclasses:
   ``int | None``, ...), naming the key, the value and the expected type; a nan or inf float
   is refused anywhere (``.nan`` is valid YAML, and would train on silently);
 * :func:`load_yaml` reads YAML that refuses a key given twice in one mapping (PyYAML keeps
-  the last one without a word, so a section written twice loses the first);
+  the last one without a word, so a section written twice loses the first), and bounds what
+  aliases can do: a recursive alias is refused, and so is a document that expands to more
+  than :data:`MAX_YAML_VALUES` values (an "alias bomb" of a few lines expands to billions);
+* a section given as nothing (a bare ``optim:`` line, ``--set run=null``) is refused: it would
+  silently reset the whole section to its defaults; a string holds no NUL and no unpaired
+  surrogate; a float fits float32 and an int fits int64 (they become tensors);
 * ``one_of`` / ``positive`` are the value checks every section's ``__post_init__`` uses.
 
 Nothing here imports torch: loading a config is cheap and works without a GPU stack.
@@ -32,8 +37,16 @@ import yaml
 
 from fastlt.errors import ConfigError
 
-__all__ = ["Problems", "build_section", "field_types", "flat_keys", "load_yaml", "one_of", "positive", "set_dotted",
-           "unknown_key"]
+__all__ = ["MAX_YAML_VALUES", "Problems", "build_section", "check_path", "field_types", "flat_keys", "load_yaml", "one_of",
+           "positive", "set_dotted", "unknown_key"]
+
+#: Values (scalars and collections, aliases counted each time they are used) a YAML document may
+#: expand to; a recipe holds a few hundred.
+MAX_YAML_VALUES = 100_000
+_MAX_DEPTH = 64
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38
+_INT64 = (-2**63, 2**63 - 1)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -54,23 +67,91 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_yaml(text: str, source: str) -> Any:
-    """YAML ``text`` (from ``source``, named in errors) with SafeLoader's types; duplicate keys and
-    syntax errors are one-line ConfigErrors naming the line."""
+    """YAML ``text`` (from ``source``, named in errors) with SafeLoader's types; duplicate keys,
+    syntax errors, impossible values (a 30th of February), recursive aliases and documents that
+    expand beyond :data:`MAX_YAML_VALUES` values are one-line ConfigErrors."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
-        raise ConfigError(f"{source}: not valid YAML: {where}{what}") from None
+        raise ConfigError(f"{source}: not valid YAML: {where}{' '.join(what.split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply (or a recursive '<<' merge)") from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. a timestamp of a day that does not exist
+        raise ConfigError(f"{source}: not valid YAML: a value cannot be read ({type(e).__name__}: {e})") from None
+    _check_expansion(tree, source)
+    return tree
+
+
+def _check_expansion(tree, source: str) -> None:
+    """ConfigError if ``tree`` (parsed YAML, whose aliases are shared objects) contains itself or
+    expands to more than MAX_YAML_VALUES values. Stops counting at the limit: a bomb costs no
+    more than a large recipe."""
+    count = 0
+    stack: list = [(tree, 0, frozenset())]
+    while stack:
+        node, depth, above = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases "
+                              "counted each time they are used, as in an 'alias bomb'); a recipe needs a few "
+                              "hundred: write the values out")
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in above:
+                raise ConfigError(f"{source}: a YAML alias refers to the collection that contains it (a recursive "
+                                  "alias such as '&a [*a]'); write the value out")
+            if depth >= _MAX_DEPTH:
+                raise ConfigError(f"{source}: the YAML is nested more than {_MAX_DEPTH} levels deep")
+            inner = above | {id(node)}
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((child, depth + 1, inner) for child in children)
 
 
 def _finite(key: str, value: float) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number; got {value!r}")
     return value
+
+
+def _float32(key: str, value) -> float:
+    """A finite float that stays finite as float32 (the lr, the temperatures, the loss weights
+    become float32 tensors: 1e39 would turn inf after setup, not at the config)."""
+    try:
+        out = _finite(key, float(value))
+    except OverflowError:  # an int too large for a float
+        out = math.inf
+    if abs(out) > _FLOAT32_MAX:
+        raise ConfigError(f"{key}: {value!r} overflows float32 (largest {_FLOAT32_MAX:.4g}), in which it is used; "
+                          "give a smaller value")
+    if out != 0 and abs(out) < _FLOAT32_TINY:  # a denormal or 0 in float32; 1/x (a temperature) overflows
+        raise ConfigError(f"{key}: {value!r} underflows float32 (smallest normal {_FLOAT32_TINY:.4g}), in which it "
+                          "is used; give 0 or a larger value")
+    return out
+
+
+def _plain_text(key: str, value: str) -> str:
+    """A string without a NUL and without unpaired surrogates (no file name or log line can hold them)."""
+    if "\x00" in value:
+        raise ConfigError(f"{key}: {value!r} contains a NUL character (\\x00); remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{key}: {value!r} contains {value[e.start:e.end]!r}, an unpaired surrogate that no "
+                          "file can store; write the character itself (UTF-8)") from None
+    return value
+
+
+def check_path(key: str, value: str) -> None:
+    """ConfigError unless the path text ``value`` of config key ``key`` can name a file at all
+    (no NUL, no unpaired surrogate, no part over the file system's name length)."""
+    from fastlt.files import path_problem
+
+    if value and (problem := path_problem(value)) is not None:
+        raise ConfigError(f"{key}: {value[:80]!r}{'...' if len(value) > 80 else ''} cannot be a path: {problem}")
 
 
 def _check_finite_tree(key: str, value) -> None:
@@ -159,16 +240,19 @@ def _coerce(key: str, value, tp):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise ConfigError(f"{key}: {value} does not fit a 64-bit integer; give a value in "
+                                  f"[{_INT64[0]}, {_INT64[1]}]")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _finite(key, float(value))
+            return _float32(key, value)
         # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string; accept plain numeric literals only.
         if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
-            return _finite(key, float(value))
+            return _float32(key, value.strip())
     elif tp is str:
         if isinstance(value, str):
-            return value
+            return _plain_text(key, value)
     elif origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, (list, tuple)):
@@ -218,6 +302,11 @@ class Problems:
 
 def build_section(root, cls, data, prefix: str = ""):
     """Build and validate the dataclass ``cls`` (a section of ``root``) from a nested dict."""
+    if data is None and prefix:
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{section}: the section is empty (a bare '{section.rsplit('.', 1)[-1]}:' line, or "
+                          f"--set {section}=null), which would reset all of it to the defaults; give its keys, or "
+                          "remove the line to keep the values it extends")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -250,6 +339,13 @@ def set_dotted(root, tree: dict, parts: list[str], value, text: str) -> None:
             raise unknown_key(root, key, list(hints))
         tp = hints[part]
         if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                # A whole section: its keys merge into what the recipe set (replacing it would
+                # reset every key not named here); nothing at all is refused by build_section.
+                if isinstance(value, dict) and isinstance(node.get(part), dict):
+                    for k, v in value.items():
+                        set_dotted(root, tree, [*parts, str(k)], v, text)
+                    return
             node[part] = value
             return
         if not dataclasses.is_dataclass(tp):

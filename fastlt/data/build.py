@@ -5,6 +5,7 @@ run before DeepSpeed starts.
 from __future__ import annotations
 
 import fcntl
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
+from fastlt.files import expect_dir, expect_file, kind_of
 
 from .cifar import cifar_lt
 from .folder import ImageFolderLT, read_class_names
@@ -45,16 +47,16 @@ def _check_num_classes(cfg, found: int, source: str) -> None:
 
 def _list_dataset(cfg, key: str, *, train: bool, notes: list[str]) -> LongTailedList:
     path = cfg.data.path(key)
-    if not path.is_file() and (shipped := shipped_list(path.name)) is not None:
+    if not path.exists() and (shipped := shipped_list(path.name)) is not None:
         # A published list fastlt ships (fastlt.data.published): the user needs only the images.
         notes.append(f"data.{key}: {path} does not exist; using {describe(shipped_entry(path.name))}, "
                      f"shipped with fastlt ({shipped})")
         path = shipped
-    if not path.is_file():
-        where = missing_list_hint(path.name)
-        raise DataError(f"data.{key}: list file {path} does not exist (data.root={cfg.data.root!r}); "
-                        + (f"{where}, and put it in data.root (or point data.{key} at it)" if where else
-                           f"point data.root at the dataset folder and data.{key} at its list file"))
+    where = missing_list_hint(path.name)
+    path = expect_file(path, f"data.{key}: list file", error=DataError,
+                       missing=f"data.{key}: list file {path} does not exist (data.root={cfg.data.root!r}); "
+                               + (f"{where}, and put it in data.root (or point data.{key} at it)" if where else
+                                  f"point data.root at the dataset folder and data.{key} at its list file"))
     try:
         return LongTailedList(cfg.data.root, path, cfg.data.num_classes, require_all_classes=train)
     except ValueError as e:
@@ -62,10 +64,10 @@ def _list_dataset(cfg, key: str, *, train: bool, notes: list[str]) -> LongTailed
 
 
 def _folder_dataset(cfg, key: str, *, train: bool, class_names: list[str] | None = None) -> ImageFolderLT:
-    path = cfg.data.path(key)
-    if not path.is_dir():
-        raise DataError(f"data.{key}: image folder {path} does not exist (data.root={cfg.data.root!r}); point "
-                        f"data.root at the dataset and data.{key} at the folder with one sub-folder per class")
+    path = expect_dir(cfg.data.path(key), f"data.{key}: image folder", error=DataError,
+                      missing=f"data.{key}: image folder {cfg.data.path(key)} does not exist (data.root="
+                              f"{cfg.data.root!r}); point data.root at the dataset and data.{key} at the folder "
+                              "with one sub-folder per class")
     try:
         return ImageFolderLT(path, class_names, require_all_classes=train)
     except ValueError as e:
@@ -105,21 +107,37 @@ def _exclusive(lock_path: Path):
 
 
 def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
-    """The train/val(/test) datasets of the config, with errors that name the config key."""
+    """The train/val(/test) datasets of the config, with errors that name the config key; a
+    method.topk above the number of classes is reported (K is then capped at C)."""
+    data = _build(cfg, need_train)
+    if cfg.method.topk > data.num_classes:
+        logging.getLogger("fastlt.data").warning(
+            f"method.topk={cfg.method.topk} is more than the {data.num_classes} classes of the dataset: the rectified "
+            f"label keeps all {data.num_classes} class similarities (K is capped at C); set method.topk<="
+            f"{data.num_classes} to say so")
+    return data
+
+
+def _build(cfg, need_train: bool) -> Datasets:
     d = cfg.data
     root = Path(d.root)
     if d.kind == "synthetic":
         s = d.synthetic
+        if kind_of(root) != "missing":  # the cache folder is created on first use
+            expect_dir(root, "data.root: the synthetic dataset's cache", error=DataError)
         with _exclusive(root.parent / f".{root.name}.lock"):
-            made = make_synthetic_lt(root, num_classes=s.num_classes, imb_factor=s.imb_factor, n_max=s.n_max,
-                                     image_size=s.image_size, seed=s.seed, n_val=s.n_val)
+            try:
+                made = make_synthetic_lt(root, num_classes=s.num_classes, imb_factor=s.imb_factor, n_max=s.n_max,
+                                         image_size=s.image_size, seed=s.seed, n_val=s.n_val)
+            except ValueError as e:  # a folder that holds something else
+                raise DataError(f"data.root: {e}") from None
         _check_num_classes(cfg, made.num_classes, "the synthetic dataset (data.synthetic.num_classes)")
         train = LongTailedList(made.root, made.train_list, made.num_classes)
         val = LongTailedList(made.root, made.val_list, made.num_classes, require_all_classes=False)
         return Datasets(train, val, None, made.num_classes, np.asarray(train.class_counts))
     if d.kind == "cifar":
-        if not root.is_dir():
-            raise DataError(f"data.root: {root} does not exist; it must hold the extracted "
+        expect_dir(root, "data.root:", error=DataError,
+                   missing=f"data.root: {root} does not exist; it must hold the extracted "
                             f"{'cifar-10-batches-py' if d.cifar == 'cifar10' else 'cifar-100-python'} folder")
         try:
             train = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=True, seed=d.cifar_subset_seed)
@@ -129,13 +147,13 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
         _check_num_classes(cfg, train.num_classes, d.cifar)
         return Datasets(train, val, None, train.num_classes, np.asarray(train.class_counts))
     if d.kind == "folder":
-        if not root.is_dir():
-            raise DataError(f"data.root: {root} does not exist; point it at the folder that holds "
+        expect_dir(root, "data.root:", error=DataError,
+                   missing=f"data.root: {root} does not exist; point it at the folder that holds "
                             f"{d.train_dir}/ and {d.val_dir}/ (one sub-folder per class in each)")
         return _folder_datasets(cfg, need_train)
     # kind == "list"
-    if not root.is_dir():
-        raise DataError(f"data.root: {root} does not exist; point it at {root_hint(d.train_list)}")
+    expect_dir(root, "data.root:", error=DataError,
+               missing=f"data.root: {root} does not exist; point it at {root_hint(d.train_list)}")
     notes: list[str] = []
     train = _list_dataset(cfg, "train_list", train=True, notes=notes) if need_train else None
     val = _list_dataset(cfg, "val_list", train=False, notes=notes)

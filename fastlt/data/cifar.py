@@ -3,18 +3,24 @@ in-memory array dataset they load into. Nothing is downloaded.
 
 The batches are pickles, and a plain ``pickle.load`` runs whatever code a crafted file names.
 :func:`load_batch` unpickles with an allowlist of exactly what CIFAR batches hold — dicts,
-lists, bytes, str, ints and numpy arrays as numpy pickles them — and refuses anything else
-before it is called.
+lists, bytes, str, ints and numpy arrays of plain numbers as numpy pickles them — and refuses
+anything else before it is called; nothing it builds is larger than the file (a 48-byte pickle
+can otherwise ask for 2^40 bytes). The batch is then validated, not cast: 'data' uint8
+(N, 3072) and N integer labels in [0, C), or an error naming the file and the field.
 """
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import pickle
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fastlt.files import expect_file, kind_of, read_regular
 
 from .profile import IMB_TYPES, bincount, check_imb_factor, long_tail_counts
 
@@ -70,26 +76,60 @@ def _latin1_encode(text, encoding="latin1", errors="strict"):
     return text.encode("latin1", errors)
 
 
-def _numpy_globals() -> dict:
+def _numpy_globals(limit: int) -> dict:
     """What numpy's pickles of arrays name, found from numpy itself (the module moved from
-    numpy.core to numpy._core in numpy 2; old files name the old place)."""
+    numpy.core to numpy._core in numpy 2; old files name the old place), each bounded: no array
+    of more than ``limit`` bytes is allocated and no dtype but plain numbers is made (an object
+    dtype would let a short file ask for an array of any size)."""
     reconstruct = np.zeros(1).__reduce__()[0]
     scalar = np.int64(0).__reduce__()[0]
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]
-    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def dtype(*args):
+        dt = np.dtype(*args)
+        if dt.kind not in "biuf" or dt.fields is not None or dt.subdtype is not None:
+            raise pickle.UnpicklingError(f"refused numpy dtype {dt.str!r}: a CIFAR batch holds plain numbers only")
+        return dt
+
+    def bounded_reconstruct(subtype, shape, dt):
+        n = 1
+        for k in shape if isinstance(shape, tuple) else (shape,):
+            if not isinstance(k, int) or k < 0:
+                raise pickle.UnpicklingError(f"refused an array of shape {shape!r}")
+            n *= k
+        if subtype is not np.ndarray or n > limit:
+            raise pickle.UnpicklingError(f"refused an array of shape {shape!r}: more than the file's {limit} bytes")
+        return reconstruct(subtype, shape, dt)
+
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): dtype}
     for mod in ("numpy.core", "numpy._core"):
-        out[(f"{mod}.multiarray", "_reconstruct")] = reconstruct
+        out[(f"{mod}.multiarray", "_reconstruct")] = bounded_reconstruct
         out[(f"{mod}.multiarray", "scalar")] = scalar
         out[(f"{mod}.numeric", "_frombuffer")] = frombuffer
     return out
 
 
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only the types a CIFAR python batch holds (see the module docstring)."""
+def _sized(cls, limit: int):
+    """``bytes`` / ``bytearray`` that refuse to make more than ``limit`` bytes out of nothing
+    (``bytearray(2**40)`` from a 48-byte pickle)."""
+    def make(*args):
+        if args and isinstance(args[0], int) and not 0 <= args[0] <= limit:
+            raise pickle.UnpicklingError(f"refused {cls.__name__}({args[0]}): more than the file's {limit} bytes")
+        return cls(*args)
+    return make
 
-    _allowed = {**_numpy_globals(), ("_codecs", "encode"): _latin1_encode,
-                **{(mod, name): getattr(builtins, name) for mod in ("builtins", "__builtin__")
-                   for name in ("dict", "list", "bytes", "str", "int", "bytearray")}}
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only the types a CIFAR python batch holds (see the module docstring), making
+    nothing larger than the file (``limit``, its size in bytes)."""
+
+    def __init__(self, file, limit: int, **kwargs):
+        super().__init__(file, **kwargs)
+        self._allowed = {**_numpy_globals(limit), ("_codecs", "encode"): _latin1_encode,
+                         **{(mod, name): getattr(builtins, name) for mod in ("builtins", "__builtin__")
+                            for name in ("dict", "list", "str", "int")},
+                         **{(mod, cls.__name__): _sized(cls, limit) for mod in ("builtins", "__builtin__")
+                            for cls in (bytes, bytearray)}}
 
     def find_class(self, module: str, name: str):
         found = self._allowed.get((module, name))
@@ -99,15 +139,29 @@ class _BatchUnpickler(pickle.Unpickler):
         return found
 
 
+def _check_opcodes(raw: bytes) -> None:
+    """Walk the pickle's opcodes without building anything: a length field that claims more
+    bytes than the file holds (which the C unpickler would allocate before reading), an unknown
+    opcode or a cut-off file is refused here."""
+    for _ in pickletools.genops(io.BytesIO(raw)):
+        pass
+
+
 def load_batch(path: str | os.PathLike) -> dict:
     """One CIFAR python batch (a dict; bytes keys for the official files), unpickled with the
-    allowlist of :class:`_BatchUnpickler`; ValueError naming the file for anything else."""
+    allowlist of :class:`_BatchUnpickler`; ValueError naming the file for anything else. Only a
+    regular file is opened, and no allocation is larger than the file."""
+    expect_file(path, "CIFAR batch", error=ValueError, missing_error=FileNotFoundError)
     try:
-        with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, encoding="bytes").load()
+        raw = read_regular(path)
+    except OSError as e:
+        raise ValueError(f"CIFAR batch {path} cannot be read: {e.strerror or e}") from None
+    try:
+        _check_opcodes(raw)
+        batch = _BatchUnpickler(io.BytesIO(raw), max(len(raw), 1), encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: {e}; the file is not a CIFAR python batch (nothing in it was run)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle makes the unpickler raise (even SystemError)
         raise ValueError(f"{path}: not a CIFAR python batch (damaged or another format: {type(e).__name__}: {e})"
                          ) from None
     if not isinstance(batch, dict):
@@ -115,22 +169,45 @@ def load_batch(path: str | os.PathLike) -> dict:
     return batch
 
 
-def _load_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    batch = load_batch(path)
+def _field(batch: dict, path: Path, key: str):
     # The official batches have bytes keys under encoding="bytes"; accept str keys too
     # (files re-pickled from Python 3 dictionaries).
-    def get(key: str):
-        for k in (key.encode(), key):
-            if k in batch:
-                return batch[k]
-        raise ValueError(f"{path}: not a CIFAR python batch (no {key!r} key; keys: {list(batch)[:6]})")
+    for k in (key.encode(), key):
+        if k in batch:
+            return batch[k]
+    keys = [k.decode(errors="replace") if isinstance(k, bytes) else repr(k) for k in list(batch)[:6]]
+    raise ValueError(f"{path}: not a CIFAR python batch (no {key!r} field; fields: {keys})")
 
-    data = np.asarray(get("data"), dtype=np.uint8)
-    labels = np.asarray(get(label_key), dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{path}: expected 'data' of shape (N, 3072) and N labels, got {data.shape} and {labels.shape}"
-        )
+
+def _load_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 32, 32, 3), labels int64 (N,)) of one batch, validated, never cast: the
+    'data' field must be a uint8 array (N, 3072) and the labels N integers in [0, num_classes)."""
+    batch = load_batch(path)
+    data = _field(batch, path, "data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__)
+        raise ValueError(f"{path}: field 'data' must be a uint8 array of shape (N, 3072) (32x32 RGB rows, as "
+                         f"the official batches hold them); got {got}. Use the original batch, not a converted one")
+    raw_labels = _field(batch, path, label_key)
+    if isinstance(raw_labels, np.ndarray):
+        ok = raw_labels.ndim == 1 and raw_labels.dtype.kind in "iu"
+        got = f"{raw_labels.dtype} {raw_labels.shape}"
+    elif isinstance(raw_labels, list):
+        bad = next((x for x in raw_labels if isinstance(x, bool) or not isinstance(x, (int, np.integer))), None)
+        ok = bad is None
+        got = f"a list holding {bad!r} ({type(bad).__name__})"
+    else:
+        ok, got = False, type(raw_labels).__name__
+    if not ok:
+        raise ValueError(f"{path}: field {label_key!r} must be a list of integer class indices; got {got}")
+    if len(raw_labels) != data.shape[0]:
+        raise ValueError(f"{path}: field 'data' holds {data.shape[0]} images but field {label_key!r} "
+                         f"{len(raw_labels)} labels")
+    if len(raw_labels) and (min(raw_labels) < 0 or max(raw_labels) >= num_classes):
+        lo, hi = int(min(raw_labels)), int(max(raw_labels))
+        raise ValueError(f"{path}: field {label_key!r} holds labels in [{lo}, {hi}], outside [0, {num_classes}) — "
+                         "is this really the right CIFAR variant (data.cifar)?")
+    labels = np.asarray(raw_labels, dtype=np.int64)
     # Rows are R plane, G plane, B plane of 32×32 each: CHW → HWC.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
@@ -168,7 +245,7 @@ def cifar_lt(
     folder, train_files, test_files, label_key, num_classes, url = _CIFAR[name]
     base = Path(root) / folder
     files = train_files if train else test_files
-    missing = [f for f in train_files + test_files if not (base / f).is_file()]
+    missing = [f for f in train_files + test_files if kind_of(base / f) == "missing"]
     if missing:
         archive = url.rsplit("/", 1)[1]
         raise FileNotFoundError(
@@ -177,11 +254,9 @@ def cifar_lt(
             f"(tar -xzf {archive} -C {Path(root)}), which creates {folder}/ with "
             f"{', '.join(train_files + test_files)}"
         )
-    parts = [_load_cifar_batch(base / f, label_key) for f in files]
+    parts = [_load_cifar_batch(base / f, label_key, num_classes) for f in files]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{base}: labels outside [0, {num_classes}) — is this really {name}?")
     if not train:
         return ArrayDataset(np.ascontiguousarray(images), labels, bincount(labels, num_classes), num_classes)
 

@@ -10,15 +10,18 @@ from pathlib import Path
 
 from fastlt.errors import ConfigError
 from fastlt.pipelines.randaugment import check_randaugment
-from fastlt.pipelines.spec import NORMALIZATIONS, ON_ERROR, RECIPES
+from fastlt.pipelines.spec import DEFAULT_MAX_IMAGE_PIXELS, NORMALIZATIONS, ON_ERROR, RECIPES
 from fastlt.method.sampling import SAMPLER_KINDS
-from fastlt.config.typed import one_of, positive
+from fastlt.config.typed import check_path, one_of, positive
 
 from .cifar import CIFAR_NAMES
 from .profile import IMB_TYPES
 from .synthetic import MAX_SYNTHETIC_CLASSES
 
-__all__ = ["DATA_KINDS", "DataConfig", "SyntheticConfig"]
+__all__ = ["DATA_KINDS", "DataConfig", "MAX_CLASSES", "SyntheticConfig"]
+
+#: The most classes fastlt takes (iNaturalist 2018 has 8142, iNaturalist 2021 10 000).
+MAX_CLASSES = 2**24
 
 #: Where the images come from: list files, CIFAR pickle batches, the generated synthetic set, or
 #: class sub-folders (fastlt.data.folder).
@@ -127,9 +130,15 @@ class DataConfig:
     """Standard deviation of the per-op magnitude, N(m, mstd) clipped to [0, 10] (timm's mstd)."""
     on_error: str = "raise"
     """A missing or corrupt image: raise (name the file) or skip (use another image of its class)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width × height, read from the file's header before decoding) taken; a file
+    claiming more is a bad image under data.on_error. 8192 × 8192 by default: a small PNG can
+    claim 20000 × 20000 pixels and take gigabytes to decode."""
 
     def __post_init__(self):
         one_of("data.kind", self.kind, DATA_KINDS)
+        for key in ("root", "train_list", "val_list", "test_list", "train_dir", "val_dir", "test_dir", "class_names"):
+            check_path(f"data.{key}", getattr(self, key))
         one_of("data.cifar", self.cifar, CIFAR_NAMES)
         one_of("data.imb_type", self.imb_type, IMB_TYPES)
         one_of("data.augment_recipe", self.augment_recipe, RECIPES)
@@ -138,7 +147,11 @@ class DataConfig:
         one_of("data.foreground_sampler", self.foreground_sampler, SAMPLER_KINDS)
         one_of("data.on_error", self.on_error, ON_ERROR)
         positive("data.num_classes", self.num_classes, allow_zero=True)
+        positive("data.max_image_pixels", self.max_image_pixels)
         positive("data.cifar_subset_seed", self.cifar_subset_seed, allow_zero=True)
+        if self.num_classes > MAX_CLASSES:
+            raise ConfigError(f"data.num_classes: at most {MAX_CLASSES} (the class counts, the classifier and the "
+                              f"prior hold one entry per class); got {self.num_classes}")
         if self.num_classes == 1:
             raise ConfigError("data.num_classes: must be >= 2 (or 0 to take it from the dataset); got 1")
         if not 0 < self.imb_factor <= 1:

@@ -19,10 +19,13 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+from fastlt.files import expect_dir, expect_file, kind_of, read_regular
 
 from .profile import bincount, check_index
 
@@ -34,6 +37,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 #: The class-index -> name mapping written into a run directory.
 CLASS_MAP_FILE = "classes.json"
 _SHOW_FIRST = 5
+_LOG = logging.getLogger("fastlt.data")
 
 
 def _is_image(name: str) -> bool:
@@ -58,8 +62,8 @@ class ImageFolderLT:
     def __init__(self, root: str | os.PathLike, class_names: list[str] | None = None,
                  num_classes: int | None = None, *, require_all_classes: bool = True) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist (expected one sub-folder per class)")
+        expect_dir(self.root, "image folder", error=ValueError, missing_error=FileNotFoundError,
+                   missing=f"image folder {self.root} does not exist (expected one sub-folder per class)")
         folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         loose = sorted(e.name for e in os.scandir(self.root) if e.is_file() and _is_image(e.name))
         if not folders:
@@ -82,10 +86,19 @@ class ImageFolderLT:
         self.num_classes = len(self.class_names)
         index = {name: i for i, name in enumerate(self.class_names)}
         paths, labels = [], []
+        scan = _Scan(self.root)
         for name in sorted(folders, key=index.__getitem__):
-            files = sorted(_walk_images(self.root / name))
+            files = _walk_images(self.root / name, scan)
             paths.extend(f"{name}/{f}" for f in files)
             labels.extend([index[name]] * len(files))
+        if scan.special:
+            raise ValueError(f"image folder {self.root}: {len(scan.special)} image-named entries are not regular files "
+                             f"(first: {', '.join(scan.special[:_SHOW_FIRST])}); fastlt never opens those (reading a "
+                             "FIFO blocks for ever): remove them or replace them by the image files")
+        #: What the scan reported besides images (loops, images reached twice, links leaving the root).
+        self.scan_notes: list[str] = [f"image folder {self.root}: {n}" for n in scan.notes()]
+        for note in self.scan_notes:
+            _LOG.warning(note)
         if not paths:
             raise ValueError(f"image folder {self.root}: the class folders hold no images "
                              f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -118,23 +131,104 @@ class ImageFolderLT:
         """The encoded (e.g. JPEG) bytes of image ``i``."""
         path = self.full_path(i)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_regular(path)  # a FIFO or device named like an image is refused, never read
         except FileNotFoundError:
             raise FileNotFoundError(f"image {path} does not exist any more (it was listed when {self.root} "
                                     "was scanned)") from None
 
 
-def _walk_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (nested folders included), relative to it, with '/' separators."""
+class _Scan:
+    """What a folder scan met besides images: symbolic links that loop back to a folder above
+    them, images reached twice (through links; counted once), links leading out of the dataset
+    root (followed), and image-named entries that are not regular files (FIFOs, sockets, devices:
+    refused, as reading one can block for ever)."""
+
+    def __init__(self, root: Path):
+        self.root_real = os.path.realpath(root)
+        self.seen_dirs: set[str] = set()
+        self.seen_files: dict[str, str] = {}
+        self.loops: list[str] = []
+        self.twice: list[str] = []
+        self.outside: list[str] = []
+        self.crossing: list[str] = []
+        self.special: list[str] = []
+
+    def inside(self, real: str, top: str | None = None) -> bool:
+        """Whether the real path ``real`` is ``top`` (default: the dataset root) or under it."""
+        top = self.root_real if top is None else top
+        return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+    def notes(self) -> list[str]:
+        """One line per kind of finding, with the count and the first few."""
+        out = []
+        for items, what in ((self.loops, "symbolic link(s) loop back to a folder above them (not followed)"),
+                            (self.twice, "image(s) are reached a second time through links (counted once)"),
+                            (self.crossing, "link(s) lead into another class's folder (not followed: the images "
+                                            "would take this class's label)"),
+                            (self.outside, "link(s) lead outside the dataset root (followed)")):
+            if items:
+                out.append(f"{len(items)} {what}: {', '.join(items[:_SHOW_FIRST])}"
+                           + (f" (+{len(items) - _SHOW_FIRST} more)" if len(items) > _SHOW_FIRST else ""))
+        return out
+
+
+def _walk_images(folder: Path, scan: _Scan | None = None) -> list[str]:
+    """Image files under ``folder`` (nested folders included), relative to it, with '/' separators,
+    sorted. Symbolic links are followed, but each real folder is entered once and each real file
+    taken once (the first in path order): a link back to a folder above it would otherwise
+    multiply the class. A link into another class's folder of the same dataset is not followed
+    (its images would be counted under two labels). What the scan met besides images is
+    recorded in ``scan``."""
+    scan = scan or _Scan(folder)
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, folder)
-        for f in filenames:
-            if _is_image(f):
-                out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
-    return out
+    top = os.path.realpath(folder)
+    stack: list[tuple[str, str, frozenset]] = [(os.fspath(folder), "", frozenset())]
+    while stack:
+        path, rel, above = stack.pop()
+        real = os.path.realpath(path)
+        if real in above or (rel and scan.inside(top, real)):  # back to a folder above it (or the root)
+            scan.loops.append(f"{path} -> {real}")
+            continue
+        if rel and scan.inside(real) and not scan.inside(real, top):
+            scan.crossing.append(f"{path} -> {real}")
+            continue
+        if real in scan.seen_dirs:
+            scan.twice.append(f"the folder {path} (= {real}, already scanned)")
+            continue
+        scan.seen_dirs.add(real)
+        if os.path.islink(path) and not scan.inside(real):
+            scan.outside.append(f"{path} -> {real}")
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            continue  # a folder that cannot be listed holds nothing to train on; the class check reports it
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            name = e.name if not rel else f"{rel}/{e.name}"
+            if e.is_dir():
+                subdirs.append((e.path, name, above | {real}))
+            elif _is_image(e.name):
+                if e.is_symlink() and not os.path.exists(e.path):
+                    out.append(name)  # a broken link: read as a missing image, under data.on_error
+                    continue
+                if not e.is_file():
+                    scan.special.append(f"{e.path} ({kind_of(e.path)})")
+                    continue
+                freal = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                if e.is_symlink() and scan.inside(freal) and not scan.inside(freal, top):
+                    scan.crossing.append(f"{e.path} -> {freal}")
+                    continue
+                if freal in scan.seen_files:
+                    scan.twice.append(f"{e.path} (= {scan.seen_files[freal]})")
+                    continue
+                scan.seen_files[freal] = e.path
+                if e.is_symlink() and not scan.inside(freal):
+                    scan.outside.append(f"{e.path} -> {freal}")
+                out.append(name)
+        stack.extend(reversed(subdirs))
+    return sorted(out)
 
 
 def read_class_names(path: str | os.PathLike, num_classes: int) -> list[str]:
@@ -143,10 +237,14 @@ def read_class_names(path: str | os.PathLike, num_classes: int) -> list[str]:
     Blank lines are not allowed (they would shift every later index); the number of names
     must equal ``num_classes``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    path = expect_file(path, "class-name file", error=ValueError, missing_error=FileNotFoundError)
+    try:
+        lines = read_regular(path).decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 ({e.reason})") from None
+    except OSError as e:
+        raise ValueError(f"class-name file {path} cannot be read: {e.strerror or e}") from None
     while lines and not lines[-1].strip():
         lines.pop()
     names = [ln.strip() for ln in lines]
@@ -172,9 +270,12 @@ def write_class_map(path: str | os.PathLike, names: list[str], counts) -> None:
 def read_class_map(run_dir: str | os.PathLike) -> list[str] | None:
     """The class names saved in a run directory by :func:`write_class_map`, or None."""
     path = Path(run_dir) / CLASS_MAP_FILE
-    if not path.is_file():
+    if not path.is_file():  # False for a FIFO or a device too: never opened
         return None
-    return [row["name"] for row in json.loads(path.read_text(encoding="utf-8"))]
+    try:
+        return [str(row["name"]) for row in json.loads(read_regular(path).decode("utf-8"))]
+    except (OSError, ValueError, TypeError, KeyError):  # a damaged map: the classes are shown by index
+        return None
 
 
 def class_label(names: list[str] | None, i: int) -> str:

@@ -5,10 +5,13 @@ pipelines decode on the GPU (nvJPEG) or the torch loader decodes with PIL.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+from fastlt.files import expect_file, read_regular
 
 from .profile import bincount, check_index, check_positive_int
 
@@ -16,6 +19,7 @@ __all__ = ["LongTailedList"]
 
 # How many offending entries an error message lists before it just gives the count.
 _SHOW_FIRST = 5
+_LOG = logging.getLogger("fastlt.data")
 
 
 class LongTailedList:
@@ -49,14 +53,20 @@ class LongTailedList:
         self.list_file = Path(list_file)
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
+        expect_file(self.list_file, "list file", error=ValueError, missing_error=FileNotFoundError,
+                    missing=f"list file {self.list_file} does not exist")
         try:
-            # A .gz list (the published lists shipped with fastlt, fastlt.data.published) is read as it is.
-            raw = self.list_file.read_bytes()
-            text = (gzip.decompress(raw) if self.list_file.suffix == ".gz" else raw).decode("utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"list file {self.list_file} does not exist") from None
-        except (gzip.BadGzipFile, EOFError) as e:
-            raise ValueError(f"{self.list_file}: not a readable gzip file ({e})") from None
+            raw = read_regular(self.list_file)
+        except OSError as e:
+            raise ValueError(f"list file {self.list_file} cannot be read: {e.strerror or e}") from None
+        if self.list_file.suffix == ".gz":  # the published lists shipped with fastlt (fastlt.data.published)
+            try:
+                raw = gzip.decompress(raw)
+            except (gzip.BadGzipFile, EOFError, OSError) as e:
+                raise ValueError(f"{self.list_file}: not a readable gzip file ({e})") from None
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first path.
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             line = e.object[: e.start].count(b"\n") + 1
             raise ValueError(f"{self.list_file}: line {line} is not valid UTF-8 ({e.reason})") from None
@@ -81,6 +91,7 @@ class LongTailedList:
             )
         self.paths: list[str] = [p[0] for p in parts]
         self.labels = self._parse_labels([p[1] for p in parts])
+        self._check_duplicates()
 
         lo, hi = int(self.labels.min()), int(self.labels.max())
         if lo < 0:
@@ -99,16 +110,19 @@ class LongTailedList:
                 f"pass the dataset's number of classes or fix the list"
             )
         self.num_classes: int = num_classes
-        self.class_counts = bincount(self.labels, num_classes)
         if require_all_classes:
-            empty = np.flatnonzero(self.class_counts == 0)
-            if empty.size:
+            # From the labels present, not from a count array of num_classes entries: a wrong
+            # num_classes of 10^10 is named here instead of allocating 80 GB.
+            present = np.unique(self.labels)
+            if present.size < num_classes:
+                empty = np.setdiff1d(np.arange(min(num_classes, present.size + _SHOW_FIRST)), present)
                 raise ValueError(
-                    f"{self.list_file}: {empty.size} of {num_classes} classes have no image "
+                    f"{self.list_file}: {num_classes - present.size} of {num_classes} classes have no image "
                     f"(first: {empty[:_SHOW_FIRST].tolist()}); every class in [0, {num_classes}) "
                     f"needs a training image. Fix num_classes or the list, or pass "
                     f"require_all_classes=False for a val/test list"
                 )
+        self.class_counts = bincount(self.labels, num_classes)
         if check_files:
             self.check_files()
 
@@ -128,6 +142,27 @@ class LongTailedList:
                     f"an integer (int64); expected '<relative/path.jpg> <integer label>'"
                 ) from None
         raise AssertionError("unreachable: a label failed to parse but none was found")
+
+    def _check_duplicates(self) -> None:
+        """A path listed twice with two labels is a contradiction (ValueError); listed twice with
+        one label it would weigh twice in the class counts, the prior and the samplers (warning,
+        kept in ``duplicate_lines``: (line, line of its first occurrence))."""
+        first: dict[str, int] = {}
+        self.duplicate_lines: list[tuple[int, int]] = []
+        for k, p in enumerate(self.paths):
+            j = first.setdefault(p, k)
+            if j == k:
+                continue
+            if self.labels[j] != self.labels[k]:
+                raise ValueError(f"{self.list_file}: line {self._line_numbers[k]} lists {p} with label "
+                                 f"{self.labels[k]}, but line {self._line_numbers[j]} lists it with label "
+                                 f"{self.labels[j]}; an image has one class: remove one of the lines")
+            self.duplicate_lines.append((int(self._line_numbers[k]), int(self._line_numbers[j])))
+        if self.duplicate_lines:
+            shown = ", ".join(f"line {a} (= line {b})" for a, b in self.duplicate_lines[:_SHOW_FIRST])
+            _LOG.warning(f"{self.list_file}: {len(self.duplicate_lines)} line(s) repeat an image already listed "
+                         f"with the same label, so it counts twice in the class counts and the samplers: {shown}. "
+                         "Remove the repeated lines unless the weighting is meant")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,8 +189,7 @@ class LongTailedList:
         i = self._index(i)
         path = self.full_path(i)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_regular(path)  # a FIFO or device named like an image is refused, never read
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"image {path} does not exist (line {self._line_numbers[i]} of {self.list_file}); "
@@ -177,7 +211,7 @@ class LongTailedList:
             if names is False:
                 try:
                     names = set(os.listdir(d))
-                except (FileNotFoundError, NotADirectoryError):
+                except (OSError, ValueError):  # missing, not a folder, a name too long, a NUL: none listed
                     names = None
                 listing[d] = names
             if names is None or name not in names:

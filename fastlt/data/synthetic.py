@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fastlt.files import read_regular
+
 from .profile import check_positive_int, long_tail_counts
 
 __all__ = ["MAX_SYNTHETIC_CLASSES", "SyntheticLT", "make_synthetic_lt"]
@@ -158,7 +160,7 @@ def _render(classes: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np
 def _manifest_ok(out_dir: Path, params: dict) -> bool:
     """True when ``out_dir`` holds a complete dataset generated with exactly ``params``."""
     try:
-        manifest = json.loads((out_dir / _MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads(read_regular(out_dir / _MANIFEST).decode("utf-8"))  # a FIFO there is no manifest
     except (OSError, ValueError):
         return False
     if not isinstance(manifest, dict) or manifest.get("params") != params:

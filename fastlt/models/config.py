@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from fastlt.errors import ConfigError
-from fastlt.config.typed import one_of, positive
+from fastlt.config.typed import check_path, one_of, positive
 
 __all__ = ["BACKBONES", "PRETRAINED_SCOPES", "TIMM_BACKBONES", "ModelConfig", "check_input_size"]
 
@@ -56,6 +56,7 @@ class ModelConfig:
     """What model.pretrained initialises: backbone, or all (the whole model; fastlt weights only)."""
 
     def __post_init__(self):
+        check_path("model.pretrained", self.pretrained)
         if not isinstance(self.backbone, str) or not _NAME.match(self.backbone):
             raise ConfigError(f"model.backbone: expected resnet32 or a timm model name such as resnet50; "
                               f"got {self.backbone!r}")

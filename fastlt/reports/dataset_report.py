@@ -18,7 +18,6 @@ training would build them). The report:
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
+from fastlt.pipelines.spec import DEFAULT_MAX_IMAGE_PIXELS
 from fastlt.reports.metrics import DEFAULT_SHOTS, Shots, shot_group
 from fastlt.reports.plots import plot_class_histogram
 
@@ -48,6 +48,8 @@ class DatasetTarget:
     class_names: list[str] | None = None
     others: dict = field(default_factory=dict)
     """Further splits to header-check, by name (val, test)."""
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are unreadable (the config's data.max_image_pixels)."""
     checks: list[str] = field(default_factory=list)
     """Which published split each list file is (fastlt.data.published), and the build's notes."""
     shots: Shots = DEFAULT_SHOTS
@@ -77,6 +79,7 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data.folder import read_class_names
 
     from fastlt.data.published import root_hint, shipped_list
+    from fastlt.files import kind_of
 
     path = Path(target)
     if not path.exists() and (shipped := shipped_list(target)) is not None:
@@ -84,14 +87,17 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
             raise DataError(f"fastlt data {target}: this published list ships with fastlt ({shipped}); give the "
                             f"folder of its images with --root: {root_hint(target).replace('--set data.root=', '--root ')}")
         path = shipped  # a published list by its name: the copy shipped with fastlt
+    kind = kind_of(path)
+    if kind not in ("file", "folder", "missing"):
+        raise DataError(f"fastlt data {target!r}: the target is {kind}; pass an image folder, a list file or a config")
     try:
-        if path.is_dir():
+        if kind == "folder":
             train_dir = path / "train" if (path / "train").is_dir() else path
             train = ImageFolderLT(train_dir)
             others = {s: ImageFolderLT(path / s, train.class_names, require_all_classes=False)
                       for s in ("val", "test") if train_dir != path and (path / s).is_dir()}
             return DatasetTarget(path.resolve().name, f"image folder {train_dir}", train, train.class_names, others)
-        if path.is_file() and path.suffix not in (".yaml", ".yml"):
+        if kind == "file" and path.suffix not in (".yaml", ".yml"):
             ds = LongTailedList(root if root is not None else path.parent, path, num_classes)
             names = read_class_names(class_names, ds.num_classes) if class_names else None
             return DatasetTarget(path.name.removesuffix(".gz").removesuffix(".txt"), f"list file {path} (root {ds.root})",
@@ -102,28 +108,28 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data.build import build_datasets
     from fastlt.config.recipes import resolve_config
 
-    cfg = load_config(resolve_config(target), list(overrides))
+    if kind == "missing" and (path.suffix in (".yaml", ".yml") or path.parent != Path(".")):
+        raise DataError(f"fastlt data {target}: no such file, and no shipped recipe of that name; the target is an "
+                        "image folder, a list file or a config file (or a shipped recipe's name: fastlt recipes)")
+    cfg = load_config(resolve_config(target, what="fastlt data"), list(overrides))
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",
-                         data.train, data.class_names, others,
+                         data.train, data.class_names, others, cfg.data.max_image_pixels,
                          shots=Shots(cfg.run.many_shot, cfg.run.few_shot),
                          checks=[*data.notes, *_list_checks([("train", data.train), *others.items()])])
 
 
-def _check_one(dataset, i: int, decode: bool) -> str | None:
+def _check_one(dataset, i: int, decode: bool, max_pixels: int) -> str | None:
     """None when image i reads, else the reason."""
-    from PIL import Image
-
-    from fastlt.pipelines.common import check_encoded_image
+    from fastlt.pipelines.common import check_encoded_image, decode_image
 
     try:
         data = dataset.read_bytes(i)
-        check_encoded_image(data)
+        check_encoded_image(data, max_pixels)
         if decode:
-            with Image.open(io.BytesIO(data)) as im:
-                im.convert("RGB").load()
-    except ValueError as e:  # check_encoded_image says what is wrong
+            decode_image(data, max_pixels)
+    except ValueError as e:  # check_encoded_image / decode_image say what is wrong (any decoder failure)
         return _BYTESIO.sub("", str(e))
     except (OSError, SyntaxError) as e:
         return f"{type(e).__name__}: {_BYTESIO.sub('', str(e))}"
@@ -131,7 +137,7 @@ def _check_one(dataset, i: int, decode: bool) -> str | None:
 
 
 def check_images(dataset, *, decode: bool = False, workers: int = 8, progress: bool = True,
-                 desc: str = "checking") -> list[tuple[str, str]]:
+                 desc: str = "checking", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
     """(path, reason) of every unreadable image of a file-backed dataset (none for arrays)."""
     if not hasattr(dataset, "read_bytes"):
         return []
@@ -143,7 +149,8 @@ def check_images(dataset, *, decode: bool = False, workers: int = 8, progress: b
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=None if progress else True,
                  leave=False) as bar:
-        for i, reason in enumerate(pool.map(lambda k: _check_one(dataset, k, decode), range(n), chunksize=64)):
+        reasons = pool.map(lambda k: _check_one(dataset, k, decode, max_pixels), range(n), chunksize=64)
+        for i, reason in enumerate(reasons):
             if reason is not None:
                 bad.append((dataset.full_path(i), reason))
             bar.update(1)
@@ -197,6 +204,12 @@ def _summary(t: DatasetTarget, bad: dict[str, list], checked: bool) -> list[str]
     lines.append("  smallest classes: " + ", ".join(name(i) for i in order[::-1][:5]))
     for split, ds in t.others.items():
         lines.append(f"  {split}: {len(ds)} images in {int((np.asarray(ds.class_counts) > 0).sum())} classes")
+    for split, ds in (("train", t.train), *t.others.items()):  # loops, links leaving the root, repeated lines
+        lines += [f"  [{split}] note: {n}" for n in getattr(ds, "scan_notes", [])]
+        dups = getattr(ds, "duplicate_lines", [])
+        if dups:
+            lines.append(f"  [{split}] note: {len(dups)} list line(s) repeat an image already listed (first: line "
+                         f"{dups[0][0]} = line {dups[0][1]})")
     lines.append("  histogram (classes per bin of training images per class):")
     lines += histogram_lines(counts, shots=t.shots)
     if not checked:
@@ -223,7 +236,8 @@ def write_report(t: DatasetTarget, out_dir: str | os.PathLike, *, check: bool = 
     bad: dict[str, list] = {}
     if check:
         for split, ds in (("train", t.train), *t.others.items()):
-            bad[split] = check_images(ds, decode=decode, workers=workers, progress=progress, desc=f"checking {split}")
+            bad[split] = check_images(ds, decode=decode, workers=workers, progress=progress, desc=f"checking {split}",
+                                      max_pixels=t.max_pixels)
     text = "\n".join(_summary(t, bad, check))
     counts = np.asarray(t.train.class_counts)
     files = [plot_class_histogram(out / "class_histogram.png", counts,

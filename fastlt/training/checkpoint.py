@@ -326,6 +326,11 @@ class CheckpointManager:
                                   + f"; this config has deepspeed.zero_stage={zero_stage}, which reads it "
                                   + ("unpartitioned" if not zero_stage else "from ZeRO shards")
                                   + f". Resume it with --set deepspeed.zero_stage={saved}")
+        written = meta.get("world_size")
+        if zero_stage > 0 and (isinstance(written, bool) or not isinstance(written, int) or written < 1):
+            raise CheckpointError(f"checkpoint {path} is damaged: its meta file records no valid number of ranks "
+                                  f"(world_size {written!r}), which a ZeRO checkpoint needs to be read; use an "
+                                  "earlier complete checkpoint")
         if zero_stage > 0 and meta.get("world_size") != self.world_size:
             raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} ranks with ZeRO; "
                                   f"this run has {self.world_size}. ZeRO partitions the optimizer state over the "

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DeepSpeedSection", "OWN_KEYS", "PRECISIONS", "PlainEngine", "Precision", "ZERO_STAGES", "build_engine",
-           "deepspeed_config", "deepspeed_extra_warning", "flat_parameters", "precision_of"]
+           "check_batch_memory", "deepspeed_config", "deepspeed_extra_warning", "flat_parameters", "precision_of"]
 
 #: ``deepspeed.precision``: fp32, or bf16 / fp16 (autocast or DeepSpeed's low-precision weights).
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -121,6 +121,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of ranks "
                           f"({world_size}); it is the global batch per micro-step")
     micro = cfg.data.batch_size // world_size
+    check_batch_memory(cfg, world_size)
     out: dict = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": ds.grad_accum_steps,
@@ -150,6 +151,42 @@ def deepspeed_config(cfg, world_size: int) -> dict:
             out["data_types"] = {"buffer_dtype": "bf16" if ds.precision == "bf16" else "fp16"}
     _merge(out, ds.extra)
     return out
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where it cannot be asked."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"
+
+
+def check_batch_memory(cfg, world_size: int = 1) -> None:
+    """ConfigError when one rank's input batch alone — the training batch of three views
+    (3 × micro-batch × 3 × image_size² float32) or an evaluation batch — is larger than this
+    machine's memory: it could never be allocated, and would fail after setup (or overflow)."""
+    size, micro = cfg.data.image_size, max(1, cfg.data.batch_size // max(world_size, 1))
+    need = {"data.batch_size": 3 * micro * 3 * size * size * 4,
+            "data.eval_batch_size": cfg.data.eval_batch_size * 3 * size * size * 4}
+    have = _memory_bytes()
+    if have is None:
+        return
+    for key, n in need.items():
+        if n > have:
+            batch = (f"one training batch of {micro} images per rank ({world_size} rank(s)) in 3 views"
+                     if key == "data.batch_size" else f"one evaluation batch of {cfg.data.eval_batch_size} images")
+            raise ConfigError(f"data.image_size={size}: {batch} of 3 × {size} × {size} float32 needs {_size(n)}, more "
+                              f"than this machine's {_size(have)} of memory; lower data.image_size or {key}")
 
 
 def _merge(dst: dict, src: dict) -> None:

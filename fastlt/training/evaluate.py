@@ -85,10 +85,26 @@ def load_checkpoint_model(cfg, checkpoint: str | Path, num_classes: int) -> tupl
         diff = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in expected.items() if saved.get(k) != v]
         raise CheckpointError(f"{checkpoint} was trained with a different model ({'; '.join(diff)}); "
                               "evaluate it with the config of its run (config.yaml in the run directory)")
+    from fastlt.models.pretrained import check_tensor_kinds
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def names(xs):
+            return "none" if not xs else f"{len(xs)}: " + ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)"
+                                                                                 if len(xs) > 4 else "")
+        raise CheckpointError(f"{checkpoint} does not fit the model of this config: missing {names(missing)}; "
+                              f"unexpected {names(unexpected)}; shape differs (checkpoint vs model) {names(shapes)}. "
+                              "Evaluate it with the config of its run (config.yaml in the run directory)")
+    check_tensor_kinds(state, own, checkpoint, "model")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint} does not fit the model of this config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{checkpoint} does not fit the model of this config: "
+                              + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())) from None
     return model, meta
 
 

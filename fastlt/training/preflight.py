@@ -124,24 +124,24 @@ def check_resume(ckpt: CheckpointManager, path: Path, cfg, *, num_classes: int, 
     return notes
 
 
-def _header_problem(dataset, i: int) -> str | None:
+def _header_problem(dataset, i: int, max_pixels: int) -> str | None:
     from fastlt.pipelines.common import check_encoded_image
 
     try:
-        check_encoded_image(dataset.read_bytes(i))
+        check_encoded_image(dataset.read_bytes(i), max_pixels)
     except (OSError, ValueError) as e:
         return "the file does not exist" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
     return None
 
 
-def check_val_images(dataset, on_error: str, *, rank: int = 0, out=None) -> None:
+def check_val_images(dataset, on_error: str, *, rank: int = 0, out=None, max_pixels: int | None = None) -> None:
     """With ``on_error: raise``, BadImageError naming every validation image whose header cannot
-    be read (missing, empty, truncated, not an image). Rank 0 checks the whole list (the others
+    be read (missing, empty, truncated, not an image, over ``max_pixels``). Rank 0 checks the whole list (the others
     wait for it in the process group); reads run on a few threads, as on a network file system
     the time is in the reads."""
     if on_error != "raise" or rank != 0 or not hasattr(dataset, "read_bytes"):
         return
-    from fastlt.pipelines.common import image_source_name
+    from fastlt.pipelines.common import DEFAULT_MAX_IMAGE_PIXELS, image_source_name
 
     out = out or sys.stdout
     n = len(dataset)
@@ -150,13 +150,14 @@ def check_val_images(dataset, on_error: str, *, rank: int = 0, out=None) -> None
         print(f"checking the headers of {n} validation images (data.on_error: raise) ...", file=out, flush=True)
     bad = []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for k, why in enumerate(pool.map(lambda i: _header_problem(dataset, i), range(n), chunksize=64)):
+        for k, why in enumerate(pool.map(lambda i: _header_problem(dataset, i, max_pixels or DEFAULT_MAX_IMAGE_PIXELS), range(n), chunksize=64)):
             if why is not None:
                 bad.append((k, why))
             if every and (k + 1) % every == 0:
                 print(f"  {k + 1}/{n} validation images checked, {len(bad)} unreadable", file=out, flush=True)
     if bad:
         first = "; ".join(f"{image_source_name(dataset, i)}: {why}" for i, why in bad[:_SHOW_FIRST])
-        raise BadImageError(f"data.val_list: {len(bad)} of {n} validation image(s) cannot be read, so the first "
+        key = "data.val_dir" if hasattr(dataset, "class_names") and not hasattr(dataset, "list_file") else "data.val_list"
+        raise BadImageError(f"{key}: {len(bad)} of {n} validation image(s) cannot be read, so the first "
                             f"evaluation would stop the run (data.on_error: raise): {first}. Fix or remove the "
                             "file(s), or set data.on_error: skip to leave them out of evaluation")

@@ -67,14 +67,14 @@ class Trainer:
         from fastlt.models.bcl import check_backbone
 
         check_backbone(cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
-        if cfg.model.pretrained:
-            from fastlt.models.pretrained import check_pretrained_path
+        if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
+            from fastlt.models.pretrained import check_pretrained
 
-            check_pretrained_path(cfg.model.pretrained)
+            check_pretrained(cfg, self.data.num_classes)
         self.precision = precision_of(cfg.deepspeed)
         self.resume_notes = [] if self.resume_from is None else check_resume(
             self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
-        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank)
+        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank, max_pixels=cfg.data.max_image_pixels)
         self.stop = StopFlag()
 
     # -- setup -----------------------------------------------------------------------
