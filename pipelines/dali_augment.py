@@ -65,6 +65,12 @@ def _point(img, p):
     return fn.cast((high + (x < t) * (low - high)) & keep, dtype=types.UINT8)
 
 
+def _on_device_of(img, node):
+    """``node`` (computed from host-side per-sample parameters and constants) on ``img``'s device:
+    DALI's arithmetic takes whole tensors from one device only."""
+    return node.gpu() if getattr(img, "device", "cpu") == "gpu" else node
+
+
 def _warp(img, matrix, interp, border: str, fill=None):
     kw = {} if fill is None else {"fill_value": [float(f) for f in fill]}
     return fn.experimental.warp_perspective(img, matrix=matrix, interp_type=interp, border_mode=border, **kw)
@@ -110,7 +116,7 @@ def _pil_bicubic(img, p, size: int):
     y = types.Constant(centre.reshape(size, 1, 1))
     zx = (p[0] * x + p[1] * y) + p[2] - 0.5
     zy = (p[3] * x + p[4] * y) + p[5] - 0.5
-    dx, dy = zx - dmath.floor(zx + _TAP_AIM), zy - dmath.floor(zy + _TAP_AIM)
+    dx, dy = (_on_device_of(img, z - dmath.floor(z + _TAP_AIM)) for z in (zx, zy))
     src = fn.cast(img, dtype=types.FLOAT)
     rows = []
     for j in (-1, 0, 1, 2):
@@ -135,7 +141,7 @@ def _affine(img, interp, p, fill, size: int):
         else:
             # float64 like the bicubic branch (the conditional merges one type); same values.
             v = _f64(_warp(fn.cast(img, dtype=types.FLOAT), matrix, types.INTERP_LINEAR, "replicate"))
-        inside = _inside(p, size)
+        inside = _on_device_of(img, _inside(p, size))
         colour = types.Constant(np.asarray(fill, np.float32))
         out = _to_u8(v * inside + colour * (1 - inside))
     return out
