@@ -6,6 +6,7 @@
     fastlt demo  [--config C] [--set key=value ...]
     fastlt data  PATH-or-config [--root R] [--out D] [--no-check] [--decode]   # a dataset's histogram and bad files
     fastlt inspect --config C --checkpoint P [--out D] [--samples N]      # the ConCutMix label on real batches
+    fastlt inspect --views --backend dali|torch --config C [--compare F.npz]   # a backend's training views
     fastlt recipes                                                        # the shipped recipes, published top-1
     fastlt config --config C [--set ...] [--epochs N] [--world-size W]    # resolved YAML + DeepSpeed JSON
     fastlt export --checkpoint runs/X/best.pt [--out D]                   # timm-loadable safetensors
@@ -132,15 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="configs: override a value, as for train")
     i = sub.add_parser("inspect", help="render the ConCutMix label of mixed samples from the training pipeline "
-                                       "(PNG grid + HTML page)")
+                                       "(PNG grid + HTML page), or with --views a backend's training views")
     _add_config_args(i)
-    i.add_argument("--checkpoint", required=True, type=_path,
-                   help="best.pt / last.pt, a checkpoint directory or a run directory")
+    i.add_argument("--checkpoint", default=None, type=_path,
+                   help="best.pt / last.pt, a checkpoint directory or a run directory (required without --views)")
     i.add_argument("--out", default=None, type=_path,
-                   help="output folder (default: inspect/ in the checkpoint's run directory)")
-    i.add_argument("--samples", type=_int_at_least(1), default=16, help="mixed samples to show (default 16)")
+                   help="output folder (default: inspect/ in the checkpoint's run directory; with --views: "
+                        "runs/<run.name>-views)")
+    i.add_argument("--samples", type=_int_at_least(1), default=None, help="samples to show (default 16; with --views 8)")
     i.add_argument("--epoch", type=_int_at_least(0), default=None,
-                   help="epoch of the sample sequence (default: the checkpoint's)")
+                   help="epoch of the sample sequence (default: the checkpoint's; with --views 0)")
+    i.add_argument("--views", action="store_true",
+                   help="write the training views (PNG + .npz) of the first samples as --backend makes them")
+    i.add_argument("--backend", default=None, choices=("dali", "torch"), help="with --views: the pipeline backend")
+    i.add_argument("--compare", default=None, metavar="NPZ", type=_path,
+                   help="with --views: the other backend's views_<backend>.npz; writes parity.json (mean/max |Δ|)")
     i.add_argument("--topk", type=_int_at_least(1), default=3,
                    help="classes of the rectified label to list per sample (default 3)")
     sub.add_parser("recipes", help="list the shipped recipes with their published top-1")
@@ -321,18 +328,40 @@ def _data(args) -> int:
 
 
 def _inspect(args) -> int:
+    def views():
+        from fastlt.errors import ConfigError
+        from fastlt.reports.view_inspect import inspect_views
+
+        if args.backend is None:
+            raise ConfigError("inspect --views needs --backend dali or --backend torch")
+        cfg = _load(args)
+        out = args.out or os.path.join(cfg.run.output_dir, f"{cfg.run.name}-views")
+        paths, report = inspect_views(cfg, args.backend, out, samples=args.samples or 8, epoch=args.epoch or 0,
+                                      compare=args.compare)
+        print(f"views of {args.backend}: {', '.join(str(p) for p in paths)}", flush=True)
+        if report is not None:
+            a, b = report["backends"]
+            for v in report["views"]:
+                print(f"view {v['view']}: {a} vs {b}: mean |Δ| {v['mean_abs_diff']:.3f}, max |Δ| "
+                      f"{v['max_abs_diff']} grey levels over {report['samples']} samples", flush=True)
+            print("labels, λ and CutMix flags " + ("agree" if all(report["same"].values()) else
+                                                  f"DIFFER: {report['same']}"), flush=True)
+
     def go():
+        from fastlt.errors import ConfigError
         from fastlt.training.evaluate import checkpoint_run_dir
         from fastlt.reports.label_inspect import inspect_labels
 
+        if args.checkpoint is None:
+            raise ConfigError("inspect needs --checkpoint (or --views --backend dali|torch for the training views)")
         if args.out:
             _check_out_dir(args.out, "--out")
         out = args.out or checkpoint_run_dir(args.checkpoint) / "inspect"
-        paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples, epoch=args.epoch,
+        paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples or 16, epoch=args.epoch,
                                      show_topk=args.topk)
         print(f"{len(rows)} mixed samples: {', '.join(str(p) for p in paths)}", flush=True)
 
-    return run_cli(go)
+    return run_cli(views if args.views else go)
 
 
 def _config(args) -> int:

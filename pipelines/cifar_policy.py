@@ -12,10 +12,11 @@ DALI's versions of the policy:
 - Posterize keeps round(linspace(8, 4, 10)) bits, Solarize thresholds at linspace(256, 0, 10);
 - AutoContrast, Equalize, Invert as PIL's ``ImageOps``; geometric fill (128, 128, 128).
 
-:class:`CIFAR10PolicyDraw` draws a sub-policy, its two apply coins and two signs from a keyed
-numpy generator (the DALI source uses it, and so does the torch transform). :func:`pil_op`
-applies one op with PIL, as the reference does; :class:`TorchCIFAR10Policy` is the torch
-backend's transform, seeded from torch's (keyed) generator.
+:class:`CIFAR10PolicyDraw` draws a sub-policy, its two apply coins and two signs from the keyed
+numpy generator of the sample (``view_draw``; both backends consume that draw). :func:`pil_op`
+applies one op with PIL, as the reference does (the torch backend's executor);
+:class:`TorchCIFAR10Policy` is the policy as one transform drawing from torch's generator (the
+reference's composition, ``transforms.train_view_transforms``).
 """
 from __future__ import annotations
 

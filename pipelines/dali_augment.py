@@ -26,8 +26,10 @@ JPEGs; grey levels):
   replicated, points outside the input filled (decided in float64 by PIL's expression),
   truncated like PIL. Bilinear: |Δ| ≤ 1 (float32 against PIL's double at the truncation, a
   few % of the pixels). Nearest: identical for translations; rotations differ on ~0.1 % of
-  the pixels, where PIL's 16.16 fixed point picks the neighbour. Bicubic: DALI's is OpenCV's
-  (a = −0.75), PIL's transform uses a = −1: mean |Δ| ≈ 0.3, max ≈ 8 near sharp edges;
+  the pixels, where PIL's 16.16 fixed point picks the neighbour. Bicubic: DALI's own cubic is
+  OpenCV's (a = −0.75), PIL's transform uses a = −1 (mean |Δ| ≈ 0.3, max ≈ 20 near sharp edges
+  of photographs), so :func:`_pil_bicubic` builds PIL's from 16 nearest-neighbour gathers and
+  float64 weights: identical in every case measured (|Δ| ≤ 1 allowed, see there);
 - Gaussian blur: PIL's own algorithm — three passes of its extended box filter (fixed-point
   weights computed by the source, ``dali_sources.pil_blur_taps``) horizontally, then three
   vertically, edges repeated, rounded between passes, in integer arithmetic: identical.
@@ -41,7 +43,7 @@ from nvidia.dali import fn, math as dmath, types
 
 from . import augment_stages as st
 
-__all__ = ["apply_stages", "pil_gaussian_blur"]
+__all__ = ["apply_stages", "colour_jitter", "pil_gaussian_blur"]
 
 def _to_u8(v):
     """PIL's float -> uint8: truncate, clip to [0, 255] (``fn.cast`` saturates).
@@ -63,6 +65,12 @@ def _point(img, p):
     return fn.cast((high + (x < t) * (low - high)) & keep, dtype=types.UINT8)
 
 
+def _on_device_of(img, node):
+    """``node`` (computed from host-side per-sample parameters and constants) on ``img``'s device:
+    DALI's arithmetic takes whole tensors from one device only."""
+    return node.gpu() if getattr(img, "device", "cpu") == "gpu" else node
+
+
 def _warp(img, matrix, interp, border: str, fill=None):
     kw = {} if fill is None else {"fill_value": [float(f) for f in fill]}
     return fn.experimental.warp_perspective(img, matrix=matrix, interp_type=interp, border_mode=border, **kw)
@@ -80,6 +88,47 @@ def _inside(p, size: int):
     return fn.cast((sx >= 0.0) & (sx < float(size)) & (sy >= 0.0) & (sy < float(size)), dtype=types.UINT8)
 
 
+def _cubic(v1, v2, v3, v4, d):
+    """PIL's ``BICUBIC`` macro (cubic convolution with a = −1), in its order of operations."""
+    p2 = v3 - v1
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = v2 - v1 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+#: How far past PIL's tap the nearest-neighbour gathers of :func:`_pil_bicubic` aim: DALI's NN
+#: warp takes the pixel nearest to the point (ties to even), so a point aimed exactly between
+#: two pixels — every pixel centre of an axis the matrix leaves alone — could go either way.
+_TAP_AIM = 1e-3
+
+
+def _pil_bicubic(img, p, size: int):
+    """PIL's bicubic ``transform`` filter (``bicubic_filter32RGB``: cubic convolution a = −1 on
+    the 16 taps around each point, edges clamped) at the affine points of ``p``, before the fill.
+
+    The taps are gathered by nearest-neighbour warps of the matrix shifted by whole pixels,
+    aimed :data:`_TAP_AIM` past the tap (base ⌊x − ½ + aim⌋); the weights are the float64
+    fractions against that base, as PIL's. Where x − ½ lies within the aim below a whole pixel
+    the base is the next pixel with a fraction of about −0.001: the cubic is continuous there,
+    so the value moves by ~0.001 of the local gradient (at most one level after truncation)."""
+    centre = np.arange(size, dtype=np.float64) + 0.5
+    x = types.Constant(centre.reshape(1, size, 1))
+    y = types.Constant(centre.reshape(size, 1, 1))
+    zx = (p[0] * x + p[1] * y) + p[2] - 0.5
+    zy = (p[3] * x + p[4] * y) + p[5] - 0.5
+    dx, dy = (_on_device_of(img, z - dmath.floor(z + _TAP_AIM)) for z in (zx, zy))
+    src = fn.cast(img, dtype=types.FLOAT)
+    rows = []
+    for j in (-1, 0, 1, 2):
+        taps = []
+        for i in (-1, 0, 1, 2):
+            aim = types.Constant(np.array([0, 0, i - 0.5 + _TAP_AIM, 0, 0, j - 0.5 + _TAP_AIM, 0, 0, 0], np.float64))
+            matrix = fn.cast(fn.reshape(p + aim, shape=[3, 3]), dtype=types.FLOAT)
+            taps.append(_warp(src, matrix, types.INTERP_NN, "replicate"))
+        rows.append(_cubic(*taps, dx))
+    return _cubic(*rows, dy)
+
+
 def _affine(img, interp, p, fill, size: int):
     matrix = fn.cast(fn.reshape(p, shape=[3, 3]), dtype=types.FLOAT)
     if interp == st.INTERP_NEAREST:
@@ -87,12 +136,12 @@ def _affine(img, interp, p, fill, size: int):
     else:
         # Resample with the edge replicated (PIL clamps the taps of a point inside the image),
         # then fill where the point itself falls outside, decided exactly as PIL does.
-        x = fn.cast(img, dtype=types.FLOAT)
         if interp == st.INTERP_BICUBIC:
-            v = _warp(x, matrix, types.INTERP_CUBIC, "replicate")
+            v = _pil_bicubic(img, p, size)
         else:
-            v = _warp(x, matrix, types.INTERP_LINEAR, "replicate")
-        inside = _inside(p, size)
+            # float64 like the bicubic branch (the conditional merges one type); same values.
+            v = _f64(_warp(fn.cast(img, dtype=types.FLOAT), matrix, types.INTERP_LINEAR, "replicate"))
+        inside = _on_device_of(img, _inside(p, size))
         colour = types.Constant(np.asarray(fill, np.float32))
         out = _to_u8(v * inside + colour * (1 - inside))
     return out
@@ -232,4 +281,82 @@ def pil_gaussian_blur(img, taps):
         for axis in (1, 1, 1, 0, 0, 0):
             x = _box_pass(x, taps, axis)
         img = fn.cast(x, dtype=types.UINT8)
+    return img
+
+
+def _f32(v):
+    return fn.cast(v, dtype=types.FLOAT)
+
+
+def _f64(v):
+    return fn.cast(v, dtype=types.FLOAT64)
+
+
+def _pil_hue(img, shift):
+    """torchvision's PIL ``adjust_hue``: PIL's RGB -> HSV (8-bit H, S, V), ``shift`` added to H
+    mod 256, PIL's HSV -> RGB, with PIL's arithmetic (``Convert.c``: float32 where it stores
+    floats, double where its expressions are double, truncation and round-half-up as there)."""
+    x = _int(img)
+    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
+    maxc = dmath.max(r, dmath.max(g, b))
+    minc = dmath.min(r, dmath.min(g, b))
+    # rgb2hsv: grey pixels get H = S = 0; the max(…, 1) only keeps their (unused) quotients finite.
+    cr = _f32(dmath.max(maxc - minc, 1))
+    s = cr / _f32(dmath.max(maxc, 1))
+    rc, gc, bc = (_f32(maxc - c) / cr for c in (r, g, b))
+    is_r = fn.cast(r == maxc, dtype=types.FLOAT)
+    is_g = fn.cast((g == maxc) & (r != maxc), dtype=types.FLOAT)
+    is_b = 1.0 - is_r - is_g
+    h = is_r * (bc - gc) + is_g * _f32((2.0 + _f64(rc)) - _f64(bc)) + is_b * _f32((4.0 + _f64(gc)) - _f64(rc))
+    t = _f64(h) / 6.0 + 1.0
+    h = _f32(t - _f64(t >= 1.0))  # fmod(t, 1) for t in [5/6, 11/6], stored as float
+    colour = fn.cast(maxc != minc, dtype=types.INT32)
+    uh = colour * fn.cast(dmath.floor(_f64(h) * 255.0), dtype=types.INT32)
+    us = colour * fn.cast(dmath.floor(_f64(s) * 255.0), dtype=types.INT32)
+    hue = (uh + fn.cast(shift, dtype=types.INT32)) & 255
+    # hsv2rgb (S = 0 needs no branch: p = q = t = V then).
+    hf = _f64(hue) * 6.0 / 255.0
+    i = dmath.floor(hf)
+    f = _f32(hf - i)
+    fs = _f32(_f64(us) / 255.0)
+    v = _f64(maxc)
+    p = fn.cast(dmath.floor(v * (1.0 - _f64(fs)) + 0.5), dtype=types.INT32)
+    q = fn.cast(dmath.floor(v * (1.0 - _f64(fs * f)) + 0.5), dtype=types.INT32)
+    t = fn.cast(dmath.floor(v * (1.0 - _f64(fs) * (1.0 - _f64(f))) + 0.5), dtype=types.INT32)
+    k = fn.cast(i, dtype=types.INT32)
+    k = k - 6 * fn.cast(k == 6, dtype=types.INT32)
+    sel = [fn.cast(k == n, dtype=types.INT32) for n in range(6)]
+    vi = maxc
+    red = vi * (sel[0] + sel[5]) + q * sel[1] + p * (sel[2] + sel[3]) + t * sel[4]
+    green = t * sel[0] + vi * (sel[1] + sel[2]) + q * sel[3] + p * (sel[4] + sel[5])
+    blue = p * (sel[0] + sel[1]) + t * sel[2] + vi * (sel[3] + sel[4]) + q * sel[5]
+    return fn.cast(fn.cat(red, green, blue, axis=2), dtype=types.UINT8)
+
+
+def _grayscale(img):
+    """torchvision's PIL ``rgb_to_grayscale(num_output_channels=3)``: PIL's L in every channel."""
+    luma = _luma(_int(img))
+    return fn.cast(fn.cat(luma, luma, luma, axis=2), dtype=types.UINT8)
+
+
+def colour_jitter(img, jitter):
+    """torchvision's ``ColorJitter`` on PIL images at the drawn parameters, then ``RandomGrayscale``.
+
+    ``jitter`` float64 (9,) per sample (``view_draw.ViewParams.jitter_array``): the four steps in
+    the order drawn (0 brightness, 1 contrast, 2 saturation, 3 hue, 4 none), the brightness,
+    contrast and saturation factors, the hue shift, the grayscale flag. The steps are PIL's
+    ``ImageEnhance`` Brightness, Contrast (the blend with the image's mean grey) and Color, and
+    the HSV hue rotation of :func:`_pil_hue`; each runs only on the samples that drew it."""
+    for k in range(4):
+        step = fn.cast(jitter[k], dtype=types.INT32)
+        if step == 0:
+            img = _blend(None, img, jitter[4])
+        elif step == 1:
+            img = _blend(_contrast_degenerate(_int(img)), img, jitter[5])
+        elif step == 2:
+            img = _blend(_luma(_int(img)), img, jitter[6])
+        elif step == 3:
+            img = _pil_hue(img, jitter[7])
+    if jitter[8] > 0.5:
+        img = _grayscale(img)
     return img

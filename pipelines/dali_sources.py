@@ -7,10 +7,11 @@ batch=False)``) with a ``SampleInfo`` (``epoch_idx``, ``idx_in_epoch``). The sou
 to a sample position of one of our epochs, reads the encoded bytes of the stream's image
 there, checks the header (a corrupt, truncated or missing file is handled by
 ``on_error`` *here*, where the file name is known), and draws every random parameter of
-the sample's views from the sample's key (seed, epoch, global position, stream):
-RandomResizedCrop windows, flips, colour jitter and grayscale, blur, the RandAugment /
-CIFAR10Policy stages of view 0 (op, apply coin, magnitude, sign, interpolation: see
-``randaugment``, ``cifar_policy``), and — for the foreground — the CutMix box and λ. The DALI
+the sample's views from the sample's key (seed, epoch, global position, stream) — the draw of
+``view_draw``, the one the torch backend consumes too: RandomResizedCrop windows, flips,
+colour jitter (factors and order) and grayscale, blur, the RandAugment / CIFAR10Policy stages
+of view 0 (op, apply coin, magnitude, sign, interpolation: see ``randaugment``,
+``cifar_policy``), and — for the foreground — the CutMix box and λ. The DALI
 graph itself then contains no random operator, so the batches do not depend on DALI's threads, worker
 count, prefetching or on the pipeline having been rebuilt, and a resumed epoch
 (``start_step``) continues exactly where the original one was.
@@ -23,52 +24,14 @@ import math
 
 import numpy as np
 
-from .augment_stages import stack_stages
-from .cifar_policy import CIFAR10PolicyDraw
-from .common import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, SpawnedReaderSource, Stream, StreamPlan, Substitutes, check_encoded_image,
-                     cutmix_boxes, image_storage, keyed_rng, load_with_policy)
-from .randaugment import RandAugmentDraw
+from .common import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, SpawnedReaderSource, Stream, StreamPlan, Substitutes,
+                     check_encoded_image, cutmix_boxes, image_storage, keyed_rng, load_with_policy)
+from .view_draw import BLUR_SIGMA, JITTER_PARAMS, AugmentTables, draw_views, rrc_window
 
-__all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "pil_blur_taps", "rrc_window"]
+__all__ = ["AugmentTables", "BackgroundSource", "ForegroundSource", "SourceConfig", "pil_blur_taps", "rrc_window",
+           "view_arrays"]
 
-#: RandomResizedCrop defaults (torchvision / docs/design.md §1): area scale and aspect ratio ranges.
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CIFAR_SIM_SCALE = (0.2, 1.0)
-CIFAR_PAD = 4
-JITTER = 0.4          # brightness, contrast and saturation factors drawn from U(1 − 0.4, 1 + 0.4)
-SIM_HUE = 0.1         # hue shift of the sim views, a fraction of the colour wheel
-SIM_JITTER_P = 0.8
-SIM_GRAY_P = 0.2
-CIFAR_BLUR_P = 0.5
-BLUR_SIGMA = (0.1, 2.0)   # PIL GaussianBlur radius σ ~ U(0.1, 2) (the reference's SimCLR blur)
 BLUR_TAPS = 5             # one PIL box pass for σ <= 2 spans offsets −2 … 2
-
-
-def rrc_window(rng: np.random.Generator, h: int, w: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop window (y0, x0, y1, x1) for an h × w image: up to ten
-    tries of area ~ U(scale)·h·w and log-aspect ~ U(log ratio), then the centre crop of the
-    largest allowed aspect as a fallback."""
-    area = h * w
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            y0 = int(rng.integers(0, h - ch + 1))
-            x0 = int(rng.integers(0, w - cw + 1))
-            return y0, x0, y0 + ch, x0 + cw
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    return y0, x0, y0 + ch, x0 + cw
 
 
 def pil_box_radius(sigma: float, passes: int = 3) -> np.float32:
@@ -102,34 +65,6 @@ def pil_blur_taps(sigma: float) -> np.ndarray:
     taps[mid - whole:mid + whole + 1] = ww
     taps[mid - whole - 1] = taps[mid + whole + 1] = fw
     return taps
-
-
-class AugmentTables:
-    """What a source needs to draw view 0's automatic augmentation (picklable, no DALI):
-    ``"rand"`` timm's RandAugment (``randaugment.RandAugmentDraw``), ``"cifar"`` the reference's
-    CIFAR10Policy (``cifar_policy.CIFAR10PolicyDraw``), ``"none"``. :meth:`draw` returns the
-    per-sample stage arrays of ``augment_stages`` that the graph applies."""
-
-    def __init__(self, kind: str, *, size: int = 224, n: int = 2, m: int = 10, mstd: float = 0.5):
-        if kind == "rand":
-            self._draw = RandAugmentDraw(size, n, m, mstd)
-        elif kind == "cifar":
-            self._draw = CIFAR10PolicyDraw(size)
-        elif kind == "none":
-            self._draw = None
-        else:
-            raise ValueError(f"augmentation kind must be 'rand', 'cifar' or 'none'; got {kind!r}")
-        self.kind = kind
-
-    @property
-    def stages(self) -> int:
-        return 0 if self._draw is None else self._draw.stages
-
-    def draw(self, rng: np.random.Generator):
-        """(kinds int32 (S,), interps int32 (S,), params float64 (S, NUM_PARAMS))."""
-        if self._draw is None:
-            return stack_stages([])
-        return self._draw.draw(rng)
 
 
 class SourceConfig:
@@ -200,55 +135,41 @@ class _Source(SpawnedReaderSource):
         first_bad = index if skipped else -1
         return data, hw, used, np.array([first_bad, len(skipped)], dtype=np.int64)
 
-    def _view_params(self, rng, hw, views: int, sim_from: int):
-        """Crop windows (views, 4) float32 as (y0, x0, y1, x1) — x0 > x1 where the view is mirrored,
-        except for the CIFAR pad-crop view, which uses the flip flag — flips (views,) int32, colour
-        (views, 4) float32 as (brightness, contrast, saturation, hue in degrees), blur (views, 5)
-        int64: PIL's box-pass taps for the view's σ (:func:`pil_blur_taps`; all zero = no blur).
-        View v < sim_from uses the classification recipe, others "sim"."""
+    def _view_params(self, rng, hw, views: int):
+        """The keyed view draw (``view_draw.draw_views``; view 0 the classification view) as the
+        graph's arrays (:func:`view_arrays`)."""
         c = self.cfg
-        h, w = hw
-        crops = np.zeros((views, 4), np.float32)
-        flips = np.zeros(views, np.int32)
-        colour = np.tile(np.array([1.0, 1.0, 1.0, 0.0], np.float32), (views, 1))
-        blur = np.zeros((views, BLUR_TAPS), np.int64)
-        for v in range(views):
-            if not c.augment:
-                crops[v] = (0, 0, h, w)
-                continue
-            sim = v >= sim_from
-            pad_crop = c.recipe == "cifar" and not sim
-            if pad_crop:
-                # RandomCrop(size, padding 4): a window of the padded image, i.e. offsets in [−4, 4].
-                dy, dx = rng.integers(0, 2 * CIFAR_PAD + 1, size=2) - CIFAR_PAD
-                crops[v] = (dy, dx, dy + h, dx + w)
-            else:
-                scale = CIFAR_SIM_SCALE if c.recipe == "cifar" else RRC_SCALE
-                crops[v] = rrc_window(rng, h, w, scale=scale)
-            flips[v] = rng.random() < 0.5
-            if flips[v] and not pad_crop:
-                # A horizontal flip after the crop-and-resize is the same resize of the mirrored
-                # window (x0 > x1): fn.resize flips for free, no extra pass over the pixels.
-                crops[v, [1, 3]] = crops[v, [3, 1]]
-            if not sim:
-                if c.recipe == "imagenet":  # ColorJitter(0.4, 0.4, 0.4, 0) with p = 1
-                    colour[v, :3] = rng.uniform(1 - JITTER, 1 + JITTER, size=3)
-                continue
-            if rng.random() < SIM_JITTER_P:  # ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8
-                colour[v, :3] = rng.uniform(1 - JITTER, 1 + JITTER, size=3)
-                colour[v, 3] = rng.uniform(-SIM_HUE, SIM_HUE) * 360.0
-            if rng.random() < SIM_GRAY_P:  # RandomGrayscale(p = 0.2): no saturation left
-                colour[v, 2] = 0.0
-            if c.recipe == "cifar" and rng.random() < CIFAR_BLUR_P:
-                blur[v] = pil_blur_taps(rng.uniform(*BLUR_SIGMA))
-        return crops, flips, colour, blur
+        return view_arrays(draw_views(rng, c.recipe, hw, views, augment=c.augment))
+
+
+def view_arrays(params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The DALI graph's per-sample arrays of a list of ``view_draw.ViewParams``: crop windows
+    (views, 4) float32 (y0, x0, y1, x1) — x0 > x1 where the view is mirrored, except for the CIFAR
+    pad-crop view, which uses the flip flag —, flips (views,) int32, jitter (views, JITTER_PARAMS)
+    float64 (``ViewParams.jitter_array``), blur (views, 5) int64: PIL's box-pass taps for the
+    view's σ (:func:`pil_blur_taps`; all zero = no blur)."""
+    views = len(params)
+    crops = np.zeros((views, 4), np.float32)
+    flips = np.zeros(views, np.int32)
+    jitter = np.zeros((views, JITTER_PARAMS), np.float64)
+    blur = np.zeros((views, BLUR_TAPS), np.int64)
+    for v, p in enumerate(params):
+        crops[v] = p.window
+        flips[v] = p.flip
+        if p.flip and not p.pad_crop:
+            # A horizontal flip after the crop-and-resize is the same resize of the mirrored
+            # window (x0 > x1): fn.resize flips for free, no extra pass over the pixels.
+            crops[v, [1, 3]] = crops[v, [3, 1]]
+        jitter[v] = p.jitter_array()
+        blur[v] = pil_blur_taps(p.blur)
+    return crops, flips, jitter, blur
 
 
 class BackgroundSource(_Source):
     """The background (canvas) stream: image, label and the parameters of its three views.
 
     Outputs: data (encoded bytes, or the HWC array of an array dataset), label int64 (), crops (3, 4),
-    flips (3,), colour (3, 4), blur taps (3, 5), view 0's augmentation stages — kinds (S,),
+    flips (3,), jitter (3, 9), blur taps (3, 5), view 0's augmentation stages — kinds (S,),
     interps (S,), params (S, 9) (``augment_stages``) — and the bad-input record int64 (2,) =
     (first replaced dataset index or −1, number of replacements).
     """
@@ -263,16 +184,16 @@ class BackgroundSource(_Source):
         key = (c.seed, epoch, c.plan.position(*divmod(pos, c.plan.batch_size)), self.stream)
         data, hw, used, bad = self._load(int(bg[pos]), key)
         rng = keyed_rng(*key)
-        crops, flips, colour, blur = self._view_params(rng, hw, 3, sim_from=1)
+        crops, flips, jitter, blur = self._view_params(rng, hw, 3)
         kinds, interps, params = c.tables.draw(rng)
         label = np.array(c.plan.labels[used], dtype=np.int64)
-        return data, label, crops, flips, colour, blur, kinds, interps, params, bad
+        return data, label, crops, flips, jitter, blur, kinds, interps, params, bad
 
 
 class ForegroundSource(_Source):
     """The foreground (patch) stream and the CutMix decision of its sample.
 
-    Outputs: data, label int64 (), crops (1, 4), flips (1,), colour (1, 4), augmentation stages
+    Outputs: data, label int64 (), crops (1, 4), flips (1,), jitter (1, 9), augmentation stages
     (kinds, interps, params, as the background's), bad (2,), then mixed bool (), λ float32 (),
     and the ``fn.multi_paste`` regions: anchors
     int32 (2, 2) and shapes int32 (2, 2) — region 0 is the whole background canvas, region 1
@@ -302,13 +223,13 @@ class ForegroundSource(_Source):
             data = np.zeros((1, 1, 3) if c.arrays else 1, np.uint8)
             hw, used, bad = (1, 1), int(fg[pos]), np.array([-1, 0], np.int64)
         rng = keyed_rng(*key)
-        crops, flips, colour, _ = self._view_params(rng, hw, 1, sim_from=1)
+        crops, flips, jitter, _ = self._view_params(rng, hw, 1)
         kinds, interps, params = c.tables.draw(rng)
         y0, x0, y1, x1 = (int(v) for v in boxes[0])
         anchors = np.array([[0, 0], [y0, x0]], np.int32)
         shapes = np.array([[s, s], [y1 - y0, x1 - x0]], np.int32)
         label = np.array(c.plan.labels[used], dtype=np.int64)
-        return (data, label, crops, flips, colour, kinds, interps, params, bad, np.array(mixed),
+        return (data, label, crops, flips, jitter, kinds, interps, params, bad, np.array(mixed),
                 np.array(lam[0], np.float32), anchors, shapes)
 
 

@@ -6,12 +6,12 @@ producing the same :class:`TrainBatch` as the torch backend (§3).
 
 Graph, per sample, top to bottom::
 
-    background source -> bytes, label, windows, flips, colour, blur, aug choices, bad record
-    foreground source -> bytes, label, window, flip, colour, aug choices, bad, mixed, λ, paste regions
+    background source -> bytes, label, windows, flips, jitter, blur, aug choices, bad record
+    foreground source -> bytes, label, window, flip, jitter, aug choices, bad, mixed, λ, paste regions
     bg  = decode(bytes)                                  # cpu, or mixed (nvJPEG) on the GPU
           [-> resize to size × size, CIFAR recipe, unless arrays of that size]
-    v0  = crop_resize_flip(bg, w0) -> colour -> RandAugment / CIFAR10Policy
-    v1,2= crop_resize_flip(bg, w1,2) -> colour (jitter p .8, gray p .2) [-> blur, CIFAR]
+    v0  = crop_resize_flip(bg, w0) -> jitter -> RandAugment / CIFAR10Policy
+    v1,2= crop_resize_flip(bg, w1,2) -> jitter (p .8) -> gray (p .2) [-> blur, CIFAR]
     if mixed:  fg = same as v0 on the foreground;  image = multi_paste(v0, fg)   # CutMix
     else:      image = v0
     normalize(image, v1, v2) -> float CHW
@@ -61,21 +61,21 @@ def _train_graph(bg_source, fg_source, *, recipe, size, arrays, fit, augment, au
 
     def classification_view(img, window, flag, params, a_kinds, a_interps, a_params):
         # View 0 (and the foreground's view): crop-resize-flip (pad-crop + flip for CIFAR),
-        # colour jitter, then RandAugment (imagenet) / the reference's CIFAR10Policy (cifar),
-        # every choice drawn by the source.
+        # colour jitter (torchvision's, in the drawn order), then RandAugment (imagenet) / the
+        # reference's CIFAR10Policy (cifar), every choice drawn by the source.
         if recipe == "cifar":
             img = ops.flip(ops.pad_crop(img, window, size), flag)
         else:
             img = ops.crop_resize(img, window, size)
-        img = ops.colour(img, params)
+        img = ops.jitter(img, params)
         if aug_graph.stages:
             img = ops.keyed_augment(img, aug_graph, a_kinds, a_interps, a_params)
         return img
 
     def sim_view(img, window, params, taps):
-        # Views 1, 2: crop-resize-flip, jitter (p .8) and grayscale (p .2) in one colour twist,
-        # PIL's Gaussian blur (p .5) for CIFAR.
-        img = ops.colour(ops.crop_resize(img, window, size), params)
+        # Views 1, 2: crop-resize-flip, jitter (p .8, torchvision's order drawn per sample) and
+        # grayscale (p .2), PIL's Gaussian blur (p .5) for CIFAR.
+        img = ops.jitter(ops.crop_resize(img, window, size), params)
         if recipe == "cifar":
             img = ops.blur(img, taps)
         return img

@@ -8,11 +8,14 @@ when mstd > 100, as timm reads it), negated with probability 0.5 for the signed 
 ±30°, shear ±0.3, translate ±45 % of the side at full strength), with the geometric ops
 resampling bilinearly or bicubically (chosen per op) and filling with the mean colour.
 
-- torch backend: :func:`torch_randaugment` is timm's own transform, made a pure function of
-  torch's (keyed) generator by :class:`KeyedGlobalRandom`, because timm draws from Python's
-  ``random`` and numpy's global generator.
-- DALI backend: :class:`RandAugmentDraw` draws the same choices from a keyed numpy generator in
-  the source and encodes them as ``augment_stages`` stages, which ``dali_augment`` applies.
+- :class:`RandAugmentDraw` draws timm's choices from the keyed numpy generator of the sample
+  (``view_draw``); both backends consume that one draw: the torch backend applies timm's own op
+  functions at the drawn arguments (``torch_views.timm_op``), the DALI backend encodes them as
+  ``augment_stages`` stages, which ``dali_augment`` applies.
+- :func:`torch_randaugment` is timm's own transform drawing its own choices (from torch's
+  generator through :class:`KeyedGlobalRandom`, because timm draws from Python's ``random`` and
+  numpy's global generator): the reference's composition (``transforms.train_view_transforms``),
+  whose distributions the draw reproduces.
   ``translate_const`` only matters to timm's absolute-pixel translate ops, which are not among
   the 15; it is passed for fidelity with the reference.
 """

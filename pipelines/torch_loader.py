@@ -7,9 +7,10 @@ images (``read_bytes`` + PIL decode, or in-memory arrays; under the CIFAR recipe
 the view size where they are not that size), makes the three background views and the
 foreground view of docs/design.md §1 "Views" (``transforms.py``), and applies CutMix to the
 classification view with the step's keyed box (``common.py``).
-Every random choice is seeded from (seed, epoch, global sample position) — the augmentations
-through torch's generator, re-seeded per sample inside ``torch.random.fork_rng`` so the
-caller's generator is untouched — and CutMix from (seed, epoch, global step): batches do not
+Every random choice is a keyed draw of (seed, epoch, global sample position) — the views'
+parameters are the ones the DALI sources draw for the same key (``view_draw``), applied with
+torchvision's, timm's and PIL's functions (``torch_views``) — and CutMix of (seed, epoch, global
+step): batches do not
 depend on the number of workers or of ranks, and ``start_step`` resumes mid-epoch without
 decoding the skipped steps.
 """
@@ -25,9 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batch import TrainBatch, image_layout
 from .common import (DEFAULT_MAX_IMAGE_PIXELS, LOG, BadImageError, PipelineError, Stream, StreamPlan, Substitutes,
-                     check_dataset, cutmix_boxes, decode_image, default_workers, describe_error, image_source_name, image_storage, keyed_seed, load_with_policy)
+                     check_dataset, cutmix_boxes, decode_image, default_workers, describe_error, image_source_name,
+                     image_storage, keyed_rng, load_with_policy)
 from .spec import TrainPipelineSpec, ValPipelineSpec, check_extra
-from .transforms import train_view_transforms, val_transform
+from .torch_views import apply_view
+from .transforms import finish_transform, val_transform
+from .view_draw import augment_tables, draw_views
 
 __all__ = ["TorchTrainPipeline", "TorchValPipeline", "image_loader"]
 
@@ -111,11 +115,10 @@ class _StepDataset(Dataset):
         self.epoch = epoch
         self.bg, self.fg = plan.epoch_indices(epoch)
         self.labels = np.asarray(spec.dataset.labels, dtype=np.int64)
-        self.view0, self.sim = train_view_transforms(spec.recipe, spec.image_size, spec.mean, spec.std,
-                                                     augment=spec.augment, randaugment=spec.randaugment,
-                                                     randaugment_n=spec.randaugment_n,
-                                                     randaugment_m=spec.randaugment_m,
-                                                     randaugment_mstd=spec.randaugment_mstd)
+        self.tables, self.fill = augment_tables(spec.recipe, spec.image_size, spec.augment and spec.randaugment,
+                                                n=spec.randaugment_n, m=spec.randaugment_m,
+                                                mstd=spec.randaugment_mstd, mean=spec.mean)
+        self.finish = finish_transform(spec.mean, spec.std)
         self.load = image_loader(spec.dataset, spec.recipe, spec.image_size, spec.max_image_pixels)
         self.substitutes = Substitutes(self.labels)
         self.with_foreground = bool(spec.extra.get("with_foreground", False))
@@ -129,13 +132,15 @@ class _StepDataset(Dataset):
         key = (s.seed, self.epoch, position, stream)
         img, used, bad = load_with_policy(s.dataset, index, key, s.on_error, self.substitutes, self.load)
         skipped.extend(bad)
-        # Re-seed torch's generator from the sample's key: the views are then a pure function of
-        # (seed, epoch, global position, stream). fork_rng restores the caller's state afterwards.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(keyed_seed(*key))
-            out = [self.view0(img)]
-            for _ in range(views - 1):
-                out.append(self.sim(img))
+        # The views' parameters are the keyed draw the DALI sources make for the same key
+        # (view_draw): the views are a pure function of (seed, epoch, global position, stream),
+        # and the same images as the DALI backend's.
+        rng = keyed_rng(*key)
+        params = draw_views(rng, s.recipe, (img.size[1], img.size[0]), views, augment=s.augment)
+        choices = self.tables.choices(rng)
+        out = [self.finish(apply_view(img, p, s.image_size, tables=self.tables if v == 0 else None,
+                                      choices=choices, fill=self.fill, augment=s.augment))
+               for v, p in enumerate(params)]
         return out, int(self.labels[used])
 
     def __getitem__(self, step: int):

@@ -1,6 +1,12 @@
-"""The augmentation recipes of docs/design.md §1 "Views" as torchvision (v2) transforms, for
-the torch DataLoader backend; the DALI graphs in ``dali_train.py`` implement the same
-recipes with DALI operators.
+"""The augmentation recipes of docs/design.md §1 "Views" as the reference composes them, with
+torchvision (v2) transforms drawing their own random numbers (:func:`train_view_transforms`), and
+the validation transform of the torch backend.
+
+The training pipelines do not run :func:`train_view_transforms`: both backends take their
+views' parameters from one keyed draw (``view_draw``) with these transforms' distributions, the
+torch backend applying them with the same torchvision / timm / PIL functions (``torch_views``),
+the DALI graph with its operators. These transforms are what that draw reproduces, e.g. for a
+user's own torchvision pipeline.
 
 ImageNet-style recipe (ImageNet-LT, iNaturalist, Places-LT, the synthetic set):
 - view 0 (classification, also the foreground's one view): RandomResizedCrop(size), flip,
@@ -17,9 +23,8 @@ p = 0.8 + grayscale p = 0.2 + PIL's GaussianBlur(radius σ ~ U(0.1, 2)) with p =
 size × size (no crop, flip or colour change), so tests can predict the pixels.
 
 Transforms output float CHW tensors, normalised with the recipe's mean/std. Randomness comes
-from torch's global generator, which the loader seeds per sample from a key (see
-``torch_loader``); timm's RandAugment and the CIFAR policy draw from generators seeded from
-it, so results do not depend on worker scheduling.
+from torch's global generator; timm's RandAugment and the CIFAR policy draw from generators
+seeded from it.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from torchvision.transforms import v2 as T
 from .cifar_policy import TorchCIFAR10Policy
 from .randaugment import torch_randaugment
 
-__all__ = ["PILGaussianBlur", "train_view_transforms", "val_transform", "val_resize_size"]
+__all__ = ["PILGaussianBlur", "finish_transform", "train_view_transforms", "val_transform", "val_resize_size"]
 
 #: The CIFAR sim views' blur: σ ~ U(0.1, 2.0) with probability 0.5 (the reference's SimCLR blur).
 BLUR_SIGMA = (0.1, 2.0)
@@ -60,6 +65,11 @@ class PILGaussianBlur:
 
 def _finish(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+
+
+def finish_transform(mean: Sequence[float], std: Sequence[float]):
+    """RGB PIL image -> float32 CHW tensor (x/255 − mean)/std: the last step of every view."""
+    return T.Compose(_finish(mean, std))
 
 
 def train_view_transforms(recipe: str, size: int, mean: Sequence[float], std: Sequence[float], *,
