@@ -147,7 +147,7 @@ def cutmix_boxes(seed: int, epoch: int, step: int, positions: Sequence[int], h: 
     Per batch: one coin with probability ``prob`` and one box, keyed by (seed, epoch, step),
     for every sample of the global step on every rank (the reference behaviour). Per sample:
     a coin and a box for each sample, keyed by its global position. The box is drawn by
-    :func:`fastlt.method.cutmix.sample_box` (λ0 ~ Beta(α, α), r = √(1−λ0), centre uniform, clipped)
+    :func:`fastlt.method.cutmix.sample_box` (the reference's rand_bbox: side 2·⌊⌊S·r⌋/2⌋, r = √(1−λ0))
     and λ = 1 − clipped area/(H·W) by :func:`fastlt.method.cutmix.area_lambda`.
 
     Returns ``(boxes, lam, applied)``: int64 (n, 4) rows ``(y0, x0, y1, x1)`` (all zero where

@@ -1,5 +1,7 @@
-"""fastlt.method.cutmix and the per-step CutMix decisions against docs/design.md §1 "CutMix": the box side
-is ⌊H·r⌋ with r = √(1 − λ0), centred uniformly, clipped to the image; λ comes from the clipped box.
+"""fastlt.method.cutmix and the per-step CutMix decisions against docs/design.md §1 "CutMix": the box is the reference's rand_bbox,
+side 2·⌊⌊H·r⌋/2⌋ with r = √(1 − λ0) around a uniform centre, clipped to the image; λ comes from
+the clipped box. (tests/test_cutmix_reference.py checks the λ distribution against an
+independent copy of the reference's rule.)
 """
 import copy
 
@@ -18,7 +20,7 @@ def _paste_count(box, h, w) -> int:
     return int(canvas.sum())
 
 
-def test_unclipped_box_side_is_floor_of_side_times_cut_ratio():
+def test_unclipped_box_side_is_twice_half_the_floor_of_side_times_cut_ratio():
     rng = np.random.default_rng(0)
     checked = 0
     for _ in range(3000):
@@ -26,7 +28,7 @@ def test_unclipped_box_side_is_floor_of_side_times_cut_ratio():
         lam0 = copy.deepcopy(rng).beta(1.0, 1.0)  # the draw sample_box is about to make
         r = np.sqrt(1.0 - lam0)
         y0, x0, y1, x1 = sample_box(h, w, 1.0, rng)
-        cut_h, cut_w = int(h * r), int(w * r)
+        cut_h, cut_w = 2 * (int(h * r) // 2), 2 * (int(w * r) // 2)  # rand_bbox: cx ± ⌊cut_w/2⌋
         if 0 < y0 and y1 < h and 0 < x0 and x1 < w:  # not clipped on any side
             assert (y1 - y0, x1 - x0) == (cut_h, cut_w)
             checked += 1

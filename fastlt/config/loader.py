@@ -172,6 +172,16 @@ class Config:
         if self.data.kind == "cifar" and self.data.augment_recipe != "cifar":
             raise ConfigError("data.augment_recipe: CIFAR data needs the cifar view recipe; set data.augment_recipe=cifar")
         check_input_size(self.model, self.data.image_size)
+        if self.method.reference_parallelism == "dp4":
+            for key in ("sync_bn", "freeze_bn"):
+                if getattr(self.model, key):
+                    raise ConfigError(f"model.{key}: method.reference_parallelism=dp4 normalises each of the published "
+                                      f"runs' four DataParallel groups on its own; set model.{key}=false or "
+                                      "method.reference_parallelism=none")
+            if not self.model.use_norm and self.model.backbone != "resnet32":
+                raise ConfigError(f"model.use_norm: with method.reference_parallelism=dp4 a plain Linear classifier "
+                                  f"is the reference's ResNet-32 centre head; {self.model.backbone} needs "
+                                  "model.use_norm=true (the reference's other models cannot run without it)")
 
     @property
     def num_classes(self) -> int:

@@ -9,13 +9,17 @@ from dataclasses import dataclass, field
 from fastlt.errors import ConfigError
 from fastlt.config.typed import one_of, positive
 
-__all__ = ["LABEL_NORMALIZATIONS", "MethodConfig", "SCL_SCOPES"]
+__all__ = ["LABEL_NORMALIZATIONS", "MethodConfig", "REFERENCE_PARALLELISMS", "SCL_SCOPES"]
 
 #: Normalisation of the top-K similarities: "l1" (ŝ = s / Σ_topK s, the reference) or "softmax".
 LABEL_NORMALIZATIONS = ("l1", "softmax")
 #: Contrast set of the balanced contrastive loss across ranks: "global" (the whole global batch,
 #: as the reference's DataParallel) or "local" (each rank's share).
 SCL_SCOPES = ("global", "local")
+#: What the batch-coupled parts of the model reproduce: "none" (the paper's method: BatchNorm
+#: over each rank's share, true class centres) or "dp4" (the published runs' nn.DataParallel on
+#: four GPUs, exactly, at any world size).
+REFERENCE_PARALLELISMS = ("none", "dp4")
 
 
 @dataclass(kw_only=True)
@@ -51,6 +55,13 @@ class MethodConfig:
     """False: one coin and one box per batch (reference behaviour); true: per sample."""
     cutmix_alpha: float = 1.0
     """λ0 ~ Beta(cutmix_alpha, cutmix_alpha)."""
+    reference_parallelism: str = "none"
+    """none: the paper's method. dp4: what the published runs computed with nn.DataParallel on
+    four GPUs, at any world size — BatchNorm over DataParallel's four contiguous groups of the
+    global batch [view 0, view 1, view 2] with group 0's running statistics (evaluation then
+    uses view-0 statistics), and, with the plain Linear classifier (use_norm off, ResNet-32),
+    the published centre head: the head applied to the 64 columns of the classifier weight,
+    tiled to C rows (pseudo-centres, for BalSCL and the rectified label alike)."""
 
     def __post_init__(self):
         positive("method.alpha", self.alpha, allow_zero=True)
@@ -68,6 +79,7 @@ class MethodConfig:
         positive("method.temperature", self.temperature)
         one_of("method.label_normalize", self.label_normalize, LABEL_NORMALIZATIONS)
         one_of("method.scl_scope", self.scl_scope, SCL_SCOPES)
+        one_of("method.reference_parallelism", self.reference_parallelism, REFERENCE_PARALLELISMS)
         positive("method.label_temperature", self.label_temperature)
         if not 0 <= self.cutmix_prob <= 1:
             raise ConfigError(f"method.cutmix_prob: must be in [0, 1]; got {self.cutmix_prob!r}")

@@ -1,8 +1,11 @@
 """CutMix boxes and area labels (docs/design.md §1, "CutMix"): the one definition both pipeline
 backends use.
 
-Pure functions, as in timm's mixup: :func:`sample_box` draws λ0 ~ Beta(α, α), a cut ratio
-r = √(1 − λ0) and a box of size (⌊H·r⌋, ⌊W·r⌋) centred uniformly and clipped to the image;
+Pure functions: :func:`sample_box` is the reference's ``rand_bbox`` (ConCutMix ``main.py``):
+λ0 ~ Beta(α, α), a cut ratio r = √(1 − λ0), half-sides ⌊⌊H·r⌋/2⌋ and ⌊⌊W·r⌋/2⌋ around a
+centre drawn uniformly over the pixels, clipped to the image. The unclipped side is therefore
+2·⌊⌊S·r⌋/2⌋ — one pixel short of ⌊S·r⌋ when that is odd — which shifts the distribution of
+λ (mean area label 0.700 at 32 px against 0.690 for a side of ⌊S·r⌋, Beta(1, 1)).
 :func:`area_lambda` gives λ = 1 − (clipped box area)/(H·W), the weight of the background
 class. λ is always recomputed from the clipped box, never taken from λ0. Which samples of a
 step are mixed, and with which box, is decided by ``fastlt.pipelines.common.cutmix_boxes``
@@ -37,7 +40,9 @@ def _rng(generator) -> np.random.Generator:
 
 
 def sample_box(h: int, w: int, alpha: float = 1.0, generator: np.random.Generator | None = None) -> Box:
-    """Draw a CutMix box for an h × w image: λ0 ~ Beta(α, α), r = √(1 − λ0), centre uniform, clipped."""
+    """Draw a CutMix box for an h × w image as the reference's ``rand_bbox`` does: λ0 ~ Beta(α, α),
+    r = √(1 − λ0), centre (cy, cx) uniform over the pixels (drawn in that order), box
+    [cy − ⌊⌊h·r⌋/2⌋, cy + ⌊⌊h·r⌋/2⌋) × [cx − ⌊⌊w·r⌋/2⌋, cx + ⌊⌊w·r⌋/2⌋) clipped to the image."""
     if h < 1 or w < 1:
         raise ValueError(f"sample_box: image size must be positive; got h={h}, w={w}")
     if not alpha > 0:
@@ -47,10 +52,11 @@ def sample_box(h: int, w: int, alpha: float = 1.0, generator: np.random.Generato
     r = np.sqrt(1.0 - lam0)
     cut_h, cut_w = int(h * r), int(w * r)
     cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y0 = int(np.clip(cy - cut_h // 2, 0, h))
-    x0 = int(np.clip(cx - cut_w // 2, 0, w))
-    y1 = int(np.clip(cy - cut_h // 2 + cut_h, 0, h))
-    x1 = int(np.clip(cx - cut_w // 2 + cut_w, 0, w))
+    half_h, half_w = cut_h // 2, cut_w // 2  # the reference's cx ± cut_w // 2: an even side
+    y0 = int(np.clip(cy - half_h, 0, h))
+    x0 = int(np.clip(cx - half_w, 0, w))
+    y1 = int(np.clip(cy + half_h, 0, h))
+    x1 = int(np.clip(cx + half_w, 0, w))
     return Box(y0, x0, y1, x1)
 
 

@@ -10,6 +10,17 @@ backbone → feature h; then
 The model returns both the L2-normalised z / centers (for the contrastive loss) and the
 unnormalised ones (for the ConCutMix label rectification).
 
+``reference_parallelism="dp4"`` builds the published runs' four-GPU ``nn.DataParallel``
+semantics into the model: BatchNorm over DataParallel's four groups of the 3B batch
+(``fastlt.models.replica_bn``) and, with the plain Linear classifier of the CIFAR recipes, the
+published ResNet-32 centre head. That head (``BCLModel_32`` in the reference's
+``models/resnet32.py``) is applied to ``fc.weight.T``, the h = 64 *columns* of the (C × h)
+classifier weight, so each replica returns 64 pseudo-centres; DataParallel concatenates the
+four replicas' (identical) outputs to 256 rows and ``centers[:cls_num]`` keeps the first C
+(for C = 100, rows 64–99 repeat rows 0–35). Those pseudo-centres feed the BalSCL loss and the
+label rectification alike. With the cosine classifier (``use_norm``) ``weight.T`` holds the
+classes' vectors and the centres are the true class centres, as here.
+
 Backbones: ``resnet32`` (``fastlt.models.cifar_resnet``) and any timm model by name, with no
 pretrained download (``fastlt.models.config.BACKBONES`` lists the published recipes' ones).
 """
@@ -25,6 +36,7 @@ from .cifar_resnet import resnet32
 from fastlt.errors import ConfigError
 
 from .config import BACKBONES
+from .replica_bn import DP_REPLICAS, convert_replica_batchnorm, rank_world, replicas_used
 
 __all__ = ["BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "build_model", "check_backbone"]
 
@@ -115,13 +127,23 @@ class BCLModel(nn.Module):
             them, in training too (their affine weights still train): the usual choice when
             fine-tuning pretrained weights, and it makes the output of a sample independent of
             how the batch is split over ranks.
+        reference_parallelism: "none" (the paper's semantics) or "dp4" (the published runs'
+            four-GPU DataParallel: grouped BatchNorm and, without ``use_norm``, the pseudo-centre
+            head of the reference's ResNet-32; module docstring).
         **backbone_kwargs: passed to :func:`build_backbone` (e.g. ``img_size`` for ViT).
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, feat_dim: int = 1024, use_norm: bool = True,
-                 hidden_dim: int | None = None, freeze_bn: bool = False, **backbone_kwargs):
+                 hidden_dim: int | None = None, freeze_bn: bool = False, reference_parallelism: str = "none",
+                 **backbone_kwargs):
         super().__init__()
+        if reference_parallelism not in ("none", "dp4"):
+            raise ValueError(f"reference_parallelism must be 'none' or 'dp4'; got {reference_parallelism!r}")
+        if reference_parallelism == "dp4" and freeze_bn:
+            raise ValueError("reference_parallelism='dp4' groups the BatchNorm batch statistics, which freeze_bn "
+                             "never uses; choose one")
         self.freeze_bn = freeze_bn
+        self.reference_parallelism = reference_parallelism
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2; got {num_classes}")
         if feat_dim < 1:
@@ -142,7 +164,24 @@ class BCLModel(nn.Module):
         self.use_norm = use_norm
         self.fc = NormedLinear(h, num_classes) if use_norm else nn.Linear(h, num_classes)
         self.head = _mlp(h, hidden_dim, feat_dim)
-        self.head_fc = _mlp(h, hidden_dim, feat_dim)
+        #: The published CIFAR centre head: the head on the h columns of the classifier weight.
+        self.column_centres = reference_parallelism == "dp4" and not use_norm
+        if self.column_centres:
+            if self.backbone_name != "resnet32":
+                raise ValueError("reference_parallelism='dp4' with a plain Linear classifier is the reference's "
+                                 f"ResNet-32 model; its {self.backbone_name} model has no plain-Linear centre head "
+                                 "that runs (use_norm=True, or backbone resnet32)")
+            if num_classes > DP_REPLICAS * h:
+                raise ValueError(f"reference_parallelism='dp4': the published centre head gives {DP_REPLICAS} × {h} "
+                                 f"pseudo-centres, fewer than the {num_classes} classes")
+            self.head_fc = _mlp(num_classes, hidden_dim, feat_dim)
+            # DataParallel's concatenation of the replicas' h rows, cut to C: row j is row j mod h.
+            self.register_buffer("centre_rows", torch.arange(num_classes) % h, persistent=False)
+        else:
+            self.head_fc = _mlp(h, hidden_dim, feat_dim)
+        if reference_parallelism == "dp4":  # every replica normalises its own group; head_fc sees the weights
+            convert_replica_batchnorm(self.backbone)
+            convert_replica_batchnorm(self.head)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -160,8 +199,24 @@ class BCLModel(nn.Module):
         feat = self.backbone(x)
         logits = self.fc(feat)
         z_raw = self.head(feat)
-        centers_raw = self.head_fc(self.class_weights())
+        if self.column_centres:
+            centers_raw = self._column_centres(x.shape[0])
+        else:
+            centers_raw = self.head_fc(self.class_weights())
         return BCLOutput(logits, F.normalize(z_raw, dim=1), z_raw, F.normalize(centers_raw, dim=1), centers_raw)
+
+
+    def _column_centres(self, rows: int) -> Tensor:
+        """The published ResNet-32 centre head as four-GPU DataParallel returns it (module docstring)."""
+        per_replica = self.head_fc(self.fc.weight.t())  # (h, D): one row per column of the (C × h) weight
+        if self.training:
+            _, world = rank_world()
+            replicas = replicas_used(rows * world)
+            if replicas * per_replica.shape[0] < self.num_classes:
+                raise ValueError(f"reference_parallelism='dp4': a global batch of {rows * world} rows runs "
+                                 f"{replicas} replicas, whose {replicas * per_replica.shape[0]} pseudo-centres "
+                                 f"are fewer than the {self.num_classes} classes; raise data.batch_size")
+        return per_replica[self.centre_rows]
 
 
 def build_model(cfg, num_classes: int) -> nn.Module:
@@ -169,7 +224,8 @@ def build_model(cfg, num_classes: int) -> nn.Module:
     with ``model.sync_bn`` its BatchNorm layers synchronise their statistics over the ranks."""
     m = cfg.model
     model = BCLModel(m.backbone, num_classes, feat_dim=m.feat_dim, use_norm=m.use_norm, hidden_dim=m.hidden_dim,
-                     freeze_bn=m.freeze_bn, **m.backbone_kwargs)
+                     freeze_bn=m.freeze_bn, reference_parallelism=cfg.method.reference_parallelism,
+                     **m.backbone_kwargs)
     if m.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -312,7 +312,8 @@ class Trainer:
                 if self.nonfinite:
                     self._raise_nonfinite()
                 (stopping,) = dist.any_rank([self.stop.requested], self.dev)
-                dist.average_buffers(self.engine.module)
+                if cfg.method.reference_parallelism == "none":  # dp4: every rank already holds group 0's
+                    dist.average_buffers(self.engine.module)     # statistics, identical; averaging adds rounding
                 self._check_state(epoch, reached)
                 if self.bad_image is not None:
                     raise self._bad_image_error(self.bad_image, epoch, reached, self._save_unless_saved(epoch, reached))
