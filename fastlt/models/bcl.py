@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from .cifar_resnet import resnet32
 from fastlt.errors import ConfigError
 
-from .config import BACKBONES
 from .replica_bn import DP_REPLICAS, convert_replica_batchnorm, rank_world, replicas_used
 
 __all__ = ["BCLModel", "BCLOutput", "NormedLinear", "build_backbone", "build_model", "check_backbone"]
