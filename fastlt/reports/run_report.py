@@ -39,13 +39,16 @@ def closing_line(cfg, final: dict, best: dict | None, history: list, train_time:
 
 
 def write_metrics_json(run_dir: Path, cfg, data, *, history: list, best: dict | None, train_time: float,
-                       world_size: int, device: str, digests: list[str]) -> None:
-    """``metrics.json``: final, best and every evaluation, the run's setting, the replicas' digests."""
+                       world_size: int, device: str, digests: list[str], lineage: dict | None = None) -> None:
+    """``metrics.json``: final, best and every evaluation, the run's setting, the replicas' digests
+    and, for a run initialised from another run's checkpoint, its ``lineage``."""
     out = {"final": history[-1] if history else {}, "best": best, "history": history, "epochs": cfg.optim.epochs,
            "train_time_s": round(train_time, 2), "world_size": world_size, "device": device,
            "num_classes": data.num_classes, "train_class_counts": [int(c) for c in data.class_counts],
            "run_dir": str(run_dir), "eval_every": cfg.run.eval_every,
            "evaluated_epochs": [h["epoch"] for h in history], "replica_digests": digests}
+    if lineage:
+        out["lineage"] = lineage
     write_text_atomic(run_dir / "metrics.json", json_text(out))
 
 

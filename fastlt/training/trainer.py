@@ -35,43 +35,36 @@ from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
 from fastlt.reports.logger import RunLogger, format_metrics
 from fastlt.reports.run_report import closing_line, opening_lines, write_metrics_json, write_plots
-from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
-                              steps_per_epoch)
-from fastlt.training.signals import StopFlag
+from fastlt.training.preflight import preflight
+from fastlt.training.resume import lineage_comment
+from fastlt.training.signals import StopFlag, pause_point
 
 __all__ = ["Trainer", "train"]
+
+_SETUP_AFTER = ("nothing was trained in this launch and the run directory holds only complete files; start it again "
+                "the same way (with --resume auto once it has a checkpoint)")
 
 
 class Trainer:
     """One training run of a :class:`Config` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | os.PathLike | None = None):
-        from fastlt.data.build import build_datasets
-        from fastlt.training.engine import deepspeed_config, precision_of
-
+    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | os.PathLike | None = None,
+                 command: str = "fastlt train"):
         self.cfg = cfg
         self.resume = resume
-        self.device = dist.resolve_device(cfg.run.device)
-        check_device(cfg, self.device)
-        self.proc = dist.process_info()
+        # From here to close(), SIGINT/SIGTERM stop the run in whatever phase it is (fastlt.training.signals).
+        self.stop = StopFlag(phase="setup", after=_SETUP_AFTER, stepwise=False).__enter__()
+        try:
+            run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
+            self.plan = plan = preflight(cfg, resume=resume, run_dir=run_dir, proc=dist.process_info(),
+                                         command=command, stop=self.stop)
+        except BaseException:
+            self.stop.__exit__(None, None, None)
+            raise
+        self.device, self.proc, self.run_dir, self.ckpt = plan.device, plan.proc, plan.run_dir, plan.ckpt
         self.rank, self.world_size = self.proc.rank, self.proc.world_size
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
-        check_run_dir(self.run_dir)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=self.rank,
-                                      local_rank=self.proc.local_rank, world_size=self.world_size)
-        self.resume_from = resolve_resume(self.ckpt, resume, self.run_dir)
-        deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
-        self.data = build_datasets(cfg)
-        self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
-        if cfg.model.pretrained:
-            from fastlt.models.pretrained import check_pretrained_path
-
-            check_pretrained_path(cfg.model.pretrained)
-        self.precision = precision_of(cfg.deepspeed)
-        self.resume_notes = [] if self.resume_from is None else check_resume(
-            self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
-        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank)
-        self.stop = StopFlag()
+        self.resume_from, self.data, self.steps_per_epoch = plan.target.path, plan.data, plan.steps_per_epoch
+        self.precision, self.resume_notes = plan.precision, plan.notes
 
     # -- setup -----------------------------------------------------------------------
 
@@ -133,6 +126,7 @@ class Trainer:
         meta = {"signature": self.signature, "backbone": self.cfg.model.backbone, "num_classes": self.data.num_classes,
                 "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "zero_stage": self.cfg.deepspeed.zero_stage}
+        meta.update(dataset=self.plan.dataset, lineage=self.plan.target.lineage)
         path = self.ckpt.save(self.engine, epoch, step, client, meta)
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
@@ -145,6 +139,13 @@ class Trainer:
         self.history = list(state["history"])
         self.train_time = float(state.get("train_time_s", 0.0))
         self.eval_pending = bool(state.get("eval_pending", False))
+        if self.plan.target.foreign:  # a new run: its best is what it evaluates itself (its own best.pt)
+            self.best = None
+            self.log.event("resume", f"a new run initialised from {path} (run {self.plan.target.lineage['source_run']})"
+                           f": epoch {state['epoch']} step {state['step']}; its lineage is recorded in config.yaml, "
+                           "metrics.json and every checkpoint", path=str(path), epoch=state["epoch"],
+                           step=state["step"], lineage=self.plan.target.lineage)
+            return int(state["epoch"]), int(state["step"])
         self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} "
                        f"(global step {state['global_step']})", path=str(path), epoch=state["epoch"],
                        step=state["step"])
@@ -152,7 +153,19 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------
 
+    def _state_after_eval(self, epoch: int) -> str:
+        latest = self.ckpt.latest()
+        if latest is None:
+            return "no checkpoint was written yet: start the run again"
+        first = " and runs this evaluation first" if latest.name == tag_for(epoch + 1, 0) else ""
+        return f"checkpoint {latest} is complete: continue with --resume auto (it continues from there{first})"
+
     def evaluate(self, epoch: int) -> dict:
+        with self.stop.during(f"the evaluation of epoch {epoch}", self._state_after_eval(epoch)):
+            pause_point(f"eval:{epoch}", self.stop)
+            return self._evaluate(epoch)
+
+    def _evaluate(self, epoch: int) -> dict:
         from fastlt.training.evaluate import evaluate_model
 
         metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
@@ -247,6 +260,7 @@ class Trainer:
                         self._end_interval(buf, n, epoch, step - 1, t_start, wait, samples)
                     return step
                 wait += time.perf_counter() - t0
+                pause_point(f"step:{epoch}:{step}", self.stop)
                 buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
                 n += 1
                 samples += len(batch)
@@ -280,6 +294,11 @@ class Trainer:
         if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
             if changed := save_resolved_config(cfg, self.run_dir / "config.yaml"):
                 self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
+            if comment := lineage_comment(self.plan.target.lineage):
+                from fastlt.files import write_text_atomic
+
+                config_file = self.run_dir / "config.yaml"
+                write_text_atomic(config_file, comment + config_file.read_text(encoding="utf-8"))
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
 
@@ -292,11 +311,12 @@ class Trainer:
                                   run_dir=self.run_dir, first_epoch=epoch):
             self.log.info(line)
         last_eval_epoch = None
-        with self.stop:
-            if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
-                self.evaluate(epoch - 1)
-                last_eval_epoch = epoch - 1
-            while epoch < cfg.optim.epochs:
+        if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
+            self.evaluate(epoch - 1)
+            last_eval_epoch = epoch - 1
+        while epoch < cfg.optim.epochs:
+            # Steps: a signal is noted and the run stops at the next step boundary, after a checkpoint.
+            with self.stop.during(f"epoch {epoch}", "", stepwise=True):
                 t_epoch = time.perf_counter()
                 reached = self._train_epoch(epoch, step)
                 self.train_time += time.perf_counter() - t_epoch
@@ -320,10 +340,10 @@ class Trainer:
                         raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
                                                   f"{epoch}; checkpoint {path}. Continue with --resume auto",
                                                   self.stop.signal_name)
-                if due:
-                    self.evaluate(epoch)
-                    last_eval_epoch = epoch
-                epoch, step = done, 0
+            if due:
+                self.evaluate(epoch)
+                last_eval_epoch = epoch
+            epoch, step = done, 0
         if last_eval_epoch is None and not any(h["epoch"] == cfg.optim.epochs - 1 for h in self.history):
             self.evaluate(cfg.optim.epochs - 1)  # resumed after the last epoch, from a run that never evaluated it
         return self._finish()
@@ -357,14 +377,21 @@ class Trainer:
                            epoch=epoch, skipped_images=n, first=first)
 
     def _finish(self) -> dict:
+        latest = self.ckpt.latest()
+        with self.stop.during("the final report (last.pt, metrics.json, plots)",
+                              f"the training is complete in checkpoint {latest}: --resume auto writes the report"):
+            return self._report()
+
+    def _report(self) -> dict:
         final = self.history[-1] if self.history else {}
         digests = dist.replica_digests(self.engine.module)
         if self.rank == 0:
             save_weights(self.run_dir / "last.pt", self.engine.module,
                          {"epoch": self.cfg.optim.epochs - 1, "metrics": final, "signature": self.signature})
+            pause_point("report", self.stop)
             write_metrics_json(self.run_dir, self.cfg, self.data, history=self.history, best=self.best,
                                train_time=self.train_time, world_size=self.world_size, device=self.device,
-                               digests=digests)
+                               digests=digests, lineage=self.plan.target.lineage)
             write_plots(self.run_dir, self.last_eval, self.data, self.log)
         self.log.event("done", closing_line(self.cfg, final, self.best, self.history, self.train_time, self.run_dir),
                        evaluated_epochs=[h["epoch"] for h in self.history],
@@ -378,6 +405,9 @@ class Trainer:
                 getattr(self, name).close()
         if hasattr(self, "log"):
             self.log.close()
+        if self.plan.lock is not None:
+            self.plan.lock.release()
+        self.stop.__exit__(None, None, None)
 
 
 def train(cfg: Config, *, resume: str | None = None) -> dict:
