@@ -80,7 +80,11 @@ def resume_target(ckpt: CheckpointManager, resume: str | None, run_dir: Path) ->
     from fastlt.training.checkpoint_format import read_meta
 
     if path.resolve().parent == ckpt.dir.resolve():
-        return ResumeTarget(path, lineage=read_meta(path).get("lineage"))
+        try:
+            lineage = read_meta(path).get("lineage")
+        except CheckpointError:  # damaged: check_resume says so, naming the newest intact checkpoint
+            lineage = None
+        return ResumeTarget(path, lineage=lineage)
     source = _source_run(path.resolve())
     held = _contents(run_dir)
     if held:

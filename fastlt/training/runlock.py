@@ -76,7 +76,12 @@ class RunLock:
                                   "writable run.output_dir") from None
         while True:  # the file may be unlinked by its releasing holder between our open and flock
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
+                except FileExistsError:
+                    fd, created = os.open(self.path, os.O_RDWR | os.O_CLOEXEC), False
+            except FileNotFoundError:
+                continue  # removed between the two opens by its releasing holder
             except OSError as e:
                 raise OutputError(f"cannot create the lock file {self.path}: {e.strerror}; the run directory "
                                   "must be writable") from None
@@ -87,6 +92,8 @@ class RunLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise OutputError(self._busy_message()) from None
                 if e.errno in _UNSUPPORTED:
+                    if created:
+                        os.unlink(self.path)
                     self._drop_created()
                     raise OutputError(
                         f"cannot lock the run directory {self.run_dir}: its file system does not support file "
