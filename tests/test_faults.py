@@ -792,7 +792,7 @@ def test_14_first_ctrl_c_during_setup(data_root, tmp_path):
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines() == ["fastlt: interrupted by Ctrl-C before a training step could finish (during "
-                                        "setup or outside the training loop); checkpoints already written are "
-                                        "complete: continue with --resume auto"], err[-3000:]
+    assert err.strip().splitlines() == ["fastlt: stopped by SIGINT during setup; nothing was trained in this launch "
+                                        "and the run directory holds only complete files; start it again the same "
+                                        "way (with --resume auto once it has a checkpoint)"], err[-3000:]
     assert not (tmp_path / "i" / "checkpoints").exists()

@@ -31,7 +31,8 @@ from fastlt.errors import CheckpointError, DataError
 from fastlt.training.checkpoint import CheckpointManager
 from fastlt.training.runlock import LOCK_FILE
 
-__all__ = ["RESULT_FILES", "ResumeTarget", "check_dataset", "dataset_identity", "lineage_comment", "resume_target"]
+__all__ = ["RESULT_FILES", "ResumeTarget", "check_dataset", "dataset_identity", "lineage_comment", "resume_target",
+           "resume_hint", "write_run_config"]
 
 #: Files that make a run directory hold a run's results.
 RESULT_FILES = ("best.pt", "last.pt", "metrics.json")
@@ -108,6 +109,30 @@ def lineage_comment(lineage: dict | None) -> str:
         return ""
     return (f"# lineage: initialised from checkpoint {lineage['initialised_from']} (run {lineage['source_run']}, "
             f"epoch {lineage['epoch']} step {lineage['step']})\n")
+
+
+def resume_hint(ckpt: CheckpointManager, epoch: int) -> str:
+    """What ``--resume auto`` does after a stop during the evaluation of ``epoch``."""
+    from fastlt.training.checkpoint_format import tag_for
+
+    latest = ckpt.latest()
+    if latest is None:
+        return "no checkpoint was written yet: start the run again"
+    first = " and runs this evaluation first" if latest.name == tag_for(epoch + 1, 0) else ""
+    return f"checkpoint {latest} is complete: continue with --resume auto (it continues from there{first})"
+
+
+def write_run_config(cfg, run_dir: Path, lineage: dict | None) -> list[str]:
+    """Write the run's config.yaml (``save_resolved_config``: returns what changed since the last
+    launch), headed by the lineage line of a run initialised from another run's checkpoint."""
+    from fastlt.config.loader import save_resolved_config
+    from fastlt.files import write_text_atomic
+
+    path = run_dir / "config.yaml"
+    changed = save_resolved_config(cfg, path)
+    if comment := lineage_comment(lineage):
+        write_text_atomic(path, comment + path.read_text(encoding="utf-8"))
+    return changed
 
 
 def dataset_identity(train) -> dict:

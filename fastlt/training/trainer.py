@@ -2,10 +2,10 @@
 
 :class:`Trainer` runs one :class:`~fastlt.config.loader.Config`:
 
-1. before any process group exists: the device, the run directory and the resume target,
-   the datasets, the epoch length and the validation images are checked
-   (``fastlt.training.preflight``), so a wrong path, class count, batch size or a damaged checkpoint
-   stops the run with one message before DeepSpeed starts and before anything is written;
+1. ``fastlt.training.preflight.preflight``, once, before any process group exists: every set-up
+   check in order (device, run directory and its lock, the folders the run writes, the resume
+   target, datasets, epoch length, the checkpoint, validation images), so a refused run stops
+   with one message before DeepSpeed starts and leaves its run directory as it was;
 2. the process group, the model, the DeepSpeed engine (``fastlt.training.engine``), the objective
    (``fastlt.method.objective``), the per-epoch LR (``fastlt.training.schedule``) and the pipelines;
 3. epochs of :func:`~fastlt.method.objective.train_step`, a resumable checkpoint every
@@ -13,10 +13,10 @@
    evaluation every ``run.eval_every`` epochs (after the checkpoint: a failing evaluation
    never costs the epoch, and a resume from that checkpoint evaluates first).
 
-The host waits for the device only at log intervals, epoch ends, evaluation and
-checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
-SIGTERM (``fastlt.training.signals``) stop at a step boundary after a checkpoint; so does an unreadable
-training image (``data.on_error: raise``) in a one-process run, whose resume starts at its batch.
+The host waits for the device only at log intervals, epoch ends, evaluation and checkpoints.
+SIGINT/SIGTERM (``fastlt.training.signals``) are honoured in every phase: inside the steps the
+run stops at a step boundary after a checkpoint, elsewhere at once (130/143, resumable). So
+does an unreadable training image (``data.on_error: raise``) in a one-process run.
 """
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ import torch
 from torch import Tensor
 
 from fastlt.training import distributed as dist
-from fastlt.training.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
-from fastlt.config.loader import Config, save_resolved_config
+from fastlt.training.checkpoint import model_signature, nonfinite_state, save_weights, tag_for
+from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
 from fastlt.reports.logger import RunLogger, format_metrics
 from fastlt.reports.run_report import closing_line, opening_lines, write_metrics_json, write_plots
 from fastlt.training.preflight import preflight
-from fastlt.training.resume import lineage_comment
+from fastlt.training.resume import resume_hint, write_run_config
 from fastlt.training.signals import StopFlag, pause_point
 
 __all__ = ["Trainer", "train"]
@@ -139,37 +139,25 @@ class Trainer:
         self.history = list(state["history"])
         self.train_time = float(state.get("train_time_s", 0.0))
         self.eval_pending = bool(state.get("eval_pending", False))
-        if self.plan.target.foreign:  # a new run: its best is what it evaluates itself (its own best.pt)
+        target = self.plan.target
+        if target.foreign:  # a new run: its best is what it evaluates itself (into its own best.pt)
             self.best = None
-            self.log.event("resume", f"a new run initialised from {path} (run {self.plan.target.lineage['source_run']})"
-                           f": epoch {state['epoch']} step {state['step']}; its lineage is recorded in config.yaml, "
-                           "metrics.json and every checkpoint", path=str(path), epoch=state["epoch"],
-                           step=state["step"], lineage=self.plan.target.lineage)
-            return int(state["epoch"]), int(state["step"])
-        self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} "
-                       f"(global step {state['global_step']})", path=str(path), epoch=state["epoch"],
-                       step=state["step"])
+        new = (f"; a new run initialised from a checkpoint of run {target.lineage['source_run']} (lineage in "
+               "config.yaml, metrics.json and its checkpoints)") if target.foreign else ""
+        self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} (global step "
+                       f"{state['global_step']}){new}", path=str(path), epoch=state["epoch"], step=state["step"],
+                       lineage=target.lineage)
         return int(state["epoch"]), int(state["step"])
 
     # -- evaluation ------------------------------------------------------------------
 
-    def _state_after_eval(self, epoch: int) -> str:
-        latest = self.ckpt.latest()
-        if latest is None:
-            return "no checkpoint was written yet: start the run again"
-        first = " and runs this evaluation first" if latest.name == tag_for(epoch + 1, 0) else ""
-        return f"checkpoint {latest} is complete: continue with --resume auto (it continues from there{first})"
-
     def evaluate(self, epoch: int) -> dict:
-        with self.stop.during(f"the evaluation of epoch {epoch}", self._state_after_eval(epoch)):
-            pause_point(f"eval:{epoch}", self.stop)
-            return self._evaluate(epoch)
-
-    def _evaluate(self, epoch: int) -> dict:
         from fastlt.training.evaluate import evaluate_model
 
-        metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
-                                 precision=self.precision, channels_last=self.cfg.model.channels_last)
+        with self.stop.during(f"the evaluation of epoch {epoch}", resume_hint(self.ckpt, epoch)):
+            pause_point(f"eval:{epoch}", self.stop)
+            metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
+                                     precision=self.precision, channels_last=self.cfg.model.channels_last)
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
         self.last_eval = metrics
         self.history = [h for h in self.history if h["epoch"] != epoch] + [{"epoch": epoch, **summary}]
@@ -292,13 +280,8 @@ class Trainer:
         elif self.resume is not None:
             self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
         if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
-            if changed := save_resolved_config(cfg, self.run_dir / "config.yaml"):
+            if changed := write_run_config(cfg, self.run_dir, self.plan.target.lineage):
                 self.log.info("config changed since the last launch of this run: " + "; ".join(changed))
-            if comment := lineage_comment(self.plan.target.lineage):
-                from fastlt.files import write_text_atomic
-
-                config_file = self.run_dir / "config.yaml"
-                write_text_atomic(config_file, comment + config_file.read_text(encoding="utf-8"))
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
 
@@ -311,6 +294,7 @@ class Trainer:
                                   run_dir=self.run_dir, first_epoch=epoch):
             self.log.info(line)
         last_eval_epoch = None
+        self.stop.phase, self.stop.after = "training", "checkpoints already written are complete: --resume auto"
         if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
             self.evaluate(epoch - 1)
             last_eval_epoch = epoch - 1
@@ -334,12 +318,15 @@ class Trainer:
                                               self.stop.signal_name)
                 done = epoch + 1
                 due = done % cfg.run.eval_every == 0 or done == cfg.optim.epochs
+                path = None
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.optim.epochs or stopping:
                     path = self._save(done, 0, eval_pending=due)
-                    if stopping:  # the pending evaluation runs when the run is resumed
-                        raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
-                                                  f"{epoch}; checkpoint {path}. Continue with --resume auto",
-                                                  self.stop.signal_name)
+                (late,) = dist.any_rank([self.stop.requested], self.dev)  # e.g. during the checkpoint write
+                if stopping or late:  # the pending evaluation runs when the run is resumed
+                    path = path or self._save(done, 0, eval_pending=due)
+                    raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
+                                              f"{epoch}; checkpoint {path}. Continue with --resume auto",
+                                              self.stop.signal_name)
             if due:
                 self.evaluate(epoch)
                 last_eval_epoch = epoch
@@ -377,12 +364,8 @@ class Trainer:
                            epoch=epoch, skipped_images=n, first=first)
 
     def _finish(self) -> dict:
-        latest = self.ckpt.latest()
-        with self.stop.during("the final report (last.pt, metrics.json, plots)",
-                              f"the training is complete in checkpoint {latest}: --resume auto writes the report"):
-            return self._report()
-
-    def _report(self) -> dict:
+        self.stop.phase, self.stop.after = ("the final report (last.pt, metrics.json, plots)", "the training is "
+                                            f"complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report")
         final = self.history[-1] if self.history else {}
         digests = dist.replica_digests(self.engine.module)
         if self.rank == 0:
