@@ -174,7 +174,7 @@ def _run_dir_lock(run_dir, outputs, command: str):
     from fastlt.training.runlock import RunLock
 
     run_dir = Path(run_dir).resolve()
-    inside = [o for o in outputs if o is not None and Path(os.path.abspath(o)).is_relative_to(run_dir)]
+    inside = [o for o in outputs if o is not None and Path(o).resolve().is_relative_to(run_dir)]
     if not inside or not run_dir.is_dir():
         return contextlib.nullcontext()
     return RunLock(run_dir, command)

@@ -69,26 +69,26 @@ def preflight(cfg, *, resume: str | None, run_dir: Path, proc, command: str = "f
     from fastlt.training.distributed import resolve_device
     from fastlt.training.engine import deepspeed_config, precision_of
 
-    device = resolve_device(cfg.run.device)
+    device = resolve_device(cfg.run.device)  # 1. device
     check_device(cfg, device)
-    check_run_dir(run_dir)
+    check_run_dir(run_dir)  # 2. run directory + lock
     lock = RunLock(run_dir, command).acquire() if proc.rank == 0 and cfg.run.lock else None
     try:
-        check_run_files(run_dir)
+        check_run_files(run_dir)  # 3. every folder and file the run writes
         ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=proc.rank,
                                  local_rank=proc.local_rank, world_size=proc.world_size)
-        target = resume_target(ckpt, resume, run_dir)
+        target = resume_target(ckpt, resume, run_dir)  # 4. resume target
         deepspeed_config(cfg, proc.world_size)  # batch size vs ranks, before anything starts
-        data = build_datasets(cfg)
+        data = build_datasets(cfg)  # 5. datasets and identity
         identity = dataset_identity(data.train)
-        steps = steps_per_epoch(cfg, len(data.train), proc.world_size)
+        steps = steps_per_epoch(cfg, len(data.train), proc.world_size)  # 6. epoch length
         if cfg.model.pretrained:
             from fastlt.models.pretrained import check_pretrained_path
 
             check_pretrained_path(cfg.model.pretrained)
-        notes = [] if target.path is None else check_resume(
+        notes = [] if target.path is None else check_resume(  # 7. the checkpoint to resume
             ckpt, target.path, cfg, num_classes=data.num_classes, steps_per_epoch=steps, dataset=identity)
-        check_val_images(data.val, cfg.data.on_error, rank=proc.rank)
+        check_val_images(data.val, cfg.data.on_error, rank=proc.rank)  # 8. validation images
         pause_point("setup", stop)
     except BaseException:
         if lock is not None:
@@ -168,7 +168,9 @@ def check_run_files(run_dir: Path) -> None:
     folders = [(run_dir, "run directory (run.output_dir / run.name)"), (run_dir / "checkpoints", "checkpoint folder")]
     for folder, what in folders:
         check_writable_dir(folder, what)
-    deepest = next(f for f, _ in reversed(folders) if f.is_dir())
+    deepest = run_dir / "checkpoints"
+    while not deepest.is_dir() and deepest != deepest.parent:  # other ranks: rank 0 may not have created it yet
+        deepest = deepest.parent
     if (err := _space_problem(deepest)) is not None:
         raise OutputError(f"{deepest} cannot take the run's files: {_REASONS.get(err.errno, err.strerror)} "
                           f"({errno.errorcode.get(err.errno, err.errno)}); make room or move run.output_dir")

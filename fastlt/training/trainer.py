@@ -364,8 +364,8 @@ class Trainer:
                            epoch=epoch, skipped_images=n, first=first)
 
     def _finish(self) -> dict:
-        self.stop.phase, self.stop.after = ("the final report (last.pt, metrics.json, plots)", "the training is "
-                                            f"complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report")
+        done = f"the training is complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report"
+        self.stop.phase, self.stop.after = "the final report (last.pt, metrics.json, plots)", done
         final = self.history[-1] if self.history else {}
         digests = dist.replica_digests(self.engine.module)
         if self.rank == 0:
