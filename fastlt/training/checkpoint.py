@@ -204,8 +204,8 @@ class CheckpointManager:
         path = Path(resume)
         if (path / META).is_file():
             return path
-        for base in (path, path / "checkpoints"):
-            if (base / LATEST).is_file():
+        for base in (path, path / "checkpoints"):  # whatever `latest` is, latest() judges it
+            if os.path.lexists(base / LATEST) or CheckpointManager(base).complete():
                 return CheckpointManager(base).latest()
         if path.name.endswith(".partial"):
             raise CheckpointError(f"{path} is an incomplete checkpoint (its writing was interrupted); "

@@ -265,12 +265,15 @@ def check_val_images(dataset, on_error: str, *, rank: int = 0, out=None) -> None
     if every:
         print(f"checking the headers of {n} validation images (data.on_error: raise) ...", file=out, flush=True)
     bad = []
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
         for k, why in enumerate(pool.map(lambda i: _header_problem(dataset, i), range(n), chunksize=64)):
             if why is not None:
                 bad.append((k, why))
             if every and (k + 1) % every == 0:
                 print(f"  {k + 1}/{n} validation images checked, {len(bad)} unreadable", file=out, flush=True)
+    finally:  # a stop request (fastlt.training.signals) must not wait for the reads still queued
+        pool.shutdown(wait=True, cancel_futures=True)
     if bad:
         first = "; ".join(f"{image_source_name(dataset, i)}: {why}" for i, why in bad[:_SHOW_FIRST])
         raise BadImageError(f"data.val_list: {len(bad)} of {n} validation image(s) cannot be read, so the first "
