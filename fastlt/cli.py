@@ -177,7 +177,8 @@ def _run_dir_lock(run_dir, outputs, command: str):
     inside = [o for o in outputs if o is not None and Path(o).resolve().is_relative_to(run_dir)]
     if not inside or not run_dir.is_dir():
         return contextlib.nullcontext()
-    return RunLock(run_dir, command)
+    return RunLock(run_dir, command, fix="write into another folder with --out" +
+                   (" / --report-dir" if command == "fastlt eval" else ""))
 
 
 def _eval(args) -> int:

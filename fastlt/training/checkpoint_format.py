@@ -106,11 +106,13 @@ def read_pointer(ckpt_dir: Path) -> tuple[str | None, str | None]:
             raw = f.read(_POINTER_MAX + 1)
     except OSError as e:
         return None, f"it cannot be read ({e.strerror})"
+    if len(raw) > _POINTER_MAX:
+        return None, f"it is {pointer.stat().st_size} bytes long, not a tag name (epochNNNN_stepNNNNNN)"
     try:
         tag = raw.decode("ascii").strip()
     except UnicodeDecodeError:
         return None, f"it holds bytes that are not a tag name ({raw[:24]!r})"
-    if len(raw) > _POINTER_MAX or parse_tag(tag) is None:
+    if parse_tag(tag) is None:
         return None, f"it holds {tag[:48]!r}, not a tag name (epochNNNN_stepNNNNNN)"
     target = ckpt_dir / tag
     if target.is_symlink() or not (target / META).is_file():

@@ -49,8 +49,10 @@ class RunLock:
     """The exclusive lock of one run directory (see the module docstring). ``acquire`` raises
     OutputError naming the holder; ``release`` (also on ``with`` exit) gives it back."""
 
-    def __init__(self, run_dir: str | os.PathLike, command: str = "fastlt train"):
+    def __init__(self, run_dir: str | os.PathLike, command: str = "fastlt train",
+                 fix: str = "choose another run.name / run.output_dir"):
         self.run_dir = Path(run_dir)
+        self.fix = fix
         self.path = self.run_dir / LOCK_FILE
         self.command = command
         self._fd: int | None = None
@@ -122,7 +124,7 @@ class RunLock:
             holder = ""
         who = holder or "a process that is still starting (it has not written its name yet)"
         return (f"run directory {self.run_dir} is in use by another fastlt process: {who}. Wait for it to finish "
-                "(or stop it), or choose another run.name / run.output_dir")
+                f"(or stop it), or {self.fix}")
 
     def _drop_created(self) -> None:
         if self._created_dir:
