@@ -402,6 +402,43 @@ def test_8_an_unwritable_checkpoint_folder_is_found_before_the_first_step(data_r
     assert tree_digest(tmp_path / "r") == before and sorted(os.listdir(tmp_path / "r")) == ["checkpoints", "notes.txt"]
 
 
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """``mount(options)``: a fresh tmpfs under tmp_path (e.g. 'size=32k' to be full at once, 'ro'
+    to be read-only); skips where this process may not mount (not root, or no CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        where.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True).returncode:
+            pytest.skip("this process cannot mount a tmpfs (needs root / CAP_SYS_ADMIN)")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.parametrize("options, reason", [
+    ("size=32k", "has no room for the run's files (the disk is full, ENOSPC)"),
+    ("ro", "does not accept new files (the file system is read-only)"),
+])
+def test_8_a_full_or_read_only_file_system_is_named(data_root, tmp_path, capsys, tmpfs, options, reason):
+    """A full disk used to be found at the first checkpoint, after an epoch (an empty probe file
+    still fits on a full disk); the preflight probe now writes data and names the errno."""
+    from fastlt.cli import train_main
+
+    out = tmpfs(options)
+    config = write_config(tmp_path / "r.yaml", tiny_config(data_root, out, run={"name": "r"}))
+    assert train_main(["--config", str(config)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"fastlt: error: run directory (run.output_dir / run.name) {out}/r cannot be written: ")
+    assert reason in line and os.listdir(out) == []
+
+
 def test_8_eval_checks_its_report_folder_before_evaluating(base_run, tmp_path, capsys, immutable):
     """Before the fix `fastlt eval` evaluated the whole split, then failed writing the report."""
     from fastlt.cli import main

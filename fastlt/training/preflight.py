@@ -145,7 +145,9 @@ def _space_problem(folder: Path) -> OSError | None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, b"\0" * _PROBE_BYTES)
+            left = memoryview(b"\0" * _PROBE_BYTES)
+            while left:  # a nearly full disk takes part of a write, then refuses the rest
+                left = left[os.write(fd, left):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -172,8 +174,9 @@ def check_run_files(run_dir: Path) -> None:
     while not deepest.is_dir() and deepest != deepest.parent:  # other ranks: rank 0 may not have created it yet
         deepest = deepest.parent
     if (err := _space_problem(deepest)) is not None:
-        raise OutputError(f"{deepest} cannot take the run's files: {_REASONS.get(err.errno, err.strerror)} "
-                          f"({errno.errorcode.get(err.errno, err.errno)}); make room or move run.output_dir")
+        raise OutputError(f"run directory (run.output_dir / run.name) {run_dir} cannot be written: {deepest} has no "
+                          f"room for the run's files ({_REASONS.get(err.errno, err.strerror)}, "
+                          f"{errno.errorcode.get(err.errno, err.errno)}); make room or move run.output_dir")
     for name in _APPENDED:
         log = run_dir / name
         if log.exists():
