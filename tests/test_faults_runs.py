@@ -312,45 +312,33 @@ def test_6_resume_on_a_changed_training_set(base_run, tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory, data_root):
-    """A 1-epoch config: its only evaluation is the final one."""
-    out = tmp_path_factory.mktemp("signals")
-    return out, tiny_config(data_root, out, optim={"epochs": 1}, run={"log_every": 1})
-
-
-def _config(one_epoch, name: str) -> tuple[Path, Path]:
-    out, cfg = one_epoch
-    cfg = json.loads(json.dumps(cfg))
-    cfg["run"]["name"] = name
-    return out / name, write_config(out / f"{name}.yaml", cfg)
-
-
-@pytest.mark.parametrize("point, sig, rc, phase", [
-    ("eval:0", signal.SIGTERM, 143, "the evaluation of epoch 0"),
-    ("report", signal.SIGINT, 130, "the final report (last.pt, metrics.json, plots)"),
-])
-def test_7_a_signal_in_any_phase_stops_the_run_resumably(one_epoch, tmp_path, point, sig, rc, phase):
+def test_7_a_signal_in_the_final_evaluation_or_the_report_stops_the_run_resumably(data_root, tmp_path):
     """Before the fix SIGTERM during the final evaluation printed "stopping after the current
     step and saving a checkpoint", then finished the evaluation and the report and exited 0.
-    Now every phase stops within seconds with 130/143, and --resume auto finishes the run (the
-    set-up phase: test_3_a_second_trainer...; the steps: test_faults.py::test_14_sigterm_exits_143)."""
-    run, config = _config(one_epoch, point.replace(":", "_"))
-    code, err = stop(start_paused(config, point, tmp_path), sig)
-    assert code == rc, err[-3000:]
-    ckpt = run / "checkpoints" / "epoch0001_step000000"
-    line = last_line(err)
-    assert line.startswith(f"fastlt: stopped by {sig.name} during {phase}; "), line
-    if point == "eval:0":
-        assert line.endswith(f"checkpoint {ckpt} is complete: continue with --resume auto (it continues from there "
-                             "and runs this evaluation first)")
-        assert not (run / "metrics.json").exists()
-    else:
-        assert line.endswith(f"the training is complete in checkpoint {ckpt}: --resume auto writes the report")
-    before = tree_digest(run / "checkpoints")
+    Now each phase stops within seconds with 130/143 and leaves a state --resume auto finishes
+    from. One run walks the phases: SIGTERM in its final evaluation, then its resume gets SIGINT
+    in the final report, then a second resume completes it (the set-up phase:
+    test_3_a_second_trainer...; the steps: test_faults.py::test_14_sigterm_exits_143)."""
+    config = write_config(tmp_path / "s.yaml", tiny_config(data_root, tmp_path, optim={"epochs": 1},
+                                                            run={"name": "s", "log_every": 1}))
+    run, ckpt = tmp_path / "s", tmp_path / "s" / "checkpoints" / "epoch0001_step000000"
+    code, err = stop(start_paused(config, "eval:0", tmp_path), signal.SIGTERM)
+    assert code == 143, err[-3000:]
+    assert last_line(err) == (f"fastlt: stopped by SIGTERM during the evaluation of epoch 0; checkpoint {ckpt} is "
+                              "complete: continue with --resume auto (it continues from there and runs this "
+                              "evaluation first)")
+    assert not (run / "metrics.json").exists() and not (run / "best.pt").exists()
+    before = tree_digest(ckpt)
+
+    code, err = stop(start_paused(config, "report", tmp_path, "--resume", "auto"), signal.SIGINT)
+    assert code == 130, err[-3000:]
+    assert last_line(err) == (f"fastlt: stopped by SIGINT during the final report (last.pt, metrics.json, plots); the "
+                              f"training is complete in checkpoint {ckpt}: --resume auto writes the report")
+    assert (run / "last.pt").is_file() and not (run / "metrics.json").exists()
+
     done = fastlt("--config", config, "--resume", "auto")
     assert "eval epoch 0:" in done.stdout and json.loads((run / "metrics.json").read_text())["evaluated_epochs"] == [0]
-    assert tree_digest(run / "checkpoints") == before
+    assert tree_digest(ckpt) == before
 
 
 # --------------------------------------------------------------------------------------

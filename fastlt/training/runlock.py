@@ -56,7 +56,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_FILE
         self.command = command
         self._fd: int | None = None
-        self._created_dir = False
+        self._created: list[Path] = []
 
     @property
     def held(self) -> bool:
@@ -68,9 +68,12 @@ class RunLock:
         if self._fd is not None:
             return self
         if not self.run_dir.exists():
+            missing = [self.run_dir]  # the folders this lock creates, deepest first (removed again on refusal)
+            while not missing[-1].parent.exists() and missing[-1].parent != missing[-1]:
+                missing.append(missing[-1].parent)
             try:
                 self.run_dir.mkdir(parents=True)
-                self._created_dir = True
+                self._created = missing
             except FileExistsError:
                 pass
             except OSError as e:
@@ -127,17 +130,18 @@ class RunLock:
                 f"(or stop it), or {self.fix}")
 
     def _drop_created(self) -> None:
-        if self._created_dir:
+        for folder in self._created:
             try:
-                self.run_dir.rmdir()  # only if still empty
+                folder.rmdir()  # only if still empty
             except OSError:
-                pass
-            self._created_dir = False
+                break
+        self._created = []
 
     def release(self, *, remove_empty_dir: bool = False) -> None:
         """Give the lock back: remove the lock file (while still holding it, so no one locks a
         file about to vanish), then close. ``remove_empty_dir``: also remove a run directory
-        this lock created and nothing else wrote into (a refused run leaves no trace)."""
+        this lock created (and the folders it created above it) where nothing else was written (a refused run
+        leaves no trace)."""
         if self._fd is None:
             return
         try:
