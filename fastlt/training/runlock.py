@@ -139,9 +139,9 @@ class RunLock:
 
     def release(self, *, remove_empty_dir: bool = False) -> None:
         """Give the lock back: remove the lock file (while still holding it, so no one locks a
-        file about to vanish), then close. ``remove_empty_dir``: also remove a run directory
-        this lock created (and the folders it created above it) where nothing else was written (a refused run
-        leaves no trace)."""
+        file about to vanish), then close. ``remove_empty_dir``: also remove the run directory
+        this lock created (and the folders it created above it) while still empty (a refused
+        run leaves no trace)."""
         if self._fd is None:
             return
         try:
