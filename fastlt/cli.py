@@ -226,10 +226,12 @@ def _with_deepspeed_json(cfg, path: str):
     return config_from_dict(tree)
 
 
-def run_cli(fn: Callable[[], None]) -> int:
-    """Run fn() and turn the expected failures into one clear message and an exit code."""
+def run_cli(fn: Callable[[], None], *, phase: str = "the command",
+            after: str = "files already written are complete (each is written whole or not at all)") -> int:
+    """Run fn() and turn the expected failures into one clear message and an exit code. SIGINT and
+    SIGTERM stop it at any moment with 130 / 143 (``fastlt.training.signals``)."""
     from fastlt.errors import FastltError, TrainingInterrupted, exit_code
-    from fastlt.training.signals import SecondInterrupt
+    from fastlt.training.signals import PhaseInterrupt, SecondInterrupt, StopFlag
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
 
@@ -238,7 +240,8 @@ def run_cli(fn: Callable[[], None]) -> int:
             print(f"fastlt: error: {msg}", file=sys.stderr, flush=True)
 
     try:
-        fn()
+        with StopFlag(phase=phase, after=after, stepwise=False):
+            fn()
         return 0
     except TrainingInterrupted as e:
         if is_rank0:
@@ -247,14 +250,16 @@ def run_cli(fn: Callable[[], None]) -> int:
     except FastltError as e:
         say(str(e))
         return exit_code(e)
+    except PhaseInterrupt as e:
+        if is_rank0:
+            print(f"fastlt: {e}", file=sys.stderr, flush=True)
+        return 143 if e.signal_name == "SIGTERM" else 130
     except SecondInterrupt:
         say("aborted by a second Ctrl-C; checkpoints already written are complete (resume with --resume auto)")
         return 130
-    except KeyboardInterrupt:  # outside a training loop (setup, evaluation at the end): nothing was being saved
+    except KeyboardInterrupt:  # a Ctrl-C that arrived before the handlers were installed
         if is_rank0:
-            print("fastlt: interrupted by Ctrl-C before a training step could finish (during setup or outside the "
-                  "training loop); checkpoints already written are complete: continue with --resume auto",
-                  file=sys.stderr, flush=True)
+            print("fastlt: interrupted by Ctrl-C; files already written are complete", file=sys.stderr, flush=True)
         return 130
 
 
@@ -264,28 +269,46 @@ def _train(args) -> int:
 
         train(_load(args), resume=args.resume)
 
-    return run_cli(go)
+    return run_cli(go, phase="setup", after="nothing was trained in this launch; start it again the same way")
+
+
+def _run_dir_lock(run_dir, outputs, command: str):
+    """The lock of the run directory ``run_dir`` (``fastlt.training.runlock``) when one of the
+    ``outputs`` a command writes lies inside it, else a no-op: a report is never written into
+    a run directory that a trainer (or another command) is writing."""
+    import contextlib
+    from pathlib import Path
+
+    from fastlt.training.runlock import RunLock
+
+    run_dir = Path(run_dir).resolve()
+    inside = [o for o in outputs if o is not None and Path(o).resolve().is_relative_to(run_dir)]
+    if not inside or not run_dir.is_dir():
+        return contextlib.nullcontext()
+    return RunLock(run_dir, command, fix="write into another folder with --out" +
+                   (" / --report-dir" if command == "fastlt eval" else ""))
 
 
 def _eval(args) -> int:
     def go():
         from fastlt.training.evaluate import checkpoint_run_dir, run_eval, write_metrics
-        from fastlt.files import check_output_file
+        from fastlt.files import check_output_file, check_writable_dir
         from fastlt.reports.logger import format_metrics
         from fastlt.reports.plots import write_eval_report
 
-        if args.out:  # before the evaluation, not after it
-            check_output_file(args.out, "--out", new=True)
-        if args.report_dir:
-            _check_out_dir(args.report_dir, "--report-dir")
-        m = run_eval(_load(args), args.checkpoint, args.split)
-        print(f"{args.split} ({m['n']} images): {format_metrics(m)}")
-        if args.out:
-            write_metrics(m, args.out)
-            print(f"metrics written to {args.out}")
         run_dir = checkpoint_run_dir(args.checkpoint)
-        paths = write_eval_report(args.report_dir or run_dir / f"eval_{args.split}", m, run_dir / "log.jsonl")
-        print(f"plots and per-class CSV: {', '.join(str(p) for p in paths)}")
+        report_dir = args.report_dir or run_dir / f"eval_{args.split}"
+        with _run_dir_lock(run_dir, [report_dir, args.out], "fastlt eval"):
+            if args.out:  # before the evaluation, not after it
+                check_output_file(args.out, "--out", new=True)
+            _check_out_dir(report_dir, "--report-dir")
+            m = run_eval(_load(args), args.checkpoint, args.split)
+            print(f"{args.split} ({m['n']} images): {format_metrics(m)}")
+            if args.out:
+                write_metrics(m, args.out)
+                print(f"metrics written to {args.out}")
+            paths = write_eval_report(report_dir, m, run_dir / "log.jsonl")
+            print(f"plots and per-class CSV: {', '.join(str(p) for p in paths)}")
 
     return run_cli(go)
 
@@ -352,13 +375,16 @@ def _inspect(args) -> int:
         from fastlt.training.evaluate import checkpoint_run_dir
         from fastlt.reports.label_inspect import inspect_labels
 
+        from fastlt.errors import ConfigError
+
         if args.checkpoint is None:
             raise ConfigError("inspect needs --checkpoint (or --views --backend dali|torch for the training views)")
-        if args.out:
-            _check_out_dir(args.out, "--out")
-        out = args.out or checkpoint_run_dir(args.checkpoint) / "inspect"
-        paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples or 16, epoch=args.epoch,
-                                     show_topk=args.topk)
+        run_dir = checkpoint_run_dir(args.checkpoint)
+        out = args.out or run_dir / "inspect"
+        with _run_dir_lock(run_dir, [out], "fastlt inspect"):
+            _check_out_dir(out, "--out")
+            paths, rows = inspect_labels(_load(args), args.checkpoint, out, samples=args.samples or 16,
+                                         epoch=args.epoch, show_topk=args.topk)
         print(f"{len(rows)} mixed samples: {', '.join(str(p) for p in paths)}", flush=True)
 
     return run_cli(views if args.views else go)
@@ -418,11 +444,11 @@ def _profile(args) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
     def go():
+        from fastlt.files import check_writable_dir
         from fastlt.reports.profiling import format_report, profile_run
 
         if args.out:
             _check_out_dir(args.out, "--out")
-
         summary = profile_run(_load(args), steps=args.steps, warmup=args.warmup, phase=args.phase, out=args.out,
                               top=args.top)
         print(format_report(summary), flush=True)

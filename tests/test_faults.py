@@ -716,16 +716,16 @@ def test_12_resume_without_the_rng_file_says_the_continuation_is_not_exact(base_
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, data_root):
     """A run stopped by SIGTERM inside epoch 0, after its step 1: a mid-epoch checkpoint at step 2.
-    The trainer waits after that step for the signal (FASTLT_TEST_PAUSE_AT, test-only), so the
+    The trainer waits after that step for the signal (FASTLT_TEST_PAUSE, test-only; the step then runs), so the
     stop point does not depend on how fast the machine runs the loop."""
     out = tmp_path_factory.mktemp("stopped")
     cfg = tiny_config(data_root, out, run={"name": "t", "log_every": 1})
     path = write_config(out / "t.yaml", cfg)
     proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO,
-                            env=child_env(FASTLT_TEST_PAUSE_AT="0:1"), stdout=subprocess.PIPE,
+                            env=child_env(FASTLT_TEST_PAUSE="step:0:1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("fastlt-test: paused at epoch 0 step 1"):
+        if line.startswith("fastlt-test: paused at step:0:1"):
             proc.send_signal(signal.SIGTERM)
             break
     out_text, err = proc.communicate(timeout=240)
@@ -795,7 +795,7 @@ def test_14_first_ctrl_c_during_setup(data_root, tmp_path):
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines() == ["fastlt: interrupted by Ctrl-C before a training step could finish (during "
-                                        "setup or outside the training loop); checkpoints already written are "
-                                        "complete: continue with --resume auto"], err[-3000:]
+    assert err.strip().splitlines() == ["fastlt: stopped by SIGINT during setup; nothing was trained in this launch "
+                                        "and the run directory holds only complete files; start it again the same "
+                                        "way (with --resume auto once it has a checkpoint)"], err[-3000:]
     assert not (tmp_path / "i" / "checkpoints").exists()

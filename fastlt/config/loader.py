@@ -123,6 +123,13 @@ class RunConfig:
     """Classes with more than many_shot training images are many-shot (the long-tail convention)."""
     few_shot: int = 20
     """Classes with fewer than few_shot training images are few-shot; the rest are medium-shot."""
+    lock: bool = True
+    """Hold an exclusive lock on the run directory while the run lives (``fastlt.training.runlock``);
+    false only for file systems without file locks, where keeping a second process out is yours."""
+    allow_data_change: bool = False
+    """Resume at an epoch boundary although the training set differs from the one the checkpoint
+    was trained on (image count, class counts or list); the change is logged. A mid-epoch resume
+    on another training set is always refused."""
 
     def __post_init__(self):
         one_of("run.device", self.device, DEVICES)

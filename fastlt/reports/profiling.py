@@ -79,7 +79,7 @@ def profile_run(cfg, *, steps: int = 5, warmup: int = 3, phase: str = "rectified
     from fastlt.training.trainer import Trainer
 
     run_dir = default_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir=run_dir)
+    trainer = Trainer(cfg, run_dir=run_dir, command="fastlt profile")
     try:
         trainer.setup()
         return _profile(trainer, epochs, steps, warmup, phase, Path(out) if out else run_dir / "profile", top)

@@ -13,16 +13,19 @@ from fastlt.reports.logger import format_metrics
 __all__ = ["closing_line", "hparams_of", "opening_lines", "record_launch", "write_metrics_json", "write_plots"]
 
 
-def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int) -> list[str]:
+def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int, *, lineage: dict | None = None
+                  ) -> list[str]:
     """Rank 0, at every launch of a run: the resolved ``config.yaml`` (the launch before it kept in
     ``config_history/`` under its launch time when it differed), the generated ``ds_config.json``
-    and the config as TensorBoard text. Returns the changes against the previous launch, which are
+    and the config as TensorBoard text; a run initialised from another run's checkpoint heads its
+    config.yaml with that ``lineage``. Returns the changes against the previous launch, which are
     also logged, one warning line each, so that a continued run with another config is seen."""
     import yaml
 
-    from fastlt.config.loader import config_to_dict, save_resolved_config
+    from fastlt.config.loader import config_to_dict
+    from fastlt.training.resume import write_run_config
 
-    changed = save_resolved_config(cfg, run_dir / "config.yaml")
+    changed = write_run_config(cfg, run_dir, lineage)
     if changed:
         log.event("warning", f"config changed since the last launch of this run ({len(changed)} key(s); the earlier "
                              f"config is kept in {run_dir / 'config_history'}):", changed=changed)
@@ -74,13 +77,16 @@ def closing_line(cfg, final: dict, best: dict | None, history: list, train_time:
 
 
 def write_metrics_json(run_dir: Path, cfg, data, *, history: list, best: dict | None, train_time: float,
-                       world_size: int, device: str, digests: list[str]) -> None:
-    """``metrics.json``: final, best and every evaluation, the run's setting, the replicas' digests."""
+                       world_size: int, device: str, digests: list[str], lineage: dict | None = None) -> None:
+    """``metrics.json``: final, best and every evaluation, the run's setting, the replicas' digests
+    and, for a run initialised from another run's checkpoint, its ``lineage``."""
     out = {"final": history[-1] if history else {}, "best": best, "history": history, "epochs": cfg.optim.epochs,
            "train_time_s": round(train_time, 2), "world_size": world_size, "device": device,
            "num_classes": data.num_classes, "train_class_counts": [int(c) for c in data.class_counts],
            "run_dir": str(run_dir), "eval_every": cfg.run.eval_every,
            "evaluated_epochs": [h["epoch"] for h in history], "replica_digests": digests}
+    if lineage:
+        out["lineage"] = lineage
     write_text_atomic(run_dir / "metrics.json", json_text(out))
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 import uuid
@@ -48,40 +47,12 @@ import torch
 from fastlt.models.signature import signature_diff, model_signature, weights_digest
 from fastlt.training.distributed import barrier
 from fastlt.errors import CheckpointError, OutputError
-from fastlt.files import damage, safe_load, torch_save_atomic, write_text_atomic
+from fastlt.files import safe_load, torch_save_atomic, write_text_atomic
+from fastlt.training.checkpoint_format import (DS_MODEL_FILE as _DS_MODEL_FILE, LATEST, META, intact, parse_tag as
+                                               _parse_tag, read_meta, read_pointer, tag_for)
 
 __all__ = ["CheckpointManager", "load_weights", "model_signature", "nonfinite_state", "read_meta", "save_weights",
            "tag_for", "weights_digest"]
-
-LATEST = "latest"
-META = "meta.json"
-_TAG_RE = re.compile(r"^epoch(\d{4,})_step(\d{6,})$")
-_DS_MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-def tag_for(epoch: int, step: int) -> str:
-    """The tag of the checkpoint that resumes at (epoch, step)."""
-    return f"epoch{epoch:04d}_step{step:06d}"
-
-
-def _parse_tag(tag: str) -> tuple[int, int] | None:
-    m = _TAG_RE.match(tag)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    """The ``meta.json`` of checkpoint ``path``; CheckpointError if it is missing or damaged."""
-    meta_file = Path(path) / META
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete fastlt checkpoint (no {META})") from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{meta_file} is damaged (not valid JSON: {e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_file} is damaged (expected a JSON object, got {type(meta).__name__})")
-    return meta
-
 
 # --------------------------------------------------------------------------------------
 # Finiteness: never save a diverged state
@@ -173,31 +144,25 @@ class CheckpointManager:
     # -- finding ---------------------------------------------------------------------
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint (from the ``latest`` pointer), or None."""
-        pointer = self.dir / LATEST
-        if not pointer.is_file():
+        """The newest complete checkpoint (from the ``latest`` pointer), or None when there is
+        none. A pointer that is not the tag of a complete checkpoint in this folder (a path, a
+        ``..``, random bytes), or no pointer beside complete checkpoints, is a damaged pointer:
+        CheckpointError naming the newest intact checkpoint (it is never followed)."""
+        tag, why = read_pointer(self.dir)
+        if tag is not None:
+            return self.dir / tag
+        done = self.complete()
+        if why is None and not done:
             return None
-        tag = pointer.read_text(encoding="utf-8").strip()
-        path = self.dir / tag
-        if not (path / META).is_file():
-            raise CheckpointError(f"{pointer} points at {tag!r}, but {path} is not a complete checkpoint "
-                                  f"(no {META}); pass --resume with one of: "
-                                  f"{', '.join(str(p) for p in self.complete()) or 'none found'}")
-        return path
+        why = why or "it is missing, but the folder holds complete checkpoints"
+        newest = next((p for p in reversed(done) if self._ok(p, self.world_size)), None)
+        fix = (f"the newest intact checkpoint is {newest}: resume it with --resume {newest}" if newest is not None
+               else "no intact checkpoint is left: start a new run (another run.name)")
+        raise CheckpointError(f"{self.dir / LATEST} is a damaged pointer ({why}); {fix}")
 
     @staticmethod
     def _intact(path: Path, world_size: int | None) -> tuple[dict, list[str]]:
-        meta = read_meta(path)
-        ranks = range(int(meta.get("world_size") or world_size or 1))
-        files = [path / _DS_MODEL_FILE]
-        if any(path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO / bf16 mode: a shard per rank
-            files += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
-        rngs = [path / f"rng_rank{r:05d}.pt" for r in ranks]
-        missing_rng = [f.name for f in rngs if not f.is_file()]  # not fatal: see fastlt.training.preflight
-        for f in files + [f for f in rngs if f.is_file()]:
-            if (why := damage(f)) is not None:
-                raise CheckpointError(f"checkpoint {path} cannot be used: {f.name}: {why}")
-        return meta, missing_rng
+        return intact(path, world_size)
 
     def verify(self, path: Path, *, world_size: int | None = None) -> tuple[dict, list[str]]:
         """Check checkpoint ``path`` without loading it: meta.json parses, DeepSpeed's model file
@@ -226,7 +191,7 @@ class CheckpointManager:
         if not self.dir.is_dir():
             return []
         found = [(pos, p) for p in self.dir.iterdir()
-                 if (pos := _parse_tag(p.name)) is not None and (p / META).is_file()]
+                 if (pos := _parse_tag(p.name)) is not None and not p.is_symlink() and (p / META).is_file()]
         return [p for _, p in sorted(found)]
 
     @staticmethod
@@ -239,8 +204,8 @@ class CheckpointManager:
         path = Path(resume)
         if (path / META).is_file():
             return path
-        for base in (path, path / "checkpoints"):
-            if (base / LATEST).is_file():
+        for base in (path, path / "checkpoints"):  # whatever `latest` is, latest() judges it
+            if os.path.lexists(base / LATEST) or CheckpointManager(base).complete():
                 return CheckpointManager(base).latest()
         if path.name.endswith(".partial"):
             raise CheckpointError(f"{path} is an incomplete checkpoint (its writing was interrupted); "
@@ -270,8 +235,7 @@ class CheckpointManager:
                 write_text_atomic(partial / META, json.dumps(info, indent=1))
         except OutputError as e:  # a full disk, a read-only folder: free what was written, keep the rest
             shutil.rmtree(partial, ignore_errors=True)
-            pointer = self.dir / LATEST
-            last = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+            last = read_pointer(self.dir)[0]
             kept = (f"the last complete checkpoint {self.dir / last} is untouched" if last
                     else "no earlier checkpoint exists")
             raise OutputError(f"{e}. Checkpoint {tag} was not written (its partial files were removed) and {kept}; "
@@ -302,8 +266,7 @@ class CheckpointManager:
 
     def prune(self) -> None:
         """Delete all but the newest ``keep_last`` complete checkpoints (never the latest)."""
-        pointer = self.dir / LATEST
-        keep = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        keep = read_pointer(self.dir)[0]
         done = self.complete()
         for path in done[: max(0, len(done) - self.keep_last)]:
             if path.name != keep:

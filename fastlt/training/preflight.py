@@ -1,30 +1,106 @@
-"""Checks that run before a training run starts DeepSpeed or writes anything (``Trainer.__init__``).
+"""The set-up checks of a run, in one place and in the order they run: :func:`preflight`.
 
-* :func:`check_device` — options that need a CUDA device are refused elsewhere;
-* :func:`check_run_dir` — the run directory is (or can become) a writable folder;
-* :func:`resolve_resume` — the checkpoint ``--resume`` names (none: the run directory must not
-  hold checkpoints already);
-* :func:`steps_per_epoch` — the epoch length, or a DataError naming the batch size;
-* :func:`check_resume` — the checkpoint to resume is intact (``CheckpointManager.verify``), fits
-  this model and world size, and a mid-epoch position still means the same images;
-* :func:`check_val_images` — every validation image has a readable header, so that with
-  ``data.on_error: raise`` a bad file stops the run now, not at the first evaluation.
+``Trainer.__init__`` calls :func:`preflight` once, before any process group exists, before
+DeepSpeed starts and before anything of the run is written. It reads top to bottom:
 
-Each failure is one :mod:`fastlt.errors` exception naming the file or the key and the fix; as
-they all run first, a refused run leaves its run directory exactly as it was.
+1. the device (:func:`check_device`: options that need CUDA are refused elsewhere);
+2. the run directory (:func:`check_run_dir`: a writable folder, or one that can be created)
+   and its lock (``fastlt.training.runlock``: one process per run directory, rank 0);
+3. every folder and file the run will write (:func:`check_run_files`: ``checkpoints/``, the
+   appended logs), naming the real cause (read-only, permission, no space);
+4. the resume target (``fastlt.training.resume``: what ``--resume`` may name, so a finished
+   run is never overwritten; the ``latest`` pointer is a tag name and nothing else);
+5. the datasets and the training set's identity (``fastlt.training.resume.dataset_identity``),
+   the batch size against the ranks, ``model.pretrained``;
+6. the epoch length (:func:`steps_per_epoch`);
+7. the checkpoint to resume (:func:`check_resume`): intact, in what it holds too, fits this
+   model, world size and training set;
+8. the validation images (:func:`check_val_images`: with ``data.on_error: raise`` a bad file
+   stops the run now, not at the first evaluation).
+
+Each failure is one :mod:`fastlt.errors` exception naming the file or the key and the fix; the
+lock is then given back (and a run directory it created removed), so a refused run leaves
+its run directory exactly as it was. The result is a :class:`Plan` the trainer builds on.
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastlt.training.checkpoint import CheckpointManager, model_signature
-from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError
+from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError, OutputError
 from fastlt.files import check_writable_dir
+from fastlt.training.checkpoint import CheckpointManager, model_signature
+from fastlt.training.resume import ResumeTarget, check_dataset, dataset_identity, resume_target
+from fastlt.training.runlock import RunLock
+from fastlt.training.signals import pause_point
 
-__all__ = ["check_device", "check_resume", "check_run_dir", "check_val_images", "config_signature",
-           "resolve_resume", "steps_per_epoch"]
+__all__ = ["Plan", "check_device", "check_resume", "check_run_dir", "check_run_files", "check_val_images",
+           "config_signature", "preflight", "steps_per_epoch"]
+
+
+@dataclass
+class Plan:
+    """What :func:`preflight` established: everything the trainer needs before it starts."""
+
+    device: str
+    proc: object
+    run_dir: Path
+    lock: RunLock | None
+    ckpt: CheckpointManager
+    target: ResumeTarget
+    data: object
+    dataset: dict
+    """The training set's identity (``dataset_identity``), recorded in every checkpoint."""
+    steps_per_epoch: int
+    precision: object
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the run's log (about the resumed checkpoint)."""
+
+
+def preflight(cfg, *, resume: str | None, run_dir: Path, proc, command: str = "fastlt train",
+              stop=None) -> Plan:
+    """Every set-up check of a run, in the order of the module docstring; returns the Plan."""
+    from fastlt.data.build import build_datasets
+    from fastlt.training.distributed import resolve_device
+    from fastlt.training.engine import deepspeed_config, precision_of
+
+    device = resolve_device(cfg.run.device)  # 1. device
+    check_device(cfg, device)
+    check_run_dir(run_dir)  # 2. run directory + lock
+    lock = RunLock(run_dir, command).acquire() if proc.rank == 0 and cfg.run.lock else None
+    try:
+        check_run_files(run_dir)  # 3. every folder and file the run writes
+        ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=proc.rank,
+                                 local_rank=proc.local_rank, world_size=proc.world_size)
+        target = resume_target(ckpt, resume, run_dir)  # 4. resume target
+        deepspeed_config(cfg, proc.world_size)  # batch size vs ranks, before anything starts
+        data = build_datasets(cfg)  # 5. datasets and identity
+        identity = dataset_identity(data.train)
+        steps = steps_per_epoch(cfg, len(data.train), proc.world_size)  # 6. epoch length
+        from fastlt.models.bcl import check_backbone
+
+        check_backbone(cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
+        if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
+            from fastlt.models.pretrained import check_pretrained
+
+            check_pretrained(cfg, data.num_classes)
+        notes = [] if target.path is None else check_resume(  # 7. the checkpoint to resume
+            ckpt, target.path, cfg, num_classes=data.num_classes, steps_per_epoch=steps, dataset=identity)
+        check_val_images(data.val, cfg.data.on_error, rank=proc.rank,  # 8. validation images
+                         max_pixels=cfg.data.max_image_pixels)
+        pause_point("setup", stop)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_empty_dir=True)
+        raise
+    return Plan(device=device, proc=proc, run_dir=run_dir, lock=lock, ckpt=ckpt, target=target, data=data,
+                dataset=identity, steps_per_epoch=steps, precision=precision_of(cfg.deepspeed), notes=notes)
+
 
 #: Validation lists at least this long get progress lines while their headers are checked.
 PROGRESS_FROM = 2000
@@ -37,18 +113,6 @@ def check_device(cfg, device: str) -> None:
         raise ConfigError("model.sync_bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on "
                           f"{device}; set model.sync_bn=false (BatchNorm then normalises each rank's share, "
                           "as the reference's DataParallel does)")
-
-
-def resolve_resume(ckpt: CheckpointManager, resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume (``--resume auto|PATH``); without ``--resume`` a run directory that
-    already holds checkpoints is refused (continuing it silently would mix two runs)."""
-    existing = ckpt.complete() if ckpt.dir.is_dir() else []
-    if resume is None:
-        if existing:
-            raise CheckpointError(f"run directory {run_dir} already holds checkpoints (newest: {existing[-1].name}); "
-                                  "pass --resume auto to continue that run, or choose a new run.name / run.output_dir")
-        return None
-    return CheckpointManager.resolve(resume, run_dir)
 
 
 def steps_per_epoch(cfg, num_train: int, world_size: int) -> int:
@@ -74,6 +138,60 @@ def check_run_dir(run_dir: Path) -> None:
     check_writable_dir(run_dir, "run directory (run.output_dir / run.name)")
 
 
+_PROBE_BYTES = 1 << 16  # a file system with less room than this cannot take a checkpoint either
+_APPENDED = ("train.log", "log.jsonl")
+
+
+def _space_problem(folder: Path) -> OSError | None:
+    """Write and remove a 64 KiB file in ``folder``, synced: an empty file fits on a full disk,
+    data does not (ENOSPC, EDQUOT)."""
+    tmp = folder / f".fastlt-space-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            left = memoryview(b"\0" * _PROBE_BYTES)
+            while left:  # a nearly full disk takes part of a write, then refuses the rest
+                left = left[os.write(fd, left):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    return None
+
+
+def check_run_files(run_dir: Path) -> None:
+    """OutputError unless everything a run writes can be written: the run directory and its
+    ``checkpoints/`` folder take new files and data, and the logs the run appends to are
+    writable. Names the real cause (read-only, permission, immutable, the disk full)."""
+    from fastlt.files import _REASONS
+
+    folders = [(run_dir, "run directory (run.output_dir / run.name)"), (run_dir / "checkpoints", "checkpoint folder")]
+    for folder, what in folders:
+        check_writable_dir(folder, what)
+    deepest = run_dir / "checkpoints"
+    while not deepest.is_dir() and deepest != deepest.parent:  # other ranks: rank 0 may not have created it yet
+        deepest = deepest.parent
+    if (err := _space_problem(deepest)) is not None:
+        raise OutputError(f"run directory (run.output_dir / run.name) {run_dir} cannot be written: {deepest} has no "
+                          f"room for the run's files ({_REASONS.get(err.errno, err.strerror)}, "
+                          f"{errno.errorcode.get(err.errno, err.errno)}); make room or move run.output_dir")
+    for name in _APPENDED:
+        log = run_dir / name
+        if log.exists():
+            try:
+                os.close(os.open(log, os.O_WRONLY | os.O_APPEND))
+            except OSError as e:
+                raise OutputError(f"{log} cannot be appended to: {_REASONS.get(e.errno, e.strerror)} "
+                                  f"({errno.errorcode.get(e.errno, e.errno)}); make it writable or choose another "
+                                  "run.name") from None
+
+
 def config_signature(cfg, num_classes: int) -> dict:
     """The model signature (``fastlt.training.checkpoint.model_signature``) of ``cfg``'s model, from a copy
     built on the meta device: shapes only, no memory, no initialisation cost."""
@@ -86,20 +204,26 @@ def config_signature(cfg, num_classes: int) -> dict:
     return model_signature(model, cfg)
 
 
-def check_resume(ckpt: CheckpointManager, path: Path, cfg, *, num_classes: int, steps_per_epoch: int) -> list[str]:
+def check_resume(ckpt: CheckpointManager, path: Path, cfg, *, num_classes: int, steps_per_epoch: int,
+                 dataset: dict | None = None) -> list[str]:
     """Everything about resuming ``path`` that can be known before DeepSpeed starts.
 
     Raises CheckpointError for a damaged or incomplete checkpoint (naming the newest intact
     earlier one), another model or world size, or a mid-epoch position whose step no longer
-    means the same images. Returns warnings for the log (a missing RNG file: the continuation
-    is then not bit-exact).
+    means the same images; DataError for another training set (``dataset``: its identity;
+    ``fastlt.training.resume.check_dataset``). Returns warnings for the log (a missing RNG
+    file: the continuation is then not bit-exact; a training set changed as allowed).
     """
     meta, missing_rng = ckpt.verify(path, world_size=ckpt.world_size)
     ckpt.check_compatible(path, meta, config_signature(cfg, num_classes), zero_stage=cfg.deepspeed.zero_stage)
+    boundaries = [p for p in CheckpointManager(path.parent).complete()
+                  if p.name.endswith("_step000000") and p.name < path.name]
+    notes = [] if dataset is None else check_dataset(path, meta, dataset, allow_change=cfg.run.allow_data_change,
+                                                     boundary=boundaries[-1] if boundaries else None)
     epoch, step = int(meta.get("epoch", 0)), int(meta.get("step", 0))
     old_batch, old_steps = meta.get("batch_size"), meta.get("steps_per_epoch")
     if step > 0 and ((old_batch is not None and old_batch != cfg.data.batch_size) or step >= steps_per_epoch):
-        boundary = [p for p in ckpt.complete() if p.name.endswith("_step000000") and p.name < path.name]
+        boundary = boundaries
         fix = (f"--set data.batch_size={old_batch} (change it at the next epoch boundary)" if old_batch is not None
                else "the batch size and max_steps_per_epoch it was written with")
         alt = f", or resume the epoch boundary before it with --resume {boundary[-1]}" if boundary else ""
@@ -108,7 +232,6 @@ def check_resume(ckpt: CheckpointManager, path: Path, cfg, *, num_classes: int, 
             f"data.batch_size={old_batch if old_batch is not None else '?'}; this config has data.batch_size="
             f"{cfg.data.batch_size} ({steps_per_epoch} steps per epoch), so step {step} would not mean the same "
             f"images and part of the epoch would be skipped or repeated. Resume it with {fix}{alt}")
-    notes = []
     written = meta.get("world_size")
     if written and written != ckpt.world_size:
         notes.append(f"note: checkpoint {path} was written by {written} rank(s) and this run has {ckpt.world_size}: "
@@ -149,12 +272,15 @@ def check_val_images(dataset, on_error: str, *, rank: int = 0, out=None, max_pix
     if every:
         print(f"checking the headers of {n} validation images (data.on_error: raise) ...", file=out, flush=True)
     bad = []
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
         for k, why in enumerate(pool.map(lambda i: _header_problem(dataset, i, max_pixels or DEFAULT_MAX_IMAGE_PIXELS), range(n), chunksize=64)):
             if why is not None:
                 bad.append((k, why))
             if every and (k + 1) % every == 0:
                 print(f"  {k + 1}/{n} validation images checked, {len(bad)} unreadable", file=out, flush=True)
+    finally:  # a stop request (fastlt.training.signals) must not wait for the reads still queued
+        pool.shutdown(wait=True, cancel_futures=True)
     if bad:
         first = "; ".join(f"{image_source_name(dataset, i)}: {why}" for i, why in bad[:_SHOW_FIRST])
         key = "data.val_dir" if hasattr(dataset, "class_names") and not hasattr(dataset, "list_file") else "data.val_list"

@@ -1,37 +1,59 @@
-"""Stop requests: Ctrl-C and SIGTERM end a training run at a step boundary, after a checkpoint.
+"""Stop requests: SIGINT (Ctrl-C) and SIGTERM are honoured in every phase of a run, within seconds.
 
-The first SIGINT/SIGTERM only sets :attr:`StopFlag.requested`; the trainer finishes the step
-in flight (or the checkpoint being written), saves the position and exits. A second SIGINT
-aborts at once; files already saved are complete either way.
+A :class:`StopFlag` is installed from the first line of a command to its last, and knows the
+phase the run is in:
 
-Test-only: ``FASTLT_TEST_PAUSE_AT=<epoch>:<step>`` makes the trainer stop after that step of
-that epoch (0-based) has trained, print ``fastlt-test: paused at epoch E step S`` to stdout and
-wait for a SIGINT/SIGTERM before going on, so that a test's signal lands at a known step
-instead of racing the training loop. Not for users: a run with it set waits for a signal.
+* **training steps** (``stepwise``): the first SIGINT/SIGTERM only sets :attr:`StopFlag.requested`;
+  the trainer finishes the step in flight (or the checkpoint being written), saves the position
+  and exits with ``TrainingInterrupted``. A second SIGINT aborts at once;
+* **every other phase** (setup, evaluation, the final report): there is nothing to finish, so
+  the signal raises :class:`PhaseInterrupt` where the process is, naming the phase and the state
+  it leaves (the checkpoint to continue from). It derives from KeyboardInterrupt, so no
+  ``except Exception`` on the way can swallow it.
+
+Either way the exit code is 130 (SIGINT) or 143 (SIGTERM), files already saved are complete
+(every write is temp file + rename) and ``--resume auto`` continues.
+
+Tests stop a run at a chosen point with :func:`pause_point` (``FASTLT_TEST_PAUSE=<point>``): the
+process writes its pid to ``FASTLT_TEST_PAUSE_FILE`` and waits there until a signal arrives, so
+a test signals a known phase without racing it. Unset, it costs one dictionary lookup.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
-__all__ = ["SecondInterrupt", "StopFlag", "pause_for_test"]
-
-PAUSE_ENV = "FASTLT_TEST_PAUSE_AT"
-PAUSE_LIMIT_S = 600.0  # a test that never signals fails instead of hanging
+__all__ = ["PhaseInterrupt", "SecondInterrupt", "StopFlag", "pause_point"]
 
 
 class SecondInterrupt(KeyboardInterrupt):
     """A second Ctrl-C after a stop request: abort now instead of saving (tells the CLI which Ctrl-C it was)."""
 
 
+class PhaseInterrupt(KeyboardInterrupt):
+    """SIGINT/SIGTERM outside the training steps; the message names the phase and what to do next."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class StopFlag:
     """Context manager that turns SIGINT/SIGTERM into a stop request (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, phase: str = "training", after: str = "files already written are complete", *,
+                 stepwise: bool = True):
         self.requested = False
         self.signal_name = ""
+        self.stepwise = stepwise
+        self.phase, self.after = phase, after
         self._previous = {}
         self._pid = os.getpid()
 
@@ -41,12 +63,27 @@ class StopFlag:
             # whole process group, and the deepspeed launcher terminates process trees: workers
             # ignore both and keep serving until the main process has saved and shuts them down.
             return
+        name = signal.Signals(signum).name
+        if not self.stepwise:
+            self.requested, self.signal_name = True, name
+            raise PhaseInterrupt(f"stopped by {name} during {self.phase}; {self.after}", name)
         if self.requested and signum == signal.SIGINT:
             raise SecondInterrupt
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = name
         print(f"\nfastlt: {self.signal_name} received: stopping after the current step and saving a checkpoint "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def during(self, phase: str, after: str, *, stepwise: bool = False):
+        """Inside the block a signal stops the run as ``phase`` allows; ``after`` tells the user
+        what state it leaves. Restores the enclosing phase on exit."""
+        saved = self.phase, self.after, self.stepwise
+        self.phase, self.after, self.stepwise = phase, after, stepwise
+        try:
+            yield self
+        finally:
+            self.phase, self.after, self.stepwise = saved
 
     def __enter__(self):
         self._pid = os.getpid()
@@ -60,18 +97,20 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
+        self._previous = {}
         return False
 
 
-def pause_for_test(stop: StopFlag, epoch: int, step: int) -> None:
-    """The test-only pause of the module docstring: a no-op unless ``FASTLT_TEST_PAUSE_AT`` names
-    this (epoch, step); then wait until ``stop`` is requested by a signal."""
-    at = os.environ.get(PAUSE_ENV)
-    if not at or at != f"{epoch}:{step}":
+def pause_point(name: str, flag: StopFlag | None) -> None:
+    """Tests only: with ``FASTLT_TEST_PAUSE=name``, announce the pause in ``FASTLT_TEST_PAUSE_FILE``
+    and wait until a signal stops the run (see the module docstring)."""
+    if os.environ.get("FASTLT_TEST_PAUSE") != name:
         return
-    print(f"fastlt-test: paused at epoch {epoch} step {step}", flush=True)
-    deadline = time.monotonic() + PAUSE_LIMIT_S
-    while not stop.requested:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{PAUSE_ENV}={at}: no SIGINT/SIGTERM within {PAUSE_LIMIT_S:.0f} s")
-        time.sleep(0.02)  # the signal handler runs between these sleeps
+    print(f"fastlt-test: paused at {name}", flush=True)  # for tests that read the child's stdout
+    marker = os.environ.get("FASTLT_TEST_PAUSE_FILE")
+    if marker:
+        tmp = Path(f"{marker}.tmp")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, marker)
+    while flag is None or not flag.requested:  # outside the steps the signal handler raises out of here
+        time.sleep(0.01)

@@ -2,10 +2,10 @@
 
 :class:`Trainer` runs one :class:`~fastlt.config.loader.Config`:
 
-1. before any process group exists: the device, the run directory and the resume target,
-   the datasets, the epoch length and the validation images are checked
-   (``fastlt.training.preflight``), so a wrong path, class count, batch size or a damaged checkpoint
-   stops the run with one message before DeepSpeed starts and before anything is written;
+1. ``fastlt.training.preflight.preflight``, once, before any process group exists: every set-up
+   check in order (device, run directory and its lock, the folders the run writes, the resume
+   target, datasets, epoch length, the checkpoint, validation images), so a refused run stops
+   with one message before DeepSpeed starts and leaves its run directory as it was;
 2. the process group, the model, the DeepSpeed engine (``fastlt.training.engine``), the objective
    (``fastlt.method.objective``), the per-epoch LR (``fastlt.training.schedule``) and the pipelines;
 3. epochs of :func:`~fastlt.method.objective.train_step`, a resumable checkpoint every
@@ -13,10 +13,10 @@
    evaluation every ``run.eval_every`` epochs (after the checkpoint: a failing evaluation
    never costs the epoch, and a resume from that checkpoint evaluates first).
 
-The host waits for the device only at log intervals, epoch ends, evaluation and
-checkpoints: per-step losses are kept in a device buffer and read in one copy. Ctrl-C /
-SIGTERM (``fastlt.training.signals``) stop at a step boundary after a checkpoint; so does an unreadable
-training image (``data.on_error: raise``) in a one-process run, whose resume starts at its batch.
+The host waits for the device only at log intervals, epoch ends, evaluation and checkpoints.
+SIGINT/SIGTERM (``fastlt.training.signals``) are honoured in every phase: inside the steps the
+run stops at a step boundary after a checkpoint, elsewhere at once (130/143, resumable). So
+does an unreadable training image (``data.on_error: raise``) in a one-process run.
 """
 from __future__ import annotations
 
@@ -29,53 +29,43 @@ import torch
 from torch import Tensor
 
 from fastlt.training import distributed as dist
-from fastlt.training.checkpoint import CheckpointManager, model_signature, nonfinite_state, save_weights, tag_for
+from fastlt.training.checkpoint import model_signature, nonfinite_state, save_weights, tag_for
 from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
 from fastlt.reports.logger import RunLogger, format_metrics
 from fastlt.reports.run_report import (closing_line, hparams_of, opening_lines, record_launch, write_metrics_json,
                                       write_plots)
-from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
-                              steps_per_epoch)
-from fastlt.training.signals import StopFlag, pause_for_test
+from fastlt.training.preflight import preflight
+from fastlt.training.resume import resume_hint
+from fastlt.training.signals import StopFlag, pause_point
 
 __all__ = ["Trainer", "train"]
+
+_SETUP_AFTER = ("nothing was trained in this launch and the run directory holds only complete files; start it again "
+                "the same way (with --resume auto once it has a checkpoint)")
 
 
 class Trainer:
     """One training run of a :class:`Config` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | os.PathLike | None = None):
-        from fastlt.data.build import build_datasets
-        from fastlt.training.engine import deepspeed_config, precision_of
-
+    def __init__(self, cfg: Config, *, resume: str | None = None, run_dir: str | os.PathLike | None = None,
+                 command: str = "fastlt train"):
         self.cfg = cfg
         self.resume = resume
-        self.device = dist.resolve_device(cfg.run.device)
-        check_device(cfg, self.device)
-        self.proc = dist.process_info()
+        # From here to close(), SIGINT/SIGTERM stop the run in whatever phase it is (fastlt.training.signals).
+        self.stop = StopFlag(phase="setup", after=_SETUP_AFTER, stepwise=False).__enter__()
+        try:
+            run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
+            self.plan = plan = preflight(cfg, resume=resume, run_dir=run_dir, proc=dist.process_info(),
+                                         command=command, stop=self.stop)
+        except BaseException:
+            self.stop.__exit__(None, None, None)
+            raise
+        self.device, self.proc, self.run_dir, self.ckpt = plan.device, plan.proc, plan.run_dir, plan.ckpt
         self.rank, self.world_size = self.proc.rank, self.proc.world_size
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
-        check_run_dir(self.run_dir)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=self.rank,
-                                      local_rank=self.proc.local_rank, world_size=self.world_size)
-        self.resume_from = resolve_resume(self.ckpt, resume, self.run_dir)
-        deepspeed_config(cfg, self.world_size)  # batch size vs ranks, before anything starts
-        self.data = build_datasets(cfg)
-        self.steps_per_epoch = steps_per_epoch(cfg, len(self.data.train), self.world_size)
-        from fastlt.models.bcl import check_backbone
-
-        check_backbone(cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
-        if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
-            from fastlt.models.pretrained import check_pretrained
-
-            check_pretrained(cfg, self.data.num_classes)
-        self.precision = precision_of(cfg.deepspeed)
-        self.resume_notes = [] if self.resume_from is None else check_resume(
-            self.ckpt, self.resume_from, cfg, num_classes=self.data.num_classes, steps_per_epoch=self.steps_per_epoch)
-        check_val_images(self.data.val, cfg.data.on_error, rank=self.rank, max_pixels=cfg.data.max_image_pixels)
-        self.stop = StopFlag()
+        self.resume_from, self.data, self.steps_per_epoch = plan.target.path, plan.data, plan.steps_per_epoch
+        self.precision, self.resume_notes = plan.precision, plan.notes
 
     # -- setup -----------------------------------------------------------------------
 
@@ -137,6 +127,7 @@ class Trainer:
         meta = {"signature": self.signature, "backbone": self.cfg.model.backbone, "num_classes": self.data.num_classes,
                 "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "zero_stage": self.cfg.deepspeed.zero_stage}
+        meta.update(dataset=self.plan.dataset, lineage=self.plan.target.lineage)
         path = self.ckpt.save(self.engine, epoch, step, client, meta)
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
@@ -149,9 +140,14 @@ class Trainer:
         self.history = list(state["history"])
         self.train_time = float(state.get("train_time_s", 0.0))
         self.eval_pending = bool(state.get("eval_pending", False))
-        self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} "
-                       f"(global step {state['global_step']})", path=str(path), epoch=state["epoch"],
-                       step=state["step"])
+        target = self.plan.target
+        if target.foreign:  # a new run: its best is what it evaluates itself (into its own best.pt)
+            self.best = None
+        new = (f"; a new run initialised from a checkpoint of run {target.lineage['source_run']} (lineage in "
+               "config.yaml, metrics.json and its checkpoints)") if target.foreign else ""
+        self.log.event("resume", f"resumed from {path}: epoch {state['epoch']} step {state['step']} (global step "
+                       f"{state['global_step']}){new}", path=str(path), epoch=state["epoch"], step=state["step"],
+                       lineage=target.lineage)
         return int(state["epoch"]), int(state["step"])
 
     # -- evaluation ------------------------------------------------------------------
@@ -159,9 +155,11 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         from fastlt.training.evaluate import evaluate_model
 
-        metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
-                                 precision=self.precision, channels_last=self.cfg.model.channels_last,
-                                 shots=(self.cfg.run.many_shot, self.cfg.run.few_shot))
+        with self.stop.during(f"the evaluation of epoch {epoch}", resume_hint(self.ckpt, epoch)):
+            pause_point(f"eval:{epoch}", self.stop)
+            metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
+                                     precision=self.precision, channels_last=self.cfg.model.channels_last,
+                                     shots=(self.cfg.run.many_shot, self.cfg.run.few_shot))
         summary = {k: metrics[k] for k in ("overall", "many", "medium", "few")}
         self.last_eval = metrics
         self.history = [h for h in self.history if h["epoch"] != epoch] + [{"epoch": epoch, **summary}]
@@ -252,8 +250,8 @@ class Trainer:
                         self._end_interval(buf, n, epoch, step - 1, t_start, wait, samples)
                     return step
                 wait += time.perf_counter() - t0
+                pause_point(f"step:{epoch}:{step}", self.stop)
                 buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
-                pause_for_test(self.stop, epoch, step)  # test-only (FASTLT_TEST_PAUSE_AT); a no-op otherwise
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
@@ -284,7 +282,8 @@ class Trainer:
         elif self.resume is not None:
             self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
         if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
-            record_launch(cfg, self.ds_config, self.run_dir, self.log, int(self.engine.global_steps))
+            record_launch(cfg, self.ds_config, self.run_dir, self.log, int(self.engine.global_steps),
+                          lineage=self.plan.target.lineage)
         if self.rank == 0 and self.data.class_names is not None:
             from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
 
@@ -301,11 +300,13 @@ class Trainer:
         for line in (*self.data.notes, f"data pipeline: {self.backend} ({choose_backend(cfg.pipeline.backend)[1]})"):
             self.log.info(line)
         last_eval_epoch = None
-        with self.stop:
-            if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
-                self.evaluate(epoch - 1)
-                last_eval_epoch = epoch - 1
-            while epoch < cfg.optim.epochs:
+        self.stop.phase, self.stop.after = "training", "checkpoints already written are complete: --resume auto"
+        if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
+            self.evaluate(epoch - 1)
+            last_eval_epoch = epoch - 1
+        while epoch < cfg.optim.epochs:
+            # Steps: a signal is noted and the run stops at the next step boundary, after a checkpoint.
+            with self.stop.during(f"epoch {epoch}", "", stepwise=True):
                 t_epoch = time.perf_counter()
                 reached = self._train_epoch(epoch, step)
                 self.train_time += time.perf_counter() - t_epoch
@@ -324,16 +325,19 @@ class Trainer:
                                               self.stop.signal_name)
                 done = epoch + 1
                 due = done % cfg.run.eval_every == 0 or done == cfg.optim.epochs
+                path = None
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.optim.epochs or stopping:
                     path = self._save(done, 0, eval_pending=due)
-                    if stopping:  # the pending evaluation runs when the run is resumed
-                        raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
-                                                  f"{epoch}; checkpoint {path}. Continue with --resume auto",
-                                                  self.stop.signal_name)
-                if due:
-                    self.evaluate(epoch)
-                    last_eval_epoch = epoch
-                epoch, step = done, 0
+                (late,) = dist.any_rank([self.stop.requested], self.dev)  # e.g. during the checkpoint write
+                if stopping or late:  # the pending evaluation runs when the run is resumed
+                    path = path or self._save(done, 0, eval_pending=due)
+                    raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
+                                              f"{epoch}; checkpoint {path}. Continue with --resume auto",
+                                              self.stop.signal_name)
+            if due:
+                self.evaluate(epoch)
+                last_eval_epoch = epoch
+            epoch, step = done, 0
         if last_eval_epoch is None and not any(h["epoch"] == cfg.optim.epochs - 1 for h in self.history):
             self.evaluate(cfg.optim.epochs - 1)  # resumed after the last epoch, from a run that never evaluated it
         return self._finish()
@@ -367,14 +371,17 @@ class Trainer:
                            epoch=epoch, skipped_images=n, first=first)
 
     def _finish(self) -> dict:
+        done = f"the training is complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report"
+        self.stop.phase, self.stop.after = "the final report (last.pt, metrics.json, plots)", done
         final = self.history[-1] if self.history else {}
         digests = dist.replica_digests(self.engine.module)
         if self.rank == 0:
             save_weights(self.run_dir / "last.pt", self.engine.module,
                          {"epoch": self.cfg.optim.epochs - 1, "metrics": final, "signature": self.signature})
+            pause_point("report", self.stop)
             write_metrics_json(self.run_dir, self.cfg, self.data, history=self.history, best=self.best,
                                train_time=self.train_time, world_size=self.world_size, device=self.device,
-                               digests=digests)
+                               digests=digests, lineage=self.plan.target.lineage)
             write_plots(self.run_dir, self.last_eval, self.data, self.log)
             self.log.hparams(hparams_of(self.cfg), {"final_overall": final.get("overall"), "best_overall":
                                                     (self.best or {}).get("overall")})
@@ -390,6 +397,9 @@ class Trainer:
                 getattr(self, name).close()
         if hasattr(self, "log"):
             self.log.close()
+        if self.plan.lock is not None:
+            self.plan.lock.release()
+        self.stop.__exit__(None, None, None)
 
 
 def train(cfg: Config, *, resume: str | None = None) -> dict:
