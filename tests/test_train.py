@@ -134,7 +134,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
     cfg = dict(base_run["cfg"], pipeline=dict(base_run["cfg"]["pipeline"], num_workers=2),
                run=dict(base_run["cfg"]["run"], name="intr", output_dir=str(tmp_path)))
     path = write_config(tmp_path / "i.yaml", cfg)
-    # The trainer waits after epoch 0's step 2 for the signal (FASTLT_TEST_PAUSE, test-only; the step then runs):
+    # The trainer waits before epoch 0's step 2 for the signal (FASTLT_TEST_PAUSE, test-only); the step then runs:
     # the Ctrl-C (SIGINT to the whole process group, workers included) lands at a known step
     # however fast or slow the machine runs the loop.
     proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO,
