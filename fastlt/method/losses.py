@@ -13,8 +13,9 @@
   views. The module is a thin wrapper over it.
 
 :func:`reference_soft_cross_entropy` (in :mod:`fastlt.method.parts`, shared with the kernels, as
-is the BalSCL argument check) and :func:`reference_balanced_supcon_loss` are the pure-PyTorch specs; :func:`soft_cross_entropy` and :func:`balanced_supcon_loss` are the
-dispatch points for the fused Triton kernels of ``fastlt.kernels``.
+is the BalSCL argument check) and :func:`reference_balanced_supcon_loss` are the pure-PyTorch
+specs; :func:`soft_cross_entropy` and :func:`balanced_supcon_loss` are the dispatch points for
+the fused Triton kernels of ``fastlt.kernels``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from fastlt.method.config import SCL_SCOPES
 from fastlt.method.parts import reference_soft_cross_entropy, resolve_supcon_args
 
 __all__ = ["BalancedSupConLoss", "LogitAdjustedCrossEntropy", "balanced_supcon_loss", "log_prior",
-           "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "resolve_supcon_args", "soft_cross_entropy"]
+           "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "resolve_supcon_args",
+           "soft_cross_entropy"]
 
 
 def _counts_tensor(class_counts, what: str) -> Tensor:
