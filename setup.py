@@ -35,7 +35,7 @@ setup(
         "matplotlib>=3.7,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "hypothesis>=6,<7", "scipy>=1.10,<2"],
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-xdist>=3.5,<4", "hypothesis>=6,<7", "scipy>=1.10,<2"],
     },
     entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},
 )

@@ -14,7 +14,7 @@ groups.
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +23,6 @@ import torch.nn.functional as F  # noqa: E402
 from fastlt.kernels import dispatch  # noqa: E402
 from fastlt.kernels.testing import (count_launches, describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.losses import BalancedSupConLoss, balanced_supcon_loss, reference_balanced_supcon_loss  # noqa: E402
 from spec_formulas import loop_balanced_supcon  # noqa: E402
 
@@ -41,7 +40,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:Runti
 # error is a few bf16 units relative to the largest gradient entry.
 LOSS_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1e-5)}
 GRAD_TOL = {torch.float32: dict(atol=2e-6, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
-
 
 
 @pytest.fixture
@@ -269,7 +267,3 @@ def test_bad_inputs_raise(monkeypatch, backend):
         loss, *_ = _forward(items, out_of_range, 3, 0.1, 0, 6)
         assert bool(loss.isnan())
     dispatch._reset_for_tests()
-
-
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)

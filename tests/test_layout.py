@@ -97,8 +97,9 @@ def _imports(name: str) -> set[str]:
                 while package in MODULES and _is_package(package) and alias.name in _lazy_exports(package):
                     package = _lazy_exports(package)[alias.name]
                     targets.append(package)
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and isinstance(node.args[0].value, str)):
             literal = node.args[0].value
             level = len(literal) - len(literal.lstrip("."))
             targets = [_resolve(literal.lstrip("."), level, name)]
@@ -183,7 +184,8 @@ def test_kernels_and_pipelines_only_as_fastlt_subpackages():
         for node in ast.walk(ast.parse(path.read_text())):
             mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
-            bad += [f"{path.relative_to(REPO)}:{node.lineno}: {m}" for m in mods if m.split(".")[0] in ("kernels", "pipelines")]
+            bad += [f"{path.relative_to(REPO)}:{node.lineno}: {m}" for m in mods
+                    if m.split(".")[0] in ("kernels", "pipelines")]
     assert not bad, "import fastlt.kernels / fastlt.pipelines instead:\n" + "\n".join(bad)
 
 

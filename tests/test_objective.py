@@ -7,7 +7,7 @@
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import copy  # noqa: E402
 
@@ -16,9 +16,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastlt.kernels import CompactLabel, dispatch, reference_rectify_labels_compact  # noqa: E402
-from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
+from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.label_stats import area_argmax, per_sample_stats  # noqa: E402
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon  # noqa: E402
 
@@ -113,11 +112,6 @@ def test_compact_triton_step_equals_the_dense_formulation(monkeypatch):
         assert msg is None, msg
 
 
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)
-
-
-@pytest.mark.skipif(in_child_process(), reason="compiles with inductor once, in the parent process")
 def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     """run.compile: the model and the objective through torch.compile (inductor, CPU C++ code)."""
     from conftest import tiny_config
@@ -173,13 +167,12 @@ def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-@pytest.mark.skipif(in_child_process(), reason="a training run, in the parent process")
-def test_trainer_runs_a_compiled_step(tmp_path):
+def test_trainer_runs_a_compiled_step(tmp_path, tiny_data_root):
     """run.compile through the trainer and DeepSpeed's engine.compile; aot_eager traces the same
     graphs as inductor (Dynamo, AOTAutograd, the fastlt custom ops' fakes) without C++ codegen."""
     from conftest import events, run_fastlt, tiny_config, write_config
 
-    cfg = tiny_config(tmp_path / "data", tmp_path, optim={"epochs": 1},
+    cfg = tiny_config(tiny_data_root, tmp_path, optim={"epochs": 1},
                       run={"name": "compiled", "compile": "default", "compile_backend": "aot_eager",
                            "max_steps_per_epoch": 3, "log_every": 1})
     run_fastlt("--config", write_config(tmp_path / "c.yaml", cfg))

@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, child_env, events,
-                      run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
+from conftest import (SIGNAL_AT_STEP, TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, child_env,
+                      events, run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,9 +37,9 @@ TRAIN_LINE = re.compile(r"^epoch +\d+/\d+ step +\d+/\d+ \| ce -?[\d.]+ \| scl -?
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """The synthetic dataset's cache folder, shared by every run of this module."""
-    return tmp_path_factory.mktemp("synthetic") / "tiny"
+def data_root(tiny_data_root) -> Path:
+    """The synthetic dataset of tiny_config (the session's, read-only)."""
+    return tiny_data_root
 
 
 @pytest.fixture(scope="module")
@@ -134,24 +134,18 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
     cfg = dict(base_run["cfg"], pipeline=dict(base_run["cfg"]["pipeline"], num_workers=2),
                run=dict(base_run["cfg"]["run"], name="intr", output_dir=str(tmp_path)))
     path = write_config(tmp_path / "i.yaml", cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = []
-    # Ctrl-C (SIGINT to the whole process group) as soon as epoch 0 starts: the whole tiny run
-    # takes about a second, so waiting for a logged step let it finish first on a busy machine.
-    # The trainer still completes the step in flight and stops inside epoch 0.
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("epoch 0/2: lr"):
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130, "".join(seen) + out + err
+    # Ctrl-C (SIGINT to the whole process group) from inside step 3, so it lands there whatever
+    # the machine's load (waiting for a log line and signalling from here raced the tiny run).
+    # The trainer completes the step in flight and stops inside epoch 0.
+    proc = subprocess.run([sys.executable, str(SIGNAL_AT_STEP), "SIGINT", "3", "--config", str(path)], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, start_new_session=True, timeout=600)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 130, out + err
     assert err.count("SIGINT received") == 1 and "Continue with --resume auto" in err
     assert "Traceback" not in err
     latest = (tmp_path / "intr" / "checkpoints" / "latest").read_text()
     epoch, step = map(int, re.match(r"epoch(\d+)_step(\d+)", latest).groups())
-    assert latest != "epoch0002_step000000", "the run finished before the signal arrived"
+    assert (epoch, step) == (0, 3), latest
     done = fastlt("--config", path, "--resume", "auto")
     assert f"epoch {epoch} step {step}" in done.stdout
     assert_same_weights(weights(base_run["dir"] / "last.pt"), weights(tmp_path / "intr" / "last.pt"))
