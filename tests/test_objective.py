@@ -152,12 +152,16 @@ def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-5)
     # Gradients by relative norm: inductor's fused reductions (BatchNorm backward, the first
     # convolution's weight gradient over 24·16·16 positions) sum in another order than eager's;
-    # measured against fp64 here, eager is ~1e-5 off and compiled up to ~8e-4 on conv1. The
-    # absolute floor covers the biases before a BatchNorm, whose true gradient is 0 (fp64: 1e-15)
-    # and whose fp32 values on both paths are round-off, ~1e-6.
+    # measured against fp64 here, eager is ~1e-5 off and compiled up to ~8e-4 on conv1 with two
+    # threads, 3.8e-3 with one (an xdist worker's share; the order of the sums follows the thread
+    # count). fp32 summation of n = 6144 terms guarantees n·u ≈ 3.7e-4 of Σ|terms| only, and
+    # conv1's weight gradient cancels ~10× (Σ|terms| ≈ 10·|Σ terms|): 1e-2 is that bound with
+    # room, still far below what a wrong graph gives (O(1)). The absolute floor covers the biases
+    # before a BatchNorm, whose true gradient is 0 (fp64: 1e-15) and whose fp32 values on both
+    # paths are round-off, ~1e-6.
     for name, want in losses[0][1].items():
         diff = float((losses[1][1][name] - want).norm())
-        assert diff <= 3e-3 * float(want.norm()) + 1e-5, f"{name}: compiled gradient off by {diff:.2e} from eager"
+        assert diff <= 1e-2 * float(want.norm()) + 1e-5, f"{name}: compiled gradient off by {diff:.2e} from eager"
     # It trains: the compiled step lowers the loss on its batch.
     engine, objective = engines[1], objectives[1]
     engine.optimizer.zero_grad(set_to_none=True)
