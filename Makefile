@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.fastlt-installed
 # a CUDA 12 torch.
 DALI_EXTRA ?= dali-cuda13
 
-.PHONY: install test bench demo clean
+.PHONY: install test test-slow bench demo clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# The suite in parallel, one worker per core (pytest-xdist; --dist loadfile keeps each file's
+# shared runs on one worker, so they are built once), without the multi-process cluster
+# simulations marked slow; `make test-slow` runs those (one at a time: each is several processes).
+# .ci/run runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 # The one-command demo: trains ConCutMix on the synthetic long-tailed dataset (generated once,
 # cached under data_cache/) and prints overall/many/medium/few accuracy and the run directory.

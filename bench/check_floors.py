@@ -12,7 +12,10 @@ failure (a benchmark that errored and wrote nothing must not pass). Floors of an
 are reported as "not measured" and decide nothing; the last line says how many were. An entry
 whose `min_ratio` is null records a dropped claim: its ratio is printed when measured, never
 checked. Exit status: 0 when every floor of this device was measured and holds, 1 when one is
-below its floor or has no result, 2 when a results file is missing.
+below its floor or has no result, 2 when a results file is missing. An entry
+with ``"metric": "<extra_info key>"`` compares that cost instead of the time (e.g.
+``cpu_ms_per_image``: CPU time rather than wall time, which other jobs on the machine do not
+change): ratio baseline / candidate.
 """
 from __future__ import annotations
 
@@ -22,11 +25,16 @@ import sys
 from pathlib import Path
 
 
-def load_times(paths: list[Path]) -> dict[str, float]:
+def load_times(paths: list[Path], metric: str | None = None) -> dict[str, float]:
+    """Each benchmark's fastest round, or its ``extra_info[metric]`` (benchmarks without it are left out)."""
     times: dict[str, float] = {}
     for path in paths:
         data = json.loads(path.read_text())
-        times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+        if metric is None:
+            times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+        else:
+            times.update({b["name"]: float(b["extra_info"][metric]) for b in data["benchmarks"]
+                          if b.get("extra_info", {}).get(metric) is not None})
     return times
 
 
@@ -41,13 +49,16 @@ def run_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check(times: dict[str, float], floors: dict[str, dict], device: str) -> tuple[list[str], int, int]:
-    """The report lines, the number of failed floors and the number not measured on this device."""
+def check(costs: dict[str | None, dict[str, float]], floors: dict[str, dict], device: str
+          ) -> tuple[list[str], int, int]:
+    """The report lines, the number of failed floors and the number not measured on this device;
+    ``costs[metric]`` holds the measured cost of each benchmark (``None``: its fastest round)."""
     w = max([len("ratio"), *map(len, floors)])
     lines = [f"{'ratio':<{w}} {'measured':>9} {'floor':>7}  verdict"]
     failed = not_measured = 0
     for name, spec in floors.items():
-        base, cand = times.get(spec["baseline"]), times.get(spec["candidate"])
+        measured = costs.get(spec.get("metric"), {})
+        base, cand = measured.get(spec["baseline"]), measured.get(spec["candidate"])
         floor = spec["min_ratio"]
         shown = f"{floor:>7.2f}" if floor is not None else f"{'-':>7}"
         if base is None or cand is None:
@@ -84,7 +95,9 @@ def main(argv=None) -> int:
             print(f"check_floors: {path} not found; run the benchmarks first (make bench)", file=sys.stderr)
             return 2
     device = args.device or run_device()
-    lines, failed, not_measured = check(load_times(args.results), json.loads(args.floors.read_text()), device)
+    floors = json.loads(args.floors.read_text())
+    costs = {m: load_times(args.results, m) for m in {None, *(spec.get("metric") for spec in floors.values())}}
+    lines, failed, not_measured = check(costs, floors, device)
     print("\n".join(lines))
     if not_measured:
         print(f"check_floors: {not_measured} floor(s) of another device not measured in this {device} run")

@@ -51,7 +51,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from fastlt.method.losses import resolve_supcon_args
+from fastlt.method.parts import resolve_supcon_args
 
 from ._jit import cdiv, fp32_dot_precision, jit, next_pow2, upcast_dot
 

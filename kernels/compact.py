@@ -22,8 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastlt.method.labels import _MIN_SQ_DIST, area_label, confidence, topk_mask, validate_rectify_args
-from fastlt.method.losses import reference_soft_cross_entropy
+from fastlt.method.parts import (_MIN_SQ_DIST, area_label, confidence, reference_soft_cross_entropy, topk_mask,
+                                 validate_rectify_args)
 
 from .dispatch import select_backend
 

@@ -29,7 +29,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from fastlt.method.labels import validate_rectify_args
+from fastlt.method.parts import validate_rectify_args
 
 from ._jit import cdiv, fp32_dot_precision, jit, next_pow2, upcast_dot
 from .select import launch_select

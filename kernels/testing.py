@@ -3,11 +3,11 @@
 On a machine with CUDA the parity tests run the compiled kernels on the GPU. On a CPU
 machine they run in Triton's interpreter, which must be switched on with
 ``TRITON_INTERPRET=1`` *before triton is first imported in the process* (triton fixes the
-mode of ``tl.sum``, ``tl.max``, ... at import time). A test module calls
-:func:`prepare_interpreter` before anything else; if another module of the same pytest
-session imported triton first (torchvision and timm do), the in-process cases cannot run
-and :func:`run_module_in_fresh_interpreter` re-runs the module in a new Python process with
-the variable set from the start. Exactly one of the two paths runs.
+mode of ``tl.sum``, ``tl.max``, ... at import time; torchvision and timm import it).
+:func:`prepare_interpreter` does that; the test suite's ``tests/conftest.py`` calls it before
+any test module is imported, so every kernel case runs in the pytest process (each xdist
+worker included) and is reported once, as passed or failed. :func:`skip_reason_in_process`
+is then a reason only where the machine lacks something (triton itself).
 
 :func:`count_launches` counts the kernel launches (and host reads) of one call, for the
 benchmarks: CUDA kernel events on a GPU, dispatched PyTorch operators plus fastlt's Triton
@@ -18,21 +18,12 @@ from __future__ import annotations
 
 import collections
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-__all__ = ["analyse_events", "count_launches", "describe_mismatch", "event_windows", "in_child_process",
-           "kernel_device", "prepare_interpreter", "run_module_in_fresh_interpreter", "skip_reason_in_process"]
-
-_CHILD_FLAG = "FASTLT_KERNEL_TESTS_CHILD"
-
-
-def in_child_process() -> bool:
-    """True inside :func:`run_module_in_fresh_interpreter` (which must never recurse)."""
-    return os.environ.get(_CHILD_FLAG) == "1"
+__all__ = ["analyse_events", "count_launches", "describe_mismatch", "event_windows", "kernel_device",
+           "prepare_interpreter", "skip_reason_in_process"]
 
 
 def kernel_device() -> str:
@@ -51,7 +42,11 @@ def prepare_interpreter() -> None:
 
 
 def skip_reason_in_process() -> str | None:
-    """Why the Triton kernels cannot run in this process (None if they can)."""
+    """Why the Triton kernels cannot run on this machine (None if they can).
+
+    Raises RuntimeError, saying the fix, when they could but this process imported triton
+    before :func:`prepare_interpreter` ran: that is a set-up mistake, not a reason to skip.
+    """
     from .dispatch import interpreter_active, triton_import_error
 
     why = triton_import_error()
@@ -62,19 +57,11 @@ def skip_reason_in_process() -> str | None:
             return "TRITON_INTERPRET=1 with a GPU visible: run the GPU parity tests without it"
         return None
     if not interpreter_active():
-        return ("triton was imported before TRITON_INTERPRET=1 could be set (another test module imported it); "
-                "the module re-runs in a fresh interpreter process instead (test_in_fresh_interpreter_process)")
+        raise RuntimeError("triton was imported in compiled mode before TRITON_INTERPRET=1 was set, so its "
+                           "interpreter cannot run the kernels on the CPU here: call "
+                           "fastlt.kernels.testing.prepare_interpreter() before anything imports triton "
+                           "(tests/conftest.py does), or start Python with TRITON_INTERPRET=1")
     return None
-
-
-def run_module_in_fresh_interpreter(path: str | Path, timeout: float = 600.0) -> subprocess.CompletedProcess:
-    """``pytest <path>`` in a new process with TRITON_INTERPRET=1 from the start."""
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-    env.pop("FASTLT_KERNELS", None)
-    path = Path(path).resolve()
-    root = path.parent.parent
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor, *, atol: float, rtol: float, what: str = "",

@@ -8,6 +8,14 @@ treated as read-only by the tests that use them. Test modules import the helpers
 """
 from __future__ import annotations
 
+# First, before any test module imports triton (torchvision and timm do): on a machine without
+# a GPU, switch triton to its interpreter for the whole session, so that the kernel parity cases
+# run in this process (and in each xdist worker, which loads this file first) and report passed
+# or failed; triton fixes its mode at its first import.
+from fastlt.kernels.testing import prepare_interpreter
+
+prepare_interpreter()
+
 import hashlib
 import json
 import os
@@ -19,6 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker (and the training processes it starts, through
+    OMP_NUM_THREADS) gets its share of the cores: N workers each running torch on every core
+    would spin OpenMP threads against each other, many times slower on a small machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 # The published ImageNet-LT / Places-LT / iNaturalist18 lists shipped with fastlt, gzip-compressed
 # (fastlt.data.published; the images themselves are not on this machine).
@@ -125,6 +149,7 @@ def synthetic_lt(tmp_path_factory):
 # --------------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
+#: Runs fastlt.train arguments and signals the run from inside a given step (see the script).
 #: The deepspeed launcher of this interpreter's environment (multi-rank tests skip without it).
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 #: Variables a parent test process may hold that would make a child think it is a rank of a job.
@@ -155,6 +180,18 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """The synthetic dataset of :func:`tiny_config`, generated once per test session (once per
+    xdist worker) for every training run of the suite. Read-only: copy it to change it."""
+    from fastlt.config.loader import config_from_dict
+    from fastlt.data.build import build_datasets
+
+    root = tmp_path_factory.mktemp("tiny-data") / "tiny"
+    build_datasets(config_from_dict(tiny_config(root, tmp_path_factory.mktemp("unused"))))
+    return root
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     import yaml
 
@@ -169,11 +206,25 @@ def child_env(**extra: str) -> dict:
     return env
 
 
-def run_fastlt(*args, timeout: float = 240, check_rc: int | None = 0, module: str = "fastlt.train",
+#: Bounds on a child run: generous (a tiny run takes seconds alone, and a loaded 2-core machine
+#: only makes it slower), so that expiring means a hang, said as such.
+RUN_TIMEOUT, LAUNCH_TIMEOUT = 600, 900
+
+
+def _run_bounded(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stdout or b"")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... still ran after {timeout:.0f} s (a tiny run takes "
+                             f"seconds): it hangs\n--- stdout so far\n{tail}") from None
+
+
+def run_fastlt(*args, timeout: float = RUN_TIMEOUT, check_rc: int | None = 0, module: str = "fastlt.train",
                **popen) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` from the repository root; checks the exit code."""
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=child_env(), **popen)
+    proc = _run_bounded([sys.executable, "-m", module, *map(str, args)], timeout, cwd=REPO, env=child_env(), **popen)
     if check_rc is not None and proc.returncode != check_rc:
         raise AssertionError(f"exit code {proc.returncode} (expected {check_rc})\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-4000:]}")
@@ -190,7 +241,8 @@ PORT_TAKEN = ("EADDRINUSE", "address already in use")
 PORT_ATTEMPTS = 3
 
 
-def launch_deepspeed(config: Path, *extra: str, ranks: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch_deepspeed(config: Path, *extra: str, ranks: int = 2,
+                     timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N --module fastlt.train`` on CPU (one process per rank, gloo).
 
     The launcher needs its rendezvous port up front, so a free one is picked and released
@@ -200,8 +252,7 @@ def launch_deepspeed(config: Path, *extra: str, ranks: int = 2, timeout: float =
         port = free_port()
         cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), "--module", "fastlt.train",
                "--config", str(config), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env=child_env(DS_ACCELERATOR="cpu"))
+        proc = _run_bounded(cmd, timeout, cwd=REPO, env=child_env(DS_ACCELERATOR="cpu"))
         if proc.returncode == 0 or not any(m in proc.stdout + proc.stderr for m in PORT_TAKEN):
             break
         if attempt == PORT_ATTEMPTS:
@@ -242,27 +293,6 @@ def tree_digest(path: Path) -> dict:
 # --------------------------------------------------------------------------------------
 # Pipelines: expected values written independently of the library
 # --------------------------------------------------------------------------------------
-
-
-def fresh_interpreter_rerun(module_file: str, skip_reason: str | None, device: str):
-    """The test a Triton kernel module ends with (``test_in_fresh_interpreter_process = ...``).
-
-    When the module's kernel cases could not run in this process (triton was imported before
-    ``TRITON_INTERPRET=1`` could be set), it re-runs the whole module in a new interpreter
-    process and fails with that run's output unless every case there passed. It skips where
-    the cases already ran here, inside that child process, and on a GPU.
-    """
-    from fastlt.kernels.testing import in_child_process, run_module_in_fresh_interpreter
-
-    @pytest.mark.skipif(skip_reason is None or in_child_process() or device == "cuda",
-                        reason="the kernel cases ran in this process")
-    def test_in_fresh_interpreter_process():
-        proc = run_module_in_fresh_interpreter(module_file)
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        assert proc.returncode == 0, f"{Path(module_file).name} failed in the interpreter process:\n{tail}"
-        assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
-
-    return test_in_fresh_interpreter_process
 
 
 def loss_before_and_after_training(pipeline, dataset, epochs: int = 8) -> tuple[float, float]:

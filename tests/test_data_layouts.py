@@ -142,7 +142,7 @@ def test_class_names_file_for_a_list_dataset(lt, tmp_path):
 
 def _fastlt(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "fastlt.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=cwd, env=child_env())
+                          timeout=600, cwd=cwd, env=child_env())
 
 
 def test_data_command_counts_classes_and_finds_the_bad_files(lt, tmp_path):

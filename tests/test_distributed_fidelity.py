@@ -77,13 +77,13 @@ def test_global_balscl_over_two_gloo_ranks_is_the_one_process_loss_and_gradient(
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_data_root):
     """A 2-rank and a 1-rank run of the same global batch (2 epochs of 3 steps, logged every
     step), and a 1-rank continuation of the 2-rank run's epoch-1 checkpoint."""
     if not DEEPSPEED.is_file():
         pytest.skip(f"the deepspeed launcher is not installed at {DEEPSPEED}")
     root = tmp_path_factory.mktemp("fidelity")
-    data = root / "data"
+    data = tiny_data_root
 
     def config(name: str) -> Path:
         vit = {"backbone": "vit_small_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 8},
@@ -109,12 +109,14 @@ def _close(a, b):
         assert x[2:] == pytest.approx(y[2:], rel=1e-4, abs=1e-5), (x, y)
 
 
+@pytest.mark.slow  # the runs fixture: a 2-rank deepspeed launch and two 1-rank runs
 def test_two_ranks_log_the_one_process_losses(runs):
     two, one = runs["two"], runs["one"]
     assert len(two) == len(one) == 6
     _close(two, one)
 
 
+@pytest.mark.slow  # the runs fixture: a 2-rank deepspeed launch and two 1-rank runs
 def test_a_two_rank_run_resumes_on_one_rank_with_the_same_data(runs):
     resumed = runs["resumed"]
     assert [r[0] for r in resumed] == [1, 1, 1]  # epoch 1 only: epoch 0 came from the checkpoint
@@ -122,12 +124,12 @@ def test_a_two_rank_run_resumes_on_one_rank_with_the_same_data(runs):
     assert "was written by 2 rank(s) and this run has 1: the sample sequence" in runs["resumed_stdout"]
 
 
-def test_zero_shards_are_not_read_by_another_partitioning(tmp_path, capsys):
+def test_zero_shards_are_not_read_by_another_partitioning(tmp_path, tiny_data_root, capsys):
     """A ZeRO checkpoint resumed with ZeRO-0 (or on another number of ranks) is refused before
     DeepSpeed starts; DeepSpeed itself would stop with an AttributeError traceback."""
     from fastlt.cli import train_main
 
-    cfg = tiny_config(tmp_path / "data", tmp_path, optim={"epochs": 1}, deepspeed={"zero_stage": 1},
+    cfg = tiny_config(tiny_data_root, tmp_path, optim={"epochs": 1}, deepspeed={"zero_stage": 1},
                       run={"name": "z", "max_steps_per_epoch": 2})
     path = write_config(tmp_path / "z.yaml", cfg)
     run_fastlt("--config", path)

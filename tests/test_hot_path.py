@@ -39,15 +39,15 @@ def _probe(cfg_path: Path, *overrides: str, plant: bool = False) -> dict:
     proc = subprocess.run([sys.executable, str(PROBE), "--config", str(cfg_path), *(("--set", *overrides) if overrides
                                                                                    else ()),
                            *(("--plant-item",) if plant else ())],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=child_env())
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=child_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][len("PROBE "):])
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hot") / "tiny"
+def data_root(tiny_data_root) -> Path:
+    return tiny_data_root
 
 
 def test_host_syncs_at_most_once_per_interval_epoch_eval_and_checkpoint(tmp_path, data_root):

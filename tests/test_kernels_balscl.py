@@ -14,7 +14,7 @@ groups.
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +23,6 @@ import torch.nn.functional as F  # noqa: E402
 from fastlt.kernels import dispatch  # noqa: E402
 from fastlt.kernels.testing import (count_launches, describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.losses import BalancedSupConLoss, balanced_supcon_loss, reference_balanced_supcon_loss  # noqa: E402
 from spec_formulas import loop_balanced_supcon, spec_balanced_supcon  # noqa: E402
 
@@ -48,7 +47,6 @@ GRAD_TOL = {torch.float32: dict(atol=2e-6, rtol=1e-4), torch.bfloat16: dict(atol
 # and 7.4e-3 for bf16 (the gradient's rounding to bf16; bound 2e-2, ~2.7x).
 SPEC_LOSS_RTOL = 1e-6
 SPEC_GRAD_REL_TO_MAX = {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 2e-2}
-
 
 
 @pytest.fixture
@@ -292,7 +290,3 @@ def test_bad_inputs_raise(monkeypatch, backend):
         loss, *_ = _forward(items, out_of_range, 3, 0.1, 0, 6)
         assert bool(loss.isnan())
     dispatch._reset_for_tests()
-
-
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)

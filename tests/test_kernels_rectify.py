@@ -9,7 +9,7 @@ ties straddling tiles).
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -20,9 +20,8 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
+from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.kernels import rectify_labels_compact, reference_rectify_labels_compact  # noqa: E402
 from fastlt.method.labels import rectify_labels, reference_rectify_labels, sum_log_counts  # noqa: E402
 from spec_formulas import dense_rectify_labels  # noqa: E402
@@ -43,7 +42,6 @@ OMEGA = 200 / 255
 # over every case below with TRITON_INTERPRET=1 (2026-12-03): max |Δ| 6.0e-8, max relative
 # 3.6e-7; the bound is ~16x / ~28x that, room for a GPU's accumulation order.
 SPEC_TOL = dict(atol=1e-6, rtol=1e-5)
-
 
 
 def _check(got, want, what, dtype=torch.float32):
@@ -345,12 +343,7 @@ def test_custom_op_is_registered_for_torch_compile(triton_backend):
     _check(out, reference_rectify_labels(z, centers, a, b, lam, counts, topk=3, omega=OMEGA), "compiled")
 
 
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the parity tests compile the kernels for real")
-@pytest.mark.skipif(in_child_process(), reason="ran in the parent pytest process")
 def test_every_kernel_compiles_for_sm90():
     """All kernels, in the launch configurations used at the benchmark shapes, go through the
     whole Triton pipeline to an sm_90 cubin — no GPU needed, catching kernels that only work

@@ -9,14 +9,13 @@ The whole label against the reference is in tests/test_kernels_rectify.py.
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.labels import topk_mask  # noqa: E402
 
 DEVICE = kernel_device()
@@ -80,7 +79,3 @@ def test_radix_select_keeps_exactly_the_top_k(pattern, c, k, block):
     bad_rows = torch.nonzero((idx != want).any(1)).flatten().tolist()
     assert not bad_rows, f"kept classes differ from topk_mask's in rows {bad_rows}"
     _check(w, s.gather(1, want) / s.gather(1, want).sum(1, keepdim=True), f"weights {pattern}")
-
-
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)

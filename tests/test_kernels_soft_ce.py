@@ -10,7 +10,7 @@ a representative grid (interpreter mode is slow), each case's comment names its 
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,7 +19,6 @@ from fastlt.kernels import (CompactLabel, rectify_labels_compact,  # noqa: E402
                             reference_rectify_labels_compact, soft_cross_entropy_compact)
 from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.labels import reference_rectify_labels  # noqa: E402
 from spec_formulas import dense_rectify_labels, spec_soft_cross_entropy  # noqa: E402
 from fastlt.method.losses import (LogitAdjustedCrossEntropy, log_prior, reference_soft_cross_entropy,  # noqa: E402
@@ -46,7 +45,6 @@ SCALED_GRAD_TOL = {**GRAD_TOL, torch.bfloat16: dict(atol=1e-6, rtol=1.6e-2),
 def _grad_tol(dtype, grad_out):
     tol = (GRAD_TOL if grad_out == 1.0 else SCALED_GRAD_TOL)[dtype]
     return dict(tol, atol=tol["atol"] * max(1.0, abs(grad_out)))
-
 
 
 def _check(got, want, what, **tol):
@@ -345,7 +343,3 @@ def test_compact_bad_inputs_raise(triton_backend):
     else:  # no host sync on CUDA: the loss becomes NaN instead of reading out of bounds
         assert bool(soft_cross_entropy_compact(logits, label._replace(index=bad)).isnan())
     assert isinstance(label, CompactLabel)
-
-
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)

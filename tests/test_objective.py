@@ -7,7 +7,7 @@
 """
 from fastlt.kernels.testing import prepare_interpreter
 
-prepare_interpreter()  # must run before anything imports triton (see fastlt.kernels.testing)
+prepare_interpreter()  # before anything imports triton (a no-op here: tests/conftest.py called it first)
 
 import copy  # noqa: E402
 
@@ -16,9 +16,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastlt.kernels import CompactLabel, dispatch, reference_rectify_labels_compact  # noqa: E402
-from fastlt.kernels.testing import (describe_mismatch, in_child_process, kernel_device,  # noqa: E402
+from fastlt.kernels.testing import (describe_mismatch, kernel_device,  # noqa: E402
                                     skip_reason_in_process)
-from conftest import fresh_interpreter_rerun  # noqa: E402
 from fastlt.method.label_stats import area_argmax, per_sample_stats  # noqa: E402
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon  # noqa: E402
 
@@ -113,11 +112,6 @@ def test_compact_triton_step_equals_the_dense_formulation(monkeypatch):
         assert msg is None, msg
 
 
-# Re-runs this module with TRITON_INTERPRET=1 set before triton's first import, where it could not run here.
-test_in_fresh_interpreter_process = fresh_interpreter_rerun(__file__, _SKIP, DEVICE)
-
-
-@pytest.mark.skipif(in_child_process(), reason="compiles with inductor once, in the parent process")
 def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     """run.compile: the model and the objective through torch.compile (inductor, CPU C++ code)."""
     from conftest import tiny_config
@@ -158,12 +152,17 @@ def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-5)
     # Gradients by relative norm: inductor's fused reductions (BatchNorm backward, the first
     # convolution's weight gradient over 24·16·16 positions) sum in another order than eager's;
-    # measured against fp64 here, eager is ~1e-5 off and compiled up to ~8e-4 on conv1. The
-    # absolute floor covers the biases before a BatchNorm, whose true gradient is 0 (fp64: 1e-15)
-    # and whose fp32 values on both paths are round-off, ~1e-6.
+    # measured against fp64 here, eager is ~1e-5 off and compiled up to ~8e-4 on conv1 with two
+    # threads, 3.8e-3 with one (an xdist worker's share; the order of the sums follows the thread
+    # count). fp32 summation of n = 6144 terms guarantees only n·u ≈ 3.7e-4 of Σ|terms|, which is
+    # larger than |Σ terms| by the gradient's cancellation (the 3.8e-3 seen implies ≥ 10×; not
+    # measured separately): 1e-2 allows that with room and stays far below what a wrong graph
+    # gives (O(1)). The absolute floor covers the biases
+    # before a BatchNorm, whose true gradient is 0 (fp64: 1e-15) and whose fp32 values on both
+    # paths are round-off, ~1e-6.
     for name, want in losses[0][1].items():
         diff = float((losses[1][1][name] - want).norm())
-        assert diff <= 3e-3 * float(want.norm()) + 1e-5, f"{name}: compiled gradient off by {diff:.2e} from eager"
+        assert diff <= 1e-2 * float(want.norm()) + 1e-5, f"{name}: compiled gradient off by {diff:.2e} from eager"
     # It trains: the compiled step lowers the loss on its batch.
     engine, objective = engines[1], objectives[1]
     engine.optimizer.zero_grad(set_to_none=True)
@@ -173,13 +172,12 @@ def test_compiled_step_equals_the_eager_step_and_trains(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-@pytest.mark.skipif(in_child_process(), reason="a training run, in the parent process")
-def test_trainer_runs_a_compiled_step(tmp_path):
+def test_trainer_runs_a_compiled_step(tmp_path, tiny_data_root):
     """run.compile through the trainer and DeepSpeed's engine.compile; aot_eager traces the same
     graphs as inductor (Dynamo, AOTAutograd, the fastlt custom ops' fakes) without C++ codegen."""
     from conftest import events, run_fastlt, tiny_config, write_config
 
-    cfg = tiny_config(tmp_path / "data", tmp_path, optim={"epochs": 1},
+    cfg = tiny_config(tiny_data_root, tmp_path, optim={"epochs": 1},
                       run={"name": "compiled", "compile": "default", "compile_backend": "aot_eager",
                            "max_steps_per_epoch": 3, "log_every": 1})
     run_fastlt("--config", write_config(tmp_path / "c.yaml", cfg))

@@ -24,13 +24,13 @@ RANGES = ("fastlt::data", "fastlt::train_step", "fastlt::forward", "fastlt::obje
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
+def config(tmp_path_factory, tiny_data_root) -> Path:
     out = tmp_path_factory.mktemp("profile")
-    return write_config(out / "tiny.yaml", tiny_config(out / "data", out / "runs", run={"name": "tiny"}))
+    return write_config(out / "tiny.yaml", tiny_config(tiny_data_root, out / "runs", run={"name": "tiny"}))
 
 
 def _profile(config: Path, *args: str):
-    return run_fastlt("profile", "--config", config, *args, module="fastlt.cli", timeout=180)
+    return run_fastlt("profile", "--config", config, *args, module="fastlt.cli", timeout=600)
 
 
 @pytest.fixture(scope="module")

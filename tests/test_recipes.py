@@ -64,18 +64,18 @@ def installed_wheel(tmp_path_factory):
                                                              "data_cache", "__pycache__", ".pytest_cache",
                                                              ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(base / "dist"), str(src)], check=True, capture_output=True, timeout=300, cwd=base)
+                    str(base / "dist"), str(src)], check=True, capture_output=True, timeout=600, cwd=base)
     (wheel,) = (base / "dist").glob("fastlt-*.whl")
     target = base / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300, cwd=base)
+                   check=True, capture_output=True, timeout=600, cwd=base)
     work = base / "work"
     work.mkdir()
     env = child_env(PYTHONPATH=str(target))
     return target, work, env
 
 
-def _run(installed, *args, timeout=300):
+def _run(installed, *args, timeout=600):
     target, work, env = installed
     return subprocess.run([sys.executable, str(target / "bin" / "fastlt"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=work, env=env)

@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, child_env, events,
-                      run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
+from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, child_env,
+                      events, run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,9 +37,9 @@ TRAIN_LINE = re.compile(r"^epoch +\d+/\d+ step +\d+/\d+ \| ce -?[\d.]+ \| scl -?
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """The synthetic dataset's cache folder, shared by every run of this module."""
-    return tmp_path_factory.mktemp("synthetic") / "tiny"
+def data_root(tiny_data_root) -> Path:
+    """The synthetic dataset of tiny_config (the session's, read-only)."""
+    return tiny_data_root
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
         if line.startswith("fastlt-test: paused at step:0:2"):
             os.killpg(proc.pid, signal.SIGINT)
             break
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, "".join(seen) + out + err
     assert err.count("SIGINT received") == 1 and "Continue with --resume auto" in err
     assert "Traceback" not in err

@@ -18,8 +18,10 @@ import yaml
 
 from conftest import DEEPSPEED, launch_deepspeed as _launch
 
-pytestmark = pytest.mark.skipif(not DEEPSPEED.is_file(), reason=f"the deepspeed launcher is not installed at "
-                                                                 f"{DEEPSPEED}")
+# slow: two deepspeed launches of two ranks each (`make test-slow`).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not DEEPSPEED.is_file(), reason=f"the deepspeed launcher is not installed at "
+                                                                  f"{DEEPSPEED}")]
 
 
 def _digest(state: dict) -> str:

@@ -8,6 +8,8 @@
   centres, top-K, normalisation, confidence γ, ŷ = γ·ŝ + (1 − γ)·y);
 * :mod:`~fastlt.method.losses` — logit-adjusted soft cross-entropy and the balanced
   supervised contrastive loss (BalSCL);
+* :mod:`~fastlt.method.parts` — the pieces of both that the Triton kernels share (area label,
+  top-K mask, γ, argument checks), so the kernels never import the dispatch points;
 * :mod:`~fastlt.method.objective` — L = α·L_cls + β·L_BalSCL and the training step;
 * :mod:`~fastlt.method.label_stats` — what the label step did (γ, ‖ŷ − y‖₁, arg-max changes).
 

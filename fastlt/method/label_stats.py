@@ -3,7 +3,10 @@
 
 With the published ω the confidence γ = ω·log(Σ_j N_j y_j)/Σ_i log N_i is of the order of
 10⁻³, so the rectified label ŷ = γ·ŝ + (1−γ)·y differs from the area label y by a fraction of
-a percent. These statistics make that visible per log interval, over the mixed samples:
+a percent. These statistics make that visible at every log interval, over the mixed samples of
+the interval's last step (the one step of the interval they are computed on: on the others the
+trainer skips them, ``train_step(stats=False)``, which saves about a quarter of the
+objective's operator calls per step):
 
 * ``gamma``          — mean γ;
 * ``label_l1``       — mean ‖ŷ − y‖₁ (= γ·‖ŝ − y‖₁, at most 2γ);
@@ -12,8 +15,8 @@ a percent. These statistics make that visible per log interval, over the mixed s
   a and b (the background and foreground classes): how much the embedding disagrees with the
   area label, whatever the size of γ;
 
-and, for every sample of the classification view, ``train_acc``: top-1 of the logits against
-the arg-max of the label the sample trains on.
+and, for every sample of that step's classification view, ``train_acc``: top-1 of the logits
+against the arg-max of the label the sample trains on.
 
 :func:`step_stats` returns per-step *sums* as one small device tensor, so the trainer stacks
 them into its per-interval buffer next to the losses and reads everything back in the one
@@ -85,7 +88,8 @@ def step_stats(logits: Tensor, label, batch, *, rectified: bool) -> Tensor:
 
 
 def interval_fields(stats) -> dict:
-    """Log-record fields from the (n, len(STAT_COLUMNS)) per-step sums of an interval (on the host).
+    """Log-record fields from the (n, len(STAT_COLUMNS)) per-step sums of an interval (on the host;
+    rows of steps whose diagnostics were skipped are zero and add nothing).
 
     ``train_acc`` is in percent; ``rectified_share`` is the share of samples that trained on a
     rectified label; the label fields are None when none did (area labels, or no CutMix drawn).

@@ -13,6 +13,8 @@ between the mixed sample's (unnormalised, detached) contrastive embedding z and 
 Σ_i log N_i depends on the class counts only: :func:`sum_log_counts` computes it once per run,
 and every entry point takes it as ``log_count_sum`` (None: computed on each call).
 
+The pieces of the steps (area label, top-K mask, γ, the argument checks) are in
+:mod:`fastlt.method.parts`, shared with the kernels, and re-exported here.
 :func:`reference_rectify_labels` is the pure-PyTorch specification;
 :func:`rectify_labels` is the public entry point and the single dispatch point where the
 Triton kernel of ``fastlt.kernels`` plugs in.
@@ -22,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlt.method.config import LABEL_NORMALIZATIONS as NORMALIZATIONS
+# The step helpers live in fastlt.method.parts (which the kernels use too); re-exported here.
+from fastlt.method.parts import (_MIN_SQ_DIST, NORMALIZATIONS, area_label, confidence, sum_log_counts, topk_mask,
+                                 validate_rectify_args)
 
 __all__ = [
     "NORMALIZATIONS",
@@ -34,102 +38,6 @@ __all__ = [
     "topk_mask",
     "validate_rectify_args",
 ]
-
-# Squared distances are clamped here before the reciprocal square root, so that a sample
-# sitting exactly on a center gets a large finite similarity instead of inf (which would
-# turn the L1 normalisation into nan).
-_MIN_SQ_DIST = 1e-12
-
-
-def area_label(label_a: Tensor, label_b: Tensor, lam: Tensor, num_classes: int) -> Tensor:
-    """CutMix area label y = λ·onehot(a) + (1−λ)·onehot(b) as a float32 (B, C) tensor.
-
-    ``lam`` is the weight of ``label_a`` (the background class). When a == b the row is
-    onehot(a), as it should be (the two terms are added, not overwritten).
-    """
-    lam = lam.to(torch.float32)
-    y = torch.zeros(label_a.shape[0], num_classes, dtype=torch.float32, device=label_a.device)
-    y.scatter_add_(1, label_a.view(-1, 1).long(), lam.view(-1, 1))
-    y.scatter_add_(1, label_b.view(-1, 1).long(), (1.0 - lam).view(-1, 1))
-    return y
-
-
-def sum_log_counts(class_counts) -> Tensor:
-    """Σ_{i=1..C} log N_i, γ's denominator (step 4), as a float64 0-d tensor on the counts' device.
-
-    It depends on the class counts only, so compute it once per run and pass it to
-    :func:`rectify_labels` (or ``fastlt.kernels.rectify_labels_compact``) as ``log_count_sum``.
-    """
-    counts = torch.as_tensor(class_counts)
-    return torch.log(counts.to(torch.float64)).sum()
-
-
-def _log_count_sum(log_count_sum, class_counts: Tensor, device) -> Tensor:
-    """The float64 0-d Σ log N_i on ``device``: the precomputed value, or computed now."""
-    if log_count_sum is None:
-        return sum_log_counts(class_counts.to(device))
-    return torch.as_tensor(log_count_sum, dtype=torch.float64, device=device).reshape(())
-
-
-def confidence(y: Tensor, class_counts: Tensor, omega: float, log_count_sum: Tensor | float | None = None) -> Tensor:
-    """γ = ω · log(Σ_j N_j y_j) / Σ_{i=1..C} log N_i for each row of the label y (B, C).
-
-    ``log_count_sum``: Σ log N_i precomputed with :func:`sum_log_counts` (None: computed here).
-    """
-    counts = class_counts.to(device=y.device, dtype=torch.float64)
-    mixed_count = y.to(torch.float64) @ counts
-    gamma = omega * torch.log(mixed_count) / _log_count_sum(log_count_sum, counts, y.device)
-    return gamma.to(torch.float32)
-
-
-def validate_rectify_args(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
-                          class_counts: Tensor, topk: int, normalize: str, temperature: float,
-                          log_count_sum: Tensor | float | None = None) -> None:
-    """Raise ValueError, saying how to fix it, for arguments that do not fit together."""
-    if z.dim() != 2 or centers.dim() != 2:
-        raise ValueError(f"rectify_labels: z must be (B, D) and centers (C, D); got z {tuple(z.shape)} "
-                         f"and centers {tuple(centers.shape)}")
-    if z.shape[1] != centers.shape[1]:
-        raise ValueError(f"rectify_labels: z has D={z.shape[1]} but centers have D={centers.shape[1]}; "
-                         "both must come from the same projection head")
-    b, c = z.shape[0], centers.shape[0]
-    for name, t in (("label_a", label_a), ("label_b", label_b), ("lam", lam)):
-        if t.shape != (b,):
-            raise ValueError(f"rectify_labels: {name} must have shape ({b},) to match z; got {tuple(t.shape)}")
-    if class_counts.shape != (c,):
-        raise ValueError(f"rectify_labels: class_counts must have one entry per center ({c}); "
-                         f"got shape {tuple(class_counts.shape)}")
-    if not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"rectify_labels: topk must be a positive int; got {topk!r}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"rectify_labels: normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
-    if normalize == "softmax" and not temperature > 0:
-        raise ValueError(f"rectify_labels: temperature must be > 0 for softmax normalisation; got {temperature!r}")
-    if log_count_sum is not None:
-        if isinstance(log_count_sum, Tensor):
-            if log_count_sum.numel() != 1 or not log_count_sum.is_floating_point():
-                raise ValueError("rectify_labels: log_count_sum must be one floating-point value, "
-                                 "fastlt.method.labels.sum_log_counts(class_counts); got a tensor of shape "
-                                 f"{tuple(log_count_sum.shape)} and dtype {log_count_sum.dtype}")
-        elif isinstance(log_count_sum, bool) or not isinstance(log_count_sum, (int, float)):
-            raise ValueError("rectify_labels: log_count_sum must be a tensor or a number "
-                             f"(fastlt.method.labels.sum_log_counts(class_counts)); got {type(log_count_sum).__name__}")
-
-
-def topk_mask(s: Tensor, k: int) -> Tensor:
-    """Boolean mask of the k largest entries per row, ties broken towards the lower index.
-
-    ``torch.topk`` leaves the choice among equal values unspecified, so only its k-th value
-    is used: everything above it is kept, and entries equal to it are kept in index order
-    until k are chosen. This is deterministic (the Triton kernel reproduces it exactly) and
-    several times cheaper on the CPU than a stable sort of the whole row.
-    """
-    kth = torch.topk(s, k, dim=1).values[:, -1:]
-    above = s > kth
-    at = s == kth
-    room = k - above.sum(1, keepdim=True)
-    return above | (at & (at.cumsum(1) <= room))
-
 
 @torch.no_grad()
 def reference_rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
@@ -186,7 +94,7 @@ def rectify_labels(z: Tensor, centers: Tensor, label_a: Tensor, label_b: Tensor,
     This is the one dispatch point for the label step: the backend (Triton for CUDA tensors,
     PyTorch otherwise, ``FASTLT_KERNELS`` to override) is chosen by ``fastlt.kernels``.
     """
-    # Imported here: fastlt.kernels imports this module.
+    # Imported here: importing fastlt.method must not import the kernels (or triton).
     from fastlt.kernels.dispatch import select_backend
 
     if select_backend(z.device) == "triton":

@@ -12,22 +12,24 @@
   needs: the items are every rank's views followed by the centers, the anchors this rank's
   views. The module is a thin wrapper over it.
 
-:func:`reference_soft_cross_entropy` and :func:`reference_balanced_supcon_loss` are the
-pure-PyTorch specs; :func:`soft_cross_entropy` and :func:`balanced_supcon_loss` are the
-dispatch points for the fused Triton kernels of ``fastlt.kernels``.
+:func:`reference_soft_cross_entropy` (in :mod:`fastlt.method.parts`, shared with the kernels, as
+is the BalSCL argument check) and :func:`reference_balanced_supcon_loss` are the pure-PyTorch
+specs; :func:`soft_cross_entropy` and :func:`balanced_supcon_loss` are the dispatch points for
+the fused Triton kernels of ``fastlt.kernels``.
 """
 from __future__ import annotations
-
-from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlt.method.config import SCL_SCOPES
+# Shared with the kernels (fastlt.method.parts imports none of them); re-exported here.
+from fastlt.method.parts import reference_soft_cross_entropy, resolve_supcon_args
 
 __all__ = ["BalancedSupConLoss", "LogitAdjustedCrossEntropy", "balanced_supcon_loss", "log_prior",
-           "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "soft_cross_entropy"]
+           "reference_balanced_supcon_loss", "reference_soft_cross_entropy", "resolve_supcon_args",
+           "soft_cross_entropy"]
 
 
 def _counts_tensor(class_counts, what: str) -> Tensor:
@@ -47,17 +49,9 @@ def log_prior(class_counts, tau: float) -> Tensor:
     return (tau * torch.log(counts / counts.sum())).to(torch.float32)
 
 
-def reference_soft_cross_entropy(logits: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
-    """−Σ_j target_j · log softmax(logits + bias)_j, averaged over the batch (fp32 math)."""
-    x = logits.float()
-    if bias is not None:
-        x = x + bias.to(x.device, torch.float32)
-    return -(target.float() * F.log_softmax(x, dim=1)).sum(1).mean()
-
-
 def soft_cross_entropy(logits: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
     """Soft-target (logit-adjusted) cross-entropy; the dispatch point for the fused kernel."""
-    # Imported here: fastlt.kernels imports this module.
+    # Imported here: importing fastlt.method must not import the kernels (or triton).
     from fastlt.kernels.dispatch import select_backend
 
     if select_backend(logits.device) == "triton":
@@ -84,7 +78,7 @@ class LogitAdjustedCrossEntropy(nn.Module):
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"LogitAdjustedCrossEntropy: logits must be (B, {self.num_classes}); "
                              f"got {tuple(logits.shape)}")
-        from fastlt.kernels.compact import CompactLabel  # imported here: fastlt.kernels imports this module
+        from fastlt.kernels.compact import CompactLabel  # imported here: fastlt.method imports no kernel up front
 
         if isinstance(target, CompactLabel):  # the ConCutMix label in compact form: no (B, C) label
             from fastlt.kernels.compact import soft_cross_entropy_compact
@@ -100,49 +94,6 @@ class LogitAdjustedCrossEntropy(nn.Module):
         raise ValueError("LogitAdjustedCrossEntropy: target must be class indices (B,) of an integer dtype, "
                          f"a soft label (B, C) = {tuple(logits.shape)} or a fastlt.kernels.CompactLabel; got "
                          f"{tuple(target.shape)} of dtype {target.dtype}")
-
-
-def resolve_supcon_args(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
-                        anchor_start: int, num_anchors: int | None) -> int:
-    """Check the arguments of :func:`balanced_supcon_loss` (ValueError saying how to fix them)
-    and return the number of anchors (``num_anchors``, or all rows from ``anchor_start`` up to
-    the C center rows at the end)."""
-    what = "balanced_supcon_loss"
-    if items.dim() != 2 or not items.is_floating_point():
-        raise ValueError(f"{what}: items must be a floating-point (N, D) tensor of L2-normalised views and "
-                         f"centers; got shape {tuple(items.shape)} and dtype {items.dtype}")
-    n = items.shape[0]
-    if item_labels.shape != (n,) or item_labels.is_floating_point() or item_labels.dtype == torch.bool:
-        raise ValueError(f"{what}: item_labels must be an integer tensor of shape ({n},), one class per item; "
-                         f"got shape {tuple(item_labels.shape)} and dtype {item_labels.dtype}")
-    if item_labels.device != items.device:
-        raise ValueError(f"{what}: item_labels are on {item_labels.device} but items on {items.device}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
-        raise ValueError(f"{what}: num_classes must be a positive int; got {num_classes!r}")
-    if not temperature > 0:
-        raise ValueError(f"{what}: temperature must be > 0; got {temperature!r}")
-    if isinstance(anchor_start, bool) or not isinstance(anchor_start, Integral) or anchor_start < 0:
-        raise ValueError(f"{what}: anchor_start must be an int >= 0; got {anchor_start!r}")
-    if num_anchors is None:
-        num_anchors = n - num_classes - anchor_start
-        if num_anchors < 1:
-            raise ValueError(f"{what}: with num_anchors=None the anchors are rows anchor_start={anchor_start} up to "
-                             f"the {num_classes} center rows at the end, but items has only {n} rows; pass "
-                             "num_anchors explicitly")
-    elif isinstance(num_anchors, bool) or not isinstance(num_anchors, Integral) or num_anchors < 1:
-        raise ValueError(f"{what}: num_anchors must be a positive int (or None); got {num_anchors!r}")
-    if anchor_start + num_anchors > n:
-        raise ValueError(f"{what}: anchors items[{anchor_start}:{anchor_start + num_anchors}] run past the {n} "
-                         "items; lower anchor_start or num_anchors")
-    # Checking the label range costs a host sync on CUDA, so only CPU tensors are checked (not
-    # while Dynamo traces); on CUDA an out-of-range label makes the loss NaN (Triton path) or
-    # trips a device assertion (PyTorch path).
-    if items.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(item_labels))
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{what}: item_labels has values in [{lo}, {hi}], outside the {num_classes} classes "
-                             f"[0, {num_classes})")
-    return int(num_anchors)
 
 
 def reference_balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, temperature: float,
@@ -204,7 +155,7 @@ def balanced_supcon_loss(items: Tensor, item_labels: Tensor, num_classes: int, t
     The one dispatch point for this loss: the fused Triton kernel of ``fastlt.kernels.balscl``
     for CUDA tensors, the PyTorch reference otherwise (``FASTLT_KERNELS`` to override).
     """
-    # Imported here: fastlt.kernels imports this module.
+    # Imported here: importing fastlt.method must not import the kernels (or triton).
     from fastlt.kernels.dispatch import select_backend
 
     if select_backend(items.device) == "triton":

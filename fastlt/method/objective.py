@@ -63,6 +63,8 @@ class ConCutMixObjective(nn.Module):
         self.register_buffer("class_counts", counts, persistent=False)
         # γ's denominator Σ_i log N_i, a constant of the run: computed once, not in every step.
         self.register_buffer("log_count_sum", sum_log_counts(counts), persistent=False)
+        # The diagnostics of a step that is not logged: zeros, allocated once.
+        self.register_buffer("no_stats", torch.zeros(len(STAT_COLUMNS)), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -82,9 +84,10 @@ class ConCutMixObjective(nn.Module):
         # torch.where inside, not boolean indexing: no host sync.
         return label.keep_area_where(~batch.mixed)
 
-    def forward(self, out, batch, *, rectify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, out, batch, *, rectify: bool, stats: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(loss, ce, scl, label diagnostics) for a model output over the step's images and its
-        TrainBatch; the diagnostics are ``fastlt.method.label_stats.step_stats`` sums, on the device."""
+        TrainBatch; the diagnostics are ``fastlt.method.label_stats.step_stats`` sums, on the device,
+        or zeros (nothing computed) with ``stats`` false — the steps the trainer does not log."""
         m = self.method
         b = batch.label_a.shape[0]
         logits = out.logits[:b]
@@ -93,6 +96,8 @@ class ConCutMixObjective(nn.Module):
         label = self.label(out, batch, rectify=rectify)
         ce = self.ce(logits, label)
         loss = m.alpha * ce + m.beta * scl
+        if not stats:
+            return loss, ce, scl, self.no_stats.to(loss.device)
         return loss, ce, scl, step_stats(logits, label, batch, rectified=rectify)
 
 
@@ -113,7 +118,7 @@ def compile_step(engine, objective: ConCutMixObjective, mode: str, backend: str 
     objective.compile(backend=backend, **kwargs)
 
 
-def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -> Tensor:
+def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool, stats: bool = True) -> Tensor:
     """One training step (steps 1–4 of the module docstring) on a TrainBatch already on the device.
 
     ``batch.images`` goes to the model as it is: the pipelines deliver it as one (3B, 3, H, W)
@@ -122,15 +127,17 @@ def train_step(engine, objective: ConCutMixObjective, batch, *, rectify: bool) -
     ``fastlt.training.engine.PlainEngine`` gives them on a plain ``torch.optim`` optimizer). Returns the
     detached (loss, ce, scl) followed by the label diagnostics (``fastlt.method.label_stats.STAT_COLUMNS``)
     as one float32 tensor on the device (:data:`STEP_COLUMNS`); nothing here waits for the device.
+    ``stats=False`` skips the diagnostics (their columns are zero): the trainer computes them on
+    the step that ends each log interval only, where they are read.
     Under ``torch.profiler`` the four parts are the ranges ``fastlt::forward``,
     ``fastlt::objective``, ``fastlt::backward`` and ``fastlt::optimizer_step``.
     """
     with _phase("forward"):
         out = engine(batch.images)
     with _phase("objective"):
-        loss, ce, scl, stats = objective(out, batch, rectify=rectify)
+        loss, ce, scl, diagnostics = objective(out, batch, rectify=rectify, stats=stats)
     with _phase("backward"):
         engine.backward(loss)
     with _phase("optimizer_step"):
         engine.step()
-    return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), stats])
+    return torch.cat([torch.stack([loss.detach(), ce.detach(), scl.detach()]).float(), diagnostics])

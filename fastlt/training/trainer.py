@@ -251,11 +251,13 @@ class Trainer:
                     return step
                 wait += time.perf_counter() - t0
                 pause_point(f"step:{epoch}:{step}", self.stop)
-                buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
+                last = step == self.steps_per_epoch - 1
+                # The label diagnostics only on the step that ends the interval, where they are logged.
+                buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify,
+                                    stats=n == log_every - 1 or last)
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
-                last = step == self.steps_per_epoch - 1
                 # A single process checks its own stop flag every step for free; several ranks
                 # agree on it at log intervals, where the host syncs anyway.
                 if n == log_every or last or (self.world_size == 1 and self.stop.requested):
