@@ -69,6 +69,7 @@ def main(argv=None) -> dict:
             rectify = epoch > cfg.method.l_d_warm  # ConCutMix labels after the warm-up
             engine.train()
             batches = pipeline.epoch(epoch)
+            step, loss, ce, scl = -1, float("nan"), float("nan"), float("nan")
             try:
                 for step, batch in enumerate(itertools.islice(batches, args.steps)):
                     loss, ce, scl = train_step(engine, objective, batch, rectify=rectify)[:3].tolist()
