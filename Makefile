@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 
 # The one-command demo: trains ConCutMix on the synthetic long-tailed dataset (generated once,
 # cached under data_cache/) and prints overall/many/medium/few accuracy and the run directory.
-# Extra options: make demo DEMO_ARGS="--set method.l_d_warm=24" (CutMix labels throughout).
+# Extra options: make demo DEMO_ARGS="--set method.l_d_warm=16" (CutMix labels throughout).
 demo: $(STAMP)
 	$(VENV)/bin/fastlt demo $(DEMO_ARGS)
 

@@ -439,9 +439,11 @@ def _recipes(args) -> int:
 
 
 def _profile(args) -> int:
-    # Before torch loads: kineto's own error lines (e.g. "gpuGetDeviceCount failed" on a machine
-    # without a GPU) stay off the console; fastlt.reports.profiling reports a CUDA run that recorded nothing.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    # Before torch loads: kineto's console lines (its USDT profiler_start / profiler_stop marks,
+    # "gpuGetDeviceCount failed" on a machine without a GPU) stay off the console.
+    from fastlt.reports.profiling import quiet_kineto
+
+    quiet_kineto()
 
     def go():
         from fastlt.files import check_writable_dir

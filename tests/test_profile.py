@@ -70,6 +70,14 @@ def test_profile_writes_the_traces_and_prints_the_table(rectified):
     assert str(out / "trace.json") in text
 
 
+def test_profile_prints_no_kineto_lines(rectified):
+    """libkineto marks each profiler start and stop with a "USDT:... profiler_start" line on stderr
+    unless its log threshold is above that severity (fastlt.reports.profiling.quiet_kineto)."""
+    proc = rectified[0]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in lines if "USDT" in line or "SyncActivityProfilerHandler" in line], proc.stderr
+
+
 def test_profile_area_phase_into_another_folder(config, rectified, tmp_path):
     out = tmp_path / "area"
     _profile(config, "--steps", "1", "--warmup", "0", "--phase", "area", "--out", str(out), "--top", "5")

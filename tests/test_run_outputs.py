@@ -273,6 +273,7 @@ def test_inspect_renders_the_labels_of_real_batches(run, tmp_path, capsys):
     info = json.loads((out / "labels.json").read_text())
     samples = info["samples"]
     assert len(samples) == 6
+    assert len({s["step"] for s in samples}) > 1  # spread over the steps: not one CutMix box six times
     for s in samples:
         assert s["a_name"] in NAMES and s["b_name"] in NAMES and 0.0 < s["lam"] < 1.0
         assert s["gamma"] > 0 and s["label_l1"] <= 2 * s["gamma"] * (1 + 1e-6)

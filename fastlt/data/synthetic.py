@@ -23,7 +23,7 @@ __all__ = ["MAX_SYNTHETIC_CLASSES", "SyntheticLT", "make_synthetic_lt"]
 _MANIFEST = "manifest.json"
 _GENERATOR = "fastlt.data.make_synthetic_lt"
 # Bump when the image recipe changes, so that caches made by older code regenerate.
-_SYNTH_VERSION = 1
+_SYNTH_VERSION = 2
 _SHAPES = (
     "circle", "square", "triangle", "plus", "ring", "h-stripes",
     "v-stripes", "diamond", "x-cross", "half-disk", "frame", "checker",
@@ -44,10 +44,13 @@ class SyntheticLT:
 
 
 def _class_shape_colour(c: int) -> tuple[int, int]:
-    # c = 12a + b → (shape b, colour (a + b) mod 12): unique for c < 144, and the first 12
-    # classes differ in both shape and colour.
+    # c = 12a + b → (shape b, colour (b + 5a) mod 12): unique for c < 144 (5 is prime to 12),
+    # the first 12 classes differ in both shape and colour, and classes 12-23 repeat shapes 0-11
+    # at hues 150° away. A step of one colour (30°) made those pairs differ by less than the
+    # contrastive views' hue jitter (±0.1 = ±36°, fastlt.pipelines.transforms): a view of one
+    # class could look like an image of the other (version 1 of the data).
     b, a = c % len(_SHAPES), c // len(_SHAPES)
-    return b, (a + b) % _N_COLOURS
+    return b, (b + 5 * a) % _N_COLOURS
 
 
 def _palette() -> np.ndarray:

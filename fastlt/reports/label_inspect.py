@@ -31,7 +31,8 @@ import torch
 
 from fastlt.errors import DataError
 
-__all__ = ["CELL", "COLUMNS", "collect_samples", "inspect_labels", "render_grid", "render_html"]
+__all__ = ["CELL", "COLUMNS", "collect_samples", "inspect_labels", "render_grid", "render_html",
+           "spread_across_steps"]
 
 #: (width, height) in pixels of one sample in labels.png; the grid has COLUMNS columns under a
 #: HEADER-pixel title: labels.png is COLUMNS·CELL[0] × (HEADER + rows·CELL[1]) pixels.
@@ -46,10 +47,23 @@ def _name(names, i: int) -> str:
     return class_label(names, int(i))
 
 
+def spread_across_steps(per_step: list[list[dict]], samples: int) -> list[dict]:
+    """Up to ``samples`` rows taken round-robin over the steps: the first row of every step, then
+    the second of every step, and so on, in step order. With one CutMix box per batch
+    (``method.cutmix_per_sample: false``) samples of one step share their box, so a grid spread
+    over steps shows as many different boxes (and λ) as there are steps."""
+    picked: list[dict] = []
+    for rank in range(max((len(rows) for rows in per_step), default=0)):
+        picked += [rows[rank] for rows in per_step if rank < len(rows)]
+    return sorted(picked[:samples], key=lambda r: (r["step"], r["index_in_batch"]))
+
+
 @torch.no_grad()
 def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: int, show_topk: int,
                     max_batches: int, device, precision=None, mean, std) -> list[dict]:
-    """Up to ``samples`` mixed samples of ``pipeline``'s epoch with their labels (see the module docstring)."""
+    """Up to ``samples`` mixed samples of ``pipeline``'s epoch with their labels (see the module
+    docstring), spread over the steps (:func:`spread_across_steps`): the first ``max_batches``
+    steps are read until ``samples`` of them held a mixed sample, one forward pass each."""
     from fastlt.kernels import rectify_labels_compact
     from fastlt.method.label_stats import per_sample_stats
     from fastlt.method.labels import area_label
@@ -60,11 +74,11 @@ def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: 
     std_t = torch.tensor(std).view(3, 1, 1)
     amp = precision.autocast(torch.device(device).type) if precision is not None else None
     model.train()  # the training forward: BatchNorm on the batch statistics, as in train_step
-    rows: list[dict] = []
+    per_step: list[list[dict]] = []
     batches = pipeline.epoch(epoch, 0)
     try:
         for step, batch in enumerate(batches):
-            if step >= max_batches or len(rows) >= samples:
+            if step >= max_batches or len(per_step) >= samples:
                 break
             if not bool(batch.mixed.any()):
                 continue
@@ -83,9 +97,8 @@ def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: 
             y, y_hat = area_label(batch.label_a, batch.label_b, batch.lam, counts.numel()), label.to_dense()
             pred = out.logits[:b].float().argmax(1)
             top_v, top_i = y_hat.topk(min(show_topk, y_hat.shape[1]), dim=1)
-            for k in torch.nonzero(batch.mixed).flatten().tolist():
-                if len(rows) >= samples:
-                    break
+            rows = []
+            for k in torch.nonzero(batch.mixed).flatten().tolist()[:samples]:
                 img = (batch.image[k].float().cpu() * std_t + mean_t).clamp(0, 1)
                 rows.append({
                     "step": step, "index_in_batch": k,
@@ -98,11 +111,16 @@ def collect_samples(model, pipeline, epoch: int, cfg, class_counts, *, samples: 
                     "top": [(int(i), float(v)) for i, v in zip(top_i[k].tolist(), top_v[k].tolist())],
                     "pred": int(pred[k]),
                 })
+            # A row the round-robin leaves out now stays out (later steps only add rows ahead of
+            # it), so only the chosen ones are kept: at most 2·samples images, whatever the batch.
+            per_step.append(rows)
+            chosen = {id(r) for r in spread_across_steps(per_step, samples)}
+            per_step = [[r for r in rows if id(r) in chosen] for rows in per_step]
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
-    return rows
+    return spread_across_steps(per_step, samples)
 
 
 def _cell_lines(r: dict, names) -> list[str]:

@@ -23,19 +23,34 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import time
 import warnings
 from pathlib import Path
 
 from fastlt.errors import ConfigError
 
-__all__ = ["PHASES", "default_run_dir", "format_report", "phase_epochs", "profile_run"]
+__all__ = ["PHASES", "default_run_dir", "format_report", "phase_epochs", "profile_run", "quiet_kineto"]
 
 #: Label phases a profile can record.
 PHASES = ("area", "rectified")
 TRACE_FILE, SUMMARY_FILE, TB_WORKER = "trace.json", "summary.json", "fastlt"
 DATA_RANGE, STEP_RANGE = "fastlt::data", "fastlt::train_step"
 STEP_PARTS = ("forward", "objective", "backward", "optimizer_step")
+#: libkineto's log threshold for a profile: above all its severities. Its highest, USDT, marks
+#: every profiler start and stop with a "USDT:... SyncActivityProfilerHandler.cpp] profiler_start"
+#: line on stderr even at the ERROR threshold (5); its ERROR lines ("gpuGetDeviceCount failed"
+#: on a machine without a GPU) are not fastlt's to show either: a CUDA run that recorded nothing
+#: is reported by the summary.
+KINETO_QUIET_LEVEL = "99"
+
+
+def quiet_kineto() -> None:
+    """Silence libkineto's console lines (see KINETO_QUIET_LEVEL), unless KINETO_LOG_LEVEL is set.
+
+    libkineto reads the variable when the profiler first starts, so this works after torch is
+    imported too; ``fastlt profile`` calls it before torch loads all the same."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET_LEVEL)
 
 
 def phase_epochs(cfg, phase: str) -> range:
@@ -70,6 +85,7 @@ def profile_run(cfg, *, steps: int = 5, warmup: int = 3, phase: str = "rectified
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name}: must be an integer >= {least}; got {value!r}")
     epochs = phase_epochs(cfg, phase)
+    quiet_kineto()
     from fastlt.training import distributed as dist
 
     world = dist.process_info().world_size
