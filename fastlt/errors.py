@@ -19,8 +19,10 @@ TrainingInterrupted    Ctrl-C / SIGTERM: a checkpoint was written, then a stop  
 """
 from __future__ import annotations
 
+import errno
+
 __all__ = ["BadImageError", "CheckpointError", "ConfigError", "DataError", "FastltError", "NonFiniteLossError",
-           "OutputError", "PipelineError", "TrainingInterrupted", "exit_code"]
+           "OutputError", "PipelineError", "REASONS", "TrainingInterrupted", "exit_code"]
 
 
 class FastltError(Exception):
@@ -106,3 +108,12 @@ def exit_code(err: FastltError) -> int:
     if isinstance(err, TrainingInterrupted):
         return 143 if err.signal_name == "SIGTERM" else 130
     return 2
+
+
+#: What an errno means for a file fastlt reads or writes, in the words its messages use.
+REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted (read-only or immutable folder)",
+            errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+            errno.EISDIR: "it is a directory", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.ENOENT: "its folder does not exist"}

@@ -10,41 +10,29 @@
 * :func:`damage` — why a ``torch.save`` file cannot be complete (a cheap look at its zip
   directory), and :func:`check_writable_dir` / :func:`check_output_file` — whether a run
   directory or an output file can be written, asked before any work is done;
-* :func:`path_problem`, :func:`expect_file`, :func:`expect_dir`, :func:`read_regular` — every
-  path fastlt reads is checked for what it is first: text the file system cannot take (a NUL,
-  an unpaired surrogate, a name over its length limit) is refused with one line, and a FIFO,
-  socket or device named like an image, a list or a checkpoint is never opened for reading (a
-  FIFO would block for ever); :func:`read_regular` opens without blocking and checks the kind on
-  the open descriptor, so a file swapped after the check cannot slip through.
+* what a path is, before it is opened: ``fastlt.paths``.
 
 A failed write raises :class:`~fastlt.errors.OutputError` naming the path and the cause (a full
 disk, a read-only folder, a file size limit) and leaves no temporary file behind.
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import pickle
 import shutil
-import stat
 import uuid
 import zipfile
 from pathlib import Path
 
-from fastlt.errors import CheckpointError, DataError, OutputError
+from fastlt.errors import REASONS, CheckpointError, OutputError
+from fastlt.paths import kind_of, path_problem
 
-__all__ = ["NotRegularFileError", "check_output_file", "check_writable_dir", "damage", "deepspeed_safe_globals",
-           "expect_dir", "expect_file", "install_safe_checkpoint_engine", "json_text", "kind_of", "path_problem",
-           "read_regular", "safe_load", "torch_save_atomic", "write_failure", "write_text_atomic"]
+__all__ = ["check_output_file", "check_writable_dir", "damage", "deepspeed_safe_globals",
+           "install_safe_checkpoint_engine", "json_text", "safe_load", "torch_save_atomic", "write_failure",
+           "write_text_atomic"]
 
-_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted (read-only or immutable folder)",
-            errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
-            errno.EISDIR: "it is a directory", errno.ENOTDIR: "a part of the path is a file, not a folder",
-            errno.ENOENT: "its folder does not exist"}
 
 
 def _existing_dir(path: Path) -> Path:
@@ -62,7 +50,7 @@ def write_failure(path: str | os.PathLike, err: BaseException) -> OutputError:
     except OSError:
         free = None
     if isinstance(err, OSError) and err.errno is not None:
-        reason = _REASONS.get(err.errno, err.strerror or str(err))
+        reason = REASONS.get(err.errno, err.strerror or str(err))
     elif free is not None and free < 64 * 2**20:  # a short write on a (nearly) full file system
         reason = "the disk is full"
     else:
@@ -197,7 +185,7 @@ def _require_new_files(folder: Path, what: str, path: Path) -> None:
     err = _probe(folder)
     if err is not None:
         raise OutputError(f"{what} {path} cannot be written: {folder} does not accept new files "
-                          f"({_REASONS.get(err.errno, err.strerror)}); choose a writable folder")
+                          f"({REASONS.get(err.errno, err.strerror)}); choose a writable folder")
 
 
 def check_output_file(path: str | os.PathLike, what: str, *, new: bool = False) -> None:
@@ -281,123 +269,3 @@ def install_safe_checkpoint_engine(engine) -> None:
                            "fastlt expects the default TorchCheckpointEngine (no 'checkpoint' section in the "
                            "DeepSpeed config)")
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
-
-
-# -- what a path is, before it is opened ----------------------------------------------------------
-
-_NAME_MAX = 255  # bytes per path component on ext4, xfs, btrfs, NFS, Lustre and GPFS
-_PATH_MAX = 4096  # bytes of a whole path (Linux PATH_MAX)
-
-
-class NotRegularFileError(OSError):
-    """A path that names a FIFO, socket, device or folder where a regular file was expected.
-
-    An OSError, so that the bad-image policy (``data.on_error``) treats such an "image" like any
-    other unreadable file."""
-
-
-def path_problem(path) -> str | None:
-    """Why the file system cannot take ``path`` (a NUL, an unpaired surrogate, a name or a path
-    over its length limit), or None. Pure text: touches no file."""
-    text = os.fspath(path)
-    raw = text if isinstance(text, bytes) else None
-    if raw is None:
-        if "\x00" in text:
-            return "it contains a NUL character (\\x00), which no file name can hold"
-        try:
-            raw = os.fsencode(text)
-        except UnicodeEncodeError as e:
-            return (f"it contains {text[e.start:e.end]!r} (character {e.start + 1}), which cannot be encoded as a "
-                    "file name (an unpaired surrogate: the text was decoded wrongly somewhere)")
-    elif b"\x00" in raw:
-        return "it contains a NUL byte, which no file name can hold"
-    for part in raw.split(b"/"):
-        if len(part) > _NAME_MAX:
-            return (f"its part {part[:24].decode(errors='replace')!r}... is {len(part)} bytes long; file names are "
-                    f"at most {_NAME_MAX} bytes")
-    if len(raw) > _PATH_MAX:
-        return f"it is {len(raw)} bytes long; paths are at most {_PATH_MAX} bytes"
-    return None
-
-
-def _kind_name(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-            else "a special file")
-
-
-def kind_of(path) -> str:
-    """What ``path`` names: "file" (regular), "folder", "missing", "a broken link", "a FIFO (named
-    pipe)", "a socket", "a character device", ...; for text no path can hold (:func:`path_problem`)
-    or a path that cannot be looked at, "not a usable path: <why>"."""
-    problem = path_problem(path)
-    if problem is not None:
-        return f"not a usable path: {problem}"
-    try:
-        return _kind_name(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return "a broken link" if os.path.islink(path) else "missing"
-    except NotADirectoryError:
-        return "missing"
-    except OSError as e:
-        return f"not a usable path: {_REASONS.get(e.errno, e.strerror or str(e))}"
-
-
-def _expect(path, want: str, what: str, error, missing: str | None, missing_error=None):
-    kind = kind_of(path)
-    if kind == want:
-        return Path(path)
-    if kind == "missing":
-        raise (missing_error or error)(missing or f"{what} {os.fspath(path)} does not exist")
-    if kind.startswith("not a usable path"):
-        raise error(f"{what} {os.fspath(path)!r} is {kind}; fix the name")
-    if kind == "a broken link":
-        raise error(f"{what} {os.fspath(path)} is a symbolic link to a path that does not exist; fix or remove it")
-    expected, fix = (("a regular file", "point it at the file itself") if want == "file"
-                     else ("a folder", "point it at the folder"))
-    found = {"file": "a regular file", "folder": "a folder"}.get(kind, kind)
-    why = "" if kind in ("file", "folder") else " (fastlt never opens FIFOs, sockets or devices: reading one can block)"
-    raise error(f"{what} {os.fspath(path)} is {found}, not {expected}; {fix}{why}")
-
-
-def expect_file(path, what: str, *, error=DataError, missing: str | None = None, missing_error=None) -> Path:
-    """``path`` as a Path if it names a regular file; else ``error`` naming ``what`` and what the
-    path is instead (``missing``: the message when it does not exist, raised as ``missing_error``
-    if given, e.g. FileNotFoundError)."""
-    return _expect(path, "file", what, error, missing, missing_error)
-
-
-def expect_dir(path, what: str, *, error=DataError, missing: str | None = None, missing_error=None) -> Path:
-    """``path`` as a Path if it names a folder; else ``error`` as :func:`expect_file`."""
-    return _expect(path, "folder", what, error, missing, missing_error)
-
-
-def read_regular(path) -> bytes:
-    """The bytes of the regular file ``path``. Opened without blocking and checked on the open
-    descriptor: a FIFO, socket, device or folder raises :class:`NotRegularFileError` (an OSError)
-    without being read; a missing file raises FileNotFoundError; text no path can hold raises
-    ValueError (:func:`path_problem`)."""
-    problem = path_problem(path)
-    if problem is not None:
-        raise ValueError(f"not a usable path: {problem}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # a socket (or a FIFO without a writer on some systems)
-            raise NotRegularFileError(e.errno, f"{kind_of(path)}, not a regular file", os.fspath(path)) from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(errno.EINVAL, f"{_kind_name(mode)}, not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=True) as f:
-            fd = -1
-            return f.read()
-    finally:
-        if fd >= 0:
-            os.close(fd)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from fastlt import __version__
-from fastlt.cli import _load, _train_parser, main
+from fastlt.cli import _train_parser, main
+from fastlt.commands import load_args_config as _load
 from fastlt.config.loader import config_to_dict, load_config, rescale_epochs
 from fastlt.config.recipes import resolve_config
 from fastlt.errors import ConfigError

@@ -223,7 +223,8 @@ def test_9_fifos_sockets_devices_and_folders_are_never_opened(tmp_path):
     from fastlt.config.loader import load_config
     from fastlt.data import ImageFolderLT, LongTailedList
     from fastlt.data.cifar import load_batch
-    from fastlt.files import NotRegularFileError, read_regular, safe_load
+    from fastlt.files import safe_load
+    from fastlt.paths import NotRegularFileError, read_regular
     from fastlt.models.pretrained import check_pretrained_path
 
     fifo = tmp_path / "x.jpg"

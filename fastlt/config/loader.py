@@ -42,7 +42,7 @@ import yaml
 from fastlt.data.config import DataConfig, SyntheticConfig
 from fastlt.training.engine import DeepSpeedSection
 from fastlt.errors import ConfigError
-from fastlt.files import expect_file, path_problem, read_regular
+from fastlt.paths import expect_file, path_problem, read_regular
 from fastlt.method.config import MethodConfig
 from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig

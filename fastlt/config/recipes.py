@@ -85,7 +85,7 @@ def resolve_config(arg: str, what: str = "--config") -> Path:
     A missing path of the form ``configs/<name>.yaml`` (the README's commands, run outside the
     source tree) also resolves to the shipped recipe ``<name>``.
     """
-    from fastlt.files import kind_of
+    from fastlt.paths import kind_of
 
     path = Path(arg)
     kind = kind_of(path)

@@ -148,7 +148,7 @@ def _plain_text(key: str, value: str) -> str:
 def check_path(key: str, value: str) -> None:
     """ConfigError unless the path text ``value`` of config key ``key`` can name a file at all
     (no NUL, no unpaired surrogate, no part over the file system's name length)."""
-    from fastlt.files import path_problem
+    from fastlt.paths import path_problem
 
     if value and (problem := path_problem(value)) is not None:
         raise ConfigError(f"{key}: {value[:80]!r}{'...' if len(value) > 80 else ''} cannot be a path: {problem}")

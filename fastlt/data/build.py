@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastlt.errors import DataError
-from fastlt.files import expect_dir, expect_file, kind_of
+from fastlt.paths import expect_dir, expect_file, kind_of
 
 from .cifar import cifar_lt
 from .folder import ImageFolderLT, read_class_names

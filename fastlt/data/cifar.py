@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastlt.files import expect_file, kind_of, read_regular
+from fastlt.paths import expect_file, kind_of, read_regular
 
 from .profile import IMB_TYPES, bincount, check_imb_factor, long_tail_counts
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastlt.files import expect_dir, expect_file, kind_of, read_regular
+from fastlt.paths import expect_dir, expect_file, kind_of, read_regular
 
 from .profile import bincount, check_index
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastlt.files import expect_file, read_regular
+from fastlt.paths import expect_file, read_regular
 
 from .profile import bincount, check_index, check_positive_int
 

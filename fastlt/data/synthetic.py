@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fastlt.files import read_regular
+from fastlt.paths import read_regular
 
 from .profile import check_positive_int, long_tail_counts
 

@@ -52,7 +52,7 @@ def _names(keys, show: int = _SHOW) -> str:
 
 def check_pretrained_path(path: str) -> Path:
     """``model.pretrained`` as a Path that exists; raise CheckpointError saying what to pass otherwise."""
-    from fastlt.files import kind_of
+    from fastlt.paths import kind_of
 
     p = Path(path)
     kind = kind_of(p)

@@ -79,7 +79,7 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data.folder import read_class_names
 
     from fastlt.data.published import root_hint, shipped_list
-    from fastlt.files import kind_of
+    from fastlt.paths import kind_of
 
     path = Path(target)
     if not path.exists() and (shipped := shipped_list(target)) is not None:

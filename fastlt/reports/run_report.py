@@ -10,7 +10,8 @@ from pathlib import Path
 from fastlt.files import json_text, write_text_atomic
 from fastlt.reports.logger import format_metrics
 
-__all__ = ["closing_line", "hparams_of", "opening_lines", "record_launch", "write_metrics_json", "write_plots"]
+__all__ = ["closing_line", "hparams_of", "opening_lines", "record_launch", "report_skipped_images", "write_final_report", "write_metrics_json",
+           "write_plots"]
 
 
 def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int, *, lineage: dict | None = None
@@ -101,3 +102,29 @@ def write_plots(run_dir: Path, last_eval: dict, data, log) -> None:
         log.event("plots", f"plots not written: {type(e).__name__}: {e}", error=str(e))
         return
     log.event("plots", f"plots: {', '.join(p.name for p in paths)} in {run_dir}", files=[str(p) for p in paths])
+
+
+def write_final_report(trainer, final: dict, digests: list[str]) -> None:
+    """Rank 0, after the last epoch: ``last.pt``, ``metrics.json`` (with the run's lineage and the
+    replicas' weight digests), the plots and the TensorBoard hparams of ``trainer``'s run."""
+    from fastlt.training.checkpoint import save_weights
+    from fastlt.training.signals import pause_point
+
+    t = trainer
+    save_weights(t.run_dir / "last.pt", t.engine.module,
+                 {"epoch": t.cfg.optim.epochs - 1, "metrics": final, "signature": t.signature})
+    pause_point("report", t.stop)
+    write_metrics_json(t.run_dir, t.cfg, t.data, history=t.history, best=t.best, train_time=t.train_time,
+                       world_size=t.world_size, device=t.device, digests=digests, lineage=t.plan.target.lineage)
+    write_plots(t.run_dir, t.last_eval, t.data, t.log)
+    t.log.hparams(hparams_of(t.cfg), {"final_overall": final.get("overall"),
+                                      "best_overall": (t.best or {}).get("overall")})
+
+
+def report_skipped_images(log, stats: dict, epoch: int, rank: int) -> None:
+    """One event per epoch for the training images ``data.on_error: skip`` replaced (pipeline stats)."""
+    if n := stats["skipped_images"]:
+        first = stats["skipped_files"][0]
+        log.event("skipped_images", f"epoch {epoch}: replaced {n} unreadable training image(s) (rank {rank}) by "
+                  f"images of the same class (data.on_error: skip); first: {first}", epoch=epoch, skipped_images=n,
+                  first=first)

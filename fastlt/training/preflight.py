@@ -169,7 +169,7 @@ def check_run_files(run_dir: Path) -> None:
     """OutputError unless everything a run writes can be written: the run directory and its
     ``checkpoints/`` folder take new files and data, and the logs the run appends to are
     writable. Names the real cause (read-only, permission, immutable, the disk full)."""
-    from fastlt.files import _REASONS
+    from fastlt.errors import REASONS
 
     folders = [(run_dir, "run directory (run.output_dir / run.name)"), (run_dir / "checkpoints", "checkpoint folder")]
     for folder, what in folders:
@@ -179,7 +179,7 @@ def check_run_files(run_dir: Path) -> None:
         deepest = deepest.parent
     if (err := _space_problem(deepest)) is not None:
         raise OutputError(f"run directory (run.output_dir / run.name) {run_dir} cannot be written: {deepest} has no "
-                          f"room for the run's files ({_REASONS.get(err.errno, err.strerror)}, "
+                          f"room for the run's files ({REASONS.get(err.errno, err.strerror)}, "
                           f"{errno.errorcode.get(err.errno, err.errno)}); make room or move run.output_dir")
     for name in _APPENDED:
         log = run_dir / name
@@ -187,7 +187,7 @@ def check_run_files(run_dir: Path) -> None:
             try:
                 os.close(os.open(log, os.O_WRONLY | os.O_APPEND))
             except OSError as e:
-                raise OutputError(f"{log} cannot be appended to: {_REASONS.get(e.errno, e.strerror)} "
+                raise OutputError(f"{log} cannot be appended to: {REASONS.get(e.errno, e.strerror)} "
                                   f"({errno.errorcode.get(e.errno, e.errno)}); make it writable or choose another "
                                   "run.name") from None
 

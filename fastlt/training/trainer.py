@@ -3,9 +3,7 @@
 :class:`Trainer` runs one :class:`~fastlt.config.loader.Config`:
 
 1. ``fastlt.training.preflight.preflight``, once, before any process group exists: every set-up
-   check in order (device, run directory and its lock, the folders the run writes, the resume
-   target, datasets, epoch length, the checkpoint, validation images), so a refused run stops
-   with one message before DeepSpeed starts and leaves its run directory as it was;
+   check, in order; a refused run stops with one message and leaves its run directory as it was;
 2. the process group, the model, the DeepSpeed engine (``fastlt.training.engine``), the objective
    (``fastlt.method.objective``), the per-epoch LR (``fastlt.training.schedule``) and the pipelines;
 3. epochs of :func:`~fastlt.method.objective.train_step`, a resumable checkpoint every
@@ -14,9 +12,9 @@
    never costs the epoch, and a resume from that checkpoint evaluates first).
 
 The host waits for the device only at log intervals, epoch ends, evaluation and checkpoints.
-SIGINT/SIGTERM (``fastlt.training.signals``) are honoured in every phase: inside the steps the
-run stops at a step boundary after a checkpoint, elsewhere at once (130/143, resumable). So
-does an unreadable training image (``data.on_error: raise``) in a one-process run.
+SIGINT/SIGTERM (``fastlt.training.signals``) are honoured in every phase (130/143, resumable); in
+the steps, and for an unreadable training image in a one-process run, at a step boundary after a
+checkpoint.
 """
 from __future__ import annotations
 
@@ -34,8 +32,8 @@ from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
 from fastlt.reports.logger import RunLogger, format_metrics
-from fastlt.reports.run_report import (closing_line, hparams_of, opening_lines, record_launch, write_metrics_json,
-                                      write_plots)
+from fastlt.reports.run_report import (closing_line, opening_lines, record_launch, report_skipped_images,
+                                      write_final_report)
 from fastlt.training.preflight import preflight
 from fastlt.training.resume import resume_hint
 from fastlt.training.signals import StopFlag, pause_point
@@ -117,8 +115,6 @@ class Trainer:
         self.val_pipeline = build_val_pipeline(val_spec(cfg, self.data.val, rank=self.rank, world_size=self.world_size,
                                                         device=self.device), self.backend)
 
-    # -- state -----------------------------------------------------------------------
-
     def _save(self, epoch: int, step: int, *, eval_pending: bool = False) -> Path:
         # eval_pending: this epoch's evaluation runs after the save; a resume from here runs it first.
         client = {"fastlt": {"epoch": epoch, "step": step, "global_step": int(self.engine.global_steps),
@@ -149,8 +145,6 @@ class Trainer:
                        f"{state['global_step']}){new}", path=str(path), epoch=state["epoch"], step=state["step"],
                        lineage=target.lineage)
         return int(state["epoch"]), int(state["step"])
-
-    # -- evaluation ------------------------------------------------------------------
 
     def evaluate(self, epoch: int) -> dict:
         from fastlt.training.evaluate import evaluate_model
@@ -347,12 +341,9 @@ class Trainer:
     def _save_unless_saved(self, epoch: int, step: int) -> Path | None:
         """The checkpoint of position (epoch, step): the latest one if it is already there, None at
         the very start of a run (nothing trained yet), else a new one."""
-        latest = self.ckpt.latest()
-        if latest is not None and latest.name == tag_for(epoch, step):
+        if (latest := self.ckpt.latest()) is not None and latest.name == tag_for(epoch, step):
             return latest
-        if (epoch, step) == (0, 0):
-            return None
-        return self._save(epoch, step)
+        return None if (epoch, step) == (0, 0) else self._save(epoch, step)
 
     def _bad_image_error(self, err: BadImageError, epoch: int, step: int, saved: Path | None) -> BadImageError:
         return BadImageError.in_training(err, epoch, step, self.steps_per_epoch, saved=saved, rank=self.rank,
@@ -365,12 +356,7 @@ class Trainer:
         if dist.any_rank([bad > 0], self.dev)[0]:
             self.nonfinite = (epoch, reached - 1, None)
             self._raise_nonfinite(tensors=bad or 1)
-        stats = self.pipeline.stats()
-        if n := stats["skipped_images"]:
-            first = stats["skipped_files"][0]
-            self.log.event("skipped_images", f"epoch {epoch}: replaced {n} unreadable training image(s) (rank "
-                           f"{self.rank}) by images of the same class (data.on_error: skip); first: {first}",
-                           epoch=epoch, skipped_images=n, first=first)
+        report_skipped_images(self.log, self.pipeline.stats(), epoch, self.rank)
 
     def _finish(self) -> dict:
         done = f"the training is complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report"
@@ -378,15 +364,7 @@ class Trainer:
         final = self.history[-1] if self.history else {}
         digests = dist.replica_digests(self.engine.module)
         if self.rank == 0:
-            save_weights(self.run_dir / "last.pt", self.engine.module,
-                         {"epoch": self.cfg.optim.epochs - 1, "metrics": final, "signature": self.signature})
-            pause_point("report", self.stop)
-            write_metrics_json(self.run_dir, self.cfg, self.data, history=self.history, best=self.best,
-                               train_time=self.train_time, world_size=self.world_size, device=self.device,
-                               digests=digests, lineage=self.plan.target.lineage)
-            write_plots(self.run_dir, self.last_eval, self.data, self.log)
-            self.log.hparams(hparams_of(self.cfg), {"final_overall": final.get("overall"), "best_overall":
-                                                    (self.best or {}).get("overall")})
+            write_final_report(self, final, digests)
         self.log.event("done", closing_line(self.cfg, final, self.best, self.history, self.train_time, self.run_dir),
                        evaluated_epochs=[h["epoch"] for h in self.history],
                        **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
