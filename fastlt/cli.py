@@ -186,15 +186,24 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv):
+    """Parsed arguments, or the exit code of a refusal (already printed as one line), --help or --version."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as e:  # in-process callers get the code, as from any command
+        return None, (e.code if isinstance(e.code, int) else 2)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastlt.train`` / ``deepspeed --module fastlt.train``."""
-    return train_command(_train_parser().parse_args(argv))
+    args, code = _parse(_train_parser(), argv)
+    return code if args is None else train_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastlt`` console script."""
-    args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    args, code = _parse(build_parser(), argv)
+    return code if args is None else COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import (REPO, SIGNAL_AT_STEP, TINY_STEPS, assert_same_weights, child_env, events, run_fastlt as fastlt,
+from conftest import (REPO, TINY_STEPS, assert_same_weights, child_env, events, run_fastlt as fastlt,
                       tiny_config, tree_digest, weights, write_config)
 
 NUM_CLASSES = 6

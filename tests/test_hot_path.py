@@ -31,7 +31,7 @@ EPOCHS, STEPS, LOG_EVERY = 3, 6, 2
 
 # Reads a step may make on CPU only: the label range checks that run on CPU tensors only
 # (guarded by ``device.type == "cpu"``; on CUDA they are skipped, as their comments say).
-CPU_ONLY_CHECKS = {"fastlt/method/losses.py:resolve_supcon_args", "kernels/compact.py:_validate_compact",
+CPU_ONLY_CHECKS = {"fastlt/method/parts.py:resolve_supcon_args", "kernels/compact.py:_validate_compact",
                    "kernels/rectify.py:_prepare"}
 
 

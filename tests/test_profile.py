@@ -89,8 +89,8 @@ def test_profile_area_phase_into_another_folder(config, rectified, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps: must be an integer >= 1; got 0"),
-    (["--warmup", "-1"], "--warmup: must be an integer >= 0; got -1"),
+    (["--steps", "0"], "--steps: must be >= 1; got 0"),
+    (["--warmup", "-1"], "--warmup: must be >= 0; got -1"),
     (["--phase", "mixed"], "--phase: must be one of area, rectified; got 'mixed'"),
     (["--set", "method.l_d_warm=1"], "--phase rectified: this run never reaches ConCutMix labels"),
     (["--phase", "area", "--set", "method.l_d_warm=-1"], "--phase area: method.l_d_warm=-1 rectifies"),

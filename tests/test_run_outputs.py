@@ -284,8 +284,7 @@ def test_inspect_renders_the_labels_of_real_batches(run, tmp_path, capsys):
 def test_tensorboard_can_be_turned_off(tmp_path):
     import io
 
-    from fastlt.config.loader import load_config
-    from fastlt.config.recipes import resolve_config
+    from fastlt.config.loader import config_from_dict
     from fastlt.reports.logger import RunLogger
 
     synth = {"kind": "synthetic", "root": str(tmp_path)}

@@ -211,7 +211,7 @@ def test_demo_command_prints_the_four_accuracies_and_the_run_directory(tmp_path,
     assert len(runs) == 1  # a fresh, timestamped run directory, so repeated demos never collide
     final = json.loads((runs[0] / "metrics.json").read_text())["final"]
     out = proc.stdout
-    assert re.search(r"accuracy \(%\) +overall [\d.]+ \| many nan \| medium [\d.]+ \| few [\d.]+", out), out
+    assert re.search(r"accuracy \(%\) +overall [\d.]+ \| many — \| medium [\d.]+ \| few [\d.]+", out), out
     assert f"overall {final['overall']:.2f}" in out
     assert "chance level      16.67" in out and f"run directory     {runs[0]}" in out
     assert "6 classes: 0 many-shot, 3 medium-shot, 3 few-shot" in out
