@@ -133,7 +133,7 @@ def shipped_dir() -> Path:
 
 def shipped_entry(name: str) -> PublishedList | None:
     """The shipped published list called ``name`` (its file name), or None."""
-    base = Path(name).name
+    base = Path(name).name.removesuffix(".gz")  # the shipped file's own name (X.txt.gz) names it too
     return next((p for p in PUBLISHED if p.file == base and p.shipped), None)
 
 
