@@ -25,8 +25,13 @@ from pathlib import Path
 def load_times(paths: list[Path]) -> dict[str, float]:
     times: dict[str, float] = {}
     for path in paths:
-        data = json.loads(path.read_text())
-        times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            print(f"check_floors: {path} is not pytest-benchmark --benchmark-json output ({type(e).__name__}: {e}); "
+                  "rerun the benchmarks (make bench)", file=sys.stderr)
+            raise SystemExit(2) from None  # as for a missing file: nothing could be checked
     return times
 
 
@@ -80,8 +85,9 @@ def main(argv=None) -> int:
                    help="the device this run's floors must hold on (default: cuda when torch sees one, else cpu)")
     args = p.parse_args(argv)
     for path in args.results:
-        if not path.exists():
-            print(f"check_floors: {path} not found; run the benchmarks first (make bench)", file=sys.stderr)
+        if not path.is_file():  # missing, or a folder / FIFO (reading one would fail or block)
+            what = "is not a regular file" if path.exists() else "not found"
+            print(f"check_floors: {path} {what}; run the benchmarks first (make bench)", file=sys.stderr)
             return 2
     device = args.device or run_device()
     lines, failed, not_measured = check(load_times(args.results), json.loads(args.floors.read_text()), device)
