@@ -52,6 +52,15 @@ def test_epochs_1_on_a_step_schedule_says_why_instead_of_a_milestone_error():
     assert cfg.optim.milestones == [1] and cfg.optim.epochs == 2
 
 
+def test_every_bad_override_and_bad_value_is_named_in_one_message():
+    with pytest.raises(ConfigError) as e:
+        load_config(resolve_config("demo"), ["optim.lrr=0.1", "data.batchsize=3", "optim.lr=-1"])
+    msg = str(e.value)
+    assert msg.startswith("3 problems in the config: ")
+    assert "'optim.lrr'; did you mean 'optim.lr'?" in msg and "'data.batchsize'" in msg
+    assert "optim.lr: must be > 0; got -1.0" in msg
+
+
 def test_config_with_a_world_size_that_does_not_divide_the_batch_prints_only_the_error(capsys):
     rc, out, err = _run(capsys, "config", "--config", "imagenet_lt_resnext50_90ep", "--world-size", "3")
     assert rc == 2 and out == ""

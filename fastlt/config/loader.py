@@ -47,7 +47,8 @@ from fastlt.method.config import MethodConfig
 from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig
 from fastlt.training.schedule import OptimConfig
-from fastlt.config.typed import build_section, flat_keys as _flat_keys, load_yaml, one_of, positive, set_dotted
+from fastlt.config.typed import (Problems, build_section, flat_keys as _flat_keys, load_yaml, one_of, positive,
+                                 set_dotted)
 
 __all__ = [
     "BASE_KEY",
@@ -321,13 +322,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         changed = rescale_epochs(tree, epochs)
         if notes is not None:
             notes.extend(changed)
-    for text in overrides:
+    problems = Problems()  # every bad override and every bad value of the result in one message
+
+    def override(text):
         parts, value = parse_override(text)
         if parts == [BASE_KEY]:
             raise ConfigError(f"override {text!r}: '{BASE_KEY}' is a key of recipe files, not a config value; "
                               "name the recipe with --config instead")
         set_dotted(Config, tree, parts, value, text)
-    cfg = config_from_dict(tree)
+
+    for text in overrides:
+        problems.check(override, text)
+    cfg = problems.check(config_from_dict, tree)
+    problems.raise_if_any()
     if not cfg.run.name and path is not None:
         cfg.run.name = Path(path).stem
     return cfg
