@@ -203,6 +203,10 @@ def run_cli(fn: Callable[[], None]) -> int:
     except FastltError as e:
         say(str(e))
         return exit_code(e)
+    except BrokenPipeError:  # `fastlt config ... | head`: the reader left; end quietly, as other CLI tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush of stdout would fail again
+        return 141  # 128 + SIGPIPE, the shell's code for a writer whose pipe closed
     except SecondInterrupt:
         say("aborted by a second Ctrl-C; checkpoints already written are complete (resume with --resume auto)")
         return 130

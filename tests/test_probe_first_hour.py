@@ -191,3 +191,24 @@ def test_check_floors_refuses_a_results_file_that_is_not_benchmark_output(tmp_pa
                         str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "is not pytest-benchmark --benchmark-json output" in p.stderr
+
+
+def test_the_epochs_note_says_when_a_set_value_wins_over_the_rescaled_one():
+    notes: list[str] = []
+    cfg = load_config(resolve_config("demo"), ["method.l_d_warm=24"], epochs=1, notes=notes)
+    assert cfg.method.l_d_warm == 24
+    assert "method.l_d_warm: 15 -> 0 (--set wins: 24)" in notes
+    assert "optim.warmup_epochs: 2 -> 0" in notes  # not overridden: as before
+
+
+def test_config_piped_into_a_reader_that_stops_early_ends_without_a_traceback():
+    # `fastlt config ... | head -1`: the reader has gone when fastlt writes. Deterministically: the
+    # pipe's read end is closed before the child starts, so its first write fails with EPIPE.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "fastlt.cli", "config", "--config", "demo"], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr

@@ -320,8 +320,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     tree: dict = read_recipe(path) if path is not None else {}
     if epochs is not None:
         changed = rescale_epochs(tree, epochs)
-        if notes is not None:
-            notes.extend(changed)
+        if notes is not None:  # a key --set also gives keeps the --set value: say so next to the rescaled one
+            given = {t.split("=", 1)[0].strip(): t.split("=", 1)[1].strip() for t in overrides if "=" in t}
+            notes.extend(f"{c} (--set wins: {given[c.split(':')[0]]})" if c.split(":")[0] in given else c
+                         for c in changed)
     problems = Problems()  # every bad override and every bad value of the result in one message
 
     def override(text):
