@@ -212,3 +212,17 @@ def test_config_piped_into_a_reader_that_stops_early_ends_without_a_traceback():
     finally:
         os.close(w)
     assert p.returncode == 141 and "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+
+
+def test_a_published_list_saved_with_crlf_line_endings_is_still_recognised(tmp_path):
+    import gzip
+
+    from fastlt.data.published import identify, shipped_list
+
+    text = gzip.decompress(shipped_list("ImageNet_LT_val.txt").read_bytes())
+    (tmp_path / "ImageNet_LT_val.txt").write_bytes(text.replace(b"\n", b"\r\n"))
+    entry, line = identify(tmp_path / "ImageNet_LT_val.txt")
+    assert entry is not None and entry.file == "ImageNet_LT_val.txt" and "CRLF" in line and "verified" in line
+    (tmp_path / "ImageNet_LT_val.txt").write_bytes(text.replace(b"\n", b"\r\n", 1)[:-200])  # really different
+    entry, line = identify(tmp_path / "ImageNet_LT_val.txt")
+    assert entry is None and "not the published split" in line
