@@ -226,3 +226,14 @@ def test_a_published_list_saved_with_crlf_line_endings_is_still_recognised(tmp_p
     (tmp_path / "ImageNet_LT_val.txt").write_bytes(text.replace(b"\n", b"\r\n", 1)[:-200])  # really different
     entry, line = identify(tmp_path / "ImageNet_LT_val.txt")
     assert entry is None and "not the published split" in line
+
+
+def test_a_recipe_that_is_not_utf8_or_a_run_folder_is_refused_in_one_line(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfeoptim:\n")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not UTF-8 text \(byte 0"):
+        load_config(resolve_config(str(tmp_path / "bin.yaml")))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("optim:\n  lr: 0.1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"a folder, not a recipe file; pass a YAML file; .*config.yaml is the "
+                                          r"config of this run"):
+        resolve_config(str(tmp_path / "run"))

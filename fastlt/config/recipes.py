@@ -88,6 +88,9 @@ def resolve_config(arg: str) -> Path:
     path = Path(arg)
     if path.is_file():
         return path
+    if path.is_dir():  # e.g. a run directory: its config is a file inside
+        inside = f"; {path / 'config.yaml'} is the config of this run" if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"--config {arg}: a folder, not a recipe file; pass a YAML file{inside}")
     names = {p.stem: p for p in recipe_dir().glob("*.yaml")}
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if (path.parent == Path(".") or path.parent.name == "configs") and stem in names:
