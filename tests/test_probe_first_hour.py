@@ -174,7 +174,8 @@ def test_data_names_the_source_of_a_published_list_that_is_not_shipped(tmp_path,
         load_target("ImageNet_LT_train.txt")
     with pytest.raises(DataError) as e:
         load_target("nosuch_list.txt")
-    assert "no such file or folder, and no shipped recipe" in str(e.value) and "--config" not in str(e.value)
+    assert "no such file, and no shipped recipe" in str(e.value) and "--config" not in str(e.value)
+    assert "Pass an image folder, a list file, a YAML path" in str(e.value)
     with pytest.raises(DataError, match="this published list ships with fastlt"):  # the .gz file name works too
         load_target("Places_LT_val.txt.gz")
     with pytest.raises(DataError, match=r"--root .*nowhere is not a folder"):

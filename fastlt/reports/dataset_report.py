@@ -112,8 +112,8 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     try:
         recipe = resolve_config(target)
     except ConfigError as e:  # neither a file, a folder nor a recipe: say so without naming --config
-        raise DataError(f"fastlt data {target}: no such file or folder, and "
-                        f"{str(e).split(': ', 1)[1].removeprefix('no such file, and ')}") from None
+        rest = str(e).split(": ", 1)[1].replace("Pass a YAML path", "Pass an image folder, a list file, a YAML path")
+        raise DataError(f"fastlt data {target}: {rest}") from None
     cfg = load_config(recipe, list(overrides))
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
