@@ -29,12 +29,17 @@ def load_times(paths: list[Path], metric: str | None = None) -> dict[str, float]
     """Each benchmark's fastest round, or its ``extra_info[metric]`` (benchmarks without it are left out)."""
     times: dict[str, float] = {}
     for path in paths:
-        data = json.loads(path.read_text())
-        if metric is None:
-            times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
-        else:
-            times.update({b["name"]: float(b["extra_info"][metric]) for b in data["benchmarks"]
-                          if b.get("extra_info", {}).get(metric) is not None})
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if metric is None:
+                times.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+            else:
+                times.update({b["name"]: float(b["extra_info"][metric]) for b in data["benchmarks"]
+                              if b.get("extra_info", {}).get(metric) is not None})
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            print(f"check_floors: {path} is not pytest-benchmark --benchmark-json output ({type(e).__name__}: {e}); "
+                  "rerun the benchmarks (make bench)", file=sys.stderr)
+            raise SystemExit(2) from None  # as for a missing file: nothing could be checked
     return times
 
 
@@ -91,8 +96,9 @@ def main(argv=None) -> int:
                    help="the device this run's floors must hold on (default: cuda when torch sees one, else cpu)")
     args = p.parse_args(argv)
     for path in args.results:
-        if not path.exists():
-            print(f"check_floors: {path} not found; run the benchmarks first (make bench)", file=sys.stderr)
+        if not path.is_file():  # missing, or a folder / FIFO (reading one would fail or block)
+            what = "is not a regular file" if path.exists() else "not found"
+            print(f"check_floors: {path} {what}; run the benchmarks first (make bench)", file=sys.stderr)
             return 2
     device = args.device or run_device()
     floors = json.loads(args.floors.read_text())

@@ -40,6 +40,8 @@ def _with_deepspeed_json(cfg, path: str):
 
     from fastlt.errors import ConfigError
 
+    if not Path(path).exists():
+        raise ConfigError(f"--deepspeed_config {path}: no such file; pass a DeepSpeed JSON config file")
     if not Path(path).is_file():  # also refuses a FIFO or a folder: opening one could block or fail obscurely
         raise ConfigError(f"--deepspeed_config {path}: not a regular file; pass a DeepSpeed JSON config file")
     try:
@@ -79,6 +81,10 @@ def run_cli(fn: Callable[[], None], *, phase: str = "the command",
     except FastltError as e:
         say(str(e))
         return exit_code(e)
+    except BrokenPipeError:  # `fastlt config ... | head`: the reader left; end quietly, as other CLI tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush of stdout would fail again
+        return 141  # 128 + SIGPIPE, the shell's code for a writer whose pipe closed
     except PhaseInterrupt as e:
         if is_rank0:
             print(f"fastlt: {e}", file=sys.stderr, flush=True)
@@ -230,10 +236,11 @@ def _config(args) -> int:
         if args.world_size < 1:
             raise ConfigError(f"--world-size: must be >= 1; got {args.world_size}")
         cfg = load_args_config(args)
+        ds = deepspeed_config(cfg, args.world_size)  # before printing: a refused world size prints nothing else
         print("# resolved config (what a run saves as config.yaml)")
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"# DeepSpeed config for {args.world_size} rank(s) (what a run saves as ds_config.json)")
-        print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2), flush=True)
+        print(json.dumps(ds, indent=2), flush=True)
 
     return run_cli(go)
 
@@ -243,12 +250,23 @@ def _export(args) -> int:
         from fastlt.models.export import export_timm
         from fastlt.training.evaluate import checkpoint_run_dir
 
+        if not os.environ.get("DS_ACCELERATOR"):  # the safe loader imports DeepSpeed: no accelerator probing
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ["DS_ACCELERATOR"] = "cpu"
         kwargs = {}
-        if args.config:
+        config = args.config
+        run_config = checkpoint_run_dir(args.checkpoint) / "config.yaml"
+        if config is None and run_config.is_file():
+            # the run's own config: a backbone built with options (a ViT's img_size) needs them again
+            config = str(run_config)
+            print(f"model.backbone_kwargs from {run_config} (--config to choose another config)", flush=True)
+        if config:
             from fastlt.config.loader import load_config
             from fastlt.config.recipes import resolve_config
 
-            kwargs = dict(load_config(resolve_config(args.config)).model.backbone_kwargs)
+            kwargs = dict(load_config(resolve_config(config)).model.backbone_kwargs)
         out = args.out or checkpoint_run_dir(args.checkpoint) / "export"
         files = export_timm(args.checkpoint, out, backbone_kwargs=kwargs)
         print(f"exported: {', '.join(str(f) for f in files)}", flush=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,8 @@ from fastlt.method.config import MethodConfig
 from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig
 from fastlt.training.schedule import OptimConfig
-from fastlt.config.typed import (build_section, check_path, flat_keys as _flat_keys, load_yaml, one_of, positive,
-                                 set_dotted)
+from fastlt.config.typed import (Problems, build_section, check_path, flat_keys as _flat_keys, load_yaml, one_of,
+                                 positive, set_dotted)
 
 __all__ = [
     "BASE_KEY",
@@ -291,8 +292,10 @@ def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     return _merge_tree(read_recipe(target, (*_chain, path)), tree)
 
 
-def _half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))  # not round(): banker's rounding would turn 0.5 epochs into 0
+def _half_up(x) -> int:
+    # not round(): banker's rounding would turn 0.5 epochs into 0. x is a Fraction: exact for any
+    # epoch count (a float ratio would round 10**20 epochs' warm-up to a neighbouring integer).
+    return int(math.floor(x + Fraction(1, 2)))
 
 
 def rescale_epochs(tree: dict, epochs: int) -> list[str]:
@@ -308,13 +311,18 @@ def rescale_epochs(tree: dict, epochs: int) -> list[str]:
     old = optim.get("epochs", OptimConfig.epochs)
     if not isinstance(old, int) or old < 1:
         raise ConfigError(f"--epochs: optim.epochs of the recipe must be a whole number >= 1; got {old!r}")
-    f = epochs / old
+    f = Fraction(epochs, old)
     new = {"optim.epochs": epochs}
     warm = optim.get("warmup_epochs", OptimConfig.warmup_epochs)
     if isinstance(warm, int):
         new["optim.warmup_epochs"] = min(_half_up(warm * f), epochs - 1)
     miles = optim.get("milestones")
     if isinstance(miles, list) and all(isinstance(m, int) for m in miles):
+        if epochs == 1 and miles and optim.get("schedule", OptimConfig.schedule) == "step":
+            # a milestone must lie inside the run (< epochs): a 1-epoch step schedule has none
+            raise ConfigError(f"--epochs 1: the recipe's step schedule (optim.milestones {miles}) needs at least "
+                              "2 epochs (a milestone must fall inside the run, 0 < m < epochs); use --epochs 2 "
+                              "or more")
         new["optim.milestones"] = sorted({min(max(_half_up(m * f), 1), max(epochs - 1, 1)) for m in miles})
     warm_labels = method.get("l_d_warm", MethodConfig.l_d_warm)
     if isinstance(warm_labels, int) and warm_labels >= 0:
@@ -324,10 +332,12 @@ def rescale_epochs(tree: dict, epochs: int) -> list[str]:
         every = run.get(key, default)
         if isinstance(every, int):
             new[f"run.{key}"] = max(_half_up(every * f), 1)
+    defaults = {"optim.warmup_epochs": OptimConfig.warmup_epochs, "method.l_d_warm": MethodConfig.l_d_warm,
+                "run.eval_every": RunConfig.eval_every, "run.checkpoint_every": RunConfig.checkpoint_every}
     changed = []
     for dotted, value in new.items():
         section, key = dotted.split(".")
-        before = tree[section].get(key)
+        before = tree[section].get(key, defaults.get(dotted))  # a key the recipe leaves unset has its default
         if before != value:
             changed.append(f"{dotted}: {before!r} -> {value!r}")
         tree[section][key] = value
@@ -342,15 +352,23 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     tree: dict = read_recipe(path) if path is not None else {}
     if epochs is not None:
         changed = rescale_epochs(tree, epochs)
-        if notes is not None:
-            notes.extend(changed)
-    for text in overrides:
+        if notes is not None:  # a key --set also gives keeps the --set value: say so next to the rescaled one
+            given = {t.split("=", 1)[0].strip(): t.split("=", 1)[1].strip() for t in overrides if "=" in t}
+            notes.extend(f"{c} (--set wins: {given[c.split(':')[0]]})" if c.split(":")[0] in given else c
+                         for c in changed)
+    problems = Problems()  # every bad override and every bad value of the result in one message
+
+    def override(text):
         parts, value = parse_override(text)
         if parts == [BASE_KEY]:
             raise ConfigError(f"override {text!r}: '{BASE_KEY}' is a key of recipe files, not a config value; "
                               "name the recipe with --config instead")
         set_dotted(Config, tree, parts, value, text)
-    cfg = config_from_dict(tree)
+
+    for text in overrides:
+        problems.check(override, text)
+    cfg = problems.check(config_from_dict, tree)
+    problems.raise_if_any()
     if not cfg.run.name and path is not None:
         cfg.run.name = Path(path).stem
     return cfg

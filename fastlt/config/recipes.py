@@ -93,9 +93,11 @@ def resolve_config(arg: str, what: str = "--config") -> Path:
         return path
     if kind.startswith("not a usable path"):
         raise ConfigError(f"{what} {arg!r} is {kind}")
+    if kind == "folder":  # e.g. a run directory: its config is a file inside
+        inside = f"; {path / 'config.yaml'} is the config of this run" if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"{what} {arg}: a folder, not a recipe file; pass a YAML file{inside}")
     if kind != "missing":
-        found = "a folder" if kind == "folder" else kind
-        raise ConfigError(f"{what} {arg} is {found}, not a YAML file; pass a recipe file or a shipped recipe's name")
+        raise ConfigError(f"{what} {arg} is {kind}, not a YAML file; pass a recipe file or a shipped recipe's name")
     names = {p.stem: p for p in recipe_dir().glob("*.yaml")}
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if (path.parent == Path(".") or path.parent.name == "configs") and stem in names:

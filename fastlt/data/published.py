@@ -133,7 +133,7 @@ def shipped_dir() -> Path:
 
 def shipped_entry(name: str) -> PublishedList | None:
     """The shipped published list called ``name`` (its file name), or None."""
-    base = Path(name).name
+    base = Path(name).name.removesuffix(".gz")  # the shipped file's own name (X.txt.gz) names it too
     return next((p for p in PUBLISHED if p.file == base and p.shipped), None)
 
 
@@ -190,6 +190,14 @@ def identify(path: str | Path) -> tuple[PublishedList | None, str]:
     for p in PUBLISHED:
         if p.sha256 == digest:
             return p, f"{describe(p)}: {p.lines} lines, {p.num_classes} classes, sha256 {digest[:16]}… (verified)"
+    text = Path(path).read_bytes()
+    text = gzip.decompress(text) if str(path).endswith(".gz") else text
+    if b"\r\n" in text:  # a copy saved with Windows line endings is the same split: compare it with LF endings
+        lf = hashlib.sha256(text.replace(b"\r\n", b"\n")).hexdigest()
+        for p in PUBLISHED:
+            if p.sha256 == lf:
+                return p, (f"{describe(p)}: {p.lines} lines, {p.num_classes} classes, sha256 {lf[:16]}… with LF "
+                           "line endings (verified; this copy has CRLF endings)")
     known = _known(str(path))
     if not known:
         return None, ""

@@ -62,6 +62,17 @@ def check_backbone(name: str) -> None:
         close = difflib.get_close_matches(name, ["resnet32", *timm.list_models()], n=3, cutoff=0.75)
         hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
         raise ConfigError(f"model.backbone: {name!r} is neither resnet32 nor a timm model{hint}")
+    arch, _, tag = name.partition(".")
+    if tag:  # timm.is_model checks the architecture only; create_model refuses an unknown tag
+        from timm.models import get_arch_pretrained_cfgs
+
+        tags = list(get_arch_pretrained_cfgs(arch))
+        if name not in tags:
+            close = difflib.get_close_matches(name, tags, n=3, cutoff=0.6)
+            hint = (f"; did you mean {', '.join(close)}?" if close else
+                    f"; its tags: {', '.join(tags[:5])}{', ...' if len(tags) > 5 else ''}" if tags else
+                    f"; it has none: use {arch!r}")
+            raise ConfigError(f"model.backbone: {name!r}: timm has no tag {tag!r} for {arch}{hint}")
 
 
 def build_backbone(name: str, **kwargs) -> tuple[nn.Module, int]:

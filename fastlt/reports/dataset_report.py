@@ -78,10 +78,12 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     from fastlt.data import ImageFolderLT, LongTailedList
     from fastlt.data.folder import read_class_names
 
-    from fastlt.data.published import root_hint, shipped_list
+    from fastlt.data.published import missing_list_hint, root_hint, shipped_list
     from fastlt.paths import kind_of
 
     path = Path(target)
+    if not path.exists() and shipped_list(target) is None and (hint := missing_list_hint(target)):
+        raise DataError(f"fastlt data {target}: no such file here; {hint}")  # published, not shipped
     if not path.exists() and (shipped := shipped_list(target)) is not None:
         if root is None:  # the list's own folder is the package: the images are elsewhere
             raise DataError(f"fastlt data {target}: this published list ships with fastlt ({shipped}); give the "
@@ -98,6 +100,9 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
                       for s in ("val", "test") if train_dir != path and (path / s).is_dir()}
             return DatasetTarget(path.resolve().name, f"image folder {train_dir}", train, train.class_names, others)
         if kind == "file" and path.suffix not in (".yaml", ".yml"):
+            if root is not None and not Path(root).is_dir():
+                raise DataError(f"--root {root} is not a folder; give the folder the list's "
+                                f"paths are relative to ({root_hint(target).replace('--set data.root=', '--root ')})")
             ds = LongTailedList(root if root is not None else path.parent, path, num_classes)
             names = read_class_names(class_names, ds.num_classes) if class_names else None
             return DatasetTarget(path.name.removesuffix(".gz").removesuffix(".txt"), f"list file {path} (root {ds.root})",

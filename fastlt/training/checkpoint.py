@@ -336,6 +336,8 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     """(state_dict, meta) from a weights file (best.pt / last.pt), a checkpoint directory, or
     a run directory (its latest checkpoint), all loaded with weights_only=True."""
     path = Path(path)
+    if path.is_file() and path.name == LATEST and not path.suffix:  # checkpoints/latest: the pointer, not weights
+        path = path.parent
     if path.is_file():
         obj = safe_load(path)
         if not isinstance(obj, dict) or "model" not in obj:
@@ -343,6 +345,10 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
         return obj["model"], obj.get("meta", {})
     if path.is_dir():
         if not (path / META).is_file():
+            if not any((base / LATEST).is_file() for base in (path, path / "checkpoints")):
+                raise CheckpointError(f"checkpoint {path}: a folder that is neither a checkpoint (no {META}) nor a "
+                                      f"run directory (no checkpoints/{LATEST}); pass best.pt / last.pt of a run "
+                                      "directory, a checkpoint directory or a run directory")
             latest = CheckpointManager.resolve(str(path), path)
             if latest is None:
                 raise CheckpointError(f"{path} holds no checkpoint")
@@ -350,5 +356,6 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
         meta = read_meta(path)
         obj = safe_load(path / _DS_MODEL_FILE)
         return obj["module"], meta
-    raise CheckpointError(f"checkpoint {path} does not exist; pass best.pt / last.pt of a run directory, "
+    what = "is not a regular file" if path.exists() else "does not exist"  # e.g. a FIFO: never opened
+    raise CheckpointError(f"checkpoint {path} {what}; pass best.pt / last.pt of a run directory, "
                           "a checkpoint directory or a run directory")

@@ -24,8 +24,9 @@ from fastlt.config.typed import one_of, positive
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DeepSpeedSection", "OWN_KEYS", "PRECISIONS", "PlainEngine", "Precision", "ZERO_STAGES", "build_engine",
-           "check_batch_memory", "deepspeed_config", "deepspeed_extra_warning", "flat_parameters", "precision_of"]
+__all__ = ["DeepSpeedSection", "OWN_KEYS", "OWN_SECTIONS", "PRECISIONS", "PlainEngine", "Precision", "ZERO_STAGES",
+           "build_engine", "check_batch_memory", "deepspeed_config", "deepspeed_extra_warning", "flat_parameters",
+           "precision_of"]
 
 #: ``deepspeed.precision``: fp32, or bf16 / fp16 (autocast or DeepSpeed's low-precision weights).
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,6 +36,13 @@ ZERO_STAGES = (0, 1, 2)
 #: contradict them (DeepSpeed would stop at start-up with a bare assertion).
 OWN_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
             "gradient_accumulation_steps": "deepspeed.grad_accum_steps", "gradient_clipping": "deepspeed.grad_clip"}
+#: DeepSpeed config sections fastlt writes or replaces itself (refused in ``deepspeed.extra``
+#: unless ``{"enabled": false}``), with the fastlt keys to set instead.
+OWN_SECTIONS = {"bf16": "deepspeed.precision / deepspeed.autocast", "fp16": "deepspeed.precision / deepspeed.autocast",
+                "torch_autocast": "deepspeed.precision / deepspeed.autocast",
+                "amp": "deepspeed.precision / deepspeed.autocast",
+                "optimizer": "optim.lr, optim.momentum and optim.weight_decay (fastlt's SGD)",
+                "scheduler": "optim.schedule, optim.warmup_epochs and optim.milestones"}
 
 
 @dataclass(kw_only=True)
@@ -66,11 +74,19 @@ class DeepSpeedSection:
         own = {f"deepspeed.extra.{k}": v for k, v in OWN_KEYS.items() if k in self.extra}
         if isinstance(self.extra.get("zero_optimization"), dict) and "stage" in self.extra["zero_optimization"]:
             own["deepspeed.extra.zero_optimization.stage"] = "deepspeed.zero_stage"
+        # An enabled precision section would put the weights in bf16/fp16 behind fastlt's back (the
+        # images stay fp32: the first convolution fails with a dtype traceback); a DeepSpeed
+        # optimizer or scheduler would be ignored in favour of fastlt's SGD and per-epoch lr.
+        for k, use in OWN_SECTIONS.items():
+            v = self.extra.get(k)
+            if k in self.extra and not (isinstance(v, dict) and v.get("enabled") is False):
+                own[f"deepspeed.extra.{k}"] = use
         if own:
             key, use = next(iter(own.items()))
-            raise ConfigError(f"{key}: fastlt sets this DeepSpeed setting from {use} (the global batch is "
-                              "data.batch_size × deepspeed.grad_accum_steps, split over the ranks); remove it from "
-                              f"deepspeed.extra and set {use} instead")
+            why = (" (the global batch is data.batch_size × deepspeed.grad_accum_steps, split over the ranks)"
+                   if "batch" in key or "accumulation" in key else "")
+            raise ConfigError(f"{key}: fastlt sets this DeepSpeed setting from {use}{why}; remove it from "
+                              f"deepspeed.extra (or the --deepspeed_config file) and set {use} instead")
 
     @property
     def low_precision_weights(self) -> bool:

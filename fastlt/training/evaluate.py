@@ -148,6 +148,8 @@ def checkpoint_run_dir(checkpoint: str | Path) -> Path:
     """The run directory a checkpoint argument belongs to: best.pt / last.pt -> its folder; a
     checkpoint directory (run_dir/checkpoints/<tag>) -> run_dir; a run directory -> itself."""
     path = Path(checkpoint)
+    if path.is_file() and path.name == "latest" and path.parent.name == "checkpoints":  # the pointer file
+        return path.parent.parent
     if path.is_file():
         return path.parent
     if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
