@@ -1,0 +1,186 @@
+"""What a cluster does to a job, on loopback (gloo, DS_ACCELERATOR=cpu, several CPU processes):
+
+* SLURM: tasks started without a launcher take their world from the SLURM variables, and a world
+  that cannot be determined consistently is refused with one line (``fastlt.training.cluster``);
+* a rank that dies (SIGKILL, the out-of-memory killer's way) never hangs the others: they exit in
+  bounded time with one line naming it and the latest checkpoint, and ``--resume auto`` continues
+  (``fastlt.training.watchdog``);
+* ZeRO-1/2 checkpoints resume at another world size through DeepSpeed's universal checkpoint
+  (``fastlt.training.universal``);
+* torchrun's elastic agent restarts the job on the remaining node, which resumes the latest
+  checkpoint with the world-size-invariant sample sequence.
+
+The multi-process tests are marked ``slow`` (``pytest -m slow tests/test_cluster.py``); every
+subprocess is bounded by a generous timeout with a message saying which one ran over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEEPSPEED, REPO, child_env, events, free_port, tiny_config, write_config
+from fastlt.errors import LaunchError
+from fastlt.training.cluster import first_host, launch_world, slurm_port, tasks_on_node
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+#: Generous bounds: the test machine is shared and loaded; a healthy tiny run takes well under them.
+RUN_TIMEOUT = 600
+#: The collective timeout the multi-process tests run with (run.collective_timeout_s).
+SHORT_TIMEOUT = 20
+#: Bound on every surviving process's exit after a rank was killed: the heartbeat verdict (a few
+#: heartbeats of SHORT_TIMEOUT / 12 s) plus process teardown, with room for a loaded machine.
+EXIT_BOUND = 60
+
+needs_launchers = pytest.mark.skipif(not (DEEPSPEED.is_file() and TORCHRUN.is_file()),
+                                     reason="the deepspeed / torchrun launchers are not installed")
+
+
+# --------------------------------------------------------------------------------------
+# Helpers: processes with a deadline, a long tiny run, the state of a run directory
+# --------------------------------------------------------------------------------------
+
+
+def _start(cmd: list, log: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=child_env(DS_ACCELERATOR="cpu", **env),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_all(procs: list, logs: list, timeout: float, what: str) -> list[int]:
+    """Exit codes of ``procs``; fails naming ``what`` (and showing the logs' ends) past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, signal.SIGKILL)
+            tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
+            pytest.fail(f"{what} did not exit within {timeout:.0f} s\n{tails}")
+    return [p.returncode for p in procs]
+
+
+def _wait_for(cond, timeout: float, what: str, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a process exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _long_config(tmp_path: Path, name: str, **run) -> Path:
+    """The tiny run, long enough (many epochs) to be killed in the middle."""
+    cfg = tiny_config(tmp_path / "data", tmp_path / "runs",
+                      run={"name": name, "log_every": 1, "collective_timeout_s": SHORT_TIMEOUT, **run},
+                      optim={"epochs": 30})
+    return write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def _torchrun(node: int, config: Path, port: int, log: Path, *extra, nnodes: str = "2", restarts: int = 0):
+    cmd = [TORCHRUN, "--nnodes", nnodes, "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           f"127.0.0.1:{port}", "--rdzv-id", f"job{port}", "--max-restarts", str(restarts), "--rdzv-conf",
+           "join_timeout=300,last_call_timeout=2", "-m", "fastlt.train", "--config", config, *extra]
+    return _start(cmd, log)
+
+
+def _workers(agent: subprocess.Popen) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(agent.pid).children()]
+
+
+def _latest(run: Path) -> Path | None:
+    pointer = run / "checkpoints" / "latest"
+    return run / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
+
+
+# --------------------------------------------------------------------------------------
+# SLURM
+# --------------------------------------------------------------------------------------
+
+
+def _slurm_env(procid: int, ntasks: int = 2, **extra) -> dict:
+    """What srun sets for task ``procid`` of a one-node step of ``ntasks`` tasks."""
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEPID": "0",
+           "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid), "SLURM_NODEID": "0",
+           "SLURM_NTASKS": str(ntasks), "SLURM_STEP_NUM_TASKS": str(ntasks), "SLURM_NNODES": "1",
+           "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_TASKS_PER_NODE": str(ntasks), "SLURM_TASKS_PER_NODE": str(ntasks),
+           "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost"}
+    env.update(extra)
+    return env
+
+
+def test_slurm_node_lists_and_task_counts_read_as_scontrol_would():
+    assert first_host("gpu[07-09,12],cpu3") == "gpu07"
+    assert first_host("n1,n2") == "n1"
+    assert first_host("rack[2-3]-node[010-020]") == "rack2-node010"
+    assert tasks_on_node("2(x3),1", 2) == 2 and tasks_on_node("2(x3),1", 3) == 1
+    assert tasks_on_node("4", 0) == 4 and tasks_on_node("4", 1) is None
+    assert slurm_port(4242, 0) == slurm_port(4242, 0) != slurm_port(4242, 1)  # every task derives the same port
+    assert 20000 <= slurm_port(10**9, 7) < 60000
+
+
+def test_slurm_step_gives_rank_world_and_rendezvous():
+    w = launch_world(_slurm_env(1, SLURM_STEP_NODELIST="gpu[03-04]", SLURM_STEP_NUM_NODES="2", SLURM_NNODES="2",
+                                SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_NODEID="1", SLURM_LOCALID="0"))
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size, w.source) == (1, 2, 0, 1, "slurm")
+    assert w.master_addr == "gpu03" and w.master_port == str(slurm_port(4242, 0))
+    given = launch_world(_slurm_env(0, MASTER_ADDR="10.0.0.5", MASTER_PORT="29555"))
+    assert (given.master_addr, given.master_port) == ("10.0.0.5", "29555")
+    # A launcher inside the step (one torchrun per node) numbers the ranks itself.
+    tr = launch_world(_slurm_env(0, RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4",
+                                 TORCHELASTIC_RUN_ID="j"))
+    assert (tr.rank, tr.world_size, tr.source) == (5, 8, "launcher")
+    assert launch_world({}).world_size == 1
+
+
+@pytest.mark.parametrize("env, says", [
+    (_slurm_env(1, RANK="0", WORLD_SIZE="1"), "RANK=0 WORLD_SIZE=1 in the environment contradict the SLURM step"),
+    ({"RANK": "1"}, "sets RANK but not WORLD_SIZE"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "rank 2 is outside a world of 2"),
+    (_slurm_env(2), "rank 2 is outside a world of 2"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, "not in a job step"),
+    ({k: v for k, v in _slurm_env(0).items() if k != "SLURM_LOCALID"}, "SLURM_LOCALID not set"),
+    (_slurm_env(0, SLURM_PROCID="x"), "SLURM_PROCID='x' is not a non-negative integer"),
+])
+def test_inconsistent_worlds_are_refused_naming_the_variables(env, says):
+    with pytest.raises(LaunchError, match=says):
+        launch_world(env)
+
+
+def test_a_task_whose_world_contradicts_its_slurm_step_is_refused_in_one_line(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "data", tmp_path / "runs"))
+    proc = subprocess.run([sys.executable, "-m", "fastlt.train", "--config", str(config)], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT, cwd=REPO,
+                          env=child_env(**_slurm_env(1), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("fastlt: error: RANK=0 WORLD_SIZE=1 in the environment contradict the SLURM step "
+                                  "this process runs in (task SLURM_PROCID=1 of 2)"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_two_srun_tasks_without_a_launcher_form_one_world_of_two(tmp_path):
+    """What ``srun -n 2 python -m fastlt.train`` (and ``deepspeed --launcher slurm``) start: two tasks
+    that see only the SLURM variables (and MASTER_ADDR/PORT, as the sbatch example exports)."""
+    cfg = tiny_config(tmp_path / "data", tmp_path / "runs", run={"name": "s", "max_steps_per_epoch": 2},
+                      optim={"epochs": 1})
+    config = write_config(tmp_path / "s.yaml", cfg)
+    port = str(free_port())
+    logs = [tmp_path / f"task{i}.log" for i in range(2)]
+    procs = [_start([sys.executable, "-m", "fastlt.train", "--config", config], logs[i],
+                    **_slurm_env(i, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for i in range(2)]
+    assert _wait_all(procs, logs, RUN_TIMEOUT, "the two SLURM tasks") == [0, 0], logs[0].read_text()[-3000:]
+    out = logs[0].read_text()
+    assert "2 rank(s) on cpu" in out and "2 steps/epoch of 4/rank" in out
+    metrics = json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["replica_digests"])) == 1
