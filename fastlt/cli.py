@@ -137,7 +137,8 @@ def run_cli(fn: Callable[[], None]) -> int:
             print(f"fastlt: {e}", file=sys.stderr, flush=True)
         return exit_code(e)
     except FastltError as e:
-        say(str(e))
+        if getattr(e, "report", is_rank0):  # a lost rank is reported by the lowest surviving one
+            print(f"fastlt: error: {e}", file=sys.stderr, flush=True)
         return exit_code(e)
     except SecondInterrupt:
         say("aborted by a second Ctrl-C; checkpoints already written are complete (resume with --resume auto)")

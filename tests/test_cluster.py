@@ -98,6 +98,19 @@ def _workers(agent: subprocess.Popen) -> list[int]:
     return [c.pid for c in psutil.Process(agent.pid).children()]
 
 
+def _off_store_node(agents: list, port: int) -> tuple:
+    """(agent, worker pid, worker rank) of the node that does not host the rendezvous store: on a
+    cluster that is any node but the --rdzv-endpoint's, whose loss ends a torchrun job whatever
+    the workers do (its agent serves the store every agent polls)."""
+    import psutil
+
+    host = next(a for a in agents if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                                         for c in psutil.Process(a.pid).net_connections()))
+    agent = next(a for a in agents if a is not host)
+    worker = psutil.Process(_workers(agent)[0])
+    return agent, worker.pid, int(worker.environ()["RANK"])
+
+
 def _latest(run: Path) -> Path | None:
     pointer = run / "checkpoints" / "latest"
     return run / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
@@ -184,3 +197,81 @@ def test_two_srun_tasks_without_a_launcher_form_one_world_of_two(tmp_path):
     assert "2 rank(s) on cpu" in out and "2 steps/epoch of 4/rank" in out
     metrics = json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(set(metrics["replica_digests"])) == 1
+
+
+# --------------------------------------------------------------------------------------
+# A rank that dies
+# --------------------------------------------------------------------------------------
+
+
+def _assert_lost_rank_reported(logs: list, rank: int, run: Path) -> Path:
+    """Exactly one ``fastlt: error`` line among all processes' output, naming ``rank`` and the
+    latest checkpoint, which is complete; returns it."""
+    from fastlt.training.checkpoint import CheckpointManager
+
+    lines = [ln for log in logs for ln in log.read_text().splitlines() if "fastlt: error:" in ln]
+    latest = _latest(run)
+    assert latest is not None
+    assert len(lines) == 1, lines
+    assert f"rank {rank} (pid " in lines[0] and "died: killed" in lines[0], lines[0]
+    assert f"The latest checkpoint is {latest}, complete and untouched: continue with --resume auto" in lines[0]
+    CheckpointManager(run / "checkpoints").verify(latest)  # every file present and whole
+    return latest
+
+
+@pytest.mark.slow
+@needs_launchers
+def test_a_killed_rank_of_the_deepspeed_launcher_ends_the_job_at_once_and_resume_continues(tmp_path):
+    config = _long_config(tmp_path, "ds")
+    run = tmp_path / "runs" / "ds"
+    log = tmp_path / "ds.log"
+    launcher = _start([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module", "fastlt.train",
+                       "--config", config], log)
+    _wait_for(lambda: _latest(run) is not None, RUN_TIMEOUT, "the first checkpoint", [launcher])
+    import psutil
+
+    ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "fastlt.train" in " ".join(p.cmdline()) and "RANK" in p.environ()}
+    survivor = ranks[0]
+    ranks[1].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    _wait_all([launcher], [log], EXIT_BOUND, "the deepspeed launcher after rank 1 was killed")
+    survivor.wait(timeout=EXIT_BOUND)
+    took = time.monotonic() - t0
+    latest = _assert_lost_rank_reported([log], 1, run)
+    print(f"deepspeed launcher, rank 1 killed: every process exited {took:.1f} s later")
+
+    # --resume auto continues the run, here on one process (ZeRO-0 resumes on any number of ranks).
+    proc = subprocess.run([sys.executable, "-m", "fastlt.train", "--config", str(config), "--resume", "auto",
+                           "--set", f"optim.epochs={int(latest.name[5:9]) + 1}"], capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT, cwd=REPO, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {latest}" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_launchers
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_the_dead_worker_of_one_torchrun_node_never_hangs_the_other(tmp_path, how):
+    """Two torchrun agents (one per "node") on loopback. SIGKILL: the worker dies (its sockets
+    close); SIGSTOP: it stops answering without closing them, as a node that vanished does."""
+    config = _long_config(tmp_path, "tr")
+    run = tmp_path / "runs" / "tr"
+    port = free_port()
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    agents = [_torchrun(i, config, port, logs[i]) for i in range(2)]
+    _wait_for(lambda: _latest(run) is not None, RUN_TIMEOUT, "the first checkpoint", agents)
+    victim_agent, victim, victim_rank = _off_store_node(agents, port)
+    os.kill(victim, getattr(signal, how))
+    t0 = time.monotonic()
+    others = [a for a in agents if a is not victim_agent]
+    try:
+        rcs = _wait_all(others, logs, EXIT_BOUND, f"the other node after rank {victim_rank} got {how}")
+        took = time.monotonic() - t0
+        print(f"torchrun, 2 nodes, rank {victim_rank} {how}: the other node exited {took:.1f} s later")
+        assert rcs == [1]  # torchrun's agent: its worker failed (with fastlt's exit code 4)
+        _assert_lost_rank_reported(logs, victim_rank, run)
+    finally:
+        if how == "SIGSTOP":  # the frozen node stays frozen: end it
+            os.killpg(victim_agent.pid, signal.SIGKILL)
+        _wait_all(agents, logs, EXIT_BOUND, "the killed node's agent")

@@ -101,6 +101,11 @@ class RunConfig:
     """Write a resumable checkpoint every checkpoint_every epochs (and after the last one)."""
     keep_last: int = 2
     """Resumable checkpoints kept; older ones are deleted once a newer one is complete."""
+    collective_timeout_s: float = 600.0
+    """Several ranks: the longest a rank waits for the others in one collective before the job stops
+    (torch's NCCL default; raise it only for collectives that are legitimately slower, e.g. a first
+    step compiled at different speeds). A rank whose heartbeat stops for min(60 s, this) is dead, and
+    every other rank exits with one line naming it and the latest checkpoint."""
     max_steps_per_epoch: int = 0
     """Cap on steps per epoch (smoke tests and quick experiments); 0 = the full epoch."""
     progress_bar: bool = True
@@ -125,6 +130,8 @@ class RunConfig:
         positive("run.checkpoint_every", self.checkpoint_every)
         positive("run.keep_last", self.keep_last)
         positive("run.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        if not self.collective_timeout_s >= 1:
+            raise ConfigError(f"run.collective_timeout_s: must be at least 1 (seconds); got {self.collective_timeout_s}")
         if self.name and (os.sep in self.name or self.name in (".", "..")):
             raise ConfigError(f"run.name: must be a plain folder name without '{os.sep}'; got {self.name!r}")
 

@@ -38,6 +38,7 @@ from fastlt.reports.run_report import closing_line, opening_lines, write_metrics
 from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
                               steps_per_epoch)
 from fastlt.training.signals import StopFlag
+from fastlt.training.watchdog import RankWatch, rank_lost_error
 
 __all__ = ["Trainer", "train"]
 
@@ -86,7 +87,9 @@ class Trainer:
 
         cfg = self.cfg
         dist.prepare_process_env(self.device)
-        dist.init_distributed(self.device, self.proc)
+        dist.init_distributed(self.device, self.proc, cfg.run.collective_timeout_s)
+        self.watch = RankWatch(self.rank, self.world_size, cfg.run.collective_timeout_s,
+                               latest=self.ckpt.latest).start()
         if cfg.run.deterministic:
             if self.device == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -369,10 +372,13 @@ class Trainer:
         self.log.event("done", closing_line(self.cfg, final, self.best, self.history, self.train_time, self.run_dir),
                        evaluated_epochs=[h["epoch"] for h in self.history],
                        **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
+        self.watch.stop("done")  # from here a rank may exit before the others: not a lost rank
         dist.barrier()
         return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
 
     def close(self) -> None:
+        if hasattr(self, "watch"):
+            self.watch.stop("failed")  # a no-op after a finished run's "done"
         for name in ("pipeline", "val_pipeline"):
             with contextlib.suppress(Exception):
                 getattr(self, name).close()
@@ -387,6 +393,9 @@ def train(cfg: Config, *, resume: str | None = None) -> dict:
         return trainer.fit()
     except RuntimeError as e:  # a dead data worker surfaces as torch's RuntimeError or DALI's PipelineError
         from fastlt.pipelines.common import worker_failure
+
+        if (lost := rank_lost_error(getattr(trainer, "watch", None), e)) is not None:  # a failed collective
+            raise lost from None
 
         failure = worker_failure(e, num_workers=cfg.pipeline.num_workers, last_checkpoint=trainer.ckpt.latest())
         if failure is None:
