@@ -275,3 +275,116 @@ def test_the_dead_worker_of_one_torchrun_node_never_hangs_the_other(tmp_path, ho
         if how == "SIGSTOP":  # the frozen node stays frozen: end it
             os.killpg(victim_agent.pid, signal.SIGKILL)
         _wait_all(agents, logs, EXIT_BOUND, "the killed node's agent")
+
+
+# --------------------------------------------------------------------------------------
+# ZeRO-1/2 at another world size: DeepSpeed's universal checkpoint
+# --------------------------------------------------------------------------------------
+
+
+def _fidelity_config(root: Path, name: str, zero: int, epochs: int) -> Path:
+    """A configuration whose losses do not depend on how the global batch is split over ranks
+    (a ViT: LayerNorm per token; frozen BatchNorm in the heads), as in test_distributed_fidelity."""
+    vit = {"backbone": "vit_small_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 8},
+           "use_norm": True, "freeze_bn": True}
+    cfg = tiny_config(root / "data", root / "runs", model=vit, optim={"epochs": epochs, "lr": 0.01},
+                      data={"batch_size": 16}, method={"l_d_warm": 0}, deepspeed={"zero_stage": zero},
+                      run={"name": name, "log_every": 1, "max_steps_per_epoch": 3, "eval_every": 2})
+    return write_config(root / f"{name}.yaml", cfg)
+
+
+def _losses(run: Path, epoch: int) -> list:
+    return [(r["step"], r["loss"], r["ce"], r["scl"]) for r in events(run, "train") if r["epoch"] == epoch]
+
+
+def _run_ranks(config: Path, ranks: int, *extra) -> str:
+    """stdout of ``config`` trained on ``ranks`` processes (the deepspeed launcher, or one plain process)."""
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "fastlt.train", "--config", str(config), *map(str, extra)]
+    else:
+        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
+               "fastlt.train", "--config", str(config), *map(str, extra)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO,
+                              env=child_env(DS_ACCELERATOR="cpu"))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{config.name} on {ranks} rank(s) did not finish within {RUN_TIMEOUT} s")
+    assert proc.returncode == 0, f"{config.name} on {ranks} rank(s)\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+@needs_launchers
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_shards_of_two_ranks_resume_on_one_and_on_four_through_the_universal_checkpoint(tmp_path, zero):
+    root = tmp_path
+    _run_ranks(_fidelity_config(root, "ref", 0, 2), 1)  # the ZeRO-0 reference, two epochs on one process
+    _run_ranks(_fidelity_config(root, "two", zero, 2), 2)  # ZeRO on two ranks; its epoch-1 checkpoint is resumed
+    ckpt = root / "runs" / "two" / "checkpoints" / "epoch0001_step000000"
+    assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    reference = _losses(root / "runs" / "ref", 1)
+    assert len(reference) == 3
+    for ranks, said in ((1, "converting it once to DeepSpeed's universal checkpoint"),
+                        (4, "loading its universal form")):
+        out = _run_ranks(_fidelity_config(root, f"on{ranks}", zero, 2), ranks, "--resume", ckpt)
+        assert f"checkpoint {ckpt} holds ZeRO shards of 2 rank(s) and this run has {ranks}: {said}" in out, out[-3000:]
+        assert f"resumed from {ckpt}: epoch 1 step 0" in out
+        got = _losses(root / "runs" / f"on{ranks}", 1)
+        assert [g[0] for g in got] == [r[0] for r in reference]
+        for g, r in zip(got, reference):
+            # fp32 sums in another order (other shard boundaries, other per-rank batches): 1e-4 relative.
+            assert g[1:] == pytest.approx(r[1:], rel=1e-4, abs=1e-5), (ranks, g, r)
+    assert (ckpt / "universal" / "zero").is_dir() and not (ckpt / "universal.partial").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Elastic restarts: torchrun --nnodes 1:2 --max-restarts 1
+# --------------------------------------------------------------------------------------
+
+
+def _samples(run: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(run.glob("samples.rank*.jsonl")) for line in f.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@needs_launchers
+def test_an_elastic_job_restarts_on_the_remaining_node_and_trains_every_sample_once(tmp_path):
+    epochs, steps, batch = 3, 6, 8
+    cfg = tiny_config(tmp_path / "data", tmp_path / "runs", optim={"epochs": epochs},
+                      run={"name": "el", "log_every": 1, "collective_timeout_s": SHORT_TIMEOUT, "sample_log": True,
+                           "max_steps_per_epoch": steps, "eval_every": epochs})
+    config = write_config(tmp_path / "el.yaml", cfg)
+    run = tmp_path / "runs" / "el"
+    port = free_port()
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    agents = [_torchrun(i, config, port, logs[i], "--resume", "auto", nnodes="1:2", restarts=1) for i in range(2)]
+    # Kill one node (its agent and its worker) in the middle of epoch 1, after epoch 1's start was saved.
+    _wait_for(lambda: (run / "checkpoints" / "epoch0001_step000000").is_dir()
+              and any(s["epoch"] == 1 and s["step"] >= 2 for s in _samples(run)), RUN_TIMEOUT,
+              "the middle of epoch 1", agents)
+    victim_agent, _, victim_rank = _off_store_node(agents, port)
+    os.killpg(victim_agent.pid, signal.SIGKILL)
+    survivor = next(a for a in agents if a is not victim_agent)
+    rcs = _wait_all([survivor], logs, RUN_TIMEOUT, "the remaining node's elastic restart and the rest of the run")
+    _wait_all([victim_agent], logs, EXIT_BOUND, "the killed node")
+    out = logs[agents.index(survivor)].read_text()
+    assert rcs == [0], out[-4000:]
+    assert f"resumed from {run / 'checkpoints' / 'epoch0001_step000000'}: epoch 1 step 0" in out
+
+    samples = _samples(run)
+    first, second = [s for s in samples if s["attempt"] == 0], [s for s in samples if s["attempt"] == 1]
+    assert {s["world_size"] for s in first} == {2} and {s["world_size"] for s in second} == {1}
+    assert (second[0]["epoch"], second[0]["step"]) == (1, 0)  # the latest checkpoint: the start of epoch 1
+    # The lineage of the finished run: epoch 0 from the first launch, epochs 1.. from the restart.
+    lineage = [s for s in first if s["epoch"] == 0] + second
+    for epoch in range(epochs):
+        rows = [(p, b) for s in lineage if s["epoch"] == epoch for p, b in zip(s["positions"], s["background"])]
+        positions = sorted(p for p, _ in rows)
+        assert positions == list(range(steps * batch)), f"epoch {epoch}: positions {positions}"  # each once
+        assert len({b for _, b in rows}) == len(rows), f"epoch {epoch}: a sample trained twice"
+    # World-size invariance: the steps of epoch 1 trained by 2 ranks before the kill used the
+    # samples the single rank used for the same global positions after the restart.
+    before = {p: b for s in first if s["epoch"] == 1 for p, b in zip(s["positions"], s["background"])}
+    after = {p: b for s in second if s["epoch"] == 1 for p, b in zip(s["positions"], s["background"])}
+    assert before and all(after[p] == b for p, b in before.items())
+    print(f"elastic: rank {victim_rank}'s node killed in epoch 1; restarted at world size 1 from epoch 1 step 0")

@@ -106,6 +106,10 @@ class RunConfig:
     (torch's NCCL default; raise it only for collectives that are legitimately slower, e.g. a first
     step compiled at different speeds). A rank whose heartbeat stops for min(60 s, this) is dead, and
     every other rank exits with one line naming it and the latest checkpoint."""
+    sample_log: bool = False
+    """Every rank appends the dataset indices of each trained step to samples.rank<R>.jsonl in the
+    run directory: an audit of which samples resumes and elastic restarts trained (see
+    fastlt.training.sample_log)."""
     max_steps_per_epoch: int = 0
     """Cap on steps per epoch (smoke tests and quick experiments); 0 = the full epoch."""
     progress_bar: bool = True

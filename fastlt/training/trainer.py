@@ -37,6 +37,7 @@ from fastlt.reports.logger import RunLogger, format_metrics
 from fastlt.reports.run_report import closing_line, opening_lines, write_metrics_json, write_plots
 from fastlt.training.preflight import (check_device, check_resume, check_run_dir, check_val_images, resolve_resume,
                               steps_per_epoch)
+from fastlt.training.sample_log import SampleLog
 from fastlt.training.signals import StopFlag
 from fastlt.training.watchdog import RankWatch, rank_lost_error
 
@@ -125,6 +126,8 @@ class Trainer:
                                                         world_size=self.world_size, device=self.device), self.backend)
         self.val_pipeline = build_val_pipeline(val_spec(cfg, self.data.val, rank=self.rank, world_size=self.world_size,
                                                         device=self.device), self.backend)
+        self.samples = SampleLog(self.run_dir, self.pipeline, rank=self.rank, world_size=self.world_size,
+                                 batch_size=micro) if cfg.run.sample_log else None
 
     # -- state -----------------------------------------------------------------------
 
@@ -142,7 +145,8 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> tuple[int, int]:
-        state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage)
+        state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage,
+                                     log=self.log.info)
         self.schedule.load_state_dict(state["scheduler"])
         self.best = state["best"]
         self.history = list(state["history"])
@@ -251,6 +255,8 @@ class Trainer:
                     return step
                 wait += time.perf_counter() - t0
                 buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify)
+                if self.samples is not None:
+                    self.samples.step(epoch, step)
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
@@ -379,7 +385,7 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "watch"):
             self.watch.stop("failed")  # a no-op after a finished run's "done"
-        for name in ("pipeline", "val_pipeline"):
+        for name in ("pipeline", "val_pipeline", "samples"):
             with contextlib.suppress(Exception):
                 getattr(self, name).close()
         if hasattr(self, "log"):
