@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastlt-installed
 
-.PHONY: install test bench demo clean
+.PHONY: install test test-slow bench demo clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The multi-process cluster tests (several ranks on loopback: SLURM, a killed rank, ZeRO at
+# another world size, elastic restarts), which `make test` leaves out; CI runs both.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 # The one-command demo: trains ConCutMix on the synthetic long-tailed dataset (generated once,
 # cached under data_cache/) and prints overall/many/medium/few accuracy and the run directory.
