@@ -123,28 +123,30 @@ def run_cli(fn: Callable[[], None]) -> int:
     from fastlt.errors import FastltError, TrainingInterrupted, exit_code
     from fastlt.training.signals import SecondInterrupt
 
-    is_rank0 = os.environ.get("RANK", "0") == "0"
+    def is_rank0() -> bool:  # at the time of the message: a SLURM task learns its RANK during setup
+        return os.environ.get("RANK", "0") == "0"
 
     def say(msg: str) -> None:
-        if is_rank0:
+        if is_rank0():
             print(f"fastlt: error: {msg}", file=sys.stderr, flush=True)
 
     try:
         fn()
         return 0
     except TrainingInterrupted as e:
-        if is_rank0:
+        if is_rank0():
             print(f"fastlt: {e}", file=sys.stderr, flush=True)
         return exit_code(e)
     except FastltError as e:
-        if getattr(e, "report", is_rank0):  # a lost rank is reported by the lowest surviving one
+        report = getattr(e, "report", None)  # a lost rank is reported by the lowest surviving one
+        if report if isinstance(report, bool) else is_rank0():
             print(f"fastlt: error: {e}", file=sys.stderr, flush=True)
         return exit_code(e)
     except SecondInterrupt:
         say("aborted by a second Ctrl-C; checkpoints already written are complete (resume with --resume auto)")
         return 130
     except KeyboardInterrupt:  # outside a training loop (setup, evaluation at the end): nothing was being saved
-        if is_rank0:
+        if is_rank0():
             print("fastlt: interrupted by Ctrl-C before a training step could finish (during setup or outside the "
                   "training loop); checkpoints already written are complete: continue with --resume auto",
                   file=sys.stderr, flush=True)
