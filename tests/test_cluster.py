@@ -15,6 +15,7 @@ subprocess is bounded by a generous timeout with a message saying which one ran 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,7 +62,7 @@ def _wait_all(procs: list, logs: list, timeout: float, what: str) -> list[int]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 if q.poll() is None:
-                    os.killpg(q.pid, signal.SIGKILL)
+                    _kill_node(q)
             tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
             pytest.fail(f"{what} did not exit within {timeout:.0f} s\n{tails}")
     return [p.returncode for p in procs]
@@ -286,7 +287,9 @@ def test_the_dead_worker_of_one_torchrun_node_never_hangs_the_other(tmp_path, ho
         _assert_lost_rank_reported(logs, victim_rank, run)
     finally:
         if how == "SIGSTOP":  # the frozen node stays frozen: end it
-            os.killpg(victim_agent.pid, signal.SIGKILL)
+            _kill_node(victim_agent)
+            with contextlib.suppress(ProcessLookupError):  # already gone with its agent
+                os.kill(victim, signal.SIGKILL)
         _wait_all(agents, logs, EXIT_BOUND, "the killed node's agent")
 
 

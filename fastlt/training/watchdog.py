@@ -40,6 +40,39 @@ __all__ = ["RankWatch", "rank_lost_error"]
 EXIT_CODE = 4
 
 
+class _BoundedStore:
+    """A TCPStore whose calls give up after ``timeout`` seconds: the client's own timeout does not
+    cover a server that stopped answering on an open connection (a frozen rank 0), whose calls
+    would otherwise block for ever. Each call runs on a daemon thread; one that hangs is left behind."""
+
+    def __init__(self, store, timeout: float):
+        self._store, self._timeout = store, timeout
+
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+
+        def call(*args):
+            out: list = []
+
+            def run():
+                try:
+                    out.append((True, method(*args)))
+                except Exception as e:  # handed to the caller
+                    out.append((False, e))
+
+            t = threading.Thread(target=run, name="fastlt-store-call", daemon=True)
+            t.start()
+            t.join(self._timeout)
+            if not out:
+                raise TimeoutError(f"the rank-watch store did not answer {name} within {self._timeout:.0f} s")
+            ok, value = out[0]
+            if not ok:
+                raise value
+            return value
+
+        return call
+
+
 class RankWatch:
     """Heartbeats of every rank of a job and the verdict on a lost one (see the module docstring)."""
 
@@ -66,7 +99,9 @@ class RankWatch:
 
         if self.world == 1:
             return self
-        timeout = timedelta(seconds=self.dead_after)
+        # A healthy store answers in milliseconds: a short timeout keeps a frozen rank 0 from
+        # holding every store call (and so the verdict) for long.
+        timeout = timedelta(seconds=max(2.0, 3 * self.interval))
         server = None
         if self.rank == 0:
             server = tdist.TCPStore("0.0.0.0", 0, None, True, timeout, wait_for_workers=False)
@@ -83,6 +118,7 @@ class RankWatch:
             except (RuntimeError, OSError):  # rank 0's host name does not resolve here: its rendezvous address
                 self.store = tdist.TCPStore(os.environ.get("MASTER_ADDR", host), port, None, False, timeout,
                                             wait_for_workers=False)
+        self.store = _BoundedStore(self.store, timeout.total_seconds())
         self.store.add(f"beat/{self.rank}", 1)
         tdist.barrier()  # every counter exists before rank 0 first reads them
         now = time.monotonic()
@@ -97,6 +133,8 @@ class RankWatch:
         if self.store is None or self._stop.is_set():
             return
         self._stop.set()
+        if self._store_down_since is not None:  # rank 0 (the store) is gone: nobody is left to tell
+            return
         try:
             self.store.set(f"exit/{self.rank}", status)
         except Exception:  # rank 0 (the store) already gone: nobody is left to tell
@@ -114,9 +152,8 @@ class RankWatch:
                     continue
                 now = time.monotonic()
                 self._store_down_since = self._store_down_since or now
-                # Refused twice in a row (rank 0's process is gone), or silent for dead_after (its node).
-                verdict = ({"dead": [0], "failed": []} if now - self._store_down_since >= min(
-                    self.dead_after, 2 * self.interval) else None)
+                # Unreachable for dead_after: rank 0, which serves it, is dead or its node lost.
+                verdict = {"dead": [0], "failed": []} if now - self._store_down_since >= self.dead_after else None
             if verdict and not self._stop.is_set() and self._act(verdict):
                 return
 
@@ -198,8 +235,9 @@ class RankWatch:
                 elif self.store.check(["verdict"]):
                     return json.loads(self.store.get("verdict"))
                 self.store.add(f"beat/{self.rank}", 1)
-            except Exception:
-                return {"dead": [0], "failed": []}  # rank 0 serves the store: its process is gone
+            except Exception:  # rank 0 serves the store, and a collective failed too: it is gone
+                self._store_down_since = time.monotonic()
+                return {"dead": [0], "failed": []}
             time.sleep(self.interval / 2)
         return None
 
