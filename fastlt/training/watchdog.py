@@ -85,7 +85,6 @@ class RankWatch:
         self.peers: list = []
         self._stop = threading.Event()
         self._acted = threading.Lock()
-        self._decided = False
         self._thread: threading.Thread | None = None
         self._seen: dict[int, tuple[int, float]] = {}
         self._failed_since: dict[int, float] = {}
