@@ -29,6 +29,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
+# The multi-process cluster tests (several ranks on loopback: SLURM, a killed rank, ZeRO at
+# another world size, elastic restarts), which `make test` leaves out; CI runs both.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
 # The one-command demo: trains ConCutMix on the synthetic long-tailed dataset (generated once,
 # cached under data_cache/) and prints overall/many/medium/few accuracy and the run directory.
 # Extra options: make demo DEMO_ARGS="--set method.l_d_warm=16" (CutMix labels throughout).

@@ -64,10 +64,11 @@ def run_cli(fn: Callable[[], None], *, phase: str = "the command",
     from fastlt.errors import FastltError, TrainingInterrupted, exit_code
     from fastlt.training.signals import PhaseInterrupt, SecondInterrupt, StopFlag
 
-    is_rank0 = os.environ.get("RANK", "0") == "0"
+    def is_rank0() -> bool:  # at the time of the message: a SLURM task learns its RANK during setup
+        return os.environ.get("RANK", "0") == "0"
 
     def say(msg: str) -> None:
-        if is_rank0:
+        if is_rank0():
             print(f"fastlt: error: {msg}", file=sys.stderr, flush=True)
 
     try:
@@ -75,32 +76,34 @@ def run_cli(fn: Callable[[], None], *, phase: str = "the command",
             fn()
         return 0
     except TrainingInterrupted as e:
-        if is_rank0:
+        if is_rank0():
             print(f"fastlt: {e}", file=sys.stderr, flush=True)
         return exit_code(e)
     except FastltError as e:
-        say(str(e))
+        report = getattr(e, "report", None)  # a lost rank is reported by the lowest surviving one
+        if report if isinstance(report, bool) else is_rank0():
+            print(f"fastlt: error: {e}", file=sys.stderr, flush=True)
         return exit_code(e)
     except BrokenPipeError:  # `fastlt config ... | head`: the reader left; end quietly, as other CLI tools do
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush of stdout would fail again
         return 141  # 128 + SIGPIPE, the shell's code for a writer whose pipe closed
     except PhaseInterrupt as e:
-        if is_rank0:
+        if is_rank0():
             print(f"fastlt: {e}", file=sys.stderr, flush=True)
         return 143 if e.signal_name == "SIGTERM" else 130
     except SecondInterrupt:
         say("aborted by a second Ctrl-C; checkpoints already written are complete (resume with --resume auto)")
         return 130
     except KeyboardInterrupt:  # a Ctrl-C that arrived before the handlers were installed
-        if is_rank0:
+        if is_rank0():
             print("fastlt: interrupted by Ctrl-C; files already written are complete", file=sys.stderr, flush=True)
         return 130
 
 
 def train_command(args) -> int:
     def go():
-        from fastlt.training.trainer import train
+        from fastlt.training.run import train
 
         train(load_args_config(args), resume=args.resume)
 

@@ -53,7 +53,7 @@ def demo_summary(result: dict, metrics: dict, wall: float, method: str = "ConCut
 
 def run_demo(cfg, *, name_given: bool) -> str:
     """Train ``cfg`` (in a fresh timestamped run directory unless run.name was given); the summary."""
-    from fastlt.training.trainer import train
+    from fastlt.training.run import train
 
     if not name_given:
         cfg.run.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"

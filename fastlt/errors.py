@@ -13,6 +13,8 @@ BadImageError          an image cannot be read or decoded (``on_error: raise``) 
 CheckpointError        a checkpoint is missing, damaged or from another run       2
 OutputError            the run directory or an output file cannot be written      2
 PipelineError          a data-pipeline worker process died (e.g. killed for OOM)  2
+LaunchError            the launcher/SLURM environment gives no consistent world   2
+RankLostError          another rank of the job died or stopped with an error      4
 NonFiniteLossError     the loss (or the weights) became nan/inf                   3
 TrainingInterrupted    Ctrl-C / SIGTERM: a checkpoint was written, then a stop    130/143
 =====================  =========================================================  ====
@@ -22,7 +24,8 @@ from __future__ import annotations
 import errno
 
 __all__ = ["BadImageError", "CheckpointError", "ConfigError", "DataError", "FastltError", "NonFiniteLossError",
-           "OutputError", "PipelineError", "REASONS", "TrainingInterrupted", "exit_code"]
+           "LaunchError", "OutputError", "PipelineError", "REASONS", "RankLostError", "TrainingInterrupted",
+           "exit_code"]
 
 
 class FastltError(Exception):
@@ -101,8 +104,25 @@ class TrainingInterrupted(FastltError, RuntimeError):
         self.signal_name = signal_name
 
 
+class LaunchError(FastltError, RuntimeError):
+    """The launcher's or the scheduler's environment does not give this process one consistent
+    place in a job (``fastlt.training.cluster``); the message names the variables."""
+
+
+class RankLostError(FastltError, RuntimeError):
+    """Another rank of the job died (killed, its node lost) or stopped with an error, so this one
+    cannot go on (``fastlt.training.watchdog``). ``report`` is True on the one surviving rank that
+    prints the line (the lowest), so a job of many ranks says it once."""
+
+    def __init__(self, message: str, report: bool = True):
+        super().__init__(message)
+        self.report = report
+
+
 def exit_code(err: FastltError) -> int:
     """The exit code of an expected failure (the table in the module docstring)."""
+    if isinstance(err, RankLostError):
+        return 4
     if isinstance(err, NonFiniteLossError):
         return 3
     if isinstance(err, TrainingInterrupted):

@@ -125,8 +125,8 @@ def test_a_two_rank_run_resumes_on_one_rank_with_the_same_data(runs):
 
 
 def test_zero_shards_are_not_read_by_another_partitioning(tmp_path, tiny_data_root, capsys):
-    """A ZeRO checkpoint resumed with ZeRO-0 (or on another number of ranks) is refused before
-    DeepSpeed starts; DeepSpeed itself would stop with an AttributeError traceback."""
+    """A ZeRO checkpoint resumed with ZeRO-0 is refused before DeepSpeed starts; DeepSpeed itself
+    would stop with an AttributeError traceback."""
     from fastlt.cli import train_main
 
     cfg = tiny_config(tiny_data_root, tmp_path, optim={"epochs": 1}, deepspeed={"zero_stage": 1},
@@ -137,17 +137,15 @@ def test_zero_shards_are_not_read_by_another_partitioning(tmp_path, tiny_data_ro
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds its optimizer state in ZeRO shards" in err[0], err
     assert "--set deepspeed.zero_stage=1" in err[0]
-    # On another number of ranks the message offers a start from the checkpoint's weights:
-    # model.pretrained reads a ZeRO checkpoint directory (the module file holds whole weights).
+    # On another number of ranks the shards are not refused: they are re-partitioned through
+    # DeepSpeed's universal checkpoint (tests/test_cluster.py). model.pretrained still reads a
+    # ZeRO checkpoint directory (the module file holds whole weights).
     from fastlt.training.checkpoint import CheckpointManager, read_meta
-    from fastlt.errors import CheckpointError
     from fastlt.models.pretrained import read_state_dict
 
     ckpt = tmp_path / "z" / "checkpoints" / "epoch0001_step000000"
     manager = CheckpointManager(tmp_path / "z" / "checkpoints", world_size=2)
-    with pytest.raises(CheckpointError, match="written by 1 ranks with ZeRO; this run has 2") as refused:
-        manager.check_compatible(ckpt, read_meta(ckpt), read_meta(ckpt)["signature"], zero_stage=1)
-    assert f"model.pretrained={ckpt} model.pretrained_scope=all" in str(refused.value)
+    manager.check_compatible(ckpt, read_meta(ckpt), read_meta(ckpt)["signature"], zero_stage=1)
     start, fastlt_weights = read_state_dict(ckpt)
     assert fastlt_weights
     end = weights(tmp_path / "z" / "last.pt")

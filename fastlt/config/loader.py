@@ -31,8 +31,6 @@ Loading a config imports neither torch nor DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
-import math
-from fractions import Fraction
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +46,9 @@ from fastlt.method.config import MethodConfig
 from fastlt.models.config import ModelConfig, check_input_size
 from fastlt.pipelines.spec import PipelineConfig
 from fastlt.training.schedule import OptimConfig
-from fastlt.config.typed import (Problems, build_section, check_path, flat_keys as _flat_keys, load_yaml, one_of,
-                                 positive, set_dotted)
+from fastlt.config.epochs import rescale_epochs
+from fastlt.config.run import COMPILE_MODES, RunConfig
+from fastlt.config.typed import Problems, build_section, flat_keys as _flat_keys, load_yaml, set_dotted
 
 __all__ = [
     "BASE_KEY",
@@ -76,80 +75,8 @@ __all__ = [
     "save_resolved_config",
 ]
 
-#: ``run.device``: auto (CUDA when available), cpu or cuda.
-DEVICES = ("auto", "cpu", "cuda")
-#: ``run.compile``: off, or a torch.compile mode ("reduce-overhead" = CUDA graphs).
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The key of a recipe file that names the recipe it extends.
 BASE_KEY = "base"
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    """Run bookkeeping: where outputs go, logging, evaluation and checkpoints."""
-
-    name: str = ""
-    """Run name; the run directory is output_dir/name. Empty = the config file's stem."""
-    output_dir: str = "runs"
-    """Parent folder of run directories."""
-    seed: int = 0
-    """Seed of the samplers, augmentations and initialisation (per rank: seed + rank where needed)."""
-    device: str = "auto"
-    """auto (CUDA when available), cpu or cuda."""
-    deterministic: bool = False
-    """Deterministic algorithms (torch.use_deterministic_algorithms); slower, for reproducibility checks."""
-    log_every: int = 50
-    """Steps between log lines; the host syncs with the device only at these intervals."""
-    eval_every: int = 5
-    """Evaluate every eval_every epochs (and always after the last one)."""
-    checkpoint_every: int = 1
-    """Write a resumable checkpoint every checkpoint_every epochs (and after the last one)."""
-    keep_last: int = 2
-    """Resumable checkpoints kept; older ones are deleted once a newer one is complete."""
-    max_steps_per_epoch: int = 0
-    """Cap on steps per epoch (smoke tests and quick experiments); 0 = the full epoch."""
-    progress_bar: bool = True
-    """tqdm bar on rank 0, only when stdout is a terminal."""
-    compile: str = "off"
-    """torch.compile the model and the objective: off, default, reduce-overhead (CUDA graphs;
-    the shapes are static, the last partial batch being dropped), max-autotune or
-    max-autotune-no-cudagraphs. The first steps pay the compilation."""
-    compile_backend: str = "inductor"
-    """torch.compile backend (inductor generates kernels; aot_eager traces the graphs without
-    generating code, for checking that a step compiles)."""
-    tensorboard: bool = True
-    """Write TensorBoard event files into the run directory (rank 0): losses, lr, throughput,
-    training accuracy, label diagnostics and evaluation; false turns them off."""
-    many_shot: int = 100
-    """Classes with more than many_shot training images are many-shot (the long-tail convention)."""
-    few_shot: int = 20
-    """Classes with fewer than few_shot training images are few-shot; the rest are medium-shot."""
-    lock: bool = True
-    """Hold an exclusive lock on the run directory while the run lives (``fastlt.training.runlock``);
-    false only for file systems without file locks, where keeping a second process out is yours."""
-    allow_data_change: bool = False
-    """Resume at an epoch boundary although the training set differs from the one the checkpoint
-    was trained on (image count, class counts or list); the change is logged. A mid-epoch resume
-    on another training set is always refused."""
-
-    def __post_init__(self):
-        one_of("run.device", self.device, DEVICES)
-        check_path("run.output_dir", self.output_dir)
-        check_path("run.name", self.name)
-        one_of("run.compile", self.compile, COMPILE_MODES)
-        positive("run.seed", self.seed, allow_zero=True)
-        positive("run.log_every", self.log_every)
-        positive("run.eval_every", self.eval_every)
-        positive("run.checkpoint_every", self.checkpoint_every)
-        positive("run.keep_last", self.keep_last)
-        positive("run.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
-        positive("run.many_shot", self.many_shot, allow_zero=True)
-        positive("run.few_shot", self.few_shot, allow_zero=True)
-        if self.few_shot > self.many_shot + 1:
-            raise ConfigError(f"run.few_shot ({self.few_shot}) must not exceed run.many_shot + 1 "
-                              f"({self.many_shot + 1}): a class cannot be both many-shot and few-shot")
-        if self.name and (os.sep in self.name or self.name in (".", "..")):
-            raise ConfigError(f"run.name: must be a plain folder name without '{os.sep}'; got {self.name!r}")
 
 
 @dataclass(kw_only=True)
@@ -290,58 +217,6 @@ def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
                 missing=f"{path}: '{BASE_KEY}: {base}' names {target}, which does not exist (a base is resolved "
                         "relative to the file that names it)")
     return _merge_tree(read_recipe(target, (*_chain, path)), tree)
-
-
-def _half_up(x) -> int:
-    # not round(): banker's rounding would turn 0.5 epochs into 0. x is a Fraction: exact for any
-    # epoch count (a float ratio would round 10**20 epochs' warm-up to a neighbouring integer).
-    return int(math.floor(x + Fraction(1, 2)))
-
-
-def rescale_epochs(tree: dict, epochs: int) -> list[str]:
-    """Shorten (or lengthen) a recipe to ``epochs`` epochs in place: every epoch-based key keeps its
-    share of the run — warm-up, the step schedule's milestones, ``method.l_d_warm`` (the share of
-    epochs with area labels) and the evaluation / checkpoint cadence. Returns 'key: old -> new'
-    for each key it set."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"--epochs: must be a whole number >= 1; got {epochs!r}")
-    optim, method, run = (tree.setdefault(k, {}) for k in ("optim", "method", "run"))
-    if not all(isinstance(x, dict) for x in (optim, method, run)):
-        raise ConfigError("--epochs: the optim, method and run sections must be mappings")
-    old = optim.get("epochs", OptimConfig.epochs)
-    if not isinstance(old, int) or old < 1:
-        raise ConfigError(f"--epochs: optim.epochs of the recipe must be a whole number >= 1; got {old!r}")
-    f = Fraction(epochs, old)
-    new = {"optim.epochs": epochs}
-    warm = optim.get("warmup_epochs", OptimConfig.warmup_epochs)
-    if isinstance(warm, int):
-        new["optim.warmup_epochs"] = min(_half_up(warm * f), epochs - 1)
-    miles = optim.get("milestones")
-    if isinstance(miles, list) and all(isinstance(m, int) for m in miles):
-        if epochs == 1 and miles and optim.get("schedule", OptimConfig.schedule) == "step":
-            # a milestone must lie inside the run (< epochs): a 1-epoch step schedule has none
-            raise ConfigError(f"--epochs 1: the recipe's step schedule (optim.milestones {miles}) needs at least "
-                              "2 epochs (a milestone must fall inside the run, 0 < m < epochs); use --epochs 2 "
-                              "or more")
-        new["optim.milestones"] = sorted({min(max(_half_up(m * f), 1), max(epochs - 1, 1)) for m in miles})
-    warm_labels = method.get("l_d_warm", MethodConfig.l_d_warm)
-    if isinstance(warm_labels, int) and warm_labels >= 0:
-        # l_d_warm + 1 epochs use area labels: keep that share of the run (at least one epoch).
-        new["method.l_d_warm"] = max(_half_up((warm_labels + 1) * f), 1) - 1
-    for key, default in (("eval_every", RunConfig.eval_every), ("checkpoint_every", RunConfig.checkpoint_every)):
-        every = run.get(key, default)
-        if isinstance(every, int):
-            new[f"run.{key}"] = max(_half_up(every * f), 1)
-    defaults = {"optim.warmup_epochs": OptimConfig.warmup_epochs, "method.l_d_warm": MethodConfig.l_d_warm,
-                "run.eval_every": RunConfig.eval_every, "run.checkpoint_every": RunConfig.checkpoint_every}
-    changed = []
-    for dotted, value in new.items():
-        section, key = dotted.split(".")
-        before = tree[section].get(key, defaults.get(dotted))  # a key the recipe leaves unset has its default
-        if before != value:
-            changed.append(f"{dotted}: {before!r} -> {value!r}")
-        tree[section][key] = value
-    return changed
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,

@@ -8,7 +8,7 @@
   set's identity recorded in every checkpoint;
 * :mod:`~fastlt.training.runlock` — :class:`RunLock`: one process per run directory;
 * :mod:`~fastlt.training.trainer` — :class:`Trainer`: epochs, steps, evaluation and checkpoint
-  cadence, stop handling;
+  cadence, stop handling; :mod:`~fastlt.training.run` — :func:`train`, a run start to finish;
 * :mod:`~fastlt.training.engine` — the ``deepspeed`` section, the generated DeepSpeed config,
   precision, the engine (and :class:`PlainEngine` for plain optimizers);
 * :mod:`~fastlt.training.schedule` — the ``optim`` section, SGD and the per-epoch learning rate;
@@ -23,7 +23,7 @@
 from fastlt._lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "Trainer": "trainer", "train": "trainer",
+    "Trainer": "trainer", "train": "run",
     "PlainEngine": "engine", "build_engine": "engine", "deepspeed_config": "engine", "precision_of": "engine",
     "EpochLR": "schedule", "OptimConfig": "schedule", "build_optimizer": "schedule",
     "CheckpointManager": "checkpoint", "load_weights": "checkpoint", "save_weights": "checkpoint",

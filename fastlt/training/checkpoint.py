@@ -294,26 +294,29 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} is damaged: its meta file records no valid number of ranks "
                                   f"(world_size {written!r}), which a ZeRO checkpoint needs to be read; use an "
                                   "earlier complete checkpoint")
-        if zero_stage > 0 and meta.get("world_size") != self.world_size:
-            raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} ranks with ZeRO; "
-                                  f"this run has {self.world_size}. ZeRO partitions the optimizer state over the "
-                                  f"ranks that wrote it and fastlt does not re-partition it: relaunch with "
-                                  f"{meta.get('world_size')} ranks, or start a new run on this number from its "
-                                  f"weights with --set model.pretrained={path} model.pretrained_scope=all (the "
-                                  "optimizer state restarts: not an exact continuation). ZeRO-0 checkpoints "
-                                  "resume on any number of ranks (the sample sequence does not depend on it).")
+        # ZeRO shards of another world size are re-partitioned by DeepSpeed's universal checkpoint
+        # (fastlt.training.universal) when they are loaded.
 
-    def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0) -> tuple[dict, dict]:
-        """Restore engine (module, optimizer) and this rank's RNG from ``path``.
+    def load(self, engine, path: str | os.PathLike, signature: dict, *, zero_stage: int = 0,
+             log=print) -> tuple[dict, dict]:
+        """Restore engine (module, optimizer) and this rank's RNG from ``path``; ZeRO shards of
+        another world size through DeepSpeed's universal checkpoint (converted once, saying so
+        with ``log``).
 
         Returns (client_state["fastlt"], meta). Raises CheckpointError, before touching the
-        engine, when the checkpoint is incomplete or belongs to another model or world size.
+        engine, when the checkpoint is incomplete or belongs to another model.
         """
+        from fastlt.training.universal import load_resharded, needs_resharding
+
         path = Path(path)
         meta = read_meta(path)
         self.check_compatible(path, meta, signature, zero_stage=zero_stage)
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        if needs_resharding(meta, self.world_size, zero_stage):
+            load_path, client = load_resharded(engine, path, rank=self.rank, local_rank=self.local_rank,
+                                               written=int(meta["world_size"]), world_size=self.world_size, log=log)
+        else:
+            load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None or client is None or "fastlt" not in client:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
         rng_file = path / f"rng_rank{self.rank:05d}.pt"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -48,22 +49,28 @@ class ProcessInfo:
     local_world_size: int
 
 
-def _env_int(*keys: str, default: int) -> int:
-    for key in keys:
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return default
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def process_info() -> ProcessInfo:
-    """This process's ranks as the launcher's environment gives them (a world of one without one)."""
-    world = max(1, _env_int("WORLD_SIZE", default=1))
-    return ProcessInfo(rank=_env_int("RANK", default=0), world_size=world, local_rank=_env_int("LOCAL_RANK", default=0),
-                       local_world_size=max(1, _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)))
+    """This process's ranks from the launcher's or SLURM's environment (``fastlt.training.cluster``;
+    a world of one without either). LaunchError for a world that cannot be determined consistently."""
+    from fastlt.training.cluster import launch_world
+
+    w = launch_world()
+    return ProcessInfo(rank=w.rank, world_size=w.world_size, local_rank=w.local_rank,
+                       local_world_size=w.local_world_size)
 
 
 def prepare_process_env(device: str) -> None:
-    """Set what DeepSpeed reads from the environment before it is imported."""
+    """Set what DeepSpeed reads from the environment before it is imported: the accelerator, and
+    the ranks and rendezvous of ``process_info`` where no launcher set them (a SLURM step, or a
+    plain ``python -m fastlt.train``: a world of one)."""
+    from fastlt.training.cluster import launch_world
+
     if device == "cpu":
         if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
             raise ConfigError(f"run.device is cpu but DS_ACCELERATOR={os.environ['DS_ACCELERATOR']}; "
@@ -71,18 +78,22 @@ def prepare_process_env(device: str) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    # A plain `python -m fastlt.train` is a world of one; the deepspeed launcher sets these.
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        # Port 0: the rendezvous store of a world of one binds a free port itself. (Picking a
-        # free port here, closing it and passing it on left a window in which another process
-        # could take it before the store bound it.)
-        os.environ.setdefault("MASTER_PORT", "0")
+    w = launch_world()
+    if w.source != "launcher":
+        os.environ.update(RANK=str(w.rank), LOCAL_RANK=str(w.local_rank), WORLD_SIZE=str(w.world_size),
+                          LOCAL_WORLD_SIZE=str(w.local_world_size))
+        os.environ.setdefault("MASTER_ADDR", w.master_addr or "127.0.0.1")
+        # A world of one: port 0, its rendezvous store binds a free port itself (a port picked here,
+        # closed and passed on could be taken by another process before the store bound it).
+        os.environ.setdefault("MASTER_PORT", w.master_port or ("0" if w.world_size == 1 else str(_free_port())))
 
 
-def init_distributed(device: str, proc: ProcessInfo) -> None:
-    """Bring up DeepSpeed's process group for ``proc`` (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(device: str, proc: ProcessInfo, timeout_s: float | None = None) -> None:
+    """Bring up DeepSpeed's process group for ``proc`` (gloo on CPU, NCCL on CUDA). ``timeout_s``
+    (``run.collective_timeout_s``) bounds every collective: a rank that waits longer for the
+    others raises instead of hanging (None: DeepSpeed's default, 10 minutes)."""
+    from datetime import timedelta
+
     import deepspeed
     import deepspeed.ops
 
@@ -97,7 +108,8 @@ def init_distributed(device: str, proc: ProcessInfo) -> None:
     ds_logger.setLevel(logging.WARNING)
     if device == "cuda":
         torch.cuda.set_device(proc.local_rank)  # before NCCL comes up, so each rank binds its own GPU
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False, **kwargs)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; without this each would spawn one thread per core.
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fastlt.errors import ConfigError
 from fastlt.config.typed import Problems, one_of, positive
 
 __all__ = ["EpochLR", "OptimConfig", "SCHEDULES", "build_optimizer"]

@@ -36,9 +36,11 @@ from fastlt.reports.run_report import (closing_line, opening_lines, record_launc
                                       write_final_report)
 from fastlt.training.preflight import preflight
 from fastlt.training.resume import resume_hint
+from fastlt.training.sample_log import SampleLog
 from fastlt.training.signals import StopFlag, pause_point
+from fastlt.training.watchdog import RankWatch
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer"]
 
 _SETUP_AFTER = ("nothing was trained in this launch and the run directory holds only complete files; start it again "
                 "the same way (with --resume auto once it has a checkpoint)")
@@ -78,7 +80,9 @@ class Trainer:
 
         cfg = self.cfg
         dist.prepare_process_env(self.device)
-        dist.init_distributed(self.device, self.proc)
+        dist.init_distributed(self.device, self.proc, cfg.run.collective_timeout_s)
+        self.watch = RankWatch(self.rank, self.world_size, cfg.run.collective_timeout_s,
+                               latest=self.ckpt.latest).start()
         if cfg.run.deterministic:
             if self.device == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -114,6 +118,8 @@ class Trainer:
                                                         world_size=self.world_size, device=self.device), self.backend)
         self.val_pipeline = build_val_pipeline(val_spec(cfg, self.data.val, rank=self.rank, world_size=self.world_size,
                                                         device=self.device), self.backend)
+        self.samples = SampleLog(self.run_dir, self.pipeline, rank=self.rank, world_size=self.world_size,
+                                 batch_size=micro) if cfg.run.sample_log else None
 
     def _save(self, epoch: int, step: int, *, eval_pending: bool = False) -> Path:
         # eval_pending: this epoch's evaluation runs after the save; a resume from here runs it first.
@@ -130,7 +136,8 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> tuple[int, int]:
-        state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage)
+        state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage,
+                                     log=self.log.info)
         self.schedule.load_state_dict(state["scheduler"])
         self.best = state["best"]
         self.history = list(state["history"])
@@ -249,6 +256,8 @@ class Trainer:
                 # The label diagnostics only on the step that ends the interval, where they are logged.
                 buf[n] = train_step(self.engine, self.objective, batch, rectify=rectify,
                                     stats=n == log_every - 1 or last)
+                if self.samples is not None:
+                    self.samples.step(epoch, step)
                 n += 1
                 samples += len(batch)
                 self.log.advance_bar()
@@ -368,11 +377,14 @@ class Trainer:
         self.log.event("done", closing_line(self.cfg, final, self.best, self.history, self.train_time, self.run_dir),
                        evaluated_epochs=[h["epoch"] for h in self.history],
                        **{k: final.get(k) for k in ("overall", "many", "medium", "few")})
+        self.watch.stop("done")  # from here a rank may exit before the others: not a lost rank
         dist.barrier()
         return {**final, "train_time_s": self.train_time, "run_dir": str(self.run_dir), "best": self.best}
 
     def close(self) -> None:
-        for name in ("pipeline", "val_pipeline"):
+        if hasattr(self, "watch"):
+            self.watch.stop("failed")  # a no-op after a finished run's "done"
+        for name in ("pipeline", "val_pipeline", "samples"):
             with contextlib.suppress(Exception):
                 getattr(self, name).close()
         if hasattr(self, "log"):
@@ -380,19 +392,3 @@ class Trainer:
         if self.plan.lock is not None:
             self.plan.lock.release()
         self.stop.__exit__(None, None, None)
-
-
-def train(cfg: Config, *, resume: str | None = None) -> dict:
-    """Run training for ``cfg``; returns the final metrics (overall/many/medium/few, run_dir, ...)."""
-    trainer = Trainer(cfg, resume=resume)
-    try:
-        return trainer.fit()
-    except RuntimeError as e:  # a dead data worker surfaces as torch's RuntimeError or DALI's PipelineError
-        from fastlt.pipelines.common import worker_failure
-
-        failure = worker_failure(e, num_workers=cfg.pipeline.num_workers, last_checkpoint=trainer.ckpt.latest())
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        trainer.close()
