@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from fastlt.cli import _load, _train_parser, main
+from fastlt.cli import _train_parser, main
+from fastlt.commands import load_args_config as _load
 from fastlt.config.loader import config_to_dict, load_config, rescale_epochs
 from fastlt.config.recipes import resolve_config
 from fastlt.errors import CheckpointError, ConfigError, DataError
