@@ -116,7 +116,13 @@ def load_target(target: str, *, root: str | None = None, num_classes: int | None
     if kind == "missing" and (path.suffix in (".yaml", ".yml") or path.parent != Path(".")):
         raise DataError(f"fastlt data {target}: no such file, and no shipped recipe of that name; the target is an "
                         "image folder, a list file or a config file (or a shipped recipe's name: fastlt recipes)")
-    cfg = load_config(resolve_config(target, what="fastlt data"), list(overrides))
+    from fastlt.errors import ConfigError
+
+    try:
+        recipe = resolve_config(target, what="fastlt data")
+    except ConfigError as e:  # neither a file, a folder nor a recipe: fastlt data has no --config to name
+        raise DataError(str(e).replace("Pass a YAML path", "Pass an image folder, a list file, a YAML path")) from None
+    cfg = load_config(recipe, list(overrides))
     data = build_datasets(cfg)
     others = {k: v for k, v in (("val", data.val), ("test", data.test)) if v is not None}
     return DatasetTarget(cfg.run.name, f"config {target} (data.kind {cfg.data.kind}, data.root {cfg.data.root})",

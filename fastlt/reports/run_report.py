@@ -28,7 +28,7 @@ def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int, *,
 
     changed = write_run_config(cfg, run_dir, lineage)
     if changed:
-        log.event("warning", f"config changed since the last launch of this run ({len(changed)} key(s); the earlier "
+        log.event("config_changed", f"warning: config changed since the last launch of this run ({len(changed)} key(s); the earlier "
                              f"config is kept in {run_dir / 'config_history'}):", changed=changed)
         for line in changed:
             log.info(f"  config changed: {line}")
