@@ -41,7 +41,9 @@ setup(
     extras_require={
         "dali-cuda12": ["nvidia-dali-cuda120>=1.50,<3"],
         "dali-cuda13": ["nvidia-dali-cuda130>=1.51,<3"],
-        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-xdist>=3.5,<4", "hypothesis>=6,<7", "scipy>=1.10,<2"],
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-xdist>=3.5,<4", "hypothesis>=6,<7", "scipy>=1.10,<2",
+                 # torch-tb-profiler (and the pandas it needs) reads fastlt profile's TensorBoard trace in a test
+                 "pandas>=2,<4", "torch-tb-profiler>=0.4,<1"],
     },
     entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},
 )
