@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import socket
 import time
 from pathlib import Path
@@ -84,12 +85,22 @@ class RunLock:
                 try:
                     fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
                 except FileExistsError:
-                    fd, created = os.open(self.path, os.O_RDWR | os.O_CLOEXEC), False
+                    # never through a symlink, never blocking: a leftover lock file is truncated
+                    # and rewritten, so it must be this folder's own regular file
+                    fd, created = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK), False
             except FileNotFoundError:
                 continue  # removed between the two opens by its releasing holder
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise OutputError(f"{self.path} is a symbolic link; fastlt writes its lock file and never "
+                                      "writes through a link (it could overwrite what it points to): remove "
+                                      "the link") from None
                 raise OutputError(f"cannot create the lock file {self.path}: {e.strerror}; the run directory "
                                   "must be writable") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutputError(f"{self.path} is not a regular file (a FIFO, socket or device); fastlt keeps its "
+                                  "lock in a regular file of that name: remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
