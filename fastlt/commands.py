@@ -110,6 +110,15 @@ def train_command(args) -> int:
     return run_cli(go, phase="setup", after="nothing was trained in this launch; start it again the same way")
 
 
+def _owning_run_dir(path):
+    """The run directory ``path`` lies in (itself or the nearest folder above it holding a run's lock,
+    checkpoints or log), or None."""
+    for folder in (path, *path.parents):
+        if (folder / ".fastlt.lock").exists() or (folder / "checkpoints").is_dir() or (folder / "log.jsonl").is_file():
+            return folder
+    return None
+
+
 def _run_dir_lock(run_dir, outputs, command: str):
     """The lock of the run directory ``run_dir`` (``fastlt.training.runlock``) when one of the
     ``outputs`` a command writes lies inside it, else a no-op: a report is never written into
@@ -119,7 +128,15 @@ def _run_dir_lock(run_dir, outputs, command: str):
 
     from fastlt.training.runlock import RunLock
 
+    from fastlt.errors import OutputError
+
     run_dir = Path(run_dir).resolve()
+    for o in outputs:  # a report never lands in *another* run's directory (it would replace that run's files)
+        owner = None if o is None else _owning_run_dir(Path(o).resolve())
+        if owner is not None and owner != run_dir:
+            raise OutputError(f"{command}: {o} lies inside the run directory {owner}, which is not the checkpoint's "
+                              f"run ({run_dir}); its report files would be replaced. Write into {run_dir} or a "
+                              "folder outside any run directory")
     inside = [o for o in outputs if o is not None and Path(o).resolve().is_relative_to(run_dir)]
     if not inside or not run_dir.is_dir():
         return contextlib.nullcontext()

@@ -49,3 +49,22 @@ def test_leftover_regular_lock_file_is_taken_over(tmp_path):
         assert lock.held
     finally:
         lock.release()
+
+
+def test_eval_refuses_to_write_its_report_into_another_runs_directory(tmp_path, capsys):
+    """Found by the reliability probe: `fastlt eval --checkpoint runs/A --report-dir runs/B` replaced
+    finished run B's per_class.csv and plots with A's evaluation, without B's lock."""
+    from fastlt.commands import _run_dir_lock
+    from fastlt.errors import OutputError
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    for run in (a, b):
+        (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(OutputError, match=r"lies inside the run directory .*B, which is not the checkpoint's run"):
+        _run_dir_lock(a, [b / "report"], "fastlt eval")
+    with pytest.raises(OutputError, match="lies inside the run directory"):
+        _run_dir_lock(a, [b / "metrics.json"], "fastlt eval")
+    with _run_dir_lock(a, [tmp_path / "elsewhere"], "fastlt eval"):  # outside every run: no lock needed
+        pass
+    with _run_dir_lock(a, [a / "eval_val"], "fastlt eval"):  # its own run: under that run's lock
+        assert (a / ".fastlt.lock").exists()
