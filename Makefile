@@ -26,9 +26,6 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
-
 # The multi-process cluster tests (several ranks on loopback: SLURM, a killed rank, ZeRO at
 # another world size, elastic restarts), which `make test` leaves out; CI runs both.
 test-slow: $(STAMP)
