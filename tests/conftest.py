@@ -199,6 +199,17 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def run_cli_in_process(capsys, *args) -> tuple[int, str, str]:
+    """``fastlt args...`` in this process: (exit code, stdout, stderr). Argparse refusals,
+    ``--help`` and ``--version`` come back as exit codes from ``fastlt.cli.main`` too."""
+    from fastlt.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def child_env(**extra: str) -> dict:
     """This process's environment without the launcher variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}

@@ -11,21 +11,12 @@ import pytest
 import yaml
 
 from fastlt import __version__
-from fastlt.cli import _train_parser, main
+from conftest import run_cli_in_process as _run
+from fastlt.cli import _train_parser
 from fastlt.commands import load_args_config as _load
 from fastlt.config.loader import config_to_dict, load_config, rescale_epochs
 from fastlt.config.recipes import resolve_config
 from fastlt.errors import ConfigError
-
-
-def _run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's --version / usage errors
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_version(capsys):

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from fastlt.cli import _train_parser, main
+from conftest import run_cli_in_process as _run
+from fastlt.cli import _train_parser
 from fastlt.commands import load_args_config as _load
 from fastlt.config.loader import config_to_dict, load_config, rescale_epochs
 from fastlt.config.recipes import resolve_config
@@ -22,13 +23,6 @@ from fastlt.errors import CheckpointError, ConfigError, DataError
 from fastlt.training.engine import DeepSpeedSection
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 # -- --epochs ---------------------------------------------------------------------------
