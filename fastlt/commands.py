@@ -36,16 +36,14 @@ def _with_deepspeed_json(cfg, path: str):
     import json
 
     from fastlt.config.loader import config_from_dict, config_to_dict
-    from pathlib import Path
-
     from fastlt.errors import ConfigError
+    from fastlt.paths import expect_file, read_regular
 
-    if not Path(path).exists():
-        raise ConfigError(f"--deepspeed_config {path}: no such file; pass a DeepSpeed JSON config file")
-    if not Path(path).is_file():  # also refuses a FIFO or a folder: opening one could block or fail obscurely
-        raise ConfigError(f"--deepspeed_config {path}: not a regular file; pass a DeepSpeed JSON config file")
+    # fastlt's one file-kind check: a folder, FIFO, socket or device is refused, never opened
+    expect_file(path, "--deepspeed_config", error=ConfigError,
+                missing=f"--deepspeed_config {path}: no such file; pass a DeepSpeed JSON config file")
     try:
-        extra = json.loads(Path(path).read_text(encoding="utf-8"))
+        extra = json.loads(read_regular(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--deepspeed_config {path}: cannot be read as UTF-8 text ({e})") from None
     except json.JSONDecodeError as e:
