@@ -420,6 +420,21 @@ def test_7_batch_size_larger_than_the_dataset(base_run, capsys):
     assert "lower data.batch_size" in line and tree_digest(base_run["dir"]) == before
 
 
+def test_7_every_problem_against_the_dataset_in_one_message(base_run, capsys):
+    """Before the change a wrong data.num_classes, a batch larger than an epoch and a misspelt
+    backbone took three launches, one refusal each; now one message names all three."""
+    from fastlt.cli import train_main
+
+    before = tree_digest(base_run["dir"])
+    assert train_main(["--config", str(base_run["config"]), "--set", "data.batch_size=200", "data.num_classes=9",
+                       "model.backbone=resnet19", "run.name=b7all"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "3 problems in the config for this dataset and 1 rank(s): (1) model.backbone: 'resnet19'" in line, line
+    assert f"(2) data.num_classes is 9, but the synthetic dataset (data.synthetic.num_classes) has {NUM_CLASSES}" in line
+    assert "(3) data.batch_size=200 leaves an epoch without a complete step" in line
+    assert tree_digest(base_run["dir"]) == before and not (base_run["dir"].parent / "b7all").exists()
+
+
 def test_7_unknown_pipeline_extra_key(base_run, capsys):
     """Did not reproduce against the code as found: pipeline.extra keys were already checked
     when the config is loaded (kept here so that it stays so)."""
@@ -774,8 +789,15 @@ def test_14_resuming_a_finished_run_adds_no_history_and_writes_strict_json(base_
     run, cfg = copy_run(base_run, tmp_path, "again")
     history = json.loads((run / "metrics.json").read_text())["history"]
     before = tree_digest(run / "checkpoints")
-    fastlt("--config", cfg, "--resume", "auto")
+    per_class = (run / "per_class.csv").read_text()
+    (run / "per_class.csv").unlink()
+    done = fastlt("--config", cfg, "--resume", "auto")
     assert tree_digest(run / "checkpoints") == before
+    # Its last evaluation finished after the last checkpoint: taken from the record, not run again
+    # (before the change every such resume evaluated epoch 1 a second time).
+    assert "eval epoch" not in done.stdout, done.stdout[-2000:]
+    assert "the evaluation of epoch 1 already ran after checkpoint epoch0002_step000000" in done.stdout
+    assert (run / "per_class.csv").read_text() == per_class  # the report again, from the recorded per-class result
 
     def no_constants(name):
         raise ValueError(f"{name} is not JSON")

@@ -39,8 +39,12 @@ class Datasets:
     """What the build decided that a user should read (a shipped list used in place of a missing one)."""
 
 
-def _check_num_classes(cfg, found: int, source: str) -> None:
+def _check_num_classes(cfg, found: int, source: str, problems: list | None = None) -> None:
     if cfg.data.num_classes and cfg.data.num_classes != found:
+        if problems is not None:  # the caller reports it with the other dataset-dependent problems
+            problems.append(DataError(f"data.num_classes is {cfg.data.num_classes}, but {source} has {found} "
+                                      f"classes; set data.num_classes={found} (or 0 to take it from the dataset)"))
+            return
         raise DataError(f"data.num_classes is {cfg.data.num_classes}, but {source} has {found} classes; "
                         f"set data.num_classes={found} (or 0 to take it from the dataset)")
 
@@ -74,10 +78,10 @@ def _folder_dataset(cfg, key: str, *, train: bool, class_names: list[str] | None
         raise DataError(f"data.{key}: {e}") from None
 
 
-def _folder_datasets(cfg, need_train: bool) -> Datasets:
+def _folder_datasets(cfg, need_train: bool, problems: list | None) -> Datasets:
     d = cfg.data
     train = _folder_dataset(cfg, "train_dir", train=True)
-    _check_num_classes(cfg, train.num_classes, f"the image folder {cfg.data.path('train_dir')}")
+    _check_num_classes(cfg, train.num_classes, f"the image folder {cfg.data.path('train_dir')}", problems)
     val = _folder_dataset(cfg, "val_dir", train=False, class_names=train.class_names)
     test = _folder_dataset(cfg, "test_dir", train=False, class_names=train.class_names) if d.test_dir else None
     return Datasets(train if need_train else None, val, test, train.num_classes, np.asarray(train.class_counts),
@@ -106,10 +110,14 @@ def _exclusive(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
+def build_datasets(cfg, *, need_train: bool = True, problems: list | None = None) -> Datasets:
     """The train/val(/test) datasets of the config, with errors that name the config key; a
-    method.topk above the number of classes is reported (K is then capped at C)."""
-    data = _build(cfg, need_train)
+    method.topk above the number of classes is reported (K is then capped at C).
+
+    ``problems``: a list that takes a data.num_classes that disagrees with the dataset (as a
+    DataError) instead of raising it, so that the caller reports it together with the other
+    problems that depend on the dataset (``fastlt.training.preflight``)."""
+    data = _build(cfg, need_train, problems)
     if cfg.method.topk > data.num_classes:
         logging.getLogger("fastlt.data").warning(
             f"method.topk={cfg.method.topk} is more than the {data.num_classes} classes of the dataset: the rectified "
@@ -118,7 +126,7 @@ def build_datasets(cfg, *, need_train: bool = True) -> Datasets:
     return data
 
 
-def _build(cfg, need_train: bool) -> Datasets:
+def _build(cfg, need_train: bool, problems: list | None) -> Datasets:
     d = cfg.data
     root = Path(d.root)
     if d.kind == "synthetic":
@@ -131,7 +139,7 @@ def _build(cfg, need_train: bool) -> Datasets:
                                          image_size=s.image_size, seed=s.seed, n_val=s.n_val)
             except ValueError as e:  # a folder that holds something else
                 raise DataError(f"data.root: {e}") from None
-        _check_num_classes(cfg, made.num_classes, "the synthetic dataset (data.synthetic.num_classes)")
+        _check_num_classes(cfg, made.num_classes, "the synthetic dataset (data.synthetic.num_classes)", problems)
         train = LongTailedList(made.root, made.train_list, made.num_classes)
         val = LongTailedList(made.root, made.val_list, made.num_classes, require_all_classes=False)
         return Datasets(train, val, None, made.num_classes, np.asarray(train.class_counts))
@@ -144,13 +152,13 @@ def _build(cfg, need_train: bool) -> Datasets:
             val = cifar_lt(root, d.cifar, d.imb_factor, d.imb_type, train=False, seed=d.cifar_subset_seed)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"data ({d.cifar}): {e}") from None
-        _check_num_classes(cfg, train.num_classes, d.cifar)
+        _check_num_classes(cfg, train.num_classes, d.cifar, problems)
         return Datasets(train, val, None, train.num_classes, np.asarray(train.class_counts))
     if d.kind == "folder":
         expect_dir(root, "data.root:", error=DataError,
                    missing=f"data.root: {root} does not exist; point it at the folder that holds "
                             f"{d.train_dir}/ and {d.val_dir}/ (one sub-folder per class in each)")
-        return _folder_datasets(cfg, need_train)
+        return _folder_datasets(cfg, need_train, problems)
     # kind == "list"
     expect_dir(root, "data.root:", error=DataError,
                missing=f"data.root: {root} does not exist; point it at {root_hint(d.train_list)}")

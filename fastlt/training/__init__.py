@@ -18,7 +18,8 @@
 * :mod:`~fastlt.training.distributed` — device, process group and collectives;
 * :mod:`~fastlt.training.signals` — Ctrl-C / SIGTERM honoured in every phase (a stop at a step
   boundary inside the steps, at once elsewhere);
-* :mod:`~fastlt.training.evaluate` — evaluation of a model or a checkpoint.
+* :mod:`~fastlt.training.evaluate` — evaluation of a model or a checkpoint;
+  :mod:`~fastlt.training.eval_record` — finished evaluations, so that a resume never runs one again.
 """
 from fastlt._lazy import lazy_exports
 

@@ -11,8 +11,9 @@ DeepSpeed starts and before anything of the run is written. It reads top to bott
 4. the resume target (``fastlt.training.resume``: what ``--resume`` may name, so a finished
    run is never overwritten; the ``latest`` pointer is a tag name and nothing else);
 5. the datasets and the training set's identity (``fastlt.training.resume.dataset_identity``),
-   the batch size against the ranks, ``model.pretrained``;
-6. the epoch length (:func:`steps_per_epoch`);
+   the batch size against the ranks, the backbone's name, ``model.pretrained``;
+6. the epoch length (:func:`steps_per_epoch`) — the problems of 5 and 6 are reported together,
+   in one message;
 7. the checkpoint to resume (:func:`check_resume`): intact, in what it holds too, fits this
    model, world size and training set;
 8. the validation images (:func:`check_val_images`: with ``data.on_error: raise`` a bad file
@@ -65,9 +66,8 @@ class Plan:
 def preflight(cfg, *, resume: str | None, run_dir: Path, proc, command: str = "fastlt train",
               stop=None) -> Plan:
     """Every set-up check of a run, in the order of the module docstring; returns the Plan."""
-    from fastlt.data.build import build_datasets
     from fastlt.training.distributed import resolve_device
-    from fastlt.training.engine import deepspeed_config, precision_of
+    from fastlt.training.engine import precision_of
 
     device = resolve_device(cfg.run.device)  # 1. device
     check_device(cfg, device)
@@ -78,17 +78,8 @@ def preflight(cfg, *, resume: str | None, run_dir: Path, proc, command: str = "f
         ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=proc.rank,
                                  local_rank=proc.local_rank, world_size=proc.world_size)
         target = resume_target(ckpt, resume, run_dir)  # 4. resume target
-        deepspeed_config(cfg, proc.world_size)  # batch size vs ranks, before anything starts
-        data = build_datasets(cfg)  # 5. datasets and identity
+        data, steps = _config_against_data(cfg, proc.world_size)  # 5.-6. datasets, epoch length, model
         identity = dataset_identity(data.train)
-        steps = steps_per_epoch(cfg, len(data.train), proc.world_size)  # 6. epoch length
-        from fastlt.models.bcl import check_backbone
-
-        check_backbone(cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
-        if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
-            from fastlt.models.pretrained import check_pretrained
-
-            check_pretrained(cfg, data.num_classes)
         notes = [] if target.path is None else check_resume(  # 7. the checkpoint to resume
             ckpt, target.path, cfg, num_classes=data.num_classes, steps_per_epoch=steps, dataset=identity)
         check_val_images(data.val, cfg.data.on_error, rank=proc.rank,  # 8. validation images
@@ -100,6 +91,41 @@ def preflight(cfg, *, resume: str | None, run_dir: Path, proc, command: str = "f
         raise
     return Plan(device=device, proc=proc, run_dir=run_dir, lock=lock, ckpt=ckpt, target=target, data=data,
                 dataset=identity, steps_per_epoch=steps, precision=precision_of(cfg.deepspeed), notes=notes)
+
+
+def _config_against_data(cfg, world_size: int):
+    """(datasets, steps per epoch): the checks of the config against the ranks and the dataset —
+    batch size vs ranks, data.num_classes vs the dataset, an epoch without a complete step, the
+    backbone's name, the pretrained file against the model — each run, so that one message names
+    every problem they find (a shortened recipe is fixed in one relaunch, not one per problem)."""
+    from fastlt.data.build import build_datasets
+    from fastlt.models.bcl import check_backbone
+    from fastlt.training.engine import deepspeed_config
+
+    problems: list[Exception] = []
+
+    def collect(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError) as e:
+            problems.append(e)
+            return None
+
+    collect(deepspeed_config, cfg, world_size)  # batch size vs ranks, before anything starts
+    collect(check_backbone, cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
+    data = collect(build_datasets, cfg, problems=problems)
+    steps = None if data is None else collect(steps_per_epoch, cfg, len(data.train), world_size)
+    if data is not None and not problems and cfg.model.pretrained:  # read and fitted now: a refused file
+        from fastlt.models.pretrained import check_pretrained     # leaves the run directory untouched
+
+        check_pretrained(cfg, data.num_classes)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        kind = DataError if all(isinstance(e, DataError) for e in problems) else ConfigError
+        raise kind(f"{len(problems)} problems in the config for this dataset and {world_size} rank(s): "
+                   + "; ".join(f"({i}) {e}" for i, e in enumerate(problems, 1)))
+    return data, steps
 
 
 #: Validation lists at least this long get progress lines while their headers are checked.

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fastlt.training import distributed as dist
 from fastlt.training.checkpoint import model_signature, nonfinite_state, save_weights, tag_for
+from fastlt.training.eval_record import pending_evaluation, record_evaluation
 from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
@@ -142,7 +143,7 @@ class Trainer:
         self.best = state["best"]
         self.history = list(state["history"])
         self.train_time = float(state.get("train_time_s", 0.0))
-        self.eval_pending = bool(state.get("eval_pending", False))
+        self.eval_pending, self.resumed_ckpt = bool(state.get("eval_pending", False)), path
         target = self.plan.target
         if target.foreign:  # a new run: its best is what it evaluates itself (into its own best.pt)
             self.best = None
@@ -172,6 +173,7 @@ class Trainer:
                              {"epoch": epoch, "metrics": summary, "signature": self.signature})
         self.log.event("eval", f"eval epoch {epoch}: {format_metrics(summary)}" + ("  (best)" if improved else ""),
                        epoch=epoch, global_step=int(self.engine.global_steps), **summary)
+        record_evaluation(self, epoch, metrics)  # a resume from this epoch's checkpoint takes it
         return metrics
 
     # -- training --------------------------------------------------------------------
@@ -306,8 +308,8 @@ class Trainer:
             self.log.info(line)
         last_eval_epoch = None
         self.stop.phase, self.stop.after = "training", "checkpoints already written are complete: --resume auto"
-        if self.eval_pending and step == 0 and epoch > 0:  # saved, then stopped before its evaluation
-            self.evaluate(epoch - 1)
+        if self.eval_pending and step == 0 and epoch > 0:  # saved before its evaluation
+            pending_evaluation(self, epoch - 1)
             last_eval_epoch = epoch - 1
         while epoch < cfg.optim.epochs:
             # Steps: a signal is noted and the run stops at the next step boundary, after a checkpoint.
