@@ -3,6 +3,7 @@ lists them with their published top-1, and a wheel installed outside the source 
 them — ``fastlt recipes`` and a one-epoch ``fastlt demo`` run from there."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -53,9 +54,8 @@ def test_config_takes_a_recipe_name_and_a_path_wins(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def installed_wheel(tmp_path_factory):
-    """The project built as a wheel and installed (no dependencies: they are this environment's)
-    into a folder outside the repository; built once per test session."""
+def wheel_file(tmp_path_factory) -> Path:
+    """The project built as a wheel, once per test session."""
     base = tmp_path_factory.mktemp("wheel")
     # Built from a copy of the sources, so no build/ folder of an earlier build (which setuptools
     # would reuse, stale files included) and nothing of this environment gets into the wheel.
@@ -66,6 +66,14 @@ def installed_wheel(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(base / "dist"), str(src)], check=True, capture_output=True, timeout=600, cwd=base)
     (wheel,) = (base / "dist").glob("fastlt-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(wheel_file, tmp_path_factory):
+    """The wheel installed (no dependencies: they are this environment's) into a folder outside
+    the repository."""
+    base, wheel = tmp_path_factory.mktemp("installed"), wheel_file
     target = base / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=600, cwd=base)
@@ -107,3 +115,60 @@ def test_installed_wheel_lists_recipes_and_runs_the_demo(installed_wheel):
     assert (run_dir / "metrics.json").is_file() and (run_dir / "per_class_accuracy.png").is_file()
     assert (work / "data_cache" / "synthetic-demo").is_dir()  # relative to where the user runs it
     assert not os.path.exists(REPO / "runs" / run_dir.name)
+
+
+def _site_without(dest: Path, skip) -> Path:
+    """A folder of links to this environment's installed packages except those ``skip`` names
+    (a top-level name, or ``nvidia/<name>`` inside the nvidia namespace folder)."""
+    import sysconfig
+
+    dest.mkdir()
+    site = Path(sysconfig.get_paths()["purelib"])
+    for entry in site.iterdir():
+        if skip(entry.name):
+            continue
+        if entry.name == "nvidia" and entry.is_dir():  # a namespace of several wheels: DALI is one of them
+            (dest / "nvidia").mkdir()
+            for sub in entry.iterdir():
+                if not skip(f"nvidia/{sub.name}"):
+                    (dest / "nvidia" / sub.name).symlink_to(sub)
+            continue
+        (dest / entry.name).symlink_to(entry)
+    return dest
+
+
+def test_a_wheel_installed_without_dali_trains_the_demo_on_the_torch_backend(wheel_file, tmp_path):
+    """`pip install fastlt` (no DALI extra) into a new virtual environment, used from outside the
+    repository: the demo trains on the torch backend and says why. The environment's other
+    packages (torch, DeepSpeed, timm: several GB) are linked in from this one, without DALI and
+    without this checkout's editable fastlt."""
+    def skip(name: str) -> bool:
+        return (name.startswith(("fastlt", "__editable__", "nvidia_dali", "_virtualenv")) or name == "nvidia/dali"
+                or name.endswith(".pth"))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                   timeout=300)
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    (site / "dependencies.pth").write_text(f"{_site_without(tmp_path / 'deps', skip)}\n")
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in child_env().items() if k not in ("PYTHONPATH", "FASTLT_PIPELINE")}
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel_file)],
+                   check=True, capture_output=True, timeout=600, cwd=tmp_path, env=env)
+    work = tmp_path / "work"
+    work.mkdir()
+    probe = subprocess.run([str(python), "-c", "import fastlt, importlib.util as u; print(fastlt.__file__); "
+                            "print(u.find_spec('nvidia.dali'))"], capture_output=True, text=True, cwd=work, env=env,
+                           check=True)
+    module, dali = probe.stdout.split()
+    assert Path(module).is_relative_to(site) and dali == "None", probe.stdout
+
+    proc = subprocess.run([str(venv / "bin" / "fastlt"), "demo", "--set", "optim.epochs=1", "optim.warmup_epochs=0",
+                           "run.max_steps_per_epoch=2", "pipeline.num_workers=0"], capture_output=True, text=True,
+                          timeout=900, cwd=work, env=env)  # ~15 CPU-seconds; the margin is for a shared machine
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "data pipeline: torch (auto: nvidia.dali does not import (ModuleNotFoundError" in out, out[-3000:]
+    assert "fastlt[dali-cuda12]" in out
+    (run_dir,) = (work / "runs").glob("demo-*")
+    assert json.loads((run_dir / "metrics.json").read_text())["evaluated_epochs"] == [0]
