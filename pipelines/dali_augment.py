@@ -40,11 +40,13 @@ from typing import Sequence
 
 import numpy as np
 from nvidia.dali import fn, math as dmath, types
+from nvidia.dali.pipeline import do_not_convert
 
 from . import augment_stages as st
 
 __all__ = ["apply_stages", "colour_jitter", "pil_gaussian_blur"]
 
+@do_not_convert
 def _to_u8(v):
     """PIL's float -> uint8: truncate, clip to [0, 255] (``fn.cast`` saturates).
 
@@ -53,10 +55,12 @@ def _to_u8(v):
     return fn.cast(dmath.floor(v), dtype=types.UINT8)
 
 
+@do_not_convert
 def _int(img):
     return fn.cast(img, dtype=types.INT32)
 
 
+@do_not_convert
 def _point(img, p):
     x = _int(img)
     t, add, inv, keep = (fn.cast(p[i], dtype=types.INT32) for i in range(4))
@@ -65,17 +69,20 @@ def _point(img, p):
     return fn.cast((high + (x < t) * (low - high)) & keep, dtype=types.UINT8)
 
 
+@do_not_convert
 def _on_device_of(img, node):
     """``node`` (computed from host-side per-sample parameters and constants) on ``img``'s device:
     DALI's arithmetic takes whole tensors from one device only."""
     return node.gpu() if getattr(img, "device", "cpu") == "gpu" else node
 
 
+@do_not_convert
 def _warp(img, matrix, interp, border: str, fill=None):
     kw = {} if fill is None else {"fill_value": [float(f) for f in fill]}
     return fn.experimental.warp_perspective(img, matrix=matrix, interp_type=interp, border_mode=border, **kw)
 
 
+@do_not_convert
 def _inside(p, size: int):
     """1 where the output pixel centre maps into the input, uint8 (size, size, 1): PIL's test
     ``0 <= x < w`` on the float64 point ``(a·x + b·y) + c`` of its ``affine_transform``, in the
@@ -88,6 +95,7 @@ def _inside(p, size: int):
     return fn.cast((sx >= 0.0) & (sx < float(size)) & (sy >= 0.0) & (sy < float(size)), dtype=types.UINT8)
 
 
+@do_not_convert
 def _cubic(v1, v2, v3, v4, d):
     """PIL's ``BICUBIC`` macro (cubic convolution with a = −1), in its order of operations."""
     p2 = v3 - v1
@@ -102,6 +110,7 @@ def _cubic(v1, v2, v3, v4, d):
 _TAP_AIM = 1e-3
 
 
+@do_not_convert
 def _pil_bicubic(img, p, size: int):
     """PIL's bicubic ``transform`` filter (``bicubic_filter32RGB``: cubic convolution a = −1 on
     the 16 taps around each point, edges clamped) at the affine points of ``p``, before the fill.
@@ -147,6 +156,7 @@ def _affine(img, interp, p, fill, size: int):
     return out
 
 
+@do_not_convert
 def _blend(degenerate, img, factor):
     """PIL's ``Image.blend(degenerate, img, factor)``: deg + factor·(img − deg) with a float32
     factor and float32 arithmetic, as PIL's C code, truncated. ``degenerate`` None is black."""
@@ -156,11 +166,13 @@ def _blend(degenerate, img, factor):
     return _to_u8(degenerate + factor * (img - degenerate))
 
 
+@do_not_convert
 def _luma(x):
     """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16, as int32 (H, W, 1)."""
     return (x[:, :, 0:1] * 19595 + x[:, :, 1:2] * 38470 + x[:, :, 2:3] * 7471 + 32768) // 65536
 
 
+@do_not_convert
 def _contrast_degenerate(x):
     luma = _luma(x)
     total = fn.cast(fn.reductions.sum(luma, dtype=types.INT64), dtype=types.FLOAT64)
@@ -169,6 +181,7 @@ def _contrast_degenerate(x):
     return fn.cast(dmath.floor(total / count + 0.5), dtype=types.INT32)
 
 
+@do_not_convert
 def _sharpness_degenerate(x):
     """PIL's ``ImageFilter.SMOOTH`` (3×3, centre 5, others 1, /13) of int32 ``x``: inner pixels
     get round(S / 13) — PIL's float sum can never sit near .5 because S / 13 has a fraction
@@ -184,6 +197,7 @@ def _sharpness_degenerate(x):
                         out_of_bounds_policy="pad", fill_values=0)
 
 
+@do_not_convert
 def _autocontrast(img):
     """PIL's ``ImageOps.autocontrast``: per channel ⌊i·scale + offset⌋ in float64 with
     scale = 255/(hi − lo), offset = −lo·scale; a channel of one grey level stays as it is
@@ -197,6 +211,7 @@ def _autocontrast(img):
     return _to_u8(img * scale + offset)
 
 
+@do_not_convert
 def _equalize(img):
     """PIL's ``ImageOps.equalize`` per channel, to |Δ| ≤ 1.
 
@@ -250,6 +265,7 @@ def apply_stages(img, kinds, interps, params, *, stages: int, fill: Sequence[int
     return img
 
 
+@do_not_convert
 def _shifted(x, d: int, axis: int):
     """``x`` moved by ``d`` pixels along ``axis`` with the edge repeated: out[i] = x[clamp(i + d)]."""
     sl = [slice(None)] * 3
@@ -263,6 +279,7 @@ def _shifted(x, d: int, axis: int):
     return fn.cat(*([part(0, 1)] * -d), part(0, d), axis=axis)
 
 
+@do_not_convert
 def _box_pass(x, taps, axis: int):
     """One pass of PIL's extended box filter: Σ_d taps[d]·x[i + d] in 2^-24 fixed point, rounded
     half up (``(acc + 2^23) >> 24``), taps for d = −2 … 2, edges repeated."""
@@ -284,14 +301,17 @@ def pil_gaussian_blur(img, taps):
     return img
 
 
+@do_not_convert
 def _f32(v):
     return fn.cast(v, dtype=types.FLOAT)
 
 
+@do_not_convert
 def _f64(v):
     return fn.cast(v, dtype=types.FLOAT64)
 
 
+@do_not_convert
 def _pil_hue(img, shift):
     """torchvision's PIL ``adjust_hue``: PIL's RGB -> HSV (8-bit H, S, V), ``shift`` added to H
     mod 256, PIL's HSV -> RGB, with PIL's arithmetic (``Convert.c``: float32 where it stores
@@ -333,6 +353,7 @@ def _pil_hue(img, shift):
     return fn.cast(fn.cat(red, green, blue, axis=2), dtype=types.UINT8)
 
 
+@do_not_convert
 def _grayscale(img):
     """torchvision's PIL ``rgb_to_grayscale(num_output_channels=3)``: PIL's L in every channel."""
     luma = _luma(_int(img))

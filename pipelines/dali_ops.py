@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from nvidia.dali import fn, math as dmath, types
+from nvidia.dali.pipeline import do_not_convert
 
 from . import dali_augment
 from .spec import IMAGENET_MEAN
@@ -47,6 +48,7 @@ def augment_tables(recipe: str, size: int, enabled: bool, *, n: int = 2, m: int 
     return tables, AugmentGraph(tables.stages, fill, size)
 
 
+@do_not_convert
 def decode(data, arrays: bool, device: str):
     """Encoded bytes -> HWC uint8 RGB. ``mixed`` = nvJPEG on the GPU; ``arrays`` (an in-memory
     array dataset) are already decoded and only move to the GPU."""
@@ -65,6 +67,7 @@ def needs_fit(recipe: str, dataset, size: int) -> bool:
     return image_storage(dataset) != "arrays" or tuple(images.shape[1:3]) != (size, size)
 
 
+@do_not_convert
 def fit(img, size: int):
     """The CIFAR recipe's first step: the whole image resized to size × size (bilinear,
     antialiased when shrinking, aspect ratio not kept, as the torch backend's PIL resize); an image
@@ -72,6 +75,7 @@ def fit(img, size: int):
     return resize_full(img, size)
 
 
+@do_not_convert
 def crop_resize(img, window, size: int):
     """Resize the window (y0, x0, y1, x1) of ``img`` to size × size: RandomResizedCrop's crop,
     resize and — where x0 > x1 — horizontal flip. As PIL's bilinear ``resize`` (torchvision's
@@ -85,12 +89,14 @@ def crop_resize(img, window, size: int):
     return fn.resize(wide, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
 
 
+@do_not_convert
 def pad_crop(img, window, size: int):
     """RandomCrop(size, padding 4): the window may start at a negative offset; outside is zero."""
     return fn.slice(img, start=fn.cast(window[0:2], dtype=types.INT32), shape=[size, size], axis_names="HW",
                     out_of_bounds_policy="pad", fill_values=0)
 
 
+@do_not_convert
 def resize_full(img, size: int):
     """The whole image to size × size as PIL's bilinear ``resize`` (width pass, then height)."""
     rows = fn.cast(img.shape(dtype=types.INT32)[0], dtype=types.FLOAT)
@@ -104,6 +110,7 @@ def jitter(img, params):
     return dali_augment.colour_jitter(img, params)
 
 
+@do_not_convert
 def flip(img, flag):
     return fn.flip(img, horizontal=flag)
 
@@ -119,6 +126,7 @@ def keyed_augment(img, graph: AugmentGraph, kinds, interps, params):
                                      size=graph.size)
 
 
+@do_not_convert
 def normalize(img, mean: Sequence[float], std: Sequence[float], layout: str = "CHW", half: bool = False):
     """uint8 HWC -> (x/255 − mean)/std as float32 (float16 with ``half``), CHW or HWC."""
     return fn.crop_mirror_normalize(img, dtype=types.FLOAT16 if half else types.FLOAT, output_layout=layout,
