@@ -26,10 +26,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
-# The multi-process cluster tests (several ranks on loopback: SLURM, a killed rank, ZeRO at
-# another world size, elastic restarts), which `make test` leaves out; CI runs both.
+# What `make test` leaves out (marker slow; CI runs both): the end-to-end tier (whole CLI runs,
+# DALI at 1/2/4 ranks, compiled steps, the wheel install: tests/conftest.py END_TO_END) in
+# parallel, then the multi-process cluster simulations (several ranks on loopback: SLURM, a
+# killed rank, ZeRO at another world size, elastic restarts; marker cluster) one at a time.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "slow and not cluster" tests
+	$(PY) -m pytest -q -m "slow and cluster" tests
 
 # The one-command demo: trains ConCutMix on the synthetic long-tailed dataset (generated once,
 # cached under data_cache/) and prints overall/many/medium/few accuracy and the run directory.

@@ -44,6 +44,51 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
+# The end-to-end tier: tests of 15-100 CPU-seconds each (a whole CLI training run in a child
+# process, a DALI pipeline built for 1, 2 and 4 ranks, a compiled training step, a wheel
+# installed into a new environment). They carry the marker `slow` and run in `make test-slow`
+# (and CI), not in `make test`; the multi-process cluster simulations are marked in their files.
+# Each is listed by its node id; a listed id that names no test fails the collection of its file.
+END_TO_END = {
+    "tests/test_world_size.py::test_global_batches_do_not_depend_on_the_number_of_ranks[dali-cutmix-per-batch]",
+    "tests/test_world_size.py::test_global_batches_do_not_depend_on_the_number_of_ranks[dali-cutmix-per-sample]",
+    "tests/test_demo.py::test_two_short_demo_runs_are_identical",
+    "tests/test_hot_path.py::test_host_syncs_at_most_once_per_interval_epoch_eval_and_checkpoint",
+    "tests/test_recipes.py::test_installed_wheel_lists_recipes_and_runs_the_demo",
+    "tests/test_recipes.py::test_a_wheel_installed_without_dali_trains_the_demo_on_the_torch_backend",
+    "tests/test_pipelines_cifar_files.py::test_cifar_recipe_trains_on_32px_jpegs[dali]",
+    "tests/test_pipelines_cifar_files.py::test_image_folder_gives_the_batches_of_the_equivalent_list[dali]",
+    "tests/test_pipelines_cifar_files.py::test_deterministic_across_workers_and_resumes_exactly[dali]",
+    "tests/test_pipelines_cifar_files.py::test_bad_files_follow_on_error[dali]",
+    "tests/test_objective.py::test_trainer_runs_a_compiled_step",
+    "tests/test_objective.py::test_compiled_step_equals_the_eager_step_and_trains",
+    "tests/test_reference_parallelism.py::test_a_dp4_run_trains_and_two_ranks_log_its_first_step",
+    "tests/test_train.py::test_bf16_zero2_accumulation_and_clipping_run_end_to_end",
+    "tests/test_train.py::test_ctrl_c_saves_mid_epoch_and_resume_is_exact",
+    "tests/test_train.py::test_demo_command_prints_the_four_accuracies_and_the_run_directory",
+    "tests/test_faults.py::test_5_bad_training_image_keeps_the_steps_before_it[dali]",
+    "tests/test_faults.py::test_5_bad_training_image_keeps_the_steps_before_it[torch]",
+    "tests/test_pipelines_dali.py::test_full_recipe_is_deterministic_and_resumable",
+    "tests/test_pipelines_dali.py::test_start_step_resumes_exactly_and_does_not_rebuild_between_epochs",
+    "tests/test_distributed_fidelity.py::test_zero_shards_are_not_read_by_another_partitioning",
+    "tests/test_faults_runs.py::test_7_a_signal_in_the_final_evaluation_or_the_report_stops_the_run_resumably",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the marker must be there when it looks
+def pytest_collection_modifyitems(config, items):
+    found = set()
+    for item in items:
+        if item.nodeid in END_TO_END:
+            item.add_marker(pytest.mark.slow)
+            found.add(item.nodeid)
+    collected = {item.nodeid.split("::")[0] for item in items}
+    whole_files = not any("::" in str(a) for a in config.args)  # a file or folder, not one test
+    stale = sorted(n for n in END_TO_END - found if n.split("::")[0] in collected)
+    if whole_files and stale and not config.getoption("keyword"):
+        raise pytest.UsageError(f"tests/conftest.py END_TO_END names tests that do not exist: {stale}")
+
+
 # The published ImageNet-LT / Places-LT / iNaturalist18 lists shipped with fastlt, gzip-compressed
 # (fastlt.data.published; the images themselves are not on this machine).
 SPLITS_DIR = Path(__file__).resolve().parents[1] / "fastlt" / "data" / "splits"

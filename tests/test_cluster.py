@@ -196,6 +196,7 @@ def test_a_task_whose_world_contradicts_its_slurm_step_is_refused_in_one_line(tm
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_two_srun_tasks_without_a_launcher_form_one_world_of_two(tmp_path):
     """What ``srun -n 2 python -m fastlt.train`` (and ``deepspeed --launcher slurm``) start: two tasks
     that see only the SLURM variables (and MASTER_ADDR/PORT, as the sbatch example exports)."""
@@ -234,6 +235,7 @@ def _assert_lost_rank_reported(logs: list, rank: int, run: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @needs_launchers
 def test_a_killed_rank_of_the_deepspeed_launcher_ends_the_job_at_once_and_resume_continues(tmp_path):
     config = _long_config(tmp_path, "ds")
@@ -264,6 +266,7 @@ def test_a_killed_rank_of_the_deepspeed_launcher_ends_the_job_at_once_and_resume
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @needs_launchers
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_the_dead_worker_of_one_torchrun_node_never_hangs_the_other(tmp_path, how):
@@ -330,6 +333,7 @@ def _run_ranks(config: Path, ranks: int, *extra) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @needs_launchers
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero_shards_of_two_ranks_resume_on_one_and_on_four_through_the_universal_checkpoint(tmp_path, zero):
@@ -363,6 +367,7 @@ def _samples(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @needs_launchers
 def test_an_elastic_job_restarts_on_the_remaining_node_and_trains_every_sample_once(tmp_path):
     epochs, steps, batch = 6, 15, 8  # 15 whole steps of 8 of the 123 images

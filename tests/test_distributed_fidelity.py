@@ -109,6 +109,7 @@ def _close(a, b):
         assert x[2:] == pytest.approx(y[2:], rel=1e-4, abs=1e-5), (x, y)
 
 
+@pytest.mark.cluster
 @pytest.mark.slow  # the runs fixture: a 2-rank deepspeed launch and two 1-rank runs
 def test_two_ranks_log_the_one_process_losses(runs):
     two, one = runs["two"], runs["one"]
@@ -116,6 +117,7 @@ def test_two_ranks_log_the_one_process_losses(runs):
     _close(two, one)
 
 
+@pytest.mark.cluster
 @pytest.mark.slow  # the runs fixture: a 2-rank deepspeed launch and two 1-rank runs
 def test_a_two_rank_run_resumes_on_one_rank_with_the_same_data(runs):
     resumed = runs["resumed"]

@@ -19,7 +19,7 @@ import yaml
 from conftest import DEEPSPEED, launch_deepspeed as _launch
 
 # slow: two deepspeed launches of two ranks each (`make test-slow`).
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.cluster,
               pytest.mark.skipif(not DEEPSPEED.is_file(), reason=f"the deepspeed launcher is not installed at "
                                                                   f"{DEEPSPEED}")]
 
