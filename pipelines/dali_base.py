@@ -140,8 +140,26 @@ class DaliPipelineBase:
     def gpu(self) -> bool:
         return self._device.type == "cuda"
 
+    def _pool_processes(self) -> tuple:
+        return getattr(getattr(getattr(self._pipe, "_py_pool", None), "pool", None), "_processes", None) or ()
+
+    def _kill_survivors(self) -> list:
+        """When a reader process of the live pipeline has died: SIGKILL the others and return the
+        dead ones ([] when none died). The survivors ignore SIGTERM (fastlt.training.signals), and
+        DALI's pool, once one of its processes is gone, terminates the rest with SIGTERM and
+        joins them without a timeout: its shutdown would wait forever on them."""
+        procs = self._pool_processes()
+        dead = [p for p in procs if p.exitcode is not None]
+        if dead:
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+                    p.join(5)
+        return dead
+
     def _drop(self) -> None:
         if self._pipe is not None:
+            self._kill_survivors()  # a pool with a dead reader cannot shut down gracefully
             pipe, self._pipe = self._pipe, None
             pipe._shutdown()  # stops DALI's executor; the Python worker pool closes with the object
             del pipe
@@ -161,14 +179,9 @@ class DaliPipelineBase:
         """PipelineError if a Python reader process of the live pipeline has died (killed, e.g. by
         the out-of-memory killer). Asked before every run: DALI's pool would otherwise wait
         forever on a condition the dead process can no longer signal."""
-        procs = getattr(getattr(getattr(self._pipe, "_py_pool", None), "pool", None), "_processes", None) or ()
-        dead = [p for p in procs if p.exitcode is not None]
+        dead = self._kill_survivors()
         if not dead:
             return
-        for p in procs:  # the rest ignore SIGTERM (fastlt.training.signals), so DALI's shutdown would wait on them
-            if p.exitcode is None:
-                p.kill()
-                p.join(5)
         p = dead[0]
         how = (f"was killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
                else f"exited with code {p.exitcode}")
