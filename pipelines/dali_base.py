@@ -67,11 +67,19 @@ def readers_die_with_us():
     (``py_start_method="fork"``); spawned readers do the same when they unpickle their source
     (``common.SpawnedReaderSource``). The kernel ties this to the thread that started the
     readers, so build a pipeline in a thread that outlives it (the trainer builds and rebuilds
-    them in its main thread)."""
+    them in its main thread).
+
+    A reader that dies before it reports ready (killed while it starts) makes DALI raise a bare
+    RuntimeError; it becomes the PipelineError of a dead reader."""
     global _STARTING
     _STARTING = os.getpid()
     try:
         yield
+    except RuntimeError as e:
+        if "Workers initialization failed" not in str(e):
+            raise
+        raise PipelineError("a DALI reader process died while the pipeline started its readers (DALI: "
+                            f"{e})") from None
     finally:
         _STARTING = None
 

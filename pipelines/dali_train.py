@@ -222,7 +222,8 @@ class DaliTrainPipeline(DaliPipelineBase):
             self._position = (epoch + 1, 0)
             return
         except Exception:
-            self._drop()  # a failure in the next epoch's prefetch: rebuilt and reported there
+            self._check_workers()  # a reader died (killed): reported now, not rebuilt around
+            self._drop()  # another failure in the next epoch's prefetch: rebuilt and reported there
             return
         self._drop()  # DALI did not stop where expected: never reuse such a pipeline
 
