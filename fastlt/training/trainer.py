@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fastlt.training import distributed as dist
 from fastlt.training.checkpoint import model_signature, nonfinite_state, save_weights, tag_for
+from fastlt.training.checkpoint_format import parse_tag
 from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
@@ -121,8 +122,9 @@ class Trainer:
         self.samples = SampleLog(self.run_dir, self.pipeline, rank=self.rank, world_size=self.world_size,
                                  batch_size=micro) if cfg.run.sample_log else None
 
-    def _save(self, epoch: int, step: int, *, eval_pending: bool = False) -> Path:
+    def _save(self, epoch: int, step: int, *, eval_pending: bool = False, wait: bool = False) -> Path:
         # eval_pending: this epoch's evaluation runs after the save; a resume from here runs it first.
+        # wait: complete now even with run.async_checkpoint (a stop names the checkpoint it leaves).
         client = {"fastlt": {"epoch": epoch, "step": step, "global_step": int(self.engine.global_steps),
                              "scheduler": self.schedule.state_dict(), "best": self.best, "history": self.history,
                              "train_time_s": self.train_time, "eval_pending": eval_pending}}
@@ -130,10 +132,16 @@ class Trainer:
                 "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "zero_stage": self.cfg.deepspeed.zero_stage}
         meta.update(dataset=self.plan.dataset, lineage=self.plan.target.lineage)
-        path = self.ckpt.save(self.engine, epoch, step, client, meta)
+        path = self.ckpt.save(self.engine, epoch, step, client, meta, on_saved=self._saved)
+        if wait:
+            self.ckpt.wait(self._saved)
+        return path
+
+    def _saved(self, path: Path) -> None:
+        """A checkpoint is complete and ``latest`` points at it (with run.async_checkpoint: after its write)."""
+        epoch, step = parse_tag(path.name)
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
-        return path
 
     def _load(self, path: Path) -> tuple[int, int]:
         state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage,
@@ -208,6 +216,7 @@ class Trainer:
         return bad or stop
 
     def _raise_nonfinite(self, tensors: int = 0) -> None:
+        self.ckpt.wait(self._saved)  # all ranks are here: the checkpoint before the divergence completes
         epoch, step, vals = self.nonfinite
         # Every checkpoint passed the finiteness check before it was written, so the latest is good.
         raise NonFiniteLossError.at(epoch, step, self.steps_per_epoch, losses=vals, tensors=tensors,
@@ -324,7 +333,7 @@ class Trainer:
                 if self.bad_image is not None:
                     raise self._bad_image_error(self.bad_image, epoch, reached, self._save_unless_saved(epoch, reached))
                 if reached < self.steps_per_epoch:  # stopped inside the epoch
-                    path = self._save(epoch, reached)
+                    path = self._save(epoch, reached, wait=True)
                     raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} at epoch {epoch} "
                                               f"step {reached}; checkpoint {path}. Continue with --resume auto",
                                               self.stop.signal_name)
@@ -335,7 +344,7 @@ class Trainer:
                     path = self._save(done, 0, eval_pending=due)
                 (late,) = dist.any_rank([self.stop.requested], self.dev)  # e.g. during the checkpoint write
                 if stopping or late:  # the pending evaluation runs when the run is resumed
-                    path = path or self._save(done, 0, eval_pending=due)
+                    path = self.ckpt.wait(self._saved) or path or self._save(done, 0, eval_pending=due, wait=True)
                     raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
                                               f"{epoch}; checkpoint {path}. Continue with --resume auto",
                                               self.stop.signal_name)
@@ -350,9 +359,10 @@ class Trainer:
     def _save_unless_saved(self, epoch: int, step: int) -> Path | None:
         """The checkpoint of position (epoch, step): the latest one if it is already there, None at
         the very start of a run (nothing trained yet), else a new one."""
+        self.ckpt.wait(self._saved)
         if (latest := self.ckpt.latest()) is not None and latest.name == tag_for(epoch, step):
             return latest
-        return None if (epoch, step) == (0, 0) else self._save(epoch, step)
+        return None if (epoch, step) == (0, 0) else self._save(epoch, step, wait=True)
 
     def _bad_image_error(self, err: BadImageError, epoch: int, step: int, saved: Path | None) -> BadImageError:
         return BadImageError.in_training(err, epoch, step, self.steps_per_epoch, saved=saved, rank=self.rank,
@@ -368,6 +378,7 @@ class Trainer:
         report_skipped_images(self.log, self.pipeline.stats(), epoch, self.rank)
 
     def _finish(self) -> dict:
+        self.ckpt.wait(self._saved)  # the last checkpoint is complete before the final report
         done = f"the training is complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report"
         self.stop.phase, self.stop.after = "the final report (last.pt, metrics.json, plots)", done
         final = self.history[-1] if self.history else {}
@@ -384,6 +395,7 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "watch"):
             self.watch.stop("failed")  # a no-op after a finished run's "done"
+        self.ckpt.abandon()  # a failure during a background write: latest stays at the last complete one
         for name in ("pipeline", "val_pipeline", "samples"):
             with contextlib.suppress(Exception):
                 getattr(self, name).close()

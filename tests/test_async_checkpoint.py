@@ -1,0 +1,183 @@
+"""Asynchronous checkpoints (``run.async_checkpoint``, fastlt.training.async_checkpoint).
+
+* With a stand-in engine and a write held back by the test: while the background write runs,
+  ``latest`` still names the previous complete checkpoint and the new one exists only as
+  ``<tag>.partial``; what the training changes after ``save`` returns does not reach the file;
+  a failed write publishes nothing and says so; an abandoned write (a failure elsewhere)
+  publishes nothing.
+* End to end (one process, real DeepSpeed, ZeRO-1): an asynchronous run writes the same
+  checkpoints as a synchronous one (every tensor equal), and a resume from its first checkpoint
+  ends with the uninterrupted run's weights.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_same_weights, events, run_fastlt as fastlt, tiny_config, weights, write_config
+
+
+class _CheckpointEngine:
+    """What fastlt's SafeCheckpointEngine offers the manager: a ``writer`` slot."""
+
+    writer = None
+
+    def save(self, state, path):
+        if self.writer is not None:
+            self.writer.submit(state, path)
+        else:
+            torch.save(state, path)
+
+
+class _Engine:
+    """Writes what DeepSpeed would (model states and one optimizer shard) through its checkpoint engine."""
+
+    def __init__(self):
+        self.checkpoint_engine = _CheckpointEngine()
+        self.w = torch.arange(4, dtype=torch.float32)
+        self.momentum = torch.zeros(4)
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True)
+        self.checkpoint_engine.save({"module": {"w": self.w}, **client_state}, str(d / "mp_rank_00_model_states.pt"))
+        self.checkpoint_engine.save({"optimizer_state_dict": {"m": self.momentum}},
+                                    str(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """The background writer's torch.save waits until the test opens the gate; ``fail`` makes it raise."""
+    import fastlt.training.async_checkpoint as ac
+    from fastlt.errors import OutputError
+
+    gate, real = threading.Event(), ac.torch_save_atomic
+    state = {"fail": False}
+
+    def write(obj, path):
+        assert gate.wait(60), "the test never opened the gate"
+        if state["fail"]:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(ac, "torch_save_atomic", write)
+    return gate, state
+
+
+def _meta():
+    return {"signature": {}, "zero_stage": 1}
+
+
+def test_latest_moves_only_after_the_background_write_and_the_file_holds_the_state_at_save(tmp_path, held_writes):
+    from fastlt.files import safe_load
+    from fastlt.training.checkpoint import CheckpointManager
+
+    gate, _ = held_writes
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2, async_save=True)
+    engine, saved = _Engine(), []
+    gate.set()
+    first = mgr.save(engine, 1, 0, {"fastlt": {"epoch": 1}}, _meta(), on_saved=saved.append)
+    assert mgr.wait(saved.append) == first and saved == [first]
+    gate.clear()
+
+    path = mgr.save(engine, 2, 0, {"fastlt": {"epoch": 2}}, _meta(), on_saved=saved.append)
+    # The write is held: the checkpoint is not complete, latest is still the first one.
+    assert not path.exists() and path.with_name(path.name + ".partial").is_dir()
+    assert mgr.latest() == first and [p.name for p in mgr.complete()] == [first.name] and saved == [first]
+    engine.w.add_(100.0)  # the next training steps, while the write runs
+    engine.momentum.fill_(7.0)
+    gate.set()
+    assert mgr.wait(saved.append) == path and saved == [first, path]
+    assert mgr.latest() == path and not path.with_name(path.name + ".partial").exists()
+    assert torch.equal(safe_load(path / "mp_rank_00_model_states.pt")["module"]["w"], torch.arange(4.0))
+    assert torch.equal(safe_load(path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]["m"],
+                       torch.zeros(4))
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt", "rng_rank00000.pt",
+                                                      "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert mgr.wait() is None  # nothing in flight
+
+
+def test_a_failed_or_abandoned_background_write_publishes_nothing(tmp_path, held_writes):
+    from fastlt.errors import OutputError
+    from fastlt.training.checkpoint import CheckpointManager
+
+    gate, state = held_writes
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2, async_save=True)
+    engine = _Engine()
+    gate.set()
+    first = mgr.save(engine, 1, 0, {"fastlt": {"epoch": 1}}, _meta())
+    mgr.wait()
+
+    state["fail"] = True
+    path = mgr.save(engine, 2, 0, {"fastlt": {"epoch": 2}}, _meta())
+    with pytest.raises(OutputError, match=r"No space left on device\. Checkpoint epoch0002_step000000 was not "
+                                          r"written .* the last complete checkpoint .*epoch0001_step000000 is untouched"):
+        mgr.wait()
+    assert mgr.latest() == first and not path.exists() and not path.with_name(path.name + ".partial").exists()
+
+    # A failure elsewhere (the trainer's close) while a write is in flight: it ends, nothing is published.
+    state["fail"] = False
+    gate.clear()
+    path = mgr.save(engine, 3, 0, {"fastlt": {"epoch": 3}}, _meta())
+    gate.set()
+    mgr.abandon()
+    assert mgr.latest() == first and not path.exists() and mgr.wait() is None
+    # The next run's save clears the left-over partial folder and completes.
+    again = mgr.save(engine, 3, 0, {"fastlt": {"epoch": 3}}, _meta())
+    assert mgr.wait() == again and mgr.latest() == again
+
+
+def _states_equal(a, b, where="") -> list[str]:
+    """Paths at which two loaded checkpoint states differ (timings excluded: they are measured)."""
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) else [where]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [where]
+        return [d for k in a if k not in ("train_time_s", "time") for d in _states_equal(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return [where]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _states_equal(x, y, f"{where}[{i}]")]
+    if type(a) is type(b) and hasattr(a, "__dict__"):  # DeepSpeed's bookkeeping objects (its loss scaler)
+        return _states_equal(vars(a), vars(b), where)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []  # the accuracy of an empty shot group (no many-shot class in the tiny set)
+    return [] if a == b else [where]
+
+
+def test_async_run_writes_the_synchronous_checkpoints_and_resumes_exactly(tmp_path, tiny_data_root):
+    from fastlt.files import safe_load
+
+    runs = {}
+    for name, flag in (("sync", False), ("async", True)):
+        cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
+                          run={"name": name, "log_every": 1, "deterministic": True, "async_checkpoint": flag})
+        runs[name] = (write_config(tmp_path / f"{name}.yaml", cfg), tmp_path / name)
+        fastlt("--config", runs[name][0])
+    sync_dir, async_dir = runs["sync"][1], runs["async"][1]
+    tags = ["epoch0001_step000000", "epoch0002_step000000"]
+    assert sorted(p.name for p in (async_dir / "checkpoints").iterdir() if p.is_dir()) == tags  # no .partial left
+    assert (async_dir / "checkpoints" / "latest").read_text() == tags[-1]
+    assert [e["path"] for e in events(async_dir, "checkpoint")] == [str(async_dir / "checkpoints" / t) for t in tags]
+    for tag in tags:
+        a, s = async_dir / "checkpoints" / tag, sync_dir / "checkpoints" / tag
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in s.iterdir())
+        for f in (p for p in s.iterdir() if p.suffix == ".pt"):
+            x, y = safe_load(f), safe_load(a / f.name)
+            if f.name.startswith("rng_rank"):  # numpy's and python's global generators are never seeded
+                x, y = x["torch"], y["torch"]  # (fresh in each process); torch's is run.seed's
+            differ = _states_equal(x, y)
+            assert not differ, f"{tag}/{f.name} differs at {differ[:3]}"
+    assert_same_weights(weights(sync_dir / "last.pt"), weights(async_dir / "last.pt"))
+
+    # Resume the asynchronous run's first checkpoint in a new run: the second epoch trains to the same weights.
+    cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
+                      run={"name": "resumed", "log_every": 1, "deterministic": True, "async_checkpoint": True})
+    proc = fastlt("--config", write_config(tmp_path / "resumed.yaml", cfg), "--resume", async_dir / "checkpoints" / tags[0])
+    assert "epoch 1 step 0" in proc.stdout
+    assert_same_weights(weights(sync_dir / "last.pt"), weights(tmp_path / "resumed" / "last.pt"))
