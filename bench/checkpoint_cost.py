@@ -42,7 +42,8 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "imagenet_lt_resnext5
 
 def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(RECIPE), help="recipe whose model and engine are built (default: %(default)s)")
+    p.add_argument("--config", default=str(RECIPE),
+                   help="recipe whose model and engine are built (default: %(default)s)")
     p.add_argument("--stages", default="0,1,2", help="ZeRO stages to measure, comma-separated (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="checkpoints saved per stage (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="input size of the one optimizer step (default: 64)")

@@ -79,19 +79,23 @@ def test_latest_moves_only_after_the_background_write_and_the_file_holds_the_sta
     gate, _ = held_writes
     mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2, async_save=True)
     engine, saved = _Engine(), []
+
+    def note(path, epoch, step):
+        saved.append(path)
+
     gate.set()
-    first = mgr.save(engine, 1, 0, {"fastlt": {"epoch": 1}}, _meta(), on_saved=saved.append)
-    assert mgr.wait(saved.append) == first and saved == [first]
+    first = mgr.save(engine, 1, 0, {"fastlt": {"epoch": 1}}, _meta(), on_saved=note)
+    assert mgr.wait(note) == first and saved == [first]
     gate.clear()
 
-    path = mgr.save(engine, 2, 0, {"fastlt": {"epoch": 2}}, _meta(), on_saved=saved.append)
+    path = mgr.save(engine, 2, 0, {"fastlt": {"epoch": 2}}, _meta(), on_saved=note)
     # The write is held: the checkpoint is not complete, latest is still the first one.
     assert not path.exists() and path.with_name(path.name + ".partial").is_dir()
     assert mgr.latest() == first and [p.name for p in mgr.complete()] == [first.name] and saved == [first]
     engine.w.add_(100.0)  # the next training steps, while the write runs
     engine.momentum.fill_(7.0)
     gate.set()
-    assert mgr.wait(saved.append) == path and saved == [first, path]
+    assert mgr.wait(note) == path and saved == [first, path]
     assert mgr.latest() == path and not path.with_name(path.name + ".partial").exists()
     assert torch.equal(safe_load(path / "mp_rank_00_model_states.pt")["module"]["w"], torch.arange(4.0))
     assert torch.equal(safe_load(path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]["m"],
@@ -114,8 +118,8 @@ def test_a_failed_or_abandoned_background_write_publishes_nothing(tmp_path, held
 
     state["fail"] = True
     path = mgr.save(engine, 2, 0, {"fastlt": {"epoch": 2}}, _meta())
-    with pytest.raises(OutputError, match=r"No space left on device\. Checkpoint epoch0002_step000000 was not "
-                                          r"written .* the last complete checkpoint .*epoch0001_step000000 is untouched"):
+    with pytest.raises(OutputError, match=r"No space left on device\. Checkpoint epoch0002_step000000 was not written "
+                                          r".* the last complete checkpoint .*epoch0001_step000000 is untouched"):
         mgr.wait()
     assert mgr.latest() == first and not path.exists() and not path.with_name(path.name + ".partial").exists()
 
@@ -178,6 +182,7 @@ def test_async_run_writes_the_synchronous_checkpoints_and_resumes_exactly(tmp_pa
     # Resume the asynchronous run's first checkpoint in a new run: the second epoch trains to the same weights.
     cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
                       run={"name": "resumed", "log_every": 1, "deterministic": True, "async_checkpoint": True})
-    proc = fastlt("--config", write_config(tmp_path / "resumed.yaml", cfg), "--resume", async_dir / "checkpoints" / tags[0])
+    proc = fastlt("--config", write_config(tmp_path / "resumed.yaml", cfg),
+                  "--resume", async_dir / "checkpoints" / tags[0])
     assert "epoch 1 step 0" in proc.stdout
     assert_same_weights(weights(sync_dir / "last.pt"), weights(tmp_path / "resumed" / "last.pt"))

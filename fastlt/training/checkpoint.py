@@ -225,8 +225,8 @@ class CheckpointManager(AsyncSaves):
     # -- saving ----------------------------------------------------------------------
 
     def save(self, engine, epoch: int, step: int, client_state: dict, meta: dict, *, on_saved=None) -> Path:
-        """Write the checkpoint that resumes at (epoch, step); returns its directory. ``on_saved(path)``
-        is called (on every rank) once a checkpoint is complete and ``latest`` points at it.
+        """Write the checkpoint that resumes at (epoch, step); returns its directory. ``on_saved(path,
+        epoch, step)`` is called (on every rank) once a checkpoint is complete and ``latest`` points at it.
 
         With ``async_save`` this returns once the state is copied to host memory; the checkpoint is
         complete only after :meth:`wait` (which this call makes first for the previous one)."""
@@ -262,7 +262,8 @@ class CheckpointManager(AsyncSaves):
 
     def _kept(self) -> str:
         last = read_pointer(self.dir)[0]
-        return f"the last complete checkpoint {self.dir / last} is untouched" if last else "no earlier checkpoint exists"
+        return (f"the last complete checkpoint {self.dir / last} is untouched" if last
+                else "no earlier checkpoint exists")
 
     def _not_written(self, e: OutputError, tag: str, partial: Path) -> OutputError:
         shutil.rmtree(partial, ignore_errors=True)
@@ -284,7 +285,7 @@ class CheckpointManager(AsyncSaves):
             self.prune()
         barrier()
         if on_saved is not None:
-            on_saved(final)
+            on_saved(final, *_parse_tag(tag))
 
     @staticmethod
     def _publish(partial: Path, final: Path) -> None:

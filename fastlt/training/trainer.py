@@ -28,7 +28,6 @@ from torch import Tensor
 
 from fastlt.training import distributed as dist
 from fastlt.training.checkpoint import model_signature, nonfinite_state, save_weights, tag_for
-from fastlt.training.checkpoint_format import parse_tag
 from fastlt.config.loader import Config
 from fastlt.errors import BadImageError, NonFiniteLossError, TrainingInterrupted
 from fastlt.method.label_stats import interval_fields
@@ -124,7 +123,6 @@ class Trainer:
 
     def _save(self, epoch: int, step: int, *, eval_pending: bool = False, wait: bool = False) -> Path:
         # eval_pending: this epoch's evaluation runs after the save; a resume from here runs it first.
-        # wait: complete now even with run.async_checkpoint (a stop names the checkpoint it leaves).
         client = {"fastlt": {"epoch": epoch, "step": step, "global_step": int(self.engine.global_steps),
                              "scheduler": self.schedule.state_dict(), "best": self.best, "history": self.history,
                              "train_time_s": self.train_time, "eval_pending": eval_pending}}
@@ -133,13 +131,9 @@ class Trainer:
                 "zero_stage": self.cfg.deepspeed.zero_stage}
         meta.update(dataset=self.plan.dataset, lineage=self.plan.target.lineage)
         path = self.ckpt.save(self.engine, epoch, step, client, meta, on_saved=self._saved)
-        if wait:
-            self.ckpt.wait(self._saved)
-        return path
+        return (self.ckpt.wait(self._saved) or path) if wait else path  # wait: complete even when asynchronous
 
-    def _saved(self, path: Path) -> None:
-        """A checkpoint is complete and ``latest`` points at it (with run.async_checkpoint: after its write)."""
-        epoch, step = parse_tag(path.name)
+    def _saved(self, path: Path, epoch: int, step: int) -> None:  # complete, and `latest` points at it
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
 
@@ -359,8 +353,8 @@ class Trainer:
     def _save_unless_saved(self, epoch: int, step: int) -> Path | None:
         """The checkpoint of position (epoch, step): the latest one if it is already there, None at
         the very start of a run (nothing trained yet), else a new one."""
-        self.ckpt.wait(self._saved)
-        if (latest := self.ckpt.latest()) is not None and latest.name == tag_for(epoch, step):
+        latest = self.ckpt.wait(self._saved) or self.ckpt.latest()  # a write in flight completes first
+        if latest is not None and latest.name == tag_for(epoch, step):
             return latest
         return None if (epoch, step) == (0, 0) else self._save(epoch, step, wait=True)
 
