@@ -6,19 +6,26 @@
   a failed write publishes nothing and says so; an abandoned write (a failure elsewhere)
   publishes nothing.
 * End to end (one process, real DeepSpeed, ZeRO-1): an asynchronous run writes the same
-  checkpoints as a synchronous one (every tensor equal), and a resume from its first checkpoint
-  ends with the uninterrupted run's weights.
+  checkpoints as a synchronous one (every tensor equal); stopped by SIGINT while its first
+  checkpoint may still be in flight, it leaves both checkpoints complete, and its resume ends
+  with the uninterrupted run's weights.
 """
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_same_weights, events, run_fastlt as fastlt, tiny_config, weights, write_config
+from conftest import assert_same_weights, child_env, events, run_fastlt as fastlt, tiny_config, weights, write_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class _CheckpointEngine:
@@ -154,35 +161,52 @@ def _states_equal(a, b, where="") -> list[str]:
     return [] if a == b else [where]
 
 
-def test_async_run_writes_the_synchronous_checkpoints_and_resumes_exactly(tmp_path, tiny_data_root):
+def _assert_same_checkpoint(a: Path, s: Path, *, rng: bool = True) -> None:
     from fastlt.files import safe_load
 
-    runs = {}
-    for name, flag in (("sync", False), ("async", True)):
-        cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
-                          run={"name": name, "log_every": 1, "deterministic": True, "async_checkpoint": flag})
-        runs[name] = (write_config(tmp_path / f"{name}.yaml", cfg), tmp_path / name)
-        fastlt("--config", runs[name][0])
-    sync_dir, async_dir = runs["sync"][1], runs["async"][1]
-    tags = ["epoch0001_step000000", "epoch0002_step000000"]
-    assert sorted(p.name for p in (async_dir / "checkpoints").iterdir() if p.is_dir()) == tags  # no .partial left
-    assert (async_dir / "checkpoints" / "latest").read_text() == tags[-1]
-    assert [e["path"] for e in events(async_dir, "checkpoint")] == [str(async_dir / "checkpoints" / t) for t in tags]
-    for tag in tags:
-        a, s = async_dir / "checkpoints" / tag, sync_dir / "checkpoints" / tag
-        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in s.iterdir())
-        for f in (p for p in s.iterdir() if p.suffix == ".pt"):
-            x, y = safe_load(f), safe_load(a / f.name)
-            if f.name.startswith("rng_rank"):  # numpy's and python's global generators are never seeded
-                x, y = x["torch"], y["torch"]  # (fresh in each process); torch's is run.seed's
-            differ = _states_equal(x, y)
-            assert not differ, f"{tag}/{f.name} differs at {differ[:3]}"
-    assert_same_weights(weights(sync_dir / "last.pt"), weights(async_dir / "last.pt"))
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in s.iterdir())
+    for f in (p for p in s.iterdir() if p.suffix == ".pt" and (rng or not p.name.startswith("rng_rank"))):
+        x, y = safe_load(f), safe_load(a / f.name)
+        if f.name.startswith("rng_rank"):  # numpy's and python's global generators are never seeded
+            x, y = x["torch"], y["torch"]  # (fresh in each process); torch's is run.seed's
+        differ = _states_equal(x, y)
+        assert not differ, f"{a.name}/{f.name} differs at {differ[:3]}"
 
-    # Resume the asynchronous run's first checkpoint in a new run: the second epoch trains to the same weights.
-    cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
-                      run={"name": "resumed", "log_every": 1, "deterministic": True, "async_checkpoint": True})
-    proc = fastlt("--config", write_config(tmp_path / "resumed.yaml", cfg),
-                  "--resume", async_dir / "checkpoints" / tags[0])
-    assert "epoch 1 step 0" in proc.stdout
-    assert_same_weights(weights(sync_dir / "last.pt"), weights(tmp_path / "resumed" / "last.pt"))
+
+def test_async_run_writes_the_synchronous_checkpoints_stops_and_resumes_exactly(tmp_path, tiny_data_root):
+    """ZeRO-1, evaluation every 2 epochs, so the first checkpoint is written while epoch 1 trains.
+    The asynchronous run is stopped by SIGINT during epoch 1 (its first checkpoint possibly still
+    being written), then resumed; the synchronous run goes through in one go."""
+    def config(name, flag):
+        cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
+                          run={"name": name, "log_every": 1, "eval_every": 2, "deterministic": True,
+                               "async_checkpoint": flag})
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    fastlt("--config", config("sync", False))
+    sync, path = tmp_path / "sync" / "checkpoints", config("async", True)
+    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO,
+                            env=child_env(FASTLT_TEST_PAUSE="step:1:2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("fastlt-test: paused at step:1:2"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, "".join(seen) + out + err
+    ckpts = tmp_path / "async" / "checkpoints"
+    assert "checkpoint " + str(ckpts / "epoch0001_step000003") + ". Continue with --resume auto" in err
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["epoch0001_step000000", "epoch0001_step000003"]
+    assert (ckpts / "latest").read_text() == "epoch0001_step000003"
+    _assert_same_checkpoint(ckpts / "epoch0001_step000000", sync / "epoch0001_step000000")
+
+    fastlt("--config", path, "--resume", "auto")
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["epoch0001_step000003", "epoch0002_step000000"]
+    assert [e["path"] for e in events(tmp_path / "async", "checkpoint")] == [
+        str(ckpts / t) for t in ("epoch0001_step000000", "epoch0001_step000003", "epoch0002_step000000")]
+    # rng=False: the resumed process created one more data-loader iterator (for the rest of epoch 1),
+    # which draws its base seed from torch's global generator; batches come from their own seeds.
+    _assert_same_checkpoint(ckpts / "epoch0002_step000000", sync / "epoch0002_step000000", rng=False)
+    assert_same_weights(weights(tmp_path / "sync" / "last.pt"), weights(tmp_path / "async" / "last.pt"))

@@ -16,8 +16,10 @@ What stays as in a synchronous save (``fastlt.training.checkpoint``): every file
 and ``latest`` moved only after every rank's writer has finished without error
 (:meth:`CheckpointManager.wait`, on the training thread, where the collectives are). A crash,
 a kill or a failed write during the background write leaves ``latest`` at the previous
-complete checkpoint. The trainer waits for the write before the next save, before a stop's
-exit and before the final report.
+complete checkpoint. The trainer waits for the write before the next save, before an
+evaluation (so that a stop during it resumes as without this key: the evaluation first), before
+a stop's exit and before the final report; after a failure (an exception, a lost rank) it lets
+the write end but publishes nothing, as no collective can be trusted then.
 
 Host memory: a rank holds one extra copy of what it writes while the write runs (at ZeRO-0,
 rank 0 the whole model and optimizer state; at ZeRO 1-2, the model plus its optimizer shard).

@@ -158,6 +158,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         from fastlt.training.evaluate import evaluate_model
 
+        self.ckpt.wait(self._saved)  # first: a stop during the evaluation (or the final report) resumes it
         with self.stop.during(f"the evaluation of epoch {epoch}", resume_hint(self.ckpt, epoch)):
             pause_point(f"eval:{epoch}", self.stop)
             metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
@@ -372,7 +373,6 @@ class Trainer:
         report_skipped_images(self.log, self.pipeline.stats(), epoch, self.rank)
 
     def _finish(self) -> dict:
-        self.ckpt.wait(self._saved)  # the last checkpoint is complete before the final report
         done = f"the training is complete in checkpoint {self.ckpt.latest()}: --resume auto writes the report"
         self.stop.phase, self.stop.after = "the final report (last.pt, metrics.json, plots)", done
         final = self.history[-1] if self.history else {}
