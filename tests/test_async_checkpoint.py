@@ -210,3 +210,27 @@ def test_async_run_writes_the_synchronous_checkpoints_stops_and_resumes_exactly(
     # which draws its base seed from torch's global generator; batches come from their own seeds.
     _assert_same_checkpoint(ckpts / "epoch0002_step000000", sync / "epoch0002_step000000", rng=False)
     assert_same_weights(weights(tmp_path / "sync" / "last.pt"), weights(tmp_path / "async" / "last.pt"))
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_synchronous_checkpoints_in_the_background(tmp_path, tiny_data_root):
+    """``deepspeed --num_gpus 2``, ZeRO-1: each rank writes its own shard and RNG file in the
+    background; every file equals the synchronous run's, and each checkpoint passes the check a
+    resume at 2 ranks makes (every shard and RNG file present and intact)."""
+    from conftest import launch_deepspeed
+    from fastlt.training.checkpoint import CheckpointManager
+
+    for name, flag in (("sync2", False), ("async2", True)):
+        cfg = tiny_config(tiny_data_root, tmp_path, deepspeed={"zero_stage": 1},
+                          run={"name": name, "log_every": 1, "eval_every": 2, "deterministic": True,
+                               "async_checkpoint": flag})
+        launch_deepspeed(write_config(tmp_path / f"{name}.yaml", cfg), ranks=2)
+    ckpts, sync = tmp_path / "async2" / "checkpoints", tmp_path / "sync2" / "checkpoints"
+    tags = ["epoch0001_step000000", "epoch0002_step000000"]
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == tags and (ckpts / "latest").read_text() == tags[1]
+    for tag in tags:
+        meta, missing_rng = CheckpointManager(ckpts, world_size=2).verify(ckpts / tag, world_size=2)
+        assert meta["world_size"] == 2 and missing_rng == []
+        assert len(list((ckpts / tag).glob("zero_pp_rank_*_optim_states.pt"))) == 2
+        _assert_same_checkpoint(ckpts / tag, sync / tag)
+    assert_same_weights(weights(tmp_path / "sync2" / "last.pt"), weights(tmp_path / "async2" / "last.pt"))
