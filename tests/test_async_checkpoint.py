@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import collections
+import io
 import math
 import os
 import signal
@@ -73,6 +75,31 @@ def held_writes(monkeypatch):
 
     monkeypatch.setattr(ac, "torch_save_atomic", write)
     return gate, state
+
+
+Pair = collections.namedtuple("Pair", "x y")  # module level: torch.save pickles it by name
+
+
+def test_snapshot_is_a_host_copy_that_keeps_shared_storages():
+    """What the background writer saves: later in-place updates do not reach it; views of one
+    flat buffer (DeepSpeed's ZeRO parameters) still share one storage, so torch.save writes the
+    same bytes as from the live state; containers keep their types."""
+    from fastlt.training.async_checkpoint import snapshot
+
+    flat = torch.arange(10.0)
+    state = collections.OrderedDict(a=flat[:4].view(2, 2), b=flat[4:], c=[1, Pair(flat[4:], "n")],
+                                    d=torch.ones(3, dtype=torch.bfloat16), e={"step": 3})
+    copied = snapshot(state)
+    live, saved = io.BytesIO(), io.BytesIO()
+    torch.save(state, live)
+    torch.save(copied, saved)
+    flat.add_(100.0)
+    state["e"]["step"] = 4
+    assert type(copied) is collections.OrderedDict and type(copied["c"][1]) is Pair
+    assert torch.equal(copied["a"], torch.arange(4.0).view(2, 2)) and torch.equal(copied["b"], torch.arange(4.0, 10.0))
+    assert copied["a"].untyped_storage().data_ptr() == copied["c"][1].x.untyped_storage().data_ptr()
+    assert copied["d"].dtype == torch.bfloat16 and copied["e"] == {"step": 3}
+    assert len(saved.getvalue()) == len(live.getvalue())
 
 
 def _meta():

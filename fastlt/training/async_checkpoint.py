@@ -66,8 +66,9 @@ def snapshot(obj, _memo: dict | None = None):
 def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
     storage = t.untyped_storage()
     key = (t.device, storage.data_ptr(), storage.nbytes())
-    if key not in memo:
-        memo[key] = torch.UntypedStorage(storage.nbytes()).copy_(storage)  # host memory
+    if key not in memo:  # the whole storage as bytes, copied to host memory (from any device)
+        raw = torch.empty((0,), dtype=torch.uint8, device=t.device).set_(storage)
+        memo[key] = raw.to("cpu", copy=True).untyped_storage()
     out = torch.empty((0,), dtype=t.dtype)
     out.set_(memo[key], t.storage_offset(), t.size(), t.stride())
     return out
