@@ -46,6 +46,7 @@ class _Engine:
     """Writes what DeepSpeed would (model states and one optimizer shard) through its checkpoint engine."""
 
     def __init__(self):
+        self.fail_after = None  # raise OutputError after this many files, as a full disk would
         self.checkpoint_engine = _CheckpointEngine()
         self.w = torch.arange(4, dtype=torch.float32)
         self.momentum = torch.zeros(4)
@@ -54,6 +55,10 @@ class _Engine:
         d = Path(save_dir) / tag
         d.mkdir(parents=True)
         self.checkpoint_engine.save({"module": {"w": self.w}, **client_state}, str(d / "mp_rank_00_model_states.pt"))
+        if self.fail_after == 1:  # the model file is queued, the shard is refused
+            from fastlt.errors import OutputError
+
+            raise OutputError(f"cannot write {d}/zero_pp_rank_0_mp_rank_00_optim_states.pt: No space left on device")
         self.checkpoint_engine.save({"optimizer_state_dict": {"m": self.momentum}},
                                     str(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
 
@@ -157,8 +162,14 @@ def test_a_failed_or_abandoned_background_write_publishes_nothing(tmp_path, held
         mgr.wait()
     assert mgr.latest() == first and not path.exists() and not path.with_name(path.name + ".partial").exists()
 
+    # DeepSpeed's own write fails after a file was queued: nothing is left behind, nor a stale error.
+    state["fail"], engine.fail_after = False, 1
+    with pytest.raises(OutputError, match="Checkpoint epoch0002_step000000 was not written"):
+        mgr.save(engine, 2, 0, {"fastlt": {"epoch": 2}}, _meta())
+    assert mgr.latest() == first and not path.with_name(path.name + ".partial").exists() and mgr.wait() is None
+    engine.fail_after = None
+
     # A failure elsewhere (the trainer's close) while a write is in flight: it ends, nothing is published.
-    state["fail"] = False
     gate.clear()
     path = mgr.save(engine, 3, 0, {"fastlt": {"epoch": 3}}, _meta())
     gate.set()

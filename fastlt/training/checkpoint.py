@@ -240,6 +240,8 @@ class CheckpointManager(AsyncSaves):
         barrier()
         writer = self._writer_of(engine) if self.async_save else None
         save, save_text = (writer.submit, writer.submit_text) if writer else (torch_save_atomic, write_text_atomic)
+        if writer is not None:
+            self._pending = (tag, partial, final)  # from here a failure's abandon() lets its writes end
         try:
             if writer is not None:
                 engine.checkpoint_engine.writer = writer
@@ -253,9 +255,10 @@ class CheckpointManager(AsyncSaves):
                 info = dict(meta, tag=tag, epoch=epoch, step=step, world_size=self.world_size, time=time.time())
                 save_text(partial / META, json.dumps(info, indent=1))
         except OutputError as e:  # a full disk, a read-only folder: free what was written, keep the rest
+            if writer is not None:  # nothing of it is still being written when its folder goes
+                self._pending, _ = None, writer.wait()
             raise self._not_written(e, tag, partial) from None
         if writer is not None:
-            self._pending = (tag, partial, final)
             return final
         self._complete(partial, final, tag, on_saved)
         return final
