@@ -256,10 +256,17 @@ def install_safe_checkpoint_engine(engine) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
-        """TorchCheckpointEngine with atomic saves and ``weights_only=True`` loads."""
+        """TorchCheckpointEngine with atomic saves and ``weights_only=True`` loads. While
+        ``writer`` is set (``fastlt.training.async_checkpoint.BackgroundWriter``, during an
+        asynchronous save) a save copies the state and queues its write instead."""
+
+        writer = None
 
         def save(self, state_dict, path: str):
-            torch_save_atomic(state_dict, path)
+            if self.writer is not None:
+                self.writer.submit(state_dict, path)
+            else:
+                torch_save_atomic(state_dict, path)
 
         def load(self, path: str, map_location=None):
             return safe_load(path, map_location=map_location)

@@ -17,7 +17,9 @@ Never a half-written checkpoint: DeepSpeed writes into ``<tag>.partial``; only w
 has finished is it renamed to ``<tag>`` (a directory rename is atomic) and then ``latest`` is
 replaced (temp file + ``os.replace``). A crash or Ctrl-C at any moment leaves ``latest``
 pointing at a complete checkpoint. Every file DeepSpeed writes also goes through temp file +
-``os.replace``.
+``os.replace``. With ``async_save`` (``run.async_checkpoint``) the files are written by a
+background thread (``fastlt.training.async_checkpoint``) and the rename and ``latest`` wait
+for :meth:`CheckpointManager.wait`, under the same rules.
 
 Never a non-finite checkpoint: the trainer asks :func:`nonfinite_state` before every save, so
 pruning (``keep_last``) only ever deletes finite checkpoints in favour of finite ones.
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from fastlt.models.signature import signature_diff, model_signature, weights_digest
+from fastlt.training.async_checkpoint import AsyncSaves
 from fastlt.training.distributed import barrier
 from fastlt.errors import CheckpointError, OutputError
 from fastlt.files import safe_load, torch_save_atomic, write_text_atomic
@@ -125,7 +128,7 @@ def _set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class CheckpointManager:
+class CheckpointManager(AsyncSaves):
     """Save, find, load and prune the resumable checkpoints of one run (see the module docstring).
 
     All ranks call :meth:`save` and :meth:`load` together; the file-system bookkeeping (rename,
@@ -134,12 +137,15 @@ class CheckpointManager:
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike, *, keep_last: int = 2, rank: int = 0, local_rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, async_save: bool = False):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1; got {keep_last}")
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.async_save = async_save
+        self._writer = None  # the BackgroundWriter of async_save, made on first use
+        self._pending: tuple[str, Path, Path] | None = None  # (tag, partial, final) being written
 
     # -- finding ---------------------------------------------------------------------
 
@@ -218,8 +224,13 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------
 
-    def save(self, engine, epoch: int, step: int, client_state: dict, meta: dict) -> Path:
-        """Write the checkpoint that resumes at (epoch, step); returns its directory."""
+    def save(self, engine, epoch: int, step: int, client_state: dict, meta: dict, *, on_saved=None) -> Path:
+        """Write the checkpoint that resumes at (epoch, step); returns its directory. ``on_saved(path,
+        epoch, step)`` is called (on every rank) once a checkpoint is complete and ``latest`` points at it.
+
+        With ``async_save`` this returns once the state is copied to host memory; the checkpoint is
+        complete only after :meth:`wait` (which this call makes first for the previous one)."""
+        self.wait(on_saved)
         tag = tag_for(epoch, step)
         final, partial = self.dir / tag, self.dir / f"{tag}.partial"
         if self.rank == 0:
@@ -227,20 +238,44 @@ class CheckpointManager:
             if partial.exists():  # left over by a crash during an earlier save
                 shutil.rmtree(partial)
         barrier()
+        writer = self._writer_of(engine) if self.async_save else None
+        save, save_text = (writer.submit, writer.submit_text) if writer else (torch_save_atomic, write_text_atomic)
+        if writer is not None:
+            self._pending = (tag, partial, final)  # from here a failure's abandon() lets its writes end
         try:
-            engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
-            torch_save_atomic(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
-            if self.rank == 0:
+            if writer is not None:
+                engine.checkpoint_engine.writer = writer
+            try:
+                engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
+            finally:
+                if writer is not None:
+                    engine.checkpoint_engine.writer = None
+            save(_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+            if self.rank == 0:  # last in this rank's queue
                 info = dict(meta, tag=tag, epoch=epoch, step=step, world_size=self.world_size, time=time.time())
-                write_text_atomic(partial / META, json.dumps(info, indent=1))
+                save_text(partial / META, json.dumps(info, indent=1))
         except OutputError as e:  # a full disk, a read-only folder: free what was written, keep the rest
-            shutil.rmtree(partial, ignore_errors=True)
-            last = read_pointer(self.dir)[0]
-            kept = (f"the last complete checkpoint {self.dir / last} is untouched" if last
-                    else "no earlier checkpoint exists")
-            raise OutputError(f"{e}. Checkpoint {tag} was not written (its partial files were removed) and {kept}; "
-                              "make room (or move run.output_dir to another disk), then continue with --resume auto"
-                              ) from None
+            if writer is not None:  # nothing of it is still being written when its folder goes
+                self._pending, _ = None, writer.wait()
+            raise self._not_written(e, tag, partial) from None
+        if writer is not None:
+            return final
+        self._complete(partial, final, tag, on_saved)
+        return final
+
+    def _kept(self) -> str:
+        last = read_pointer(self.dir)[0]
+        return (f"the last complete checkpoint {self.dir / last} is untouched" if last
+                else "no earlier checkpoint exists")
+
+    def _not_written(self, e: OutputError, tag: str, partial: Path) -> OutputError:
+        shutil.rmtree(partial, ignore_errors=True)
+        return OutputError(f"{e}. Checkpoint {tag} was not written (its partial files were removed) and "
+                           f"{self._kept()}; make room (or move run.output_dir to another disk), then continue "
+                           "with --resume auto")
+
+    def _complete(self, partial: Path, final: Path, tag: str, on_saved) -> None:
+        """Every rank has written its files: publish ``partial`` as ``final``, then ``latest``."""
         barrier()
         if self.rank == 0:
             self._publish(partial, final)
@@ -252,7 +287,8 @@ class CheckpointManager:
             write_text_atomic(self.dir / LATEST, tag)
             self.prune()
         barrier()
-        return final
+        if on_saved is not None:
+            on_saved(final, *_parse_tag(tag))
 
     @staticmethod
     def _publish(partial: Path, final: Path) -> None:

@@ -76,7 +76,8 @@ def preflight(cfg, *, resume: str | None, run_dir: Path, proc, command: str = "f
     try:
         check_run_files(run_dir)  # 3. every folder and file the run writes
         ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.run.keep_last, rank=proc.rank,
-                                 local_rank=proc.local_rank, world_size=proc.world_size)
+                                 local_rank=proc.local_rank, world_size=proc.world_size,
+                                 async_save=cfg.run.async_checkpoint)
         target = resume_target(ckpt, resume, run_dir)  # 4. resume target
         data, steps = _config_against_data(cfg, proc.world_size)  # 5.-6. datasets, epoch length, model
         identity = dataset_identity(data.train)

@@ -122,7 +122,7 @@ class Trainer:
         self.samples = SampleLog(self.run_dir, self.pipeline, rank=self.rank, world_size=self.world_size,
                                  batch_size=micro) if cfg.run.sample_log else None
 
-    def _save(self, epoch: int, step: int, *, eval_pending: bool = False) -> Path:
+    def _save(self, epoch: int, step: int, *, eval_pending: bool = False, wait: bool = False) -> Path:
         # eval_pending: this epoch's evaluation runs after the save; a resume from here runs it first.
         client = {"fastlt": {"epoch": epoch, "step": step, "global_step": int(self.engine.global_steps),
                              "scheduler": self.schedule.state_dict(), "best": self.best, "history": self.history,
@@ -131,10 +131,12 @@ class Trainer:
                 "batch_size": self.cfg.data.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "zero_stage": self.cfg.deepspeed.zero_stage}
         meta.update(dataset=self.plan.dataset, lineage=self.plan.target.lineage)
-        path = self.ckpt.save(self.engine, epoch, step, client, meta)
+        path = self.ckpt.save(self.engine, epoch, step, client, meta, on_saved=self._saved)
+        return (self.ckpt.wait(self._saved) or path) if wait else path  # wait: complete even when asynchronous
+
+    def _saved(self, path: Path, epoch: int, step: int) -> None:  # complete, and `latest` points at it
         self.log.event("checkpoint", f"checkpoint saved: {path} (resumes at epoch {epoch} step {step})",
                        path=str(path), epoch=epoch, step=step)
-        return path
 
     def _load(self, path: Path) -> tuple[int, int]:
         state, meta = self.ckpt.load(self.engine, path, self.signature, zero_stage=self.cfg.deepspeed.zero_stage,
@@ -157,6 +159,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         from fastlt.training.evaluate import evaluate_model
 
+        self.ckpt.wait(self._saved)  # first: a stop during the evaluation (or the final report) resumes it
         with self.stop.during(f"the evaluation of epoch {epoch}", resume_hint(self.ckpt, epoch)):
             pause_point(f"eval:{epoch}", self.stop)
             metrics = evaluate_model(self.engine.module, self.val_pipeline, self.data.class_counts, device=self.dev,
@@ -210,6 +213,7 @@ class Trainer:
         return bad or stop
 
     def _raise_nonfinite(self, tensors: int = 0) -> None:
+        self.ckpt.wait(self._saved)  # all ranks are here: the checkpoint before the divergence completes
         epoch, step, vals = self.nonfinite
         # Every checkpoint passed the finiteness check before it was written, so the latest is good.
         raise NonFiniteLossError.at(epoch, step, self.steps_per_epoch, losses=vals, tensors=tensors,
@@ -326,7 +330,7 @@ class Trainer:
                 if self.bad_image is not None:
                     raise self._bad_image_error(self.bad_image, epoch, reached, self._save_unless_saved(epoch, reached))
                 if reached < self.steps_per_epoch:  # stopped inside the epoch
-                    path = self._save(epoch, reached)
+                    path = self._save(epoch, reached, wait=True)
                     raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} at epoch {epoch} "
                                               f"step {reached}; checkpoint {path}. Continue with --resume auto",
                                               self.stop.signal_name)
@@ -337,7 +341,7 @@ class Trainer:
                     path = self._save(done, 0, eval_pending=due)
                 (late,) = dist.any_rank([self.stop.requested], self.dev)  # e.g. during the checkpoint write
                 if stopping or late:  # the pending evaluation runs when the run is resumed
-                    path = path or self._save(done, 0, eval_pending=due)
+                    path = self.ckpt.wait(self._saved) or path or self._save(done, 0, eval_pending=due, wait=True)
                     raise TrainingInterrupted(f"stopped by {self.stop.signal_name or 'a signal'} after epoch "
                                               f"{epoch}; checkpoint {path}. Continue with --resume auto",
                                               self.stop.signal_name)
@@ -352,9 +356,10 @@ class Trainer:
     def _save_unless_saved(self, epoch: int, step: int) -> Path | None:
         """The checkpoint of position (epoch, step): the latest one if it is already there, None at
         the very start of a run (nothing trained yet), else a new one."""
-        if (latest := self.ckpt.latest()) is not None and latest.name == tag_for(epoch, step):
+        latest = self.ckpt.wait(self._saved) or self.ckpt.latest()  # a write in flight completes first
+        if latest is not None and latest.name == tag_for(epoch, step):
             return latest
-        return None if (epoch, step) == (0, 0) else self._save(epoch, step)
+        return None if (epoch, step) == (0, 0) else self._save(epoch, step, wait=True)
 
     def _bad_image_error(self, err: BadImageError, epoch: int, step: int, saved: Path | None) -> BadImageError:
         return BadImageError.in_training(err, epoch, step, self.steps_per_epoch, saved=saved, rank=self.rank,
@@ -386,6 +391,7 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "watch"):
             self.watch.stop("failed")  # a no-op after a finished run's "done"
+        self.ckpt.abandon()  # a failure during a background write: latest stays at the last complete one
         for name in ("pipeline", "val_pipeline", "samples"):
             with contextlib.suppress(Exception):
                 getattr(self, name).close()
