@@ -426,12 +426,14 @@ def test_7_every_problem_against_the_dataset_in_one_message(base_run, capsys):
     from fastlt.cli import train_main
 
     before = tree_digest(base_run["dir"])
+    missing = base_run["dir"].parent / "no-such-weights.pth"
     assert train_main(["--config", str(base_run["config"]), "--set", "data.batch_size=200", "data.num_classes=9",
-                       "model.backbone=resnet19", "run.name=b7all"]) == 2
+                       "model.backbone=resnet19", f"model.pretrained={missing}", "run.name=b7all"]) == 2
     line = error_line(capsys.readouterr().err)
-    assert "3 problems in the config for this dataset and 1 rank(s): (1) model.backbone: 'resnet19'" in line, line
+    assert "4 problems in the config for this dataset and 1 rank(s): (1) model.backbone: 'resnet19'" in line, line
     assert f"(2) data.num_classes is 9, but the synthetic dataset (data.synthetic.num_classes) has {NUM_CLASSES}" in line
     assert "(3) data.batch_size=200 leaves an epoch without a complete step" in line
+    assert f"(4) model.pretrained: {missing} does not exist" in line  # the file, though the model is not known yet
     assert tree_digest(base_run["dir"]) == before and not (base_run["dir"].parent / "b7all").exists()
 
 

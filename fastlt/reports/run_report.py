@@ -14,12 +14,12 @@ __all__ = ["closing_line", "hparams_of", "opening_lines", "record_launch", "repo
            "write_plots"]
 
 
-def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int, *, lineage: dict | None = None
-                  ) -> list[str]:
+def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int, *, lineage: dict | None = None,
+                  data=None) -> list[str]:
     """Rank 0, at every launch of a run: the resolved ``config.yaml`` (the launch before it kept in
     ``config_history/`` under its launch time when it differed), the generated ``ds_config.json``
     and the config as TensorBoard text; a run initialised from another run's checkpoint heads its
-    config.yaml with that ``lineage``. Returns the changes against the previous launch, which are
+    config.yaml with that ``lineage``; the class map of a dataset with class names (``data``). Returns the changes against the previous launch, which are
     also logged, one warning line each, so that a continued run with another config is seen."""
     import yaml
 
@@ -33,6 +33,10 @@ def record_launch(cfg, ds_config: dict, run_dir: Path, log, global_step: int, *,
         for line in changed:
             log.info(f"  config changed: {line}")
     write_text_atomic(run_dir / "ds_config.json", json_text(ds_config, indent=2))
+    if data is not None and data.class_names is not None:
+        from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
+
+        write_class_map(run_dir / CLASS_MAP_FILE, data.class_names, data.class_counts)
     log.text("config", yaml.safe_dump(config_to_dict(cfg), sort_keys=False), global_step)
     return changed
 

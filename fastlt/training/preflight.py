@@ -108,7 +108,7 @@ def _config_against_data(cfg, world_size: int):
     def collect(fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, CheckpointError) as e:
             problems.append(e)
             return None
 
@@ -116,10 +116,13 @@ def _config_against_data(cfg, world_size: int):
     collect(check_backbone, cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
     data = collect(build_datasets, cfg, problems=problems)
     steps = None if data is None else collect(steps_per_epoch, cfg, len(data.train), world_size)
-    if data is not None and not problems and cfg.model.pretrained:  # read and fitted now: a refused file
-        from fastlt.models.pretrained import check_pretrained     # leaves the run directory untouched
+    if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
+        from fastlt.models.pretrained import check_pretrained, check_pretrained_path
 
-        check_pretrained(cfg, data.num_classes)
+        if data is not None and not problems:  # fitted to the model of the dataset's classes
+            check_pretrained(cfg, data.num_classes)
+        else:  # the model is not known yet: at least the file
+            collect(check_pretrained_path, cfg.model.pretrained)
     if len(problems) == 1:
         raise problems[0]
     if problems:

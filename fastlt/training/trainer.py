@@ -156,7 +156,8 @@ class Trainer:
                        lineage=target.lineage)
         return int(state["epoch"]), int(state["step"])
 
-    def evaluate(self, epoch: int) -> dict:
+    def evaluate(self, epoch: int, checkpoint: Path | None = None) -> dict:
+        """Evaluate; ``checkpoint``: the one saved before this evaluation (its resume then takes the result)."""
         from fastlt.training.evaluate import evaluate_model
 
         self.ckpt.wait(self._saved)  # first: a stop during the evaluation (or the final report) resumes it
@@ -176,7 +177,7 @@ class Trainer:
                              {"epoch": epoch, "metrics": summary, "signature": self.signature})
         self.log.event("eval", f"eval epoch {epoch}: {format_metrics(summary)}" + ("  (best)" if improved else ""),
                        epoch=epoch, global_step=int(self.engine.global_steps), **summary)
-        record_evaluation(self, epoch, metrics)  # a resume from this epoch's checkpoint takes it
+        record_evaluation(self, epoch, metrics, checkpoint)
         return metrics
 
     # -- training --------------------------------------------------------------------
@@ -294,11 +295,7 @@ class Trainer:
             self.log.info(f"--resume {self.resume}: no checkpoint in {self.run_dir}, starting from scratch")
         if self.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
             record_launch(cfg, self.ds_config, self.run_dir, self.log, int(self.engine.global_steps),
-                          lineage=self.plan.target.lineage)
-        if self.rank == 0 and self.data.class_names is not None:
-            from fastlt.data.folder import CLASS_MAP_FILE, write_class_map
-
-            write_class_map(self.run_dir / CLASS_MAP_FILE, self.data.class_names, self.data.class_counts)
+                          lineage=self.plan.target.lineage, data=self.data)
         for note in self.resume_notes:
             self.log.event("warning", note)
         self.first_epoch = epoch
@@ -346,7 +343,7 @@ class Trainer:
                                               f"{epoch}; checkpoint {path}. Continue with --resume auto",
                                               self.stop.signal_name)
             if due:
-                self.evaluate(epoch)
+                self.evaluate(epoch, path)
                 last_eval_epoch = epoch
             epoch, step = done, 0
         if last_eval_epoch is None and not any(h["epoch"] == cfg.optim.epochs - 1 for h in self.history):
