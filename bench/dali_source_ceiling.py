@@ -81,7 +81,7 @@ def main() -> None:
     out["part_read_and_header_per_s"] = _best_rate(lambda i: check_encoded_image(ds.read_bytes(i)), n)
     out["part_keyed_rng_per_s"] = _best_rate(lambda i: keyed_rng(0, 0, i, 0), n)
     rngs = [keyed_rng(0, 0, i, 0) for i in range(n)]
-    out["part_view_params_3_views_per_s"] = _best_rate(lambda i: bg._view_params(rngs[i], hw, 3, sim_from=1), n)
+    out["part_view_params_3_views_per_s"] = _best_rate(lambda i: bg._view_params(rngs[i], hw, 3), n)
     out["part_randaugment_tables_per_s"] = _best_rate(lambda i: pipe.tables.draw(rngs[i]), n)
     out["part_epoch_indices_and_position_per_s"] = _best_rate(
         lambda i: (pipe.plan.epoch_indices(0), pipe.plan.position(*divmod(i, BATCH))), n)

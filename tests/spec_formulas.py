@@ -10,6 +10,8 @@ benchmarks use as the "published implementation" baselines:
   explicit log-sum-exp (gradients by autograd through it).
 * :func:`spec_balanced_supcon` — BCL's loss in the distributed form (any contrast set of
   items, any row range of anchors), in fp64, one anchor row at a time.
+* :func:`spec_topk_l1` and :func:`spec_confidence` — steps 2–4 alone, from given similarities
+  and area labels (a stable sort, fp64), for kernels that take similarities as input.
 """
 from __future__ import annotations
 
@@ -51,6 +53,26 @@ def dense_rectify_labels(z, centers, label_a, label_b, lam, class_counts, *, top
     gamma = gamma.float().view(-1, 1)
     # 5. blend.
     return gamma * s_hat + (1 - gamma) * y
+
+
+def spec_topk_l1(s, topk):
+    """Steps 2–3 from similarities s (B, C): the K largest of each row (ties: lower class index
+    first, via a stable sort), as (class indices in ascending order (B, K) int64, their l1
+    weights s_j / Σ_kept s in fp64, in the same order)."""
+    k = min(topk, s.shape[1])
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    kept = torch.sort(order, dim=1).values
+    values = torch.gather(s.double(), 1, kept)
+    return kept, values / values.sum(1, keepdim=True)
+
+
+def spec_confidence(label_a, label_b, lam, class_counts, omega):
+    """Step 4: γ = ω · log(Σ_j y_j N_j) / Σ_i log N_i with y = λ·onehot(a) + (1 − λ)·onehot(b),
+    in fp64 (B,)."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    lam = torch.as_tensor(lam, dtype=torch.float64).view(-1)
+    y_counts = lam * counts[label_a.long()] + (1 - lam) * counts[label_b.long()]
+    return omega * torch.log(y_counts) / torch.log(counts).sum()
 
 
 def loop_balanced_supcon(centers, features, labels, temperature):
