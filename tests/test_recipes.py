@@ -110,10 +110,10 @@ def test_installed_wheel_lists_recipes_and_runs_the_demo(installed_wheel):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # One epoch, all of it at or before method.l_d_warm: the banner says CutMix only, not ConCutMix.
     assert "fastlt demo: CutMix only (area labels throughout" in proc.stdout
-    assert "on the synthetic long-tailed set (20 classes" in proc.stdout
+    assert "on the synthetic long-tailed set (14 classes" in proc.stdout
     (run_dir,) = (work / "runs").glob("demo-*")
     assert (run_dir / "metrics.json").is_file() and (run_dir / "per_class_accuracy.png").is_file()
-    assert (work / "data_cache" / "synthetic-demo").is_dir()  # relative to where the user runs it
+    assert (work / "data_cache" / "synthetic-demo-14").is_dir()  # relative to where the user runs it
     assert not os.path.exists(REPO / "runs" / run_dir.name)
 
 
