@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import time
 import io
 import math
 import os
@@ -131,9 +132,14 @@ def test_latest_moves_only_after_the_background_write_and_the_file_holds_the_sta
     # The write is held: the checkpoint is not complete, latest is still the first one.
     assert not path.exists() and path.with_name(path.name + ".partial").is_dir()
     assert mgr.latest() == first and [p.name for p in mgr.complete()] == [first.name] and saved == [first]
+    assert mgr.pending and mgr.writing()  # what the trainer asks at each log interval
     engine.w.add_(100.0)  # the next training steps, while the write runs
     engine.momentum.fill_(7.0)
     gate.set()
+    deadline = time.monotonic() + 120  # generous: the write of a few tensors takes milliseconds
+    while mgr.writing() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mgr.pending and not mgr.writing()  # written, not yet published: the trainer publishes now
     assert mgr.wait(note) == path and saved == [first, path]
     assert mgr.latest() == path and not path.with_name(path.name + ".partial").exists()
     assert torch.equal(safe_load(path / "mp_rank_00_model_states.pt")["module"]["w"], torch.arange(4.0))
@@ -142,6 +148,34 @@ def test_latest_moves_only_after_the_background_write_and_the_file_holds_the_sta
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt", "rng_rank00000.pt",
                                                       "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     assert mgr.wait() is None  # nothing in flight
+
+
+def test_a_stop_during_the_wait_leaves_the_save_pending_so_close_lets_the_write_end(tmp_path, held_writes):
+    """The probe's case: SIGTERM while the run waited for a write before an evaluation aborted
+    the process (the writer thread killed inside torch.save, a half-written file left): wait()
+    had forgotten the save before blocking, so close() -> abandon() did not wait for it."""
+    from fastlt.errors import TrainingInterrupted
+    from fastlt.training.checkpoint import CheckpointManager
+
+    gate, _ = held_writes
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2, async_save=True)
+    gate.clear()
+    path = mgr.save(_Engine(), 1, 0, {"fastlt": {"epoch": 1}}, _meta())
+    real_wait = mgr._writer.wait
+
+    def interrupted():
+        raise TrainingInterrupted("stopped by SIGTERM", "SIGTERM")  # as the stop handler raises it
+
+    mgr._writer.wait = interrupted
+    with pytest.raises(TrainingInterrupted):
+        mgr.wait()
+    mgr._writer.wait = real_wait
+    assert mgr.pending  # not forgotten
+    gate.set()
+    mgr.abandon()  # close(): the write ends, nothing is published
+    partial = path.with_name(path.name + ".partial")
+    assert not mgr.pending and mgr.latest() is None and not mgr.writing()
+    assert not [p for p in partial.iterdir() if ".tmp" in p.name]  # no half-written file
 
 
 def test_a_failed_or_abandoned_background_write_publishes_nothing(tmp_path, held_writes):

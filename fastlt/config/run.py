@@ -41,9 +41,10 @@ class RunConfig:
     """Write each resumable checkpoint in a background thread: training waits only while the state
     is copied to host memory (one extra copy of what the rank writes, while the write runs). The
     checkpoint counts only once every rank has written all of it (``latest`` moves then, as with
-    a synchronous save); the run waits for it before the next checkpoint, an evaluation, a stop's
-    exit and the end. After a crash or a lost rank, the checkpoint still in flight is not used
-    (``latest`` stays at the previous complete one)."""
+    a synchronous save: at the first log interval after the writes ended, or earlier when the run
+    waits for it, before the next checkpoint, an evaluation, a stop's exit and the end). After a
+    crash or a lost rank, a checkpoint still being written is not used (``latest`` stays at the
+    previous complete one)."""
     collective_timeout_s: float = 600.0
     """Several ranks: the longest a rank waits for the others in one collective before the job stops
     (torch's NCCL default; raise it only for collectives that are legitimately slower, e.g. a first

@@ -110,6 +110,10 @@ class BackgroundWriter:
                 del args
                 self._jobs.task_done()
 
+    def busy(self) -> bool:
+        """Whether a queued file is still being written."""
+        return self._jobs.unfinished_tasks > 0
+
     def wait(self) -> BaseException | None:
         """Block until every queued file is written; the first error since the last wait, if any."""
         self._jobs.join()
@@ -146,8 +150,11 @@ class AsyncSaves:
         write failed, nothing is published and every rank raises OutputError."""
         if self._pending is None:
             return None
-        (tag, partial, final), self._pending = self._pending, None
+        tag, partial, final = self._pending
+        # Pending until the writer is done: a stop raised in this wait (a signal) leaves it pending,
+        # so close() -> abandon() still lets the write end before the process exits.
         error = self._writer.wait()
+        self._pending = None
         if any_rank([error is not None], _collective_device())[0]:
             if isinstance(error, OutputError):
                 raise self._not_written(error, tag, partial) from None
@@ -159,6 +166,17 @@ class AsyncSaves:
                               f"output says why); {self._kept()}; fix that, then continue with --resume auto")
         self._complete(partial, final, tag, on_saved)
         return final
+
+    @property
+    def pending(self) -> bool:
+        """Whether an asynchronous save is in flight (not yet published)."""
+        return self._pending is not None
+
+    def writing(self) -> bool:
+        """Whether this rank's background write of the pending save is still running. The trainer
+        asks at every log interval (with its other flags, in one all-reduce) and publishes the
+        save as soon as no rank is writing, so that a finished checkpoint is used at once."""
+        return self._pending is not None and self._writer.busy()
 
     def abandon(self) -> None:
         """After a failure: let this rank's background write end, publish nothing (no collective:

@@ -184,11 +184,9 @@ class Trainer:
 
     def _end_interval(self, buf: Tensor, n: int, epoch: int, step: int, t_start: float, wait: float,
                       samples: int) -> bool:
-        """End of a log interval: log it and agree across ranks on whether to leave the epoch now.
-
-        This is the one host<->device sync of the interval. Returns True when any rank saw a
-        non-finite loss or received a stop request (all ranks then stop at the same step).
-        """
+        """End of a log interval, the one host<->device sync of the interval: log it, publish an
+        asynchronous checkpoint every rank has finished writing, and return True when any rank saw a
+        non-finite loss or received a stop request (all ranks then stop at the same step)."""
         # The global batch's values (the mean of the ranks' equal shares), then the one host sync:
         # the per-step (loss, ce, scl) and label diagnostics of the whole interval in one copy.
         stats = dist.mean_over_ranks(buf[:n]).cpu()
@@ -207,7 +205,9 @@ class Trainer:
                             "img_per_s": samples * self.world_size / elapsed, "data_wait": wait / elapsed,
                             "skipped_images": self.pipeline.stats()["skipped_images"],
                             **interval_fields(stats[:, 3:])})
-        bad, stop = dist.any_rank([local_bad, self.stop.requested], self.dev)
+        bad, stop, writing = dist.any_rank([local_bad, self.stop.requested, self.ckpt.writing()], self.dev)
+        if self.ckpt.pending and not writing:  # every rank's background write has ended: publish it now
+            self.ckpt.wait(self._saved)
         if bad and self.nonfinite is None:  # another rank saw it first
             self.nonfinite = (epoch, step, None)
         self.stop.requested = stop
