@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from fastlt.errors import ConfigError
+from fastlt.errors import ConfigError, DataError
 
 __all__ = ["MAX_YAML_VALUES", "Problems", "build_section", "check_path", "field_types", "flat_keys", "load_yaml", "one_of",
            "positive", "set_dotted", "unknown_key"]
@@ -273,19 +273,26 @@ def _coerce(key: str, value, tp):
 class Problems:
     """The problems of one config, collected so that one message names them all.
 
-    ``check(fn, *args)`` runs a validator and keeps its ConfigError; ``need(ok, message)`` keeps
-    ``message`` when ``ok`` is false; ``raise_if_any()`` raises one ConfigError listing them
-    (numbered when there are several)."""
+    ``check(fn, *args)`` runs a validator and keeps its error (a ConfigError, or any of ``catch``);
+    ``add(error)`` keeps an error found elsewhere; ``need(ok, message)`` keeps ``message`` when
+    ``ok`` is false; ``raise_if_any()`` raises them: one problem as its own error, several as one
+    error listing them, numbered, ``where`` they were found (a DataError when every one is)."""
 
-    def __init__(self):
+    def __init__(self, catch: tuple = (ConfigError,), where: str = "in the config"):
         self.items: list[str] = []
+        self.errors: list[Exception] = []  # what check() and add() kept, one per problem source
+        self.catch, self.where = catch, where
 
     def check(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
-            self.items.extend(getattr(e, "problems", None) or [str(e)])  # nested sections: one flat list
+        except self.catch as e:
+            self.add(e)
             return None
+
+    def add(self, error: Exception) -> None:
+        self.items.extend(getattr(error, "problems", None) or [str(error)])  # nested sections: one flat list
+        self.errors.append(error)
 
     def need(self, ok: bool, message: str) -> None:
         if not ok:
@@ -294,8 +301,12 @@ class Problems:
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        error = ConfigError(self.items[0] if len(self.items) == 1 else f"{len(self.items)} problems in the config: "
-                            + "; ".join(f"({i}) {m}" for i, m in enumerate(self.items, 1)))
+        if len(self.items) == 1 and len(self.errors) == 1:
+            raise self.errors[0]  # one problem: the validator's own error, of its own kind
+        only_data = len(self.errors) == len(self.items) and all(isinstance(e, DataError) for e in self.errors)
+        error = (DataError if only_data else ConfigError)(
+            self.items[0] if len(self.items) == 1 else f"{len(self.items)} problems {self.where}: "
+            + "; ".join(f"({i}) {m}" for i, m in enumerate(self.items, 1)))
         error.problems = list(self.items)
         raise error
 

@@ -39,10 +39,10 @@ class Datasets:
     """What the build decided that a user should read (a shipped list used in place of a missing one)."""
 
 
-def _check_num_classes(cfg, found: int, source: str, problems: list | None = None) -> None:
+def _check_num_classes(cfg, found: int, source: str, problems=None) -> None:
     if cfg.data.num_classes and cfg.data.num_classes != found:
         if problems is not None:  # the caller reports it with the other dataset-dependent problems
-            problems.append(DataError(f"data.num_classes is {cfg.data.num_classes}, but {source} has {found} "
+            problems.add(DataError(f"data.num_classes is {cfg.data.num_classes}, but {source} has {found} "
                                       f"classes; set data.num_classes={found} (or 0 to take it from the dataset)"))
             return
         raise DataError(f"data.num_classes is {cfg.data.num_classes}, but {source} has {found} classes; "
@@ -78,7 +78,7 @@ def _folder_dataset(cfg, key: str, *, train: bool, class_names: list[str] | None
         raise DataError(f"data.{key}: {e}") from None
 
 
-def _folder_datasets(cfg, need_train: bool, problems: list | None) -> Datasets:
+def _folder_datasets(cfg, need_train: bool, problems) -> Datasets:
     d = cfg.data
     train = _folder_dataset(cfg, "train_dir", train=True)
     _check_num_classes(cfg, train.num_classes, f"the image folder {cfg.data.path('train_dir')}", problems)
@@ -110,12 +110,12 @@ def _exclusive(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_datasets(cfg, *, need_train: bool = True, problems: list | None = None) -> Datasets:
+def build_datasets(cfg, *, need_train: bool = True, problems=None) -> Datasets:
     """The train/val(/test) datasets of the config, with errors that name the config key; a
     method.topk above the number of classes is reported (K is then capped at C).
 
-    ``problems``: a list that takes a data.num_classes that disagrees with the dataset (as a
-    DataError) instead of raising it, so that the caller reports it together with the other
+    ``problems``: a ``fastlt.config.typed.Problems`` that takes a data.num_classes that disagrees
+    with the dataset (as a DataError) instead of raising it, so that the caller reports it together with the other
     problems that depend on the dataset (``fastlt.training.preflight``)."""
     data = _build(cfg, need_train, problems)
     if cfg.method.topk > data.num_classes:
@@ -126,7 +126,7 @@ def build_datasets(cfg, *, need_train: bool = True, problems: list | None = None
     return data
 
 
-def _build(cfg, need_train: bool, problems: list | None) -> Datasets:
+def _build(cfg, need_train: bool, problems) -> Datasets:
     d = cfg.data
     root = Path(d.root)
     if d.kind == "synthetic":

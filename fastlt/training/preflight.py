@@ -99,36 +99,25 @@ def _config_against_data(cfg, world_size: int):
     batch size vs ranks, data.num_classes vs the dataset, an epoch without a complete step, the
     backbone's name, the pretrained file against the model — each run, so that one message names
     every problem they find (a shortened recipe is fixed in one relaunch, not one per problem)."""
+    from fastlt.config.typed import Problems
     from fastlt.data.build import build_datasets
     from fastlt.models.bcl import check_backbone
     from fastlt.training.engine import deepspeed_config
 
-    problems: list[Exception] = []
-
-    def collect(fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, DataError, CheckpointError) as e:
-            problems.append(e)
-            return None
-
-    collect(deepspeed_config, cfg, world_size)  # batch size vs ranks, before anything starts
-    collect(check_backbone, cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
-    data = collect(build_datasets, cfg, problems=problems)
-    steps = None if data is None else collect(steps_per_epoch, cfg, len(data.train), world_size)
+    problems = Problems(catch=(ConfigError, DataError, CheckpointError),
+                        where=f"in the config for this dataset and {world_size} rank(s)")
+    problems.check(deepspeed_config, cfg, world_size)  # batch size vs ranks, before anything starts
+    problems.check(check_backbone, cfg.model.backbone)  # a misspelt timm name: now, not after DeepSpeed starts
+    data = problems.check(build_datasets, cfg, problems=problems)
+    steps = None if data is None else problems.check(steps_per_epoch, cfg, len(data.train), world_size)
     if cfg.model.pretrained:  # read and fitted now: a refused file leaves the run directory untouched
         from fastlt.models.pretrained import check_pretrained, check_pretrained_path
 
-        if data is not None and not problems:  # fitted to the model of the dataset's classes
+        if data is not None and not problems.items:  # fitted to the model of the dataset's classes
             check_pretrained(cfg, data.num_classes)
         else:  # the model is not known yet: at least the file
-            collect(check_pretrained_path, cfg.model.pretrained)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        kind = DataError if all(isinstance(e, DataError) for e in problems) else ConfigError
-        raise kind(f"{len(problems)} problems in the config for this dataset and {world_size} rank(s): "
-                   + "; ".join(f"({i}) {e}" for i, e in enumerate(problems, 1)))
+            problems.check(check_pretrained_path, cfg.model.pretrained)
+    problems.raise_if_any()
     return data, steps
 
 
