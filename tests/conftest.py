@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -292,6 +293,32 @@ def _run_bounded(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
         raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... still ran after {timeout:.0f} s (a tiny run takes "
                              f"seconds): it hangs\n--- stdout so far\n{tail}") from None
+
+
+def error_line(text: str) -> str:
+    """The one line of stderr: ``fastlt: error: ...``, nothing else (no traceback above it)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastlt: error: "), text[-4000:]
+    return lines[0]
+
+
+def interrupt_when_paused(config: Path, point: str, *, sig=signal.SIGINT, timeout: float = 600
+                          ) -> tuple[int, str, str]:
+    """Train ``config`` in a child process that waits at pause point ``point`` (FASTLT_TEST_PAUSE,
+    test-only), send ``sig`` to its whole process group (workers included, as a Ctrl-C does) when it
+    gets there, and wait (bounded); returns (exit code, stdout, stderr). The signal lands at a known
+    step however fast or slow the machine runs the loop."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(config)], cwd=REPO,
+                            env=child_env(FASTLT_TEST_PAUSE=point), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"fastlt-test: paused at {point}"):
+            os.killpg(proc.pid, sig)
+            break
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(seen) + out, err
 
 
 def run_fastlt(*args, timeout: float = RUN_TIMEOUT, check_rc: int | None = 0, module: str = "fastlt.train",

@@ -16,19 +16,15 @@ import collections
 import time
 import io
 import math
-import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_same_weights, child_env, events, run_fastlt as fastlt, tiny_config, weights, write_config
+from conftest import (assert_same_weights, events, interrupt_when_paused, run_fastlt as fastlt, tiny_config, weights,
+                      write_config)
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 class _CheckpointEngine:
@@ -257,17 +253,8 @@ def test_async_run_writes_the_synchronous_checkpoints_stops_and_resumes_exactly(
 
     fastlt("--config", config("sync", False))
     sync, path = tmp_path / "sync" / "checkpoints", config("async", True)
-    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO,
-                            env=child_env(FASTLT_TEST_PAUSE="step:1:2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("fastlt-test: paused at step:1:2"):
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, "".join(seen) + out + err
+    code, out, err = interrupt_when_paused(path, "step:1:2")
+    assert code == 130, out + err
     ckpts = tmp_path / "async" / "checkpoints"
     assert "checkpoint " + str(ckpts / "epoch0001_step000003") + ". Continue with --resume auto" in err
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["epoch0001_step000000", "epoch0001_step000003"]

@@ -29,17 +29,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import (REPO, TINY_STEPS, assert_same_weights, child_env, events, run_fastlt as fastlt,
+from conftest import (REPO, TINY_STEPS, assert_same_weights, child_env, error_line, events, run_fastlt as fastlt,
                       tiny_config, tree_digest, weights, write_config)
 
 NUM_CLASSES = 6
 
-
-def error_line(text: str) -> str:
-    """The one line of stderr: ``fastlt: error: ...``, nothing else (no traceback above it)."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fastlt: error: "), text[-4000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

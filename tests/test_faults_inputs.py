@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, tree_digest
+from conftest import error_line, tiny_config, tree_digest
 
 from fastlt.errors import BadImageError, CheckpointError, ConfigError, DataError
 
@@ -41,11 +41,6 @@ def png(value: int = 0, size: int = 8) -> bytes:
     Image.new("RGB", (size, size), (value, value, value)).save(buf, format="PNG")
     return buf.getvalue()
 
-
-def error_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fastlt: error: "), text[-3000:]
-    return lines[0]
 
 
 def one_line(err: BaseException) -> str:

@@ -27,19 +27,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, child_env, run_fastlt as fastlt, tiny_config, tree_digest, write_config
+from conftest import REPO, child_env, error_line, run_fastlt as fastlt, tiny_config, tree_digest, write_config
 
 #: Bound on a child reaching its pause point (imports and set-up on a loaded 2-core machine).
 PAUSE_TIMEOUT = 300
 #: "Within seconds" (issue item 7), generously bounded for a loaded machine.
 STOP_TIMEOUT = 60
 
-
-def error_line(text: str) -> str:
-    """The one line of stderr: ``fastlt: error: ...``, nothing else (no traceback above it)."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fastlt: error: "), text[-4000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,11 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, child_env,
-                      events, run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
+from conftest import (TINY_CLASSES as NUM_CLASSES, TINY_STEPS as STEPS, assert_same_weights, events,
+                      interrupt_when_paused, run_fastlt as fastlt, tiny_config, tree_digest, weights, write_config)
 from spec_formulas import dense_rectify_labels, loop_balanced_supcon
 
-REPO = Path(__file__).resolve().parent.parent
 # The exponential profile of docs/design.md §2 for n_max 40, imb_factor 0.2 (IF 5), 6 classes.
 TRAIN_COUNTS = [math.floor(40 * 0.2 ** (c / 5)) for c in range(NUM_CLASSES)]
 TRAIN_LINE = re.compile(r"^epoch +\d+/\d+ step +\d+/\d+ \| ce -?[\d.]+ \| scl -?[\d.]+ \| loss -?[\d.]+ \| "
@@ -134,20 +131,9 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(base_run, tmp_path):
     cfg = dict(base_run["cfg"], pipeline=dict(base_run["cfg"]["pipeline"], num_workers=2),
                run=dict(base_run["cfg"]["run"], name="intr", output_dir=str(tmp_path)))
     path = write_config(tmp_path / "i.yaml", cfg)
-    # The trainer waits before epoch 0's step 2 for the signal (FASTLT_TEST_PAUSE, test-only); the step then runs:
-    # the Ctrl-C (SIGINT to the whole process group, workers included) lands at a known step
-    # however fast or slow the machine runs the loop.
-    proc = subprocess.Popen([sys.executable, "-m", "fastlt.train", "--config", str(path)], cwd=REPO,
-                            env=child_env(FASTLT_TEST_PAUSE="step:0:2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("fastlt-test: paused at step:0:2"):
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, "".join(seen) + out + err
+    # The trainer waits before epoch 0's step 2 for the Ctrl-C (the step then runs).
+    code, out, err = interrupt_when_paused(path, "step:0:2")
+    assert code == 130, out + err
     assert err.count("SIGINT received") == 1 and "Continue with --resume auto" in err
     assert "Traceback" not in err
     latest = (tmp_path / "intr" / "checkpoints" / "latest").read_text()
