@@ -209,7 +209,9 @@ class DaliPipelineBase:
         """After a failed run: (dataset indices among ``candidates`` that PIL cannot decode, their
         names). A reader's BadImageError is re-raised as such; a failure no image explains is a
         RuntimeError with DALI's message. The failed pipeline is dropped either way (a DALI
-        pipeline object cannot run again after an error)."""
+        pipeline object cannot run again after an error). A reader that died while DALI waited on
+        it is reported as such (PipelineError), not searched for as a bad image."""
+        self._check_workers()
         self._drop()
         raise_from_worker(err)
         if image_storage(self.spec.dataset) == "arrays":

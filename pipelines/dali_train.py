@@ -266,7 +266,6 @@ class DaliTrainPipeline(DaliPipelineBase):
         Otherwise the decoder rejected a file that passed the header check: find it among the
         images of this and the prefetched steps by decoding them with PIL; ``raise`` names it,
         ``skip`` marks it bad and rebuilds the (stateless) pipeline at this step."""
-        self._check_workers()  # a reader killed while DALI waited on it: say so, not "a bad image"
         b = self.spec.batch_size
         bg, fg = self.plan.epoch_indices(epoch)
         last = min(self.steps_per_epoch, step + self.prefetch + 2)

@@ -163,7 +163,6 @@ class DaliValPipeline(DaliPipelineBase):
         """As in the training pipeline: a reader's BadImageError is re-raised; a decoder failure
         is traced to its file with PIL, then raised (``raise``) or the pass is rebuilt from this
         batch with the file left out (``skip``)."""
-        self._check_workers()  # a reader killed while DALI waited on it: say so, not "a bad image"
         b = self.spec.batch_size
         bad, names = self._undecodable(err, self.indices[batch * b:(batch + 4) * b].tolist(), f"at batch {batch}")
         self._raise_or_mark(err, bad, names, "validation image(s)", "leave them out of evaluation")
