@@ -257,7 +257,9 @@ def _config(args) -> int:
         ds = deepspeed_config(cfg, args.world_size)  # before printing: a refused world size prints nothing else
         print("# resolved config (what a run saves as config.yaml)")
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        print(f"# DeepSpeed config for {args.world_size} rank(s) (what a run saves as ds_config.json)")
+        print(f"# DeepSpeed config for {args.world_size} rank(s) (what a run saves as ds_config.json"
+              + ("; with ZeRO, a run adds zero_optimization.reduce_bucket_size, the model's parameter count)"
+                 if cfg.deepspeed.zero_stage > 0 else ")"))
         print(json.dumps(ds, indent=2), flush=True)
 
     return run_cli(go)

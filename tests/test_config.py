@@ -374,6 +374,22 @@ def test_deepspeed_config_from_ours(tmp_path):
         deepspeed_config(_cfg(tmp_path, "data.batch_size=10"), world_size=4)
 
 
+def test_zero_gradient_bucket_is_the_models_size_unless_the_user_sets_it(tmp_path):
+    """DeepSpeed's 5e8-element bucket, re-allocated every micro-step, is cut to the model's
+    parameter count under ZeRO (one bucket either way); stage 0 has no bucket; extra wins."""
+    from fastlt.training.engine import DEEPSPEED_REDUCE_BUCKET, deepspeed_config
+
+    zero1 = _cfg(tmp_path, "deepspeed.zero_stage=1")
+    assert deepspeed_config(zero1, 1, num_params=469_238)["zero_optimization"] == {
+        "stage": 1, "reduce_bucket_size": 469_238}
+    assert deepspeed_config(zero1, 1, num_params=10**10)["zero_optimization"]["reduce_bucket_size"] == \
+        DEEPSPEED_REDUCE_BUCKET
+    assert "reduce_bucket_size" not in deepspeed_config(zero1, 1)["zero_optimization"]  # no model: DeepSpeed's
+    assert deepspeed_config(_cfg(tmp_path), 1, num_params=469_238)["zero_optimization"] == {"stage": 0}
+    user = _cfg(tmp_path, "deepspeed.zero_stage=2", "deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}}")
+    assert deepspeed_config(user, 1, num_params=469_238)["zero_optimization"]["reduce_bucket_size"] == 1000
+
+
 def test_epoch_lr_cosine_with_warmup(tmp_path):
     from fastlt.training.schedule import EpochLR
 
