@@ -92,6 +92,8 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
         requested, source = os.environ[_ENV], f"environment {_ENV}"
         if requested not in PIPELINE_BACKENDS:
             raise ValueError(f"{_ENV} must be one of {PIPELINE_BACKENDS}; got {requested!r}")
+    if requested == "torch":  # importing DALI (0.7 s) only to be told it is not wanted
+        return requested, f"requested by {source}"
     ok, info = dali_available()
     if requested == "dali" and not ok:
         raise RuntimeError(f"pipeline.backend 'dali' was requested ({source}) but nvidia.dali does not import "
